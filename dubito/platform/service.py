@@ -1,0 +1,176 @@
+"""The UncertaintyService: one object that turns a model into uncertainty estimates.
+
+Acquisition functions score a pool with it and agents ask it for exploration bonuses;
+both get the same decomposition from the same MC engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dubito import DubitoError
+from dubito.platform.mc import mc_samples
+from dubito.platform.uncertainty import (
+    LIKELIHOODS,
+    ClassificationUncertainty,
+    RegressionUncertainty,
+    classification_uncertainty,
+    regression_uncertainty,
+)
+
+__all__ = ["UncertaintyService", "default_device", "TASKS"]
+
+#: accepted task names → the kind of decomposition they use
+TASKS = {
+    "classification": "classification",
+    "segmentation": "classification",
+    "regression": "regression",
+    "depth": "regression",
+}
+_IMAGE_KEYS = ("image", "x", "input")
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class UncertaintyService:
+    """Uncertainty estimates of ``model`` for a batch or a whole dataset.
+
+    Args:
+        model: any module following DESIGN.md's forward contract (a tensor, or
+            ``(mean_or_logits, log_var)``). It is moved to ``device``.
+        task: ``classification``/``segmentation`` or ``regression``/``depth``; defaults to
+            ``model.task`` for dubito models.
+        samples: T, MC-dropout samples.
+        device: defaults to CUDA when available, else CPU.
+        mc_dropout: sample dropout at test time; defaults to ``model.mc_dropout`` for
+            dubito models (true for the ``epistemic`` and ``both`` variants), else true.
+            When false one deterministic pass is made and epistemic terms are zero.
+        likelihood: regression noise model (``gaussian``: log σ²; ``laplace``: log b);
+            defaults to ``model.likelihood`` or ``gaussian``.
+        logit_noise_samples: ε draws per dropout sample for heads with logit noise.
+        chunk_size, autocast: passed to :func:`dubito.platform.mc.mc_samples`.
+        seed: makes every call reproducible (each call draws its own seed from it).
+        batch_size: batch size when :meth:`stream` is given a Dataset.
+        progress: show a progress bar while streaming.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str | None = None,
+        samples: int = 50,
+        *,
+        device: str | torch.device | None = None,
+        mc_dropout: bool | None = None,
+        likelihood: str | None = None,
+        logit_noise_samples: int = 16,
+        chunk_size: int | str = "auto",
+        autocast: bool | torch.dtype | None = None,
+        seed: int | None = None,
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> None:
+        task = task if task is not None else getattr(model, "task", None)
+        if task not in TASKS:
+            raise DubitoError(f"task must be one of {sorted(TASKS)} (or a model with a .task), got {task!r}")
+        if not isinstance(samples, int) or samples < 1:
+            raise DubitoError(f"samples must be a positive integer, got {samples!r}")
+        likelihood = likelihood or getattr(model, "likelihood", "gaussian")
+        if likelihood not in LIKELIHOODS:
+            raise DubitoError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if batch_size < 1:
+            raise DubitoError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device)
+        self.task = task
+        self.kind = TASKS[task]
+        self.samples = samples
+        self.mc_dropout = bool(getattr(model, "mc_dropout", True) if mc_dropout is None else mc_dropout)
+        self.likelihood = likelihood
+        self.logit_noise_samples = logit_noise_samples
+        self.chunk_size = chunk_size
+        self.autocast = autocast
+        self.batch_size = batch_size
+        self.progress = progress
+        self._rng = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def _next_seed(self) -> int:
+        return int(torch.randint(0, 1 << 62, (1,), generator=self._rng).item())
+
+    def predict(self, x: Tensor) -> ClassificationUncertainty | RegressionUncertainty:
+        """Uncertainty of one batch ``x`` (N, ...); the fields are on the service's device."""
+        x = x.to(self.device, non_blocking=True)
+        out = mc_samples(
+            self.model,
+            x,
+            self.samples,
+            chunk_size=self.chunk_size,
+            autocast=self.autocast,
+            probs=self.kind == "classification",
+            logit_noise_samples=self.logit_noise_samples,
+            seed=self._next_seed(),
+            stochastic=self.mc_dropout,
+        )
+        if self.kind == "classification":
+            return classification_uncertainty(out.probs, out.mean)
+        return regression_uncertainty(out.mean, out.log_var, self.likelihood)
+
+    def stream(
+        self,
+        data: Dataset | Iterable[Mapping[str, Tensor]],
+        *,
+        reduce: str = "mean",
+        fields: Iterable[str] | None = None,
+        progress: bool | None = None,
+    ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """Score a dataset batch by batch, yielding ``(ids, {field: (N,) values})`` on the CPU.
+
+        ``data`` is a Dataset of dict items or an iterable of dict batches (a DataLoader),
+        each with an image under ``"image"`` and stable integer ``"id"``s; an optional
+        ``"mask"`` (N, H, W) marks valid pixels, which are the only ones reduced (``mean``
+        or ``max``). Memory is bounded by one batch: per-pixel maps are never kept.
+        """
+        if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+            data = DataLoader(data, batch_size=self.batch_size, shuffle=False)
+        wanted = None if fields is None else set(fields)
+        total = len(data) if hasattr(data, "__len__") else None
+        show = self.progress if progress is None else progress
+        bar = tqdm(data, total=total, desc=f"MC scoring (T={self.samples})", unit="batch", disable=not show)
+        for index, batch in enumerate(bar):
+            x, ids, mask = _unpack(batch, index)
+            unc = self.predict(x)
+            if mask is not None:
+                mask = mask.to(self.device)
+            values = unc.per_item(mask, reduce=reduce)
+            if wanted is not None:
+                unknown = wanted - values.keys()
+                if unknown:
+                    raise DubitoError(f"unknown fields {sorted(unknown)}; available: {sorted(values)}")
+                values = {k: v for k, v in values.items() if k in wanted}
+            yield ids, {k: v.detach().float().cpu() for k, v in values.items()}
+
+
+def _unpack(batch, index: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    if not isinstance(batch, Mapping):
+        raise DubitoError(
+            f"stream: batch {index} is a {type(batch).__name__}; expected a dict with 'image' and 'id' "
+            "(dubito datasets yield such items)"
+        )
+    key = next((k for k in _IMAGE_KEYS if k in batch), None)
+    if key is None:
+        raise DubitoError(f"stream: batch {index} has no image (keys {sorted(batch)}; expected one of {_IMAGE_KEYS})")
+    if "id" not in batch:
+        raise DubitoError(f"stream: batch {index} has no 'id'; every item needs a stable integer id")
+    ids = torch.as_tensor(batch["id"]).long().reshape(-1).cpu()
+    x = batch[key]
+    if ids.numel() != x.shape[0]:
+        raise DubitoError(f"stream: batch {index} has {x.shape[0]} images but {ids.numel()} ids")
+    return x, ids, batch.get("mask")
