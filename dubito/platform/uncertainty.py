@@ -202,7 +202,7 @@ def regression_uncertainty(
         aleatoric = torch.zeros_like(mean)
     else:
         try:
-            log_noise = torch.broadcast_to(log_var_samples, means.shape)
+            log_noise = torch.broadcast_to(log_var_samples.to(means.dtype), means.shape)
         except RuntimeError as err:
             raise DubitoError(
                 f"log_var_samples of shape {tuple(log_var_samples.shape)} does not broadcast to "
