@@ -1,0 +1,5 @@
+import sys
+
+from dubito.cli import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""MLflow tracking: where runs go, and a small run object every command logs through.
+
+Default tracking URI (DESIGN.md): ``MLFLOW_TRACKING_URI`` when set, else an *absolute*
+``sqlite:///<cwd>/mlflow.db`` (Ray trials change directory, so relative URIs break).
+See the runs with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from dubito import DubitoError
+
+__all__ = ["default_tracking_uri", "flatten_params", "TrackedRun", "tracked_run"]
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else an absolute SQLite URI in the working directory."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return "sqlite:///" + str(Path.cwd().resolve() / "mlflow.db")
+
+
+def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
+    """A config dataclass (or mapping) as flat ``{"a.b": "value"}`` MLflow params."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    out: dict[str, str] = {}
+    for key, value in dict(config).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, prefix=name + "."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+class TrackedRun:
+    """One open MLflow run, written through an explicit client (no global state)."""
+
+    def __init__(self, client, run_id: str, experiment_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+
+@contextlib.contextmanager
+def tracked_run(
+    experiment: str,
+    run_name: str | None = None,
+    params: Mapping[str, Any] | Any | None = None,
+    tags: Mapping[str, Any] | None = None,
+    uri: str | None = None,
+) -> Iterator[TrackedRun]:
+    """Open a run in ``experiment`` (created if missing); it ends FINISHED, or FAILED/KILLED on error.
+
+    Raises :class:`DubitoError` at the start when the tracking URI is unusable.
+    """
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or default_tracking_uri()
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+    except Exception as err:  # mlflow raises many types for a bad store
+        raise DubitoError(f"MLflow tracking URI {uri!r} is unusable: {err}") from err
+    tracked = TrackedRun(client, run.info.run_id, experiment_id)
+    if params is not None:
+        tracked.log_params(flatten_params(params))
+    status = "FINISHED"
+    try:
+        yield tracked
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        client.set_terminated(tracked.run_id, status=status)

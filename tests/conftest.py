@@ -1,0 +1,23 @@
+"""Shared test setup: no test writes MLflow runs into the working directory."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A temporary absolute SQLite tracking URI, also exported as MLFLOW_TRACKING_URI."""
+    uri = "sqlite:///" + str((tmp_path / "mlflow.db").resolve())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_mlflow(tmp_path_factory, monkeypatch):
+    """Tests that forget the mlflow_uri fixture still log into a temporary store."""
+    import os
+
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(path.resolve()))
