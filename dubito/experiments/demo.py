@@ -215,6 +215,8 @@ def format_summary(summary: dict) -> str:
         f"{summary['mutual_information_out_of_distribution']:22.4f}",
         f"{'epistemic logit variance':28s}{summary['epistemic_logit_variance_in_distribution']:18.4f}"
         f"{summary['epistemic_logit_variance_out_of_distribution']:22.4f}",
+        "  (logit variance grows with the logits' scale, which is largest where the model is confident;",
+        "   mutual information is scale-free, which is why acquisition defaults to it)",
         "",
         f"{'':28s}{'static (noise)':>18s}{'clean pixels':>22s}",
         f"{'aleatoric entropy':28s}{summary['aleatoric_entropy_static']:18.4f}{summary['aleatoric_entropy_clean']:22.4f}",

@@ -5,10 +5,10 @@ elements (``mask`` true / target not ``ignore_index``). No ``log 2π`` constant 
 
 Numerical range: log-variances are clamped to ``[LOG_VAR_MIN, LOG_VAR_MAX]`` = [-20, 20]
 (σ² from 2e-9 to 4.9e8) and Laplace log-scales to ``[LOG_SCALE_MIN, LOG_SCALE_MAX]`` =
-[-10, 10] (the same range for the variance 2b²). The clamp is *straight-through*: the
-value is clamped, but the gradient is passed to the raw prediction, so a head that
-drifts outside the range is still pulled back instead of being stuck with a zero
-gradient. Inside the range the losses are exactly PAPER.md's forms.
+[-10, 10] (the same range for the variance 2b²); the decomposition applies the same
+range. The clamp lets gradients through towards the range: a head that drifts outside
+is pulled back instead of being stuck with a zero gradient, and is never pushed further
+out. Inside the range the losses are exactly PAPER.md's forms.
 
 Homoscedastic models use the same losses with a learned parameter in place of a
 per-pixel prediction: see :class:`LearnedLogVariance`.
@@ -41,9 +41,31 @@ __all__ = [
 ]
 
 
+class _PullBackClamp(torch.autograd.Function):
+    """Clamp whose gradient passes inside the range, and outside it only towards the range."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, low: float, high: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.low, ctx.high = low, high
+        return x.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        # gradient descent moves x by −grad: keep the gradient where that leads back into range
+        keep = ((x >= ctx.low) & (x <= ctx.high)) | ((x > ctx.high) & (grad > 0)) | ((x < ctx.low) & (grad < 0))
+        return torch.where(keep, grad, torch.zeros_like(grad)), None, None
+
+
 def clamp_straight_through(x: Tensor, low: float, high: float) -> Tensor:
-    """``x`` clamped to ``[low, high]`` in value, with the identity as its gradient."""
-    return x + (x.clamp(low, high) - x).detach()
+    """``x`` clamped to ``[low, high]`` in value.
+
+    Inside the range the gradient is the identity. Outside it, the gradient is passed
+    only when a descent step would move ``x`` back towards the range, so a head that
+    left the range is pulled back and is never pushed further out.
+    """
+    return _PullBackClamp.apply(x, low, high)
 
 
 def _match_target(pred: Tensor, target: Tensor, name: str) -> Tensor:
@@ -62,8 +84,8 @@ def _masked_mean(per_element: Tensor, mask: Tensor | None, name: str) -> Tensor:
     """Mean of ``per_element`` over the elements where ``mask`` is true (0 if there are none)."""
     if mask is None:
         return per_element.mean()
-    if mask.dim() == per_element.dim() - 1 and per_element.shape[1] == 1:
-        mask = mask.unsqueeze(1)
+    if per_element.dim() >= 2 and mask.shape == per_element.shape[:1] + per_element.shape[2:]:
+        mask = mask.unsqueeze(1)  # a per-pixel (N, H, W) mask applies to every channel
     try:
         mask = torch.broadcast_to(mask.to(torch.bool), per_element.shape)
     except RuntimeError as err:

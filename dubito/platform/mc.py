@@ -20,8 +20,10 @@ How sampling works
   replicating all samples ran 1.8× slower than looping) while small inputs (vectors,
   RL states) replicate, where per-call overhead dominates; on CUDA the first sample is
   run alone to measure its peak memory and ``k`` is sized to half the free memory.
-  The choice is cached per (model, device, input shape). On out-of-memory the chunk is
-  halved and retried.
+  The device's capacity is cached per (model, device, input shape, output options) and
+  capped by each call's T. On out-of-memory the chunk is halved and retried. Models with
+  BatchNorm layers that normalise over the batch even in eval mode (no running
+  statistics) always loop, since replicated samples would influence each other.
 * Everything runs under :func:`torch.inference_mode`, optionally under autocast
   (bf16 on CUDA); stored samples are float32.
 * Classification heads with a log-variance: each dropout sample also yields
@@ -35,6 +37,7 @@ the global RNG (their samples are then not chunk-invariant).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -99,19 +102,23 @@ class _MaskSource:
 
     def mask(self, module: nn.Module, x: Tensor) -> Tensor:
         k = len(self.generators)
-        if k == 0 or x.shape[0] % k:
+        if k == 0:  # used on its own (no engine-run chunk): torch's global RNG, like nn.Dropout
+            return torch.rand(self._shape(module, x, x.shape[0]), device=x.device) < 1.0 - module.p
+        if x.shape[0] % k:
             raise DubitoError(
                 f"MC engine: a dropout input has batch {x.shape[0]}, not a multiple of the {k} "
                 "replicated samples; models must keep the batch axis first through dropout layers"
             )
-        n = x.shape[0] // k
-        if isinstance(module, _CHANNEL_DROPOUT):
-            shape = (n, x.shape[1]) + (1,) * (x.dim() - 2)
-        else:
-            shape = (n,) + tuple(x.shape[1:])
+        shape = self._shape(module, x, x.shape[0] // k)
         keep = 1.0 - module.p
         blocks = [torch.rand(shape, generator=g, device=x.device) < keep for g in self.generators]
         return torch.cat(blocks) if k > 1 else blocks[0]
+
+    @staticmethod
+    def _shape(module: nn.Module, x: Tensor, n: int) -> tuple[int, ...]:
+        if isinstance(module, _CHANNEL_DROPOUT):
+            return (n, x.shape[1]) + (1,) * (x.dim() - 2)
+        return (n,) + tuple(x.shape[1:])
 
 
 @contextlib.contextmanager
@@ -200,25 +207,47 @@ def _autocast_context(device: torch.device, autocast: bool | torch.dtype | None)
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _cache_key(model: nn.Module, x: Tensor) -> tuple:
-    size = sum(p.numel() for p in model.parameters())
-    return (type(model).__qualname__, size, str(x.device), tuple(x.shape), x.dtype)
+def _mixes_batch(model: nn.Module) -> bool:
+    """Whether some layer normalises with batch statistics even in eval mode (replicated samples would mix)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in model.modules())
 
 
-def _initial_chunk(key: tuple, x: Tensor, samples: int, chunk_size: int | str) -> tuple[int, bool]:
-    """(chunk to start with, whether to probe memory after the first chunk)."""
-    if chunk_size != "auto":
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise DubitoError(f"chunk_size must be a positive integer or 'auto', got {chunk_size!r}")
-        return min(chunk_size, samples), False
-    if key in _chunk_cache:
-        return min(_chunk_cache[key], samples), False
-    if x.device.type == "cuda":
-        return 1, True
-    per_sample = max(1, x.numel())
-    chunk = max(1, min(samples, CPU_REPLICATION_ELEMENTS // per_sample))
-    _chunk_cache[key] = chunk
-    return chunk, False
+class _ChunkPlan:
+    """How many samples each forward pass replicates, and what ``"auto"`` learned about it.
+
+    ``"auto"`` caches, per (model, device, input, output options), the *capacity*: the
+    largest chunk that suits this device; each call caps it by its own T.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, samples: int, chunk_size: int | str, options: tuple) -> None:
+        self.auto = chunk_size == "auto"
+        self.probe = False
+        if not self.auto:
+            if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+                raise DubitoError(f"chunk_size must be a positive integer or 'auto', got {chunk_size!r}")
+            if chunk_size > 1 and _mixes_batch(model):
+                warnings.warn(
+                    "a BatchNorm layer without running statistics normalises over the batch, so replicated "
+                    "MC samples influence each other; use chunk_size=1 or 'auto' for independent samples",
+                    stacklevel=3,
+                )
+            self.chunk = min(chunk_size, samples)
+            return
+        size = sum(p.numel() for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
+        self.key = (type(model).__qualname__, size, str(x.device), tuple(x.shape), x.dtype, options)
+        if _mixes_batch(model):
+            self.chunk = 1
+        elif self.key in _chunk_cache:
+            self.chunk = min(_chunk_cache[self.key], samples)
+        elif x.device.type == "cuda":
+            self.chunk, self.probe = 1, samples > 1
+        else:
+            self.remember(max(1, CPU_REPLICATION_ELEMENTS // max(1, x.numel())), samples)
+
+    def remember(self, capacity: int, samples: int) -> None:
+        if self.auto:
+            _chunk_cache[self.key] = capacity
+        self.chunk = min(capacity, samples)
 
 
 def mc_samples(
@@ -254,21 +283,27 @@ def mc_samples(
         raise DubitoError(f"samples must be a positive integer, got {samples!r}")
     if seed is None:
         seed = int(torch.randint(0, 1 << 62, (1,)).item())
+    if stochastic and samples > 1 and not has_active_dropout(model):
+        warnings.warn(
+            f"{type(model).__name__} has no dropout module with p > 0, so its {samples} MC samples would be "
+            "identical: one deterministic pass is made and epistemic terms are zero (functional dropout "
+            "such as F.dropout is not sampled; use nn.Dropout modules)",
+            stacklevel=2,
+        )
     if not stochastic or not has_active_dropout(model):
         samples = 1
         stochastic = False
-    key = _cache_key(model, x)
-    chunk, probe = _initial_chunk(key, x, samples, chunk_size)
+    plan = _ChunkPlan(model, x, samples, chunk_size, (probs, autocast, logit_noise_samples))
 
     out_mean = out_log_var = out_probs = None
     t = 0
     with torch.inference_mode(), mc_dropout_mode(model, stochastic) as source:
         while t < samples:
-            k = min(chunk, samples - t)
+            k = min(plan.chunk, samples - t)
             source.generators = [
                 torch.Generator(device=x.device).manual_seed(_sample_seed(seed, t + j)) for j in range(k)
             ]
-            if probe:
+            if plan.probe:
                 torch.cuda.synchronize(x.device)
                 torch.cuda.reset_peak_memory_stats(x.device)
                 before = torch.cuda.memory_allocated(x.device)
@@ -291,21 +326,20 @@ def mc_samples(
             except torch.OutOfMemoryError:
                 if k == 1:
                     raise
-                chunk = max(1, k // 2)
                 if x.device.type == "cuda":
                     torch.cuda.empty_cache()
-                _chunk_cache[key] = chunk
+                plan.remember(max(1, k // 2), samples)
                 continue
-            if probe:
+            if plan.probe:
                 per_sample = max(1, torch.cuda.max_memory_allocated(x.device) - before)
                 free, _ = torch.cuda.mem_get_info(x.device)
-                chunk = max(1, min(samples, int(CUDA_MEMORY_FRACTION * free // per_sample)))
-                _chunk_cache[key] = chunk
-                probe = False
+                plan.remember(max(1, int(CUDA_MEMORY_FRACTION * free // per_sample)), samples)
+                plan.probe = False
             if out_mean is None:
-                out_mean = mean.new_empty((samples, *mean.shape[1:]))
-                out_log_var = None if log_var is None else log_var.new_empty((samples, *log_var.shape[1:]))
-                out_probs = None if p is None else p.new_empty((samples, *p.shape[1:]))
+                with torch.inference_mode(False):  # ordinary tensors: callers may edit them in place
+                    out_mean = torch.empty((samples, *mean.shape[1:]), device=x.device)
+                    out_log_var = None if log_var is None else torch.empty_like(out_mean)
+                    out_probs = None if p is None else torch.empty((samples, *p.shape[1:]), device=x.device)
             out_mean[t : t + k] = mean
             if log_var is not None:
                 out_log_var[t : t + k] = log_var

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from dubito import DubitoError
+from dubito.platform.losses import LOG_SCALE_MAX, LOG_SCALE_MIN, LOG_VAR_MAX, LOG_VAR_MIN
 
 __all__ = [
     "ClassificationUncertainty",
@@ -44,7 +45,12 @@ def _reduce_per_item(value: Tensor, mask: Tensor | None, reduce: str) -> Tensor:
     if mask is None:
         valid = torch.ones_like(flat, dtype=torch.bool)
     else:
-        valid = torch.broadcast_to(mask.to(torch.bool), value.shape).reshape(value.shape[0], -1)
+        try:
+            valid = torch.broadcast_to(mask.to(torch.bool), value.shape).reshape(value.shape[0], -1)
+        except RuntimeError as err:
+            raise DubitoError(
+                f"mask of shape {tuple(mask.shape)} does not match the per-item maps of shape {tuple(value.shape)}"
+            ) from err
     if reduce == "mean":
         count = valid.sum(1).clamp_min(1)
         return torch.where(valid, flat, torch.zeros_like(flat)).sum(1) / count
@@ -168,12 +174,14 @@ def classification_uncertainty(prob_samples: Tensor, logit_samples: Tensor | Non
 def noise_variance(log_noise: Tensor, likelihood: str = "gaussian") -> Tensor:
     """The aleatoric variance a head's log noise parameter stands for.
 
-    Gaussian: ``s = log σ²`` → ``σ²``. Laplace: ``s = log b`` → ``2 b²``.
+    Gaussian: ``s = log σ²`` → ``σ²``. Laplace: ``s = log b`` → ``2 b²``. ``s`` is clamped
+    to the range the losses train in (:mod:`dubito.platform.losses`), so a head output
+    beyond it means the same here as in training.
     """
     if likelihood == "gaussian":
-        return torch.exp(_float(log_noise))
+        return torch.exp(_float(log_noise).clamp(LOG_VAR_MIN, LOG_VAR_MAX))
     if likelihood == "laplace":
-        return 2.0 * torch.exp(2.0 * _float(log_noise))
+        return 2.0 * torch.exp(2.0 * _float(log_noise).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX))
     raise DubitoError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
 
 

@@ -91,6 +91,16 @@ def test_depth_target_without_channel_axis_and_mask():
     assert got.item() == pytest.approx(np_gaussian(mean, s, y[:, None], mask[:, None]), rel=1e-10)
 
 
+def test_per_pixel_mask_applies_to_every_channel_even_when_batch_equals_channels():
+    """A (N, H, W) mask for a (N, C, H, W) prediction must not be aligned with the C axis."""
+    n = c = 3
+    mean, s, y = rng.normal(size=(n, c, 4, 5)), rng.normal(size=(n, c, 4, 5)), rng.normal(size=(n, c, 4, 5))
+    mask = np.zeros((n, 4, 5), bool)
+    mask[0] = True  # only image 0 counts
+    got = gaussian_nll(t(mean), t(s), t(y), torch.tensor(mask))
+    assert got.item() == pytest.approx(np_gaussian(mean[:1], s[:1], y[:1]), rel=1e-10)
+
+
 def test_empty_mask_gives_zero_not_nan():
     x = torch.randn(3, 2, requires_grad=True)
     loss = gaussian_nll(x, torch.zeros(3, 2), torch.zeros(3, 2), mask=torch.zeros(3, 2, dtype=torch.bool))
@@ -125,9 +135,11 @@ def test_sampled_softmax_ce_tends_to_cross_entropy_as_sigma_vanishes():
     tiny = torch.full((4, 11, 6, 7), LOG_VAR_MIN, dtype=torch.float64)  # σ = e^-10
     got = sampled_softmax_cross_entropy(logits, tiny, target, samples=20, ignore_index=11, weight=weight)
     assert got.item() == pytest.approx(ce.item(), abs=1e-3)
-    # and more closely as σ shrinks further (log-variance below the clamp is held at the clamp)
-    smaller = sampled_softmax_cross_entropy(logits, tiny - 50, target, samples=20, ignore_index=11, weight=weight)
-    assert smaller.item() == pytest.approx(ce.item(), abs=1e-3)
+    # a log-variance below the documented range means the same as the bound itself
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    at_bound = sampled_softmax_cross_entropy(logits, tiny, target, samples=20, ignore_index=11, weight=weight, generator=g1)
+    below = sampled_softmax_cross_entropy(logits, tiny - 50, target, samples=20, ignore_index=11, weight=weight, generator=g2)
+    assert below.item() == at_bound.item()
 
 
 def test_learned_attenuation_confident_wrong_prediction():
@@ -169,10 +181,10 @@ def test_extreme_inputs_stay_finite_and_gradients_reach_log_var():
         loss.backward()
         assert torch.isfinite(loss)
         assert torch.isfinite(s.grad).all() and torch.isfinite(mean.grad).all()
-        # straight-through clamp: even clamped entries get a gradient that pulls them back in range
-        assert (s.grad != 0).all()
+        # clamped entries get a gradient only when it pulls them back into range
         assert s.grad[0] < 0  # far below the range with a huge residual: the loss wants s larger
         assert s.grad[3] > 0  # far above the range with no residual: the loss wants s smaller
+        assert s.grad[1] == 0 and s.grad[2] == 0  # above the range, wanting larger: never pushed further out
         mean.grad = None
     logits = torch.tensor([[1e4, -1e4]], requires_grad=True)
     s = torch.tensor([[1e4, -1e4]], requires_grad=True)

@@ -35,7 +35,8 @@ def test_samples_differ_with_dropout():
 def test_p_zero_gives_identical_samples_equal_to_eval_forward():
     model = small_net(0.0)
     x = torch.randn(2, 3, 6, 6)
-    out = mc_samples(model, x, 8, seed=0)
+    with pytest.warns(UserWarning, match="no dropout module with p > 0"):
+        out = mc_samples(model, x, 8, seed=0)
     assert out.mean.shape[0] == 1  # no active dropout: one deterministic pass stands for all samples
     assert torch.equal(out.mean[0], model.eval()(x))
     # the stochastic mode itself (hooks installed) is also the identity at p = 0
@@ -85,11 +86,14 @@ def test_modes_restored_on_error():
             self.bn(self.drop(x))
             raise ValueError("boom")
 
-    model = Broken().train()
-    with pytest.raises(ValueError, match="boom"):
-        mc_samples(model, torch.randn(4, 3), 3, seed=0)
-    assert all(m.training for m in model.modules())
-    assert not model.drop._forward_hooks  # engine hooks removed
+    for first in (True, False):
+        model = Broken().train(first)
+        model.bn.train(not first)  # mixed flags: a blanket model.train()/eval() on exit would be caught
+        flags = [m.training for m in model.modules()]
+        with pytest.raises(ValueError, match="boom"):
+            mc_samples(model, torch.randn(4, 3), 3, seed=0)
+        assert [m.training for m in model.modules()] == flags
+        assert not model.drop._forward_hooks  # engine hooks removed
 
 
 @pytest.mark.parametrize("chunk", [2, 3, 7, "auto"])
@@ -173,8 +177,83 @@ def test_bad_arguments_and_outputs():
         mc_samples(small_net(), torch.randn(1, 3, 4, 4), 2, chunk_size=0)
 
     class Triple(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
         def forward(self, x):
-            return x, x, x
+            return x, x, self.drop(x)
 
     with pytest.raises(DubitoError, match="forward must return"):
         mc_samples(Triple(), torch.randn(2, 2), 2)
+
+
+def _batch_sizes(model: nn.Module) -> tuple[list[int], object]:
+    sizes: list[int] = []
+    return sizes, model.register_forward_pre_hook(lambda m, inp: sizes.append(inp[0].shape[0]))
+
+
+def test_auto_chunk_capacity_is_not_capped_by_an_earlier_small_t():
+    model = MLP(4, 2, hidden=(8,), variant="epistemic")
+    x = torch.randn(5, 4)
+    sizes, hook = _batch_sizes(model)
+    mc_samples(model, x, 2, seed=0)
+    sizes.clear()
+    mc_samples(model, x, 40, seed=0)
+    hook.remove()
+    assert sizes == [5 * 40]  # small CPU inputs replicate all samples at once
+
+
+def test_explicit_chunk_after_oom_does_not_change_auto():
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            if x.shape[0] > 2 * 3:
+                raise torch.OutOfMemoryError("simulated")
+            return self.lin(self.drop(x))
+
+    model = Picky()
+    x = torch.randn(3, 4)
+    sizes, hook = _batch_sizes(model)
+    mc_samples(model, x, 8, chunk_size=8, seed=0)
+    assert sizes[0] == 24 and sizes[-1] == 6  # 8 -> 4 -> 2 samples per pass
+    sizes.clear()
+    ref = mc_samples(model, x, 8, chunk_size=1, seed=0).mean
+    sizes.clear()
+    auto = mc_samples(model, x, 8, seed=0).mean  # auto starts from its own capacity, learns 2 again on OOM
+    hook.remove()
+    assert sizes[0] == 24 and sizes[-1] == 6
+    torch.testing.assert_close(auto, ref)
+
+
+def test_outputs_are_ordinary_tensors_callers_can_edit():
+    out = mc_samples(MLP(3, 2, variant="both"), torch.randn(4, 3), 5, seed=0, probs=True)
+    for tensor in out:
+        assert not tensor.is_inference()
+        tensor[0] = 0.0  # would raise for an inference tensor
+
+
+def test_batch_statistics_normalisation_loops_instead_of_mixing_samples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 2))
+    x = torch.randn(6, 4)
+    ref = mc_samples(model, x, 6, chunk_size=1, seed=0).mean
+    torch.testing.assert_close(mc_samples(model, x, 6, seed=0).mean, ref)  # auto loops
+    with pytest.warns(UserWarning, match="influence each other"):
+        mixed = mc_samples(model, x, 6, chunk_size=3, seed=0).mean
+    assert not torch.allclose(mixed, ref)  # what auto avoids
+
+
+def test_lazy_modules_and_standalone_dropout_mode():
+    lazy = nn.Sequential(nn.LazyLinear(4), nn.Dropout(0.5))
+    out = mc_samples(lazy, torch.randn(3, 5), 4, seed=0)
+    assert out.mean.shape == (4, 3, 4)
+    model = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(3)).eval()
+    with torch.no_grad(), mc_dropout_mode(model):  # used on its own: global RNG, like nn.Dropout
+        a, b = model(torch.ones(64, 3)), model(torch.ones(64, 3))
+    assert not torch.equal(a, b)
+    assert not model[0].training

@@ -132,3 +132,15 @@ def test_bad_input_errors():
         classification_uncertainty(torch.rand(3, 4, 2), torch.rand(3, 4, 3))
     with pytest.raises(DubitoError, match="log_var_samples"):
         regression_uncertainty(torch.rand(3, 4), torch.rand(5))
+    with pytest.raises(DubitoError, match="mask of shape"):
+        classification_uncertainty(torch.rand(2, 3, 4, 5, 5)).per_item(torch.ones(3, 7, 7, dtype=torch.bool))
+
+
+def test_aleatoric_variance_uses_the_losses_range():
+    """A head output beyond the clamp means the same in the decomposition as in training."""
+    from dubito.platform.losses import LOG_SCALE_MAX, LOG_VAR_MAX
+
+    means = torch.zeros(2, 3)
+    assert regression_uncertainty(means, torch.full((2, 3), 30.0)).aleatoric_var[0].item() == pytest.approx(np.exp(LOG_VAR_MAX), rel=1e-5)
+    laplace = regression_uncertainty(means, torch.full((2, 3), 30.0), likelihood="laplace")
+    assert laplace.aleatoric_var[0].item() == pytest.approx(2 * np.exp(2 * LOG_SCALE_MAX), rel=1e-5)
