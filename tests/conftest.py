@@ -1,8 +1,16 @@
-"""Shared test setup: no test writes MLflow runs into the working directory."""
+"""Shared test setup: no test writes MLflow runs into the working directory; hypothesis
+runs derandomized in CI so a run is reproducible from its commit."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture
@@ -16,8 +24,6 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 @pytest.fixture(autouse=True)
 def _no_stray_mlflow(tmp_path_factory, monkeypatch):
     """Tests that forget the mlflow_uri fixture still log into a temporary store."""
-    import os
-
     if "MLFLOW_TRACKING_URI" not in os.environ:
         path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(path.resolve()))
