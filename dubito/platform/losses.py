@@ -33,7 +33,7 @@ __all__ = [
     "LOG_VAR_MAX",
     "LOG_SCALE_MIN",
     "LOG_SCALE_MAX",
-    "clamp_straight_through",
+    "clamp_pull_back",
     "gaussian_nll",
     "laplace_nll",
     "sampled_softmax_cross_entropy",
@@ -58,7 +58,7 @@ class _PullBackClamp(torch.autograd.Function):
         return torch.where(keep, grad, torch.zeros_like(grad)), None, None
 
 
-def clamp_straight_through(x: Tensor, low: float, high: float) -> Tensor:
+def clamp_pull_back(x: Tensor, low: float, high: float) -> Tensor:
     """``x`` clamped to ``[low, high]`` in value.
 
     Inside the range the gradient is the identity. Outside it, the gradient is passed
@@ -125,7 +125,7 @@ def gaussian_nll(mean: Tensor, log_var: Tensor, target: Tensor, mask: Tensor | N
         scalar loss averaged over valid elements.
     """
     target = _match_target(mean, target, "gaussian_nll")
-    s = clamp_straight_through(_broadcast_noise(log_var, mean, "gaussian_nll", "log_var"), LOG_VAR_MIN, LOG_VAR_MAX)
+    s = clamp_pull_back(_broadcast_noise(log_var, mean, "gaussian_nll", "log_var"), LOG_VAR_MIN, LOG_VAR_MAX)
     residual = target - mean
     per_element = 0.5 * torch.exp(-s) * residual.square() + 0.5 * s
     return _masked_mean(per_element.expand_as(mean), mask, "gaussian_nll")
@@ -138,7 +138,7 @@ def laplace_nll(mean: Tensor, log_scale: Tensor, target: Tensor, mask: Tensor | 
     Shapes as in :func:`gaussian_nll`.
     """
     target = _match_target(mean, target, "laplace_nll")
-    s = clamp_straight_through(_broadcast_noise(log_scale, mean, "laplace_nll", "log_scale"), LOG_SCALE_MIN, LOG_SCALE_MAX)
+    s = clamp_pull_back(_broadcast_noise(log_scale, mean, "laplace_nll", "log_scale"), LOG_SCALE_MIN, LOG_SCALE_MAX)
     per_element = torch.exp(-s) * (target - mean).abs() + s
     return _masked_mean(per_element.expand_as(mean), mask, "laplace_nll")
 
@@ -184,7 +184,7 @@ def sampled_softmax_cross_entropy(
         )
     if target.is_floating_point():
         raise DubitoError(f"{name}: target must hold integer class indices, got dtype {target.dtype}")
-    s = clamp_straight_through(_broadcast_noise(log_var, logits, name, "log_var"), LOG_VAR_MIN, LOG_VAR_MAX)
+    s = clamp_pull_back(_broadcast_noise(log_var, logits, name, "log_var"), LOG_VAR_MIN, LOG_VAR_MAX)
     sigma = torch.exp(0.5 * s)
     if noise is None:
         if samples < 1:

@@ -22,6 +22,20 @@ def small_net(p: float = 0.3, dropout=nn.Dropout) -> nn.Module:
     )
 
 
+class Picky(nn.Module):
+    """Runs out of memory for batches of more than two replicated samples of 3 items."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        if x.shape[0] > 2 * 3:
+            raise torch.OutOfMemoryError("simulated")
+        return self.lin(self.drop(x))
+
+
 def test_samples_differ_with_dropout():
     x = torch.randn(2, 3, 6, 6)
     out = mc_samples(small_net(0.3), x, 8, seed=0)
@@ -130,19 +144,6 @@ def test_channel_dropout_masks_whole_channels():
 
 
 def test_halves_chunk_on_out_of_memory():
-    class Picky(nn.Module):
-        """Runs out of memory for more than two replicated samples."""
-
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 2)
-            self.drop = nn.Dropout(0.5)
-
-        def forward(self, x):
-            if x.shape[0] > 2 * 3:
-                raise torch.OutOfMemoryError("simulated")
-            return self.lin(self.drop(x))
-
     model = Picky()
     x = torch.randn(3, 4)
     ref = mc_samples(model, x, 9, chunk_size=1, seed=5).mean
@@ -205,17 +206,6 @@ def test_auto_chunk_capacity_is_not_capped_by_an_earlier_small_t():
 
 
 def test_explicit_chunk_after_oom_does_not_change_auto():
-    class Picky(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 2)
-            self.drop = nn.Dropout(0.5)
-
-        def forward(self, x):
-            if x.shape[0] > 2 * 3:
-                raise torch.OutOfMemoryError("simulated")
-            return self.lin(self.drop(x))
-
     model = Picky()
     x = torch.randn(3, 4)
     sizes, hook = _batch_sizes(model)
