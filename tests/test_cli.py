@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -14,6 +15,8 @@ from dubito.cli import main
 
 def test_demo_end_to_end(tmp_path, mlflow_uri, capsys):
     out = tmp_path / "demo"
+    stray = Path.cwd() / "mlruns"
+    stray_before = stray.exists()
     rc = main(
         ["demo", "--output", str(out), "--steps", "120", "--height", "32", "--width", "48",
          "--train-images", "24", "--test-images", "6", "--samples", "10", "--no-progress"]
@@ -35,6 +38,10 @@ def test_demo_end_to_end(tmp_path, mlflow_uri, capsys):
     assert run.data.metrics["aleatoric_entropy_static"] == pytest.approx(s["aleatoric_entropy_static"])
     history = MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history][:2] == [0, 10]
+    # artifacts sit beside the database (absolute), not in ./mlruns of whatever directory ran it
+    stored = tmp_path / "mlartifacts"
+    assert sorted(p.name for p in stored.rglob("*") if p.is_file()) == ["results.json", "uncertainty.png"]
+    assert stray.exists() == stray_before
 
 
 def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 Default tracking URI (DESIGN.md): ``MLFLOW_TRACKING_URI`` when set, else an *absolute*
 ``sqlite:///<cwd>/mlflow.db`` (Ray trials change directory, so relative URIs break).
+Artifacts of a SQLite store go to an absolute ``mlartifacts/`` folder beside the database.
 See the runs with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from dubito import DubitoError
 
-__all__ = ["default_tracking_uri", "flatten_params", "TrackedRun", "tracked_run"]
+__all__ = ["default_tracking_uri", "artifact_location", "flatten_params", "TrackedRun", "tracked_run"]
 
 
 def default_tracking_uri() -> str:
@@ -25,6 +26,18 @@ def default_tracking_uri() -> str:
     if env:
         return env
     return "sqlite:///" + str(Path.cwd().resolve() / "mlflow.db")
+
+
+def artifact_location(uri: str) -> str | None:
+    """Absolute artifact folder beside a SQLite store (``<db dir>/mlartifacts/``).
+
+    MLflow's default for a database store is ``./mlruns`` relative to the working
+    directory, which scatters artifacts and breaks when Ray trials change directory.
+    Other stores (a tracking server) keep their own default (``None``).
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
 
 
 def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
@@ -92,7 +105,9 @@ def tracked_run(
     try:
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = (
+            found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifact_location(uri))
+        )
         run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     except Exception as err:  # mlflow raises many types for a bad store
         raise DubitoError(f"MLflow tracking URI {uri!r} is unusable: {err}") from err
