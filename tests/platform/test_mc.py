@@ -247,3 +247,12 @@ def test_lazy_modules_and_standalone_dropout_mode():
         a, b = model(torch.ones(64, 3)), model(torch.ones(64, 3))
     assert not torch.equal(a, b)
     assert not model[0].training
+
+
+def test_bf16_autocast_on_cpu_stays_close_to_fp32():
+    model = FCDenseNet("tiny", variant="both")
+    x = torch.randn(2, 3, 16, 16)
+    full = mc_samples(model, x, 3, seed=0, probs=True, logit_noise_samples=2)
+    half = mc_samples(model, x, 3, seed=0, probs=True, logit_noise_samples=2, autocast=True)
+    assert half.mean.dtype == torch.float32  # stored samples are float32 whatever the compute dtype
+    torch.testing.assert_close(half.probs, full.probs, atol=0.05, rtol=0.05)
