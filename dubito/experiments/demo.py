@@ -216,7 +216,7 @@ def format_summary(summary: dict) -> str:
         f"{'epistemic logit variance':28s}{summary['epistemic_logit_variance_in_distribution']:18.4f}"
         f"{summary['epistemic_logit_variance_out_of_distribution']:22.4f}",
         "  (logit variance grows with the logits' scale, which is largest where the model is confident;",
-        "   mutual information is scale-free, which is why acquisition defaults to it)",
+        "   mutual information does not depend on that scale)",
         "",
         f"{'':28s}{'static (noise)':>18s}{'clean pixels':>22s}",
         f"{'aleatoric entropy':28s}{summary['aleatoric_entropy_static']:18.4f}{summary['aleatoric_entropy_clean']:22.4f}",
