@@ -283,14 +283,15 @@ def mc_samples(
         raise DubitoError(f"samples must be a positive integer, got {samples!r}")
     if seed is None:
         seed = int(torch.randint(0, 1 << 62, (1,)).item())
-    if stochastic and samples > 1 and not has_active_dropout(model):
+    active = has_active_dropout(model)
+    if stochastic and samples > 1 and not active:
         warnings.warn(
             f"{type(model).__name__} has no dropout module with p > 0, so its {samples} MC samples would be "
             "identical: one deterministic pass is made and epistemic terms are zero (functional dropout "
             "such as F.dropout is not sampled; use nn.Dropout modules)",
             stacklevel=2,
         )
-    if not stochastic or not has_active_dropout(model):
+    if not stochastic or not active:
         samples = 1
         stochastic = False
     plan = _ChunkPlan(model, x, samples, chunk_size, (probs, autocast, logit_noise_samples))
