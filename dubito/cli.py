@@ -7,6 +7,7 @@ import dataclasses
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from dubito import DubitoError, __version__
 
@@ -40,6 +41,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from dubito.platform.data.check import check_dataset
+
+    report = check_dataset(args.dataset, args.root, task=args.task, progress=not args.no_progress)
+    print(report.format())
+    if args.output:
+        paths = report.save(args.output)
+        print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0 if report.ok else 1
+
+
+def _cmd_data_show(args: argparse.Namespace) -> int:
+    from dubito.platform.data import get_dataset
+    from dubito.platform.plots import samples_figure
+
+    options = {"normalize": None}
+    if args.size:
+        options["size"] = tuple(args.size)
+    if args.dataset.startswith("synthetic-"):
+        options.update(seed=args.seed, n=max(args.count, 1), ood=args.ood)
+    dataset = get_dataset(args.dataset, args.split, args.root, **options)
+    if len(dataset) == 0:
+        raise DubitoError(f"{args.dataset} {args.split}: no items to show")
+    items = [dataset[i] for i in range(min(args.count, len(dataset)))]
+    path = samples_figure(items, Path(args.output) / f"{args.dataset}-{args.split}{'-ood' if args.ood else ''}.png")
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -66,6 +96,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(demo, DemoConfig)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_cmd_demo)
+    data = sub.add_parser("data", help="check or look at a dataset").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser(
+        "check",
+        help="read every file of a real dataset, print a summary, list bad files (exit 1 if any)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    check.add_argument("dataset", choices=("camvid", "make3d", "nyuv2"))
+    check.add_argument("--root", required=True, help="folder that holds the dataset in its published layout")
+    check.add_argument("--task", choices=("depth", "segmentation"), help="NYUv2 only (default: segmentation when classMapping40.mat is present)")
+    check.add_argument("--output", help="also write results.json and a histogram PNG here")
+    check.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    check.set_defaults(func=_cmd_data_check)
+    show = data.add_parser(
+        "show", help="plot a few items (image, target, mask, known noise)", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    show.add_argument("dataset", choices=("camvid", "make3d", "nyuv2", "synthetic-camvid", "synthetic-make3d"))
+    show.add_argument("--root", help="dataset folder (real datasets)")
+    show.add_argument("--split", default="train")
+    show.add_argument("--count", type=int, default=4, help="items to show")
+    show.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize to H W")
+    show.add_argument("--seed", type=int, default=0, help="synthetic datasets: seed")
+    show.add_argument("--ood", action="store_true", help="synthetic datasets: the out-of-distribution (indoor) variant")
+    show.add_argument("--output", default="runs/data", help="folder for the PNG")
+    show.set_defaults(func=_cmd_data_show)
     info = sub.add_parser("info", help="versions, default device and tracking URI")
     info.set_defaults(func=_cmd_info)
     return parser

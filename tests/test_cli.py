@@ -60,3 +60,68 @@ def test_unusable_tracking_uri_is_reported_at_start(tmp_path, monkeypatch, capsy
 def test_console_script_runs():
     done = subprocess.run([sys.executable, "-m", "dubito", "info"], capture_output=True, text=True, check=True)
     assert "dubito 0.1.0" in done.stdout and "sqlite:///" in done.stdout
+
+
+def test_data_check_camvid_prints_the_summary(tmp_path, capsys):
+    from tests.fixtures import make_camvid
+
+    make_camvid(tmp_path)
+    assert main(["data", "check", "camvid", "--root", str(tmp_path / "CamVid"), "--no-progress", "--output", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "no problems found" in printed
+    lines = {line.split()[0]: line.split() for line in printed.splitlines() if line.split()[:1] in (["train"], ["val"], ["test"])}
+    assert lines["train"][1:4] == ["3", "367", "36x48"] and lines["val"][1] == "2" and lines["test"][1] == "2"
+    assert "label values 0-11" in printed and "Bicyclist" in printed
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["ok"] and results["splits"]["train"]["sizes_hw"] == {"36x48": 3}
+    assert sum(results["class_frequencies"].values()) == pytest.approx(1.0)
+    assert (tmp_path / "out" / "class_frequencies.png").stat().st_size > 5_000
+
+
+def test_data_check_on_a_broken_camvid_lists_every_bad_file(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from tests.fixtures import make_camvid
+
+    written = make_camvid(tmp_path, counts=(4, 2, 2))
+    root = tmp_path / "CamVid"
+    corrupt = written["train"]["paths"][0]
+    corrupt.write_bytes(corrupt.read_bytes()[:50])
+    unlabelled = written["train"]["paths"][1]
+    (root / "trainannot" / unlabelled.name).unlink()
+    out_of_range = root / "valannot" / written["val"]["paths"][0].name
+    Image.fromarray(np.full((36, 48), 40, np.uint8)).save(out_of_range)
+    mismatched = root / "testannot" / written["test"]["paths"][1].name
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(mismatched)
+
+    assert main(["data", "check", "camvid", "--root", str(root), "--no-progress"]) == 1
+    printed = capsys.readouterr().out
+    assert "4 problem(s):" in printed
+    problems = printed.split("problem(s):")[1]
+    for path, reason in ((corrupt, "cannot decode"), (unlabelled, "without its label"), (out_of_range, "outside 0-11"), (mismatched, "label is 20x20")):
+        assert f"{path}: " in problems and reason in problems
+    train_row = next(line.split() for line in printed.splitlines() if line.startswith("train "))
+    assert train_row[1] == "2/4"  # 4 images listed, 2 read without a problem
+
+
+def test_data_check_make3d_and_nyuv2(tmp_path, capsys):
+    from tests.fixtures import make_make3d, make_nyuv2
+
+    make_make3d(tmp_path / "make3d")
+    assert main(["data", "check", "make3d", "--root", str(tmp_path / "make3d"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "valid depth 1." in printed and "(cap 70 m)" in printed and "64x48 x2" in printed
+    make_nyuv2(tmp_path / "nyu")
+    assert main(["data", "check", "nyuv2", "--root", str(tmp_path / "nyu"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "(segmentation)" in printed and "12x16 x3" in printed
+    assert main(["data", "check", "nyuv2", "--root", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    assert "dataset root not found" in capsys.readouterr().err
+
+
+def test_data_show_writes_a_figure(tmp_path, capsys):
+    assert main(["data", "show", "synthetic-make3d", "--count", "2", "--size", "40", "30", "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "synthetic-make3d-train.png").stat().st_size > 5_000
+    assert main(["data", "show", "camvid", "--output", str(tmp_path)]) == 2
+    assert "--root" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["uncertainty_figure", "CAMVID_COLORS"]
+__all__ = ["uncertainty_figure", "histogram_figure", "samples_figure", "CAMVID_COLORS"]
 
 #: SegNet's CamVid palette (11 classes + void in black)
 CAMVID_COLORS = np.array(
@@ -75,10 +75,55 @@ def uncertainty_figure(
                 ax.set_title(titles[c])
         if row.get("label"):
             axes[r, 0].set_ylabel(row["label"])
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path, dpi: int = 90) -> Path:
+    """Save ``fig`` atomically as PNG (never a half-written file) and close it."""
+    path = Path(path)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def histogram_figure(labels: Sequence[str], values: Sequence[float], path: str | Path, title: str, ylabel: str) -> Path:
+    """A labelled bar chart (class frequencies, depth histograms)."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels)), 3.5))
+    ax.bar(range(len(values)), values, color="#4477aa")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=60 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center", fontsize=8)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    return _save(fig, path)
+
+
+def samples_figure(items: Sequence[dict], path: str | Path, colors: np.ndarray = CAMVID_COLORS) -> Path:
+    """One row per dataset item: image | target | mask, plus the known ``noise`` map and the
+    ``static`` region when the item carries them (synthetic data)."""
+    extra = [k for k in ("noise", "static") if all(k in it for it in items)]
+    cols = 3 + len(extra)
+    fig, axes = plt.subplots(len(items), cols, figsize=(3.2 * cols, 2.6 * len(items)), squeeze=False)
+    for r, item in enumerate(items):
+        target = item["target"]
+        segmentation = not torch.is_floating_point(torch.as_tensor(target))
+        mask = _numpy(item["mask"]).astype(bool)
+        shown_target = _show_labels(target, colors) if segmentation else np.ma.masked_where(~mask, _numpy(target))
+        panels = [("image", _show_image(item["image"]), {}), ("target", shown_target, {} if segmentation else {"cmap": "magma"})]
+        panels.append(("mask (valid pixels)", mask, {"cmap": "gray", "vmin": 0, "vmax": 1}))
+        for k in extra:
+            panels.append((f"known {k}", _numpy(item[k]), {"cmap": "inferno" if k == "noise" else "gray"}))
+        for c, (title, data, kw) in enumerate(panels):
+            ax = axes[r, c]
+            im = ax.imshow(data, **kw)
+            if title == "known noise" or (title == "target" and not segmentation):
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title)
+        axes[r, 0].set_ylabel(f"id {int(item['id'])}")
+    return _save(fig, path)
