@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.mc_chunking
+	$(BIN)/python -m benchmarks.data_loading
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -49,6 +49,26 @@ def test_same_seed_same_items_whatever_the_size_or_order(cls):
     assert not torch.equal(a[0]["image"], val[0]["image"])  # splits are different scenes
 
 
+@pytest.mark.parametrize("cls", [SyntheticCamVid, SyntheticMake3D])
+def test_an_item_is_the_same_scene_at_every_resolution(cls):
+    small = items(cls(n=30, size=(24, 32), seed=1))
+    large = items(cls(n=30, size=(96, 128), seed=1))
+    for a, b in zip(small, large):
+        assert (a["dusk"], a["has_static"]) == (b["dusk"], b["has_static"])
+        # the static covers the same fraction of the image, at the same relative place
+        assert float(a["static"].float().mean()) == pytest.approx(float(b["static"].float().mean()), abs=0.03)
+    # the scene itself: the large rendering, shrunk by nearest neighbour, mostly agrees with the small one
+    a, b = small[0]["clean_target"], large[0]["clean_target"][2::4, 2::4]
+    close = (a == b) if cls is SyntheticCamVid else torch.isclose(a, b, rtol=0.05)
+    assert float(close.float().mean()) > 0.85
+
+
+def test_raising_the_static_fraction_only_adds_static_images():
+    low = [it["has_static"] for it in items(SyntheticCamVid(n=60, size=(16, 16), static_fraction=0.2))]
+    high = [it["has_static"] for it in items(SyntheticCamVid(n=60, size=(16, 16), static_fraction=0.5))]
+    assert all(h for lo, h in zip(low, high) if lo) and sum(high) > sum(low)
+
+
 def test_item_contents_and_types():
     item = SyntheticCamVid(n=2, size=(30, 40))[1]
     for k in TENSOR_KEYS:

@@ -27,9 +27,10 @@ Known aleatoric structure, returned with every item:
 - ``clean_target``: the target before any label or depth noise; ``dusk`` and ``ood`` flags.
 
 Class frequencies of ``SyntheticCamVid`` (``SYNTHETIC_CAMVID_FREQUENCIES``; the README has the table)
-are within a factor 0.75-1.35 of CamVid's own (``CAMVID_FREQUENCIES``, implied by SegNet's class
-weights): road 34 %, building 25 %, sky 15 %, tree 12 %, car 5.7 %, pavement 4.4 %, fence 1.8 %,
-pole 0.8 %, bicyclist, pedestrian and sign 0.6 % each. The test suite checks them on other seeds.
+are within a factor 0.74-1.13 of CamVid's own (``CAMVID_FREQUENCIES``, implied by SegNet's class
+weights), in the same order: road 34 %, building 24 %, sky 15 %, tree 13 %, car 5.3 %, pavement
+4.6 %, fence 1.8 %, pole 0.8 %, pedestrian 0.7 %, bicyclist 0.6 %, sign 0.5 %. The test suite
+checks them on another seed.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ DEFAULT_COUNTS = {"camvid": {"train": 367, "val": 101, "test": 233}, "make3d": {
 #: CamVid's class frequencies implied by SegNet's median-frequency weights (frequency ∝ 1 / weight)
 CAMVID_FREQUENCIES = tuple(round((1 / w) / sum(1 / v for v in CAMVID_CLASS_WEIGHTS), 4) for w in CAMVID_CLASS_WEIGHTS)
 #: SyntheticCamVid's clean-label frequencies, measured on the train split (200 images, 90x120, seed 0)
-SYNTHETIC_CAMVID_FREQUENCIES = (0.1463, 0.2495, 0.0083, 0.3406, 0.0441, 0.118, 0.006, 0.0181, 0.0568, 0.006, 0.0064)
+SYNTHETIC_CAMVID_FREQUENCIES = (0.1478, 0.2375, 0.008, 0.3433, 0.0456, 0.13, 0.005, 0.0177, 0.0526, 0.0068, 0.0059)
 CLEAN_INPUT_NOISE, DUSK_INPUT_NOISE = 0.015, 0.06
 STATIC_INPUT_NOISE = 1 / math.sqrt(12)
 
@@ -113,6 +114,12 @@ _CLOTHES = [(0.15, 0.15, 0.35), (0.6, 0.1, 0.15), (0.2, 0.2, 0.2), (0.8, 0.7, 0.
 _SIGN_COLORS = [(0.8, 0.1, 0.1), (0.1, 0.25, 0.75), (0.95, 0.8, 0.1)]
 
 
+def _daylight(rng) -> tuple[float, float, float]:
+    """A brightness between 0.85 and 1.15 with a slight warm or cool cast."""
+    brightness, tint = _u(rng, 0.85, 1.15), _u(rng, -0.04, 0.04)
+    return (brightness * (1 + tint), brightness, brightness * (1 - tint))
+
+
 def _box(surfaces, rng, x, z, width, height, length, cls, color, texture, cam_x, y0=0.0):
     """A box's back face at depth ``z`` and the side face the camera can see."""
     surfaces.append(Surface(2, z, ((x - width / 2, x + width / 2), (y0, y0 + height)), cls, color, texture))
@@ -128,7 +135,8 @@ def street_scene(rng: np.random.Generator) -> Scene:
     fac_l, fac_r = -(road + pav_l), road + pav_r
     cam_x = _u(rng, -0.5, 0.5) * road
     far = 250.0
-    s.append(Surface(1, 0.0, ((-road, road), (0, far)), ROAD, _jitter(rng, (0.36, 0.36, 0.38), 0.04), "road"))
+    asphalt = _u(rng, 0.3, 0.42)
+    s.append(Surface(1, 0.0, ((-road, road), (0, far)), ROAD, (asphalt, asphalt, asphalt + 0.02), "road"))
     pav_color = _jitter(rng, (0.62, 0.6, 0.55), 0.05)
     s.append(Surface(1, 0.0, ((fac_l - 30, -road), (0, far)), PAVEMENT, pav_color, "tiles"))
     s.append(Surface(1, 0.0, ((road, fac_r + 30), (0, far)), PAVEMENT, pav_color, "tiles"))
@@ -188,7 +196,7 @@ def street_scene(rng: np.random.Generator) -> Scene:
         focal=_u(rng, 0.9, 1.2),
         sky=(sky_top, _jitter(rng, (0.8, 0.85, 0.9), 0.05)),
         haze=_u(rng, 90, 180),
-        light=tuple(_u(rng, 0.85, 1.15) * c for c in (1.0, 1.0, 1.0)),
+        light=_daylight(rng),
         indoor=False,
     )
 
@@ -394,12 +402,14 @@ def _boundary_neighbour(values: np.ndarray, width: int, differs: Callable) -> tu
     return found, other
 
 
-def _static_region(rng, height, width) -> np.ndarray:
-    area = _u(rng, 0.06, 0.15) * height * width
-    aspect = _u(rng, 0.6, 1.6)
+def _static_region(rng, height: int, width: int) -> np.ndarray:
+    """A rectangle covering 6-15 % of the image at a random place. The four draws do not depend on
+    the resolution, so an item's static sits at the same relative place at every size."""
+    area, aspect = _u(rng, 0.06, 0.15) * height * width, _u(rng, 0.6, 1.6)
+    top_frac, left_frac = rng.random(), rng.random()
     h = int(np.clip(round(math.sqrt(area / aspect)), 2, height))
     w = int(np.clip(round(math.sqrt(area * aspect)), 2, width))
-    top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+    top, left = int(top_frac * (height - h + 1)), int(left_frac * (width - w + 1))
     region = np.zeros((height, width), dtype=bool)
     region[top : top + h, left : left + w] = True
     return region
@@ -469,10 +479,14 @@ class SyntheticScenes(torch.utils.data.Dataset):
         index %= self.n
         scene, rng = self.scene(index)
         h, w = self.size
-        rendered = render(scene, h, w, grain=rng.random((h, w)))
+        # resolution-independent draws first: the same item has the same flags at every size,
+        # and raising a fraction only adds flagged items
         dusk = bool(rng.random() < self.dusk_fraction)
         has_static = bool(rng.random() < self.static_fraction)
-        static = _static_region(rng, h, w) if has_static else np.zeros((h, w), dtype=bool)
+        static = _static_region(rng, h, w)
+        if not has_static:
+            static[...] = False
+        rendered = render(scene, h, w, grain=rng.random((h, w)))
         item = self._targets(rendered, rng, static)
         color = rendered.color
         if dusk:  # dark, low contrast, bluish, noisier sensor
