@@ -56,6 +56,8 @@ def _cmd_data_show(args: argparse.Namespace) -> int:
     from dubito.platform.data import get_dataset
     from dubito.platform.plots import samples_figure
 
+    if args.count < 1:
+        raise DubitoError(f"--count must be >= 1, got {args.count}")
     options = {"normalize": None}
     if args.size:
         options["size"] = tuple(args.size)

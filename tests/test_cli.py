@@ -125,3 +125,64 @@ def test_data_show_writes_a_figure(tmp_path, capsys):
     assert (tmp_path / "synthetic-make3d-train.png").stat().st_size > 5_000
     assert main(["data", "show", "camvid", "--output", str(tmp_path)]) == 2
     assert "--root" in capsys.readouterr().err
+
+
+def test_data_check_reports_unexpected_failures_and_goes_on(tmp_path, capsys, monkeypatch):
+    from dubito.platform.data import CamVid
+    from tests.fixtures import make_camvid
+
+    make_camvid(tmp_path)
+    original = CamVid._read
+
+    def flaky(self, index, size):
+        if self.split == "val" and index == 0:
+            raise RuntimeError("disk hiccup")
+        return original(self, index, size)
+
+    monkeypatch.setattr(CamVid, "_read", flaky)
+    assert main(["data", "check", "camvid", "--root", str(tmp_path), "--no-progress"]) == 1
+    printed = capsys.readouterr().out
+    assert "0001TP_val_0000.png: unexpected RuntimeError: disk hiccup" in printed
+    assert "test           2" in printed  # the splits after it were still read
+
+
+def test_data_check_class_weights_come_from_the_train_split(tmp_path, capsys):
+    import numpy as np
+
+    from dubito.platform.data import median_frequency_weights
+    from tests.fixtures import make_camvid
+
+    written = make_camvid(tmp_path)
+    assert main(["data", "check", "camvid", "--root", str(tmp_path / "CamVid"), "--no-progress", "--output", str(tmp_path / "o")]) == 0
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["class_statistics_split"] == "train"
+    labels = np.stack(written["train"]["labels"])
+    counts = np.array([(labels == c).sum() for c in range(11)])
+    present = np.array([sum(int((lab != 11).sum()) for lab in labels if (lab == c).any()) for c in range(11)])
+    assert list(results["class_frequencies"].values()) == pytest.approx(counts / counts.sum())
+    expected = median_frequency_weights(counts, present).tolist()
+    assert list(results["median_frequency_weights"].values()) == pytest.approx(expected, abs=1e-4)
+
+
+def test_data_check_nyuv2_reads_depths_even_with_the_class_mapping(tmp_path, capsys):
+    import h5py
+    import numpy as np
+
+    from tests.fixtures import make_nyuv2
+
+    make_nyuv2(tmp_path / "NYUv2")
+    with h5py.File(tmp_path / "NYUv2" / "nyu_depth_v2_labeled.mat", "a") as f:
+        depths = f["depths"][...]
+        depths[1, 2, 3] = np.nan
+        depths[2, 0, 0] = -1.0
+        f["depths"][...] = depths
+    assert main(["data", "check", "nyuv2", "--root", str(tmp_path), "--no-progress"]) == 1  # the parent folder
+    printed = capsys.readouterr().out
+    assert "(segmentation)" in printed and "2 problem(s):" in printed
+    assert "nyu_depth_v2_labeled.mat[1]: 1 NaN depth values" in printed
+    assert "nyu_depth_v2_labeled.mat[2]: negative depth" in printed
+
+
+def test_data_show_rejects_a_zero_count(tmp_path, capsys):
+    assert main(["data", "show", "synthetic-camvid", "--count", "0", "--output", str(tmp_path)]) == 2
+    assert "--count must be >= 1" in capsys.readouterr().err

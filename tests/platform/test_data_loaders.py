@@ -340,3 +340,84 @@ def test_median_frequency_weights_match_a_hand_computation():
     # Eigen & Fergus: frequency within the images where the class appears
     present = torch.tensor([100.0, 60.0, 20.0, 0.0])
     assert median_frequency_weights(counts, present).tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0])
+
+
+# ----------------------------------------------------------------------------- odd files (review findings)
+def test_camvid_list_file_from_windows_or_with_bare_names(camvid):
+    root, written = camvid
+    names = [p.name for p in written["val"]["paths"]]
+    (root / "CamVid" / "val.txt").write_text(
+        f"C:\\SegNet\\CamVid\\val\\{names[0]} C:\\SegNet\\CamVid\\valannot\\{names[0]}\r\n{names[1]}\r\n\r\n"
+    )
+    ds = CamVid(root / "CamVid", "val", normalize=None)
+    assert [p.name for p, _ in ds.files] == names
+    np.testing.assert_array_equal(ds[1]["target"].numpy(), written["val"]["labels"][1])
+
+
+def test_camvid_list_file_that_is_not_utf8(camvid):
+    root, _ = camvid
+    listing = root / "CamVid" / "val.txt"
+    listing.write_bytes(b"/x/val/caf\xe9.png /x/valannot/caf\xe9.png\n")
+    with pytest.raises(CorruptFileError) as err:
+        CamVid(root / "CamVid", "val")
+    assert str(listing) in str(err.value)
+
+
+def test_ids_stay_stable_when_a_file_is_skipped(camvid):
+    root, written = camvid
+    (root / "CamVid" / "trainannot" / written["train"]["paths"][0].name).unlink()
+    ds = CamVid(root / "CamVid", "train", strict=False, normalize=None)
+    assert [ds[i]["id"] for i in range(len(ds))] == [1, 2]  # positions in train.txt, not 0, 1
+    np.testing.assert_array_equal(ds[0]["target"].numpy(), written["train"]["labels"][1])
+
+
+def test_oversized_image_is_a_clear_error(camvid, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses > 2x this as a decompression bomb
+    root, written = camvid
+    with pytest.raises(CorruptFileError) as err:
+        CamVid(root / "CamVid", "train")[0]
+    assert str(written["train"]["paths"][0]) in str(err.value) and "too large" in str(err.value)
+
+
+def test_16_bit_grey_image_is_scaled_not_clipped(camvid):
+    root, written = camvid
+    grey = np.random.default_rng(1).integers(0, 256, (36, 48)).astype(np.uint16)
+    Image.fromarray(grey * 257).save(written["test"]["paths"][0])  # 16-bit PNG, full range
+    image = CamVid(root / "CamVid", "test", normalize=None)[0]["image"]
+    np.testing.assert_allclose(image[0].numpy() * 255, grey, atol=1e-3)
+    assert torch.equal(image[0], image[2])
+
+
+@pytest.mark.parametrize(
+    "grid, error, words",
+    [
+        (np.full((3, 3, 4), "a"), CorruptFileError, "expected real numbers"),
+        (np.ones((3, 3, 4)) * (1 + 1j), CorruptFileError, "expected real numbers"),
+        (np.zeros((0, 0, 4)), SizeMismatchError, "Position3DGrid has shape"),
+    ],
+)
+def test_make3d_grid_of_the_wrong_kind(tmp_path, grid, error, words):
+    make_make3d(tmp_path)
+    mat = tmp_path / "Train400Depth" / "depth_sph_corr-10.21op2-p-train000t000.mat"
+    scipy.io.savemat(mat, {"Position3DGrid": grid})
+    with pytest.raises(error) as err:
+        Make3D(tmp_path, "train")[0]
+    assert str(mat) in str(err.value) and words in str(err.value)
+
+
+@pytest.mark.parametrize("ndx", [np.array(["x"]), np.array([[1.5], [2.0]])])
+def test_nyuv2_splits_of_the_wrong_kind(tmp_path, ndx):
+    make_nyuv2(tmp_path)
+    scipy.io.savemat(tmp_path / "splits.mat", {"trainNdxs": ndx, "testNdxs": np.array([[1.0]])})
+    with pytest.raises(CorruptFileError) as err:
+        NYUv2(tmp_path, "train")
+    assert "splits.mat" in str(err.value) and "trainNdxs" in str(err.value)
+
+
+def test_nyuv2_group_where_an_array_belongs(tmp_path):
+    make_nyuv2(tmp_path)
+    with h5py.File(tmp_path / "nyu_depth_v2_labeled.mat", "a") as f:
+        del f["labels"]
+        f.create_group("labels")
+    with pytest.raises(MatKeyError, match="'labels'"):
+        NYUv2(tmp_path, "train", task="segmentation")

@@ -248,3 +248,8 @@ def test_class_weights_follow_the_documented_frequencies():
     w = SyntheticCamVid(n=1).class_weights()
     f = torch.tensor(SYNTHETIC_CAMVID_FREQUENCIES)
     assert torch.allclose(w * f, torch.full_like(f, float(f.median())), rtol=1e-4)  # median / f_c
+
+
+def test_negative_seed_is_refused():
+    with pytest.raises(DubitoError, match="seed must be >= 0"):
+        SyntheticCamVid(seed=-1)

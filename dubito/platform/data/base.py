@@ -41,6 +41,7 @@ __all__ = [
     "read_label",
     "image_size",
     "read_mat",
+    "check_numeric",
     "item_generator",
     "find_root",
     "FileDataset",
@@ -106,6 +107,8 @@ def _decode(path: Path, what: str, read: Callable):
         raise
     except FileNotFoundError:
         raise MissingDataError(path, "file not found") from None
+    except Image.DecompressionBombError as err:
+        raise CorruptFileError(path, f"{what} too large to decode safely ({err})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise CorruptFileError(path, f"cannot decode {what} ({err})") from None
 
@@ -117,6 +120,11 @@ def read_image(path: Path, draft_size: tuple[int, int] | None = None) -> np.ndar
     def read(img):
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", (draft_size[1], draft_size[0]))
+        if img.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits (convert() would clip at 255)
+            grey = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=2)
+        if img.mode in ("I", "F"):
+            raise CorruptFileError(path, f"32-bit {img.mode!r} image; expected 8-bit RGB (or grey)")
         return np.array(img.convert("RGB"))
 
     return _decode(path, "image", read)
@@ -138,8 +146,9 @@ def read_label(path: Path) -> np.ndarray:
     return _decode(path, "label image", read)
 
 
-def read_mat(path: Path, key: str) -> np.ndarray:
-    """Variable ``key`` of a MATLAB file (v4-v7 through scipy; v7.3 is HDF5, see the NYUv2 loader)."""
+def read_mat(path: Path, key: str, integer: bool = False) -> np.ndarray:
+    """Numeric variable ``key`` of a MATLAB file (v4-v7 through scipy; v7.3 is HDF5, see the NYUv2
+    loader) as a real array; ``integer=True`` also requires whole numbers (indices, class ids)."""
     import scipy.io
 
     try:
@@ -152,7 +161,17 @@ def read_mat(path: Path, key: str) -> np.ndarray:
         raise CorruptFileError(path, f"cannot read .mat file ({type(err).__name__}: {err})") from None
     if key not in data:
         raise MatKeyError(path, f"no variable {key!r} in the .mat file")
-    return np.asarray(data[key])
+    return check_numeric(np.asarray(data[key]), path, key, integer)
+
+
+def check_numeric(values: np.ndarray, path, key: str, integer: bool = False) -> np.ndarray:
+    """``values`` if it is a non-empty real numeric array (of whole numbers when ``integer``), else a
+    CorruptFileError naming the file and variable."""
+    if values.dtype == bool or not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise CorruptFileError(path, f"variable {key!r} holds {values.dtype} values, expected real numbers")
+    if integer and values.size and not np.array_equal(values, np.round(values)):
+        raise CorruptFileError(path, f"variable {key!r} must hold whole numbers, found {values[values != np.round(values)][0]}")
+    return values
 
 
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -194,6 +213,7 @@ class FileDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.strict = strict
         self.problems: list[Problem] = []
+        self.ids: list[int] = []  # subclasses append each kept file's position in the listing
 
     # --- subclass API -------------------------------------------------------------------------
     def __len__(self) -> int:  # pragma: no cover - abstract
@@ -207,8 +227,9 @@ class FileDataset(torch.utils.data.Dataset):
         raise NotImplementedError  # pragma: no cover
 
     def item_id(self, index: int) -> int:
-        """The stable id of item ``index``: its position in the split unless the files say otherwise."""
-        return index
+        """The stable id of item ``index``: its position in the split's listing, which a file skipped
+        with ``strict=False`` does not change."""
+        return self.ids[index]
 
     # --- shared -------------------------------------------------------------------------------
     def _problem(self, err: DatasetError) -> None:
@@ -217,7 +238,9 @@ class FileDataset(torch.utils.data.Dataset):
         self.problems.append(Problem.from_error(err))
 
     def set_epoch(self, epoch: int) -> None:
-        """Change the random crops/flips (they are a function of seed, epoch and index)."""
+        """Change the random crops/flips (a function of seed, epoch and id). Call it before each
+        epoch's DataLoader iterator is created: workers copy the dataset when they start, so with
+        ``persistent_workers=True`` they keep the epoch they started with."""
         self.epoch = int(epoch)
 
     def read(self, index: int) -> tuple[dict, tuple[int, int]]:

@@ -11,6 +11,7 @@ folder is listed in sorted order. Labels are 8-bit PNGs with classes 0-10 and 11
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from dubito.platform.data.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    CorruptFileError,
     FileDataset,
     LabelValueError,
     MissingDataError,
@@ -78,33 +80,40 @@ class CamVid(FileDataset):
             pairs = [(p, self.root / f"{split}annot" / p.name) for p in sorted((self.root / split).glob("*.png"))]
         else:
             raise MissingDataError(self.root / split, f"CamVid split {split!r} not found (no {split}.txt, no {split}/ folder)")
-        for image, label in pairs:
+        for position, (image, label) in enumerate(pairs):
             if not image.is_file():
                 self._problem(MissingDataError(image, "image listed but not found"))
             elif not label.is_file():
                 self._problem(MissingDataError(image, f"image without its label (expected {label})"))
             else:
                 self.files.append((image, label))
+                self.ids.append(position)
         if not self.files and not self.problems:
             raise MissingDataError(self.root / split, "no images in this split")
 
     def _pairs_from_list(self, listing: Path) -> list[tuple[Path, Path]]:
+        try:
+            text = listing.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as err:
+            raise CorruptFileError(listing, f"cannot read the list file ({err})") from None
         pairs = []
-        for number, line in enumerate(listing.read_text().splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             parts = line.split()
             if not parts:
                 continue
             if len(parts) > 2:
                 self._problem(MissingDataError(listing, f"line {number}: expected 'image label', got {line!r}"))
                 continue
-            image = self.root.joinpath(*Path(parts[0]).parts[-2:])
-            label = (
-                self.root.joinpath(*Path(parts[1]).parts[-2:])
-                if len(parts) == 2
-                else self.root / f"{self.split}annot" / image.name
-            )
+            image = self._under_root(parts[0], self.split)
+            label = self._under_root(parts[1], f"{self.split}annot") if len(parts) == 2 else self.root / f"{self.split}annot" / image.name
             pairs.append((image, label))
         return pairs
+
+    def _under_root(self, listed: str, folder: str) -> Path:
+        """A path from a list file, relative to root: its last two components ("train/x.png"), from
+        any machine (``/`` or ``\\`` separators); a bare file name is taken from ``folder``."""
+        parts = [p for p in re.split(r"[\\/]", listed) if p]
+        return self.root.joinpath(*parts[-2:]) if len(parts) >= 2 else self.root / folder / parts[0]
 
     def __len__(self) -> int:
         return len(self.files)

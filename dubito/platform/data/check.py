@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dubito import DubitoError
-from dubito.platform.data.base import DatasetError, FileDataset, Problem
+from dubito.platform.data.base import DatasetError, FileDataset, Problem, find_root
 from dubito.platform.data.stats import median_frequency_weights
 
 __all__ = ["SplitSummary", "CheckReport", "check_dataset", "EXPECTED_COUNTS"]
@@ -94,6 +94,11 @@ class CheckReport:
         values = [getattr(s, attr) for s in self.splits if getattr(s, attr) is not None]
         return sum(values[1:], values[0]) if values else None
 
+    def _class_source(self) -> SplitSummary | None:
+        """The split class statistics come from: train (as SegNet's weights; never test labels)."""
+        with_counts = [s for s in self.splits if s.class_counts is not None]
+        return next((s for s in with_counts if s.split == "train"), with_counts[0] if with_counts else None)
+
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the images in [0, 1] (pass as ``normalize=``)."""
         n = sum(s.pixels for s in self.splits)
@@ -127,10 +132,12 @@ class CheckReport:
             "channel_mean_std": self.channel_stats(),
             "problems": [{"path": p.path, "reason": p.reason, "kind": p.kind} for p in self.problems],
         }
-        counts = self._total("class_counts")
-        if counts is not None:
+        source = self._class_source()
+        if source is not None:
+            counts, present = source.class_counts, source.present_pixels
             freq = counts / max(counts.sum(), 1)
-            weights = median_frequency_weights(counts, self._total("present_pixels")).tolist()
+            weights = median_frequency_weights(counts, present).tolist()
+            out["class_statistics_split"] = source.split
             out["class_frequencies"] = {n: float(f) for n, f in zip(self.class_names, freq)}
             out["median_frequency_weights"] = {n: round(w, 4) for n, w in zip(self.class_names, weights)}
         hist = self._total("depth_histogram")
@@ -159,7 +166,7 @@ class CheckReport:
                 rng = "-" if lo is None else f"{lo:.2f}-{hi:.2f} m"
                 lines.append(f"{name}: valid depth {rng} (cap {self.max_depth:g} m), {what} {_pct(invalid)}")
         if "class_frequencies" in d:
-            lines += ["", f"{'class':14s}{'frequency':>10s}{'median-freq. weight':>21s}"]
+            lines += ["", f"{'class (' + d['class_statistics_split'] + ')':14s}{'frequency':>10s}{'median-freq. weight':>21s}"]
             for n, f in d["class_frequencies"].items():
                 bar = "#" * int(round(f * 50))
                 lines.append(f"{n:14s}{f * 100:9.2f}%{d['median_frequency_weights'][n]:21.4f}  {bar}")
@@ -201,13 +208,39 @@ def _splits_for(name: str) -> tuple[str, ...]:
     return {"camvid": ("train", "val", "test"), "make3d": ("train", "test"), "nyuv2": ("train", "test")}[name]
 
 
+def _open(name: str, root, split: str, task: str | None) -> FileDataset:
+    from dubito.platform.data import CamVid, Make3D, NYUv2
+
+    if name == "camvid":
+        return CamVid(root, split, normalize=None, strict=False)
+    if name == "make3d":
+        return Make3D(root, split, normalize=None, strict=False)
+    return NYUv2(root, split, task=task or "depth", normalize=None, strict=False)
+
+
+def _read_all(ds: FileDataset, desc: str, summary: SplitSummary | None, problems: list[Problem], progress: bool) -> None:
+    """Read every item of ``ds``, adding it to ``summary`` (if any) and every failure to ``problems``."""
+    for i in tqdm(range(len(ds)), desc=desc, unit="img", disable=not progress):
+        try:
+            item, native = ds.read(i)
+        except DatasetError as err:
+            problems.append(Problem.from_error(err))
+            continue
+        except Exception as err:  # broken in a way no check foresaw: report it and go on
+            problems.append(Problem(ds.path_of(i), f"unexpected {type(err).__name__}: {err}", "UnexpectedError"))
+            continue
+        if summary is not None:
+            summary.add(item, native, ds)
+
+
 def check_dataset(name: str, root: str | Path, *, task: str | None = None, progress: bool = True) -> CheckReport:
     """Read every item of dataset ``name`` ("camvid", "make3d" or "nyuv2") under ``root``.
 
     Returns the report; never stops at the first bad file. A missing root raises ``DatasetError``.
+    NYUv2 without ``task``: segmentation when ``classMapping40.mat`` is there (its depths are then
+    read too, for problems), else depth. Class frequencies and weights come from the train split.
     """
-    from dubito.platform.data import CamVid, Make3D, NYUv2
-    from dubito.platform.data.nyuv2 import NYU_MAPPING
+    from dubito.platform.data.nyuv2 import NYU_LABELED, NYU_MAPPING
 
     if name not in EXPECTED_COUNTS:
         raise DubitoError(f"data check knows camvid, make3d and nyuv2, not {name!r}")
@@ -215,15 +248,12 @@ def check_dataset(name: str, root: str | Path, *, task: str | None = None, progr
         raise DatasetError(root, "dataset root not found")
     summaries, problems = [], []
     meta: dict = {}
+    if name == "nyuv2" and task is None:
+        mapping = find_root(root, "NYUv2", [NYU_LABELED]) / NYU_MAPPING
+        task = "segmentation" if mapping.is_file() else "depth"
     for split in _splits_for(name):
         try:
-            if name == "camvid":
-                ds = CamVid(root, split, normalize=None, strict=False)
-            elif name == "make3d":
-                ds = Make3D(root, split, normalize=None, strict=False)
-            else:
-                chosen = task or ("segmentation" if (Path(root) / NYU_MAPPING).is_file() else "depth")
-                ds = NYUv2(root, split, task=chosen, normalize=None, strict=False)
+            ds = _open(name, root, split, task)
         except DatasetError as err:
             problems.append(Problem.from_error(err))
             continue
@@ -235,14 +265,13 @@ def check_dataset(name: str, root: str | Path, *, task: str | None = None, progr
         }
         summary = SplitSummary(split, count=len(ds) + len(ds.problems))
         problems.extend(ds.problems)
-        for i in tqdm(range(len(ds)), desc=f"checking {name} {split}", unit="img", disable=not progress):
+        _read_all(ds, f"checking {name} {split}", summary, problems, progress)
+        summaries.append(summary)
+        if name == "nyuv2" and task == "segmentation":  # the depths of the same images, problems only
             try:
-                item, native = ds.read(i)
+                _read_all(_open(name, root, split, "depth"), f"checking {name} {split} depths", None, problems, progress)
             except DatasetError as err:
                 problems.append(Problem.from_error(err))
-                continue
-            summary.add(item, native, ds)
-        summaries.append(summary)
     return CheckReport(
         dataset=name,
         root=meta.get("root", str(root)),

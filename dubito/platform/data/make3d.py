@@ -80,13 +80,14 @@ class Make3D(FileDataset):
         if not depth_dirs:
             raise MissingDataError(self.root / _DEPTH_DIRS[split][0], f"Make3D {split} depth folder not found")
         self.files: list[tuple[Path, Path]] = []
-        for image in sorted(image_dir.glob("img-*.jpg")):
+        for position, image in enumerate(sorted(image_dir.glob("img-*.jpg"))):
             name = "depth_sph_corr-" + image.stem[len("img-") :] + ".mat"
             depth = next((d / name for d in depth_dirs if (d / name).is_file()), None)
             if depth is None:
                 self._problem(MissingDataError(image, f"image without its depth (expected {depth_dirs[0] / name})"))
             else:
                 self.files.append((image, depth))
+                self.ids.append(position)
         if not self.files and not self.problems:
             raise MissingDataError(image_dir, "no img-*.jpg images in this split")
 
@@ -100,7 +101,7 @@ class Make3D(FileDataset):
         image_path, depth_path = self.files[index]
         image = read_image(image_path, draft_size=size)
         grid = read_mat(depth_path, "Position3DGrid")
-        if grid.ndim != 3 or grid.shape[2] < 4:
+        if grid.ndim != 3 or grid.shape[2] < 4 or grid.shape[0] == 0 or grid.shape[1] == 0:
             raise SizeMismatchError(depth_path, f"Position3DGrid has shape {grid.shape}, expected (rows, cols, 4)")
         depth = grid[..., 3].astype(np.float32)
         if np.isnan(depth).any():

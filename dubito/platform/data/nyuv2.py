@@ -28,6 +28,7 @@ from dubito.platform.data.base import (
     MatKeyError,
     MissingDataError,
     SizeMismatchError,
+    check_numeric,
     find_root,
     read_mat,
     to_tensors,
@@ -90,7 +91,7 @@ class NYUv2(FileDataset):
             splits = self.root / NYU_SPLITS
             if not splits.is_file():
                 raise MissingDataError(splits, f"NYUv2 splits file not found (needed for split {split!r})")
-            ndx = read_mat(splits, f"{split}Ndxs").astype(np.int64).ravel()
+            ndx = read_mat(splits, f"{split}Ndxs", integer=True).astype(np.int64).ravel()
             if ndx.size and (ndx.min() < 1 or ndx.max() > count):
                 raise SizeMismatchError(
                     splits, f"{split}Ndxs holds indices {ndx.min()}-{ndx.max()}, outside 1-{count} (1-based)"
@@ -101,7 +102,7 @@ class NYUv2(FileDataset):
             mapping = Path(class_mapping) if class_mapping is not None else self.root / NYU_MAPPING
             if not mapping.is_file():
                 raise MissingDataError(mapping, "40-class mapping file needed for NYUv2 segmentation")
-            table = read_mat(mapping, "mapClass").astype(np.int64).ravel()
+            table = read_mat(mapping, "mapClass", integer=True).astype(np.int64).ravel()
             if table.size == 0 or table.min() < 1:
                 raise LabelValueError(mapping, f"mapClass values must be >= 1, found {table.min() if table.size else 'none'}")
             self.num_classes = int(table.max())
@@ -115,9 +116,13 @@ class NYUv2(FileDataset):
 
     def _check_layout(self, keys: Sequence[str]) -> int:
         f = self._h5()
-        missing = [k for k in keys if k not in f]
+        import h5py
+
+        missing = [k for k in keys if not isinstance(f.get(k), h5py.Dataset)]
         if missing:
-            raise MatKeyError(self.labeled, f"no variable {missing[0]!r} in the NYUv2 labeled .mat")
+            raise MatKeyError(self.labeled, f"no variable {missing[0]!r} (an array) in the NYUv2 labeled .mat")
+        for k in keys:
+            check_numeric(np.empty(0, dtype=f[k].dtype), self.labeled, k)
         shapes = {k: f[k].shape for k in keys}
         if len(shapes["images"]) != 4 or shapes["images"][1] != 3:
             raise SizeMismatchError(self.labeled, f"images has shape {shapes['images']}, expected (N, 3, W, H) in HDF5")

@@ -452,6 +452,8 @@ class SyntheticScenes(torch.utils.data.Dataset):
         for arg, value in (("static_fraction", static_fraction), ("dusk_fraction", dusk_fraction), ("boundary_flip", boundary_flip)):
             if not 0.0 <= value <= 1.0:
                 raise DubitoError(f"{arg} must be in [0, 1], got {value}")
+        if int(seed) < 0:
+            raise DubitoError(f"seed must be >= 0, got {seed}")
         self.split, self.seed, self.ood = split, int(seed), bool(ood)
         self.static_fraction, self.dusk_fraction, self.boundary_flip = static_fraction, dusk_fraction, boundary_flip
         self.boundary_width = max(1, round(min(self.size) / 180)) if boundary_width is None else int(boundary_width)
