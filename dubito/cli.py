@@ -41,6 +41,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dubito.platform.training import TrainConfig, train
+
+    config = config_from_args(TrainConfig, args)
+    results = train(config, progress=not args.no_progress)
+    last = results["history"][-1] if results["history"] else {}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_"))
+    print(f"{results['epochs_run']} epochs; best epoch {results['best_epoch']}; last epoch: {shown}")
+    print(f"wrote {results['model']}, {config.output}/results.json, {config.output}/training.png; MLflow run {results['mlflow_run_id']}")
+    return 0
+
+
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from dubito.platform.data.check import check_dataset
 
@@ -98,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(demo, DemoConfig)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_cmd_demo)
+    from dubito.platform.training import TrainConfig
+
+    train = sub.add_parser(
+        "train",
+        help="train a model (resumes from --output/checkpoint.pt); MLflow-tracked",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(train, TrainConfig)
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train.set_defaults(func=_cmd_train)
     data = sub.add_parser("data", help="check or look at a dataset").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(
         "check",

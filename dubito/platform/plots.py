@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["uncertainty_figure", "histogram_figure", "samples_figure", "CAMVID_COLORS"]
+__all__ = ["uncertainty_figure", "training_curves", "histogram_figure", "samples_figure", "CAMVID_COLORS"]
 
 #: SegNet's CamVid palette (11 classes + void in black)
 CAMVID_COLORS = np.array(
@@ -88,6 +88,22 @@ def _save(fig, path: str | Path, dpi: int = 90) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def training_curves(history: Sequence[dict], path: str | Path) -> Path:
+    """Training loss and the validation metrics against the epoch (one entry per epoch)."""
+    epochs = [h["epoch"] for h in history]
+    val_keys = [k for k in (history[0] if history else {}) if k.startswith("val_")]
+    fig, axes = plt.subplots(1, 1 + max(1, len(val_keys)), figsize=(4.2 * (1 + max(1, len(val_keys))), 3.2), squeeze=False)
+    axes[0, 0].plot(epochs, [h["train_loss"] for h in history], marker="o", color="#4477aa")
+    axes[0, 0].set_title("training loss")
+    for ax, key in zip(axes[0, 1:], val_keys):
+        ax.plot(epochs, [h[key] for h in history], marker="o", color="#ee6677")
+        ax.set_title(key.replace("_", " "))
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
 
 
 def histogram_figure(labels: Sequence[str], values: Sequence[float], path: str | Path, title: str, ylabel: str) -> Path:

@@ -94,10 +94,12 @@ def tracked_run(
     params: Mapping[str, Any] | Any | None = None,
     tags: Mapping[str, Any] | None = None,
     uri: str | None = None,
+    run_id: str | None = None,
 ) -> Iterator[TrackedRun]:
     """Open a run in ``experiment`` (created if missing); it ends FINISHED, or FAILED/KILLED on error.
 
-    Raises :class:`DubitoError` at the start when the tracking URI is unusable.
+    ``run_id`` reopens an earlier run of this store (a resumed job keeps one run; its params must
+    not change). Raises :class:`DubitoError` at the start when the tracking URI is unusable.
     """
     from mlflow.tracking import MlflowClient
 
@@ -108,12 +110,22 @@ def tracked_run(
         experiment_id = (
             found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifact_location(uri))
         )
-        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+        run = None
+        if run_id is not None:
+            with contextlib.suppress(Exception):  # gone (another store, deleted): start a new run
+                run = client.get_run(run_id)
+                client.update_run(run_id, status="RUNNING")
+        if run is None:
+            run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     except Exception as err:  # mlflow raises many types for a bad store
         raise DubitoError(f"MLflow tracking URI {uri!r} is unusable: {err}") from err
     tracked = TrackedRun(client, run.info.run_id, experiment_id)
     if params is not None:
-        tracked.log_params(flatten_params(params))
+        flat = flatten_params(params)
+        logged = run.data.params if run_id is not None and run.info.run_id == run_id else {}
+        tracked.log_params({k: v for k, v in flat.items() if k not in logged})
+        # MLflow params are immutable: a resumed run that changed one (e.g. more epochs) says so in a tag
+        tracked.set_tags({f"resumed.{k}": v for k, v in flat.items() if k in logged and logged[k] != v})
     status = "FINISHED"
     try:
         yield tracked

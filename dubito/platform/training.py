@@ -1,0 +1,424 @@
+"""Training of segmentation and depth models in any of the five variants (the paper's recipe),
+resumable, tracked in MLflow.
+
+``train(config)`` is one function of a :class:`TrainConfig` (or the same fields as a dict, which
+is what Ray Train's ``TorchTrainer`` passes to a worker). Each epoch ends with an atomic
+``checkpoint.pt`` (model, optimizer, scaler, epoch, RNG states, history, MLflow run id); rerunning
+the same command with the same ``--output`` continues from it and, on a CPU, reaches the same
+weights as an uninterrupted run. ``model.pt`` holds the weights of the best validation epoch and
+the model's spec, so :func:`load_model` can rebuild it.
+
+Losses (PAPER.md): segmentation with a log-variance head → sampled softmax cross-entropy with
+``logit_noise_samples`` draws; without → cross-entropy. Depth with a head → Gaussian or Laplace
+NLL; without → L2 or L1. Void / invalid pixels never count. Optimiser RMSProp (lr 1e-3, weight
+decay 1e-4); gradient clipping; AMP on CUDA (bf16 where supported, else fp16 with a scaler).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from dubito import DubitoError
+from dubito.platform.data import DATASETS, get_dataset, train_transform
+from dubito.platform.losses import gaussian_nll, laplace_nll, sampled_softmax_cross_entropy
+from dubito.platform.models import VARIANTS, build_model
+from dubito.platform.tracking import tracked_run
+
+__all__ = ["TrainConfig", "train", "make_datasets", "build_for", "load_model", "save_model", "task_loss", "base_dataset"]
+
+IGNORE = -100  # label of the pixels outside the mask inside the loss
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (each is a ``dubito train`` flag; MLflow logs them as params)."""
+
+    output: str = field(default="runs/train", metadata={"help": "folder for checkpoints, model.pt, results.json, plots"})
+    dataset: str = field(default="synthetic-camvid", metadata={"help": f"one of {', '.join(DATASETS)}"})
+    root: str = field(default="", metadata={"help": "dataset folder (real datasets)"})
+    model: str = field(default="tiny", metadata={"help": "tiny, fc_densenet56, fc_densenet67, fc_densenet103"})
+    variant: str = field(default="both", metadata={"help": f"one of {', '.join(VARIANTS)}"})
+    likelihood: str = field(default="laplace", metadata={"help": "depth noise model: laplace (the paper's L1) or gaussian"})
+    height: int = field(default=72, metadata={"help": "item height (CamVid 360, half 180)"})
+    width: int = field(default=96, metadata={"help": "item width (CamVid 480, half 240)"})
+    crop: int = field(default=0, metadata={"help": "square random training crop side (paper: 224); 0 = whole items"})
+    flip: bool = field(default=True, metadata={"help": "random horizontal flips"})
+    train_images: int = field(default=120, metadata={"help": "synthetic datasets: scenes generated for training"})
+    val_images: int = field(default=30, metadata={"help": "synthetic datasets: scenes generated for validation"})
+    fraction: float = field(default=1.0, metadata={"help": "fraction of the training set used (nested subsets)"})
+    val_fraction: float = field(default=0.1, metadata={"help": "held out of train when there is no val split"})
+    static_fraction: float = field(default=0.2, metadata={"help": "synthetic datasets: images with TV static"})
+    max_depth: float = field(default=70.0, metadata={"help": "depth datasets: larger depth is masked (m)"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the synthetic scenes and of the subsets"})
+    epochs: int = field(default=15, metadata={"help": "training epochs"})
+    batch_size: int = field(default=8, metadata={"help": "batch size"})
+    lr: float = field(default=1e-3, metadata={"help": "RMSProp learning rate (paper: 1e-3)"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay (paper: 1e-4)"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout p (paper: 0.2)"})
+    class_weights: bool = field(default=False, metadata={"help": "median-frequency class weights (segmentation)"})
+    logit_noise_samples: int = field(default=10, metadata={"help": "logit-noise samples T_a in the loss"})
+    grad_clip: float = field(default=5.0, metadata={"help": "gradient-norm clipping; 0 = off"})
+    amp: bool = field(default=True, metadata={"help": "mixed precision on CUDA"})
+    patience: int = field(default=0, metadata={"help": "early stopping after this many epochs without improvement; 0 = off"})
+    seed: int = field(default=0, metadata={"help": "seed of the initialisation, batches, dropout and noise"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda, cuda:1, ..."})
+    workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    experiment: str = field(default="dubito-train", metadata={"help": "MLflow experiment name"})
+
+    def validate(self) -> None:
+        if self.dataset not in DATASETS:
+            raise DubitoError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if not self.dataset.startswith("synthetic-") and not self.root:
+            raise DubitoError(f"--dataset {self.dataset} is read from disk: give --root DIR")
+        if self.variant not in VARIANTS:
+            raise DubitoError(f"--variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.likelihood not in ("gaussian", "laplace"):
+            raise DubitoError(f"--likelihood must be gaussian or laplace, got {self.likelihood!r}")
+        for name in ("epochs", "batch_size", "height", "width", "train_images", "val_images", "logit_noise_samples"):
+            if getattr(self, name) < 1:
+                raise DubitoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise DubitoError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise DubitoError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.crop < 0 or self.crop > min(self.height, self.width):
+            raise DubitoError(f"--crop must be in [0, {min(self.height, self.width)}] for {self.height}x{self.width} items, got {self.crop}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.patience < 0 or self.workers < 0:
+            raise DubitoError("--lr must be > 0; --weight-decay, --grad-clip, --patience, --workers must be >= 0")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise DubitoError(f"unknown training settings {sorted(unknown)}")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------- data and model
+def base_dataset(ds: Dataset) -> Dataset:
+    """The dataset under any ``Subset`` wrappers."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
+
+
+def _subset(ds: Dataset, fraction: float, seed: int) -> Dataset:
+    """The first ``ceil(fraction·n)`` items of a seeded permutation: smaller fractions are nested
+    inside larger ones (the paper's 1/4 ⊂ 1/2 ⊂ all)."""
+    if fraction >= 1.0:
+        return ds
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(ds, sorted(order[: max(1, math.ceil(fraction * len(ds)))]))
+
+
+def make_datasets(config: TrainConfig, split_for_val: str = "val") -> tuple[Dataset, Dataset]:
+    """Training and validation sets of ``config``: the dataset's val split when it has one, else a
+    seeded ``val_fraction`` of train; the training set then reduced to ``fraction``."""
+    size = (config.height, config.width)
+    transform = train_transform((config.crop, config.crop) if config.crop else None, flip=config.flip)
+    options: dict[str, Any] = {"size": size}
+    if config.dataset.startswith("synthetic-"):
+        options.update(seed=config.data_seed, static_fraction=config.static_fraction)
+        train_set = get_dataset(config.dataset, "train", n=config.train_images, transform=transform, **options)
+        val_set = get_dataset(config.dataset, split_for_val, n=config.val_images, **options)
+    else:
+        if config.dataset in ("make3d", "nyuv2"):
+            options["max_depth"] = config.max_depth
+        if config.dataset == "camvid":
+            train_set = get_dataset("camvid", "train", config.root, transform=transform, **options)
+            val_set = get_dataset("camvid", "val", config.root, **options)
+        else:
+            full = get_dataset(config.dataset, "train", config.root, transform=transform, **options)
+            plain = get_dataset(config.dataset, "train", config.root, **options)
+            order = torch.randperm(len(full), generator=torch.Generator().manual_seed(config.data_seed)).tolist()
+            n_val = max(1, round(config.val_fraction * len(full)))
+            val_set, train_set = Subset(plain, sorted(order[:n_val])), Subset(full, sorted(order[n_val:]))
+    return _subset(train_set, config.fraction, config.data_seed), val_set
+
+
+def build_for(config: TrainConfig, dataset: Dataset) -> tuple[nn.Module, dict[str, Any]]:
+    """The model ``config`` asks for, shaped for ``dataset``, and its spec (what ``load_model`` needs)."""
+    data = base_dataset(dataset)
+    spec = {
+        "model": config.model,
+        "task": data.task,
+        "num_classes": getattr(data, "num_classes", None),
+        "ignore_index": getattr(data, "ignore_index", None),
+        "variant": config.variant,
+        "dropout": config.dropout,
+        "likelihood": config.likelihood,
+        "dataset": config.dataset,
+        "height": config.height,
+        "width": config.width,
+    }
+    return _model_from_spec(spec), spec
+
+
+def _model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    kwargs = {"task": spec["task"], "variant": spec["variant"], "dropout": spec["dropout"]}
+    if spec["task"] == "segmentation":
+        kwargs["num_classes"] = spec["num_classes"]
+    else:
+        kwargs["likelihood"] = spec["likelihood"]
+    return build_model(spec["model"], **kwargs)
+
+
+def save_model(path: str | Path, model: nn.Module, spec: dict[str, Any]) -> Path:
+    """Write ``{"spec", "state_dict"}`` atomically (loadable with ``weights_only=True``)."""
+    return _atomic_save({"spec": spec, "state_dict": model.state_dict()}, Path(path))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved by :func:`save_model` (or a training ``checkpoint.pt``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DubitoError(f"{path}: model file not found")
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        spec = saved["spec"]
+        model = _model_from_spec(spec)
+        model.load_state_dict(saved["state_dict"] if "state_dict" in saved else saved["model"])
+    except DubitoError:
+        raise
+    except Exception as err:
+        raise DubitoError(f"{path}: not a dubito model file ({type(err).__name__}: {err})") from None
+    return model.to(device).eval(), spec
+
+
+def _atomic_save(obj: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- the loss
+def task_loss(
+    model: nn.Module,
+    output: Tensor | tuple[Tensor, Tensor],
+    batch: dict[str, Tensor],
+    *,
+    weight: Tensor | None = None,
+    logit_noise_samples: int = 10,
+) -> Tensor:
+    """The paper's loss for ``model``'s task and head (module docstring); pixels outside
+    ``batch["mask"]`` (void, invalid depth) never count."""
+    logits_or_mean, log_var = output if isinstance(output, tuple) else (output, None)
+    logits_or_mean = logits_or_mean.float()
+    log_var = log_var.float() if log_var is not None else None
+    target, mask = batch["target"], batch["mask"]
+    if getattr(model, "task", "segmentation") == "segmentation":
+        target = target.masked_fill(~mask, IGNORE)
+        if log_var is not None:
+            return sampled_softmax_cross_entropy(
+                logits_or_mean, log_var, target, samples=logit_noise_samples, ignore_index=IGNORE, weight=weight
+            )
+        return F.cross_entropy(logits_or_mean, target, weight=weight, ignore_index=IGNORE)
+    target = target.unsqueeze(1).float()
+    likelihood = getattr(model, "likelihood", "gaussian")
+    if log_var is not None:
+        nll = laplace_nll if likelihood == "laplace" else gaussian_nll
+        return nll(logits_or_mean, log_var, target, mask)
+    error = (logits_or_mean - target).abs() if likelihood == "laplace" else (logits_or_mean - target) ** 2
+    valid = mask.unsqueeze(1).expand_as(error)
+    return error[valid].mean() if valid.any() else error.sum() * 0.0
+
+
+# ----------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(model: nn.Module, data: Dataset, spec: dict[str, Any], device: torch.device, batch_size: int) -> dict[str, float]:
+    """One deterministic pass (dropout off): mean IoU and pixel accuracy, or depth errors."""
+    from dubito.platform.metrics import ConfusionMatrix, DepthMetrics
+
+    model.eval()
+    acc = ConfusionMatrix(spec["num_classes"], spec["ignore_index"]) if spec["task"] == "segmentation" else DepthMetrics()
+    # its own generator: creating a DataLoader iterator otherwise draws from the global RNG
+    for batch in DataLoader(data, batch_size=batch_size, generator=torch.Generator().manual_seed(0)):
+        out = model(batch["image"].to(device))
+        pred = (out[0] if isinstance(out, tuple) else out).float().cpu()
+        if spec["task"] == "segmentation":
+            acc.update(pred.argmax(1), batch["target"], batch["mask"])
+        else:
+            acc.update(pred[:, 0], batch["target"], batch["mask"])
+    if spec["task"] == "segmentation":
+        _, miou = acc.iou()
+        return {"val_mean_iou": miou, "val_pixel_accuracy": acc.pixel_accuracy()}
+    return {f"val_{k}": v for k, v in acc.compute().items()}
+
+
+def _score(metrics: dict[str, float], task: str) -> float:
+    """Higher is better: mean IoU, or minus the RMS depth error."""
+    return metrics["val_mean_iou"] if task == "segmentation" else -metrics["val_rms"]
+
+
+# ----------------------------------------------------------------------------- the loop
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DubitoError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DubitoError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _class_weights(train_set: Dataset, spec: dict[str, Any], progress: bool) -> Tensor:
+    data = base_dataset(train_set)
+    try:
+        return data.class_weights().float()
+    except (DubitoError, AttributeError):
+        from dubito.platform.data import median_frequency_weights
+
+        counts = torch.zeros(spec["num_classes"], dtype=torch.float64)
+        for item in tqdm(train_set, desc="class frequencies", unit="img", disable=not progress, leave=False):
+            counts += torch.bincount(item["target"][item["mask"]].flatten(), minlength=spec["num_classes"])[: spec["num_classes"]]
+        return median_frequency_weights(counts)
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """Settings that must match to resume (``epochs`` may grow; ``workers``/``device`` may change)."""
+    return {k: v for k, v in config.items() if k not in ("epochs", "workers", "device", "output", "patience")}
+
+
+def train(config: TrainConfig | dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
+    """Train, validate each epoch, checkpoint, log to MLflow; resume from ``output/checkpoint.pt``.
+
+    Returns the results also written to ``output/results.json``.
+    """
+    config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
+    config.validate()
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _resolve_device(config.device)
+    train_set, val_set = make_datasets(config)
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise DubitoError(f"{config.dataset}: empty training ({len(train_set)}) or validation ({len(val_set)}) set")
+    torch.manual_seed(config.seed)
+    model, spec = build_for(config, train_set)
+    model.to(device)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    weight = _class_weights(train_set, spec, progress).to(device) if config.class_weights and spec["task"] == "segmentation" else None
+
+    state: dict[str, Any] = {"epoch": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [], "run_id": None}
+    checkpoint = out / CHECKPOINT
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        if _comparable(saved["config"]) != _comparable(asdict(config)):
+            changed = sorted(k for k, v in _comparable(asdict(config)).items() if saved["config"].get(k) != v)
+            raise DubitoError(
+                f"{checkpoint}: a run with other settings ({', '.join(changed)}) is here; "
+                "use another --output, or delete the folder to start over"
+            )
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        state = saved["state"]
+        torch.set_rng_state(saved["rng"]["cpu"])
+        if device.type == "cuda" and saved["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
+
+    started = time.perf_counter()
+    with tracked_run(config.experiment, run_name=out.name, params=config, tags={"dubito.command": "train"}, run_id=state["run_id"]) as run:
+        state["run_id"] = run.run_id
+        epochs = tqdm(range(state["epoch"], config.epochs), desc=f"training {config.model}/{config.variant}",
+                      unit="epoch", disable=not progress, initial=state["epoch"], total=config.epochs)  # fmt: skip
+        for epoch in epochs:
+            if state.get("stopped_early"):
+                break
+            base_dataset(train_set).set_epoch(epoch)
+            loader = DataLoader(
+                train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers,
+                generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+            )  # fmt: skip
+            model.train()
+            total, count, epoch_start = 0.0, 0, time.perf_counter()
+            for batch in tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress):
+                batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    output = model(batch["image"])
+                loss = task_loss(model, output, batch, weight=weight, logit_noise_samples=config.logit_noise_samples)
+                if not torch.isfinite(loss):
+                    raise DubitoError(f"epoch {epoch + 1}: the loss became {loss.item()} (try a lower --lr)")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                total += loss.item() * len(batch["image"])
+                count += len(batch["image"])
+            metrics = {"train_loss": total / count, **validate(model, val_set, spec, device, config.batch_size)}
+            rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            metrics["epoch_seconds"] = time.perf_counter() - epoch_start
+            score = _score(metrics, spec["task"])
+            if state["best"] is None or score > state["best"]:
+                state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
+                save_model(out / MODEL, model, spec)
+            else:
+                state["bad_epochs"] += 1
+            state["history"].append({"epoch": epoch + 1, **metrics})
+            state["epoch"] = epoch + 1
+            if config.patience and state["bad_epochs"] >= config.patience:
+                state["stopped_early"] = True
+            run.log_metrics(metrics, step=epoch + 1)
+            _atomic_save(
+                {"config": asdict(config), "spec": spec, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "state": state, "rng": rng},
+                checkpoint,
+            )  # fmt: skip
+            epochs.set_postfix(loss=f"{metrics['train_loss']:.3f}", **{k[4:]: f"{v:.3f}" for k, v in metrics.items() if k in ("val_mean_iou", "val_rms")})
+            if state.get("stopped_early"):
+                break
+
+        results = {
+            "config": asdict(config),
+            "spec": spec,
+            "epochs_run": state["epoch"],
+            "stopped_early": bool(state.get("stopped_early")),
+            "best_epoch": state["best_epoch"],
+            "history": state["history"],
+            "model": str(out / MODEL),
+            "checkpoint": str(checkpoint),
+            "train_items": len(train_set),
+            "val_items": len(val_set),
+            "seconds_this_session": time.perf_counter() - started,
+            "mlflow_run_id": run.run_id,
+        }
+        from dubito.platform.plots import training_curves
+
+        figure = training_curves(state["history"], out / "training.png")
+        _write_json(out / "results.json", results)
+        for path in (out / "results.json", figure, out / MODEL):
+            run.log_artifact(path)
+    return results
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    tmp.replace(path)

@@ -1,0 +1,176 @@
+"""The trainer: the paper's losses, checkpoints that resume to the same weights, MLflow records."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+
+from dubito import DubitoError
+from dubito.platform.losses import gaussian_nll, sampled_softmax_cross_entropy
+from dubito.platform.models import FCDenseNet
+from dubito.platform.training import TrainConfig, load_model, make_datasets, task_loss, train
+
+SMALL = dict(epochs=3, train_images=16, val_images=6, height=32, width=40, batch_size=8)
+
+
+def small_config(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
+    return TrainConfig(output=str(tmp_path / name), **{**SMALL, **overrides})
+
+
+# ----------------------------------------------------------------------------- losses
+def test_segmentation_losses_ignore_masked_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 11, 4, 5)
+    target = torch.randint(0, 11, (2, 4, 5))
+    mask = torch.rand(2, 4, 5) > 0.3
+    batch = {"target": target, "mask": mask}
+    baseline = FCDenseNet("tiny", variant="baseline")
+    expected = F.cross_entropy(logits.permute(0, 2, 3, 1)[mask], target[mask])
+    assert task_loss(baseline, logits, batch) == pytest.approx(expected.item(), rel=1e-5)
+    both = FCDenseNet("tiny", variant="both")
+    log_var = torch.randn(2, 11, 4, 5)
+    noise = torch.randn(7, *logits.shape)
+    got = task_loss(both, (logits, log_var), batch, logit_noise_samples=7)
+    torch.manual_seed(1)
+    # the same loss restricted to the valid pixels (each pixel is independent)
+    ref = sampled_softmax_cross_entropy(
+        logits.permute(0, 2, 3, 1)[mask].unsqueeze(-1), log_var.permute(0, 2, 3, 1)[mask].unsqueeze(-1),
+        target[mask].unsqueeze(-1), noise=noise.permute(0, 1, 3, 4, 2)[:, mask].unsqueeze(-1),
+    )  # fmt: skip
+    assert got.item() == pytest.approx(ref.item(), rel=0.15)  # different ε draws, same expectation
+    assert torch.isfinite(got)
+
+
+def test_depth_losses():
+    torch.manual_seed(0)
+    mean, target = torch.rand(2, 1, 4, 5) * 10, torch.rand(2, 4, 5) * 10
+    mask = torch.rand(2, 4, 5) > 0.5
+    batch = {"target": target, "mask": mask}
+    l1 = FCDenseNet("tiny", task="depth", variant="baseline", likelihood="laplace")
+    l2 = FCDenseNet("tiny", task="depth", variant="baseline", likelihood="gaussian")
+    assert task_loss(l1, mean, batch).item() == pytest.approx((mean[:, 0] - target)[mask].abs().mean().item(), rel=1e-6)
+    assert task_loss(l2, mean, batch).item() == pytest.approx(((mean[:, 0] - target)[mask] ** 2).mean().item(), rel=1e-6)
+    hetero = FCDenseNet("tiny", task="depth", variant="aleatoric", likelihood="gaussian")
+    log_var = torch.randn(2, 1, 4, 5)
+    assert task_loss(hetero, (mean, log_var), batch).item() == pytest.approx(
+        gaussian_nll(mean, log_var, target.unsqueeze(1), mask).item()
+    )
+
+
+# ----------------------------------------------------------------------------- data
+def test_training_fractions_are_nested_subsets(tmp_path):
+    ids = {}
+    for fraction in (0.25, 0.5, 1.0):
+        train_set, val_set = make_datasets(small_config(tmp_path, train_images=40, fraction=fraction))
+        ids[fraction] = {int(train_set[i]["id"]) for i in range(len(train_set))}
+        assert len(val_set) == 6
+    assert len(ids[0.25]) == 10 and len(ids[0.5]) == 20 and len(ids[1.0]) == 40
+    assert ids[0.25] < ids[0.5] < ids[1.0]
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(DubitoError, match="--variant"):
+        TrainConfig(variant="bayes").validate()
+    with pytest.raises(DubitoError, match="--root"):
+        TrainConfig(dataset="camvid").validate()
+    with pytest.raises(DubitoError, match="--crop"):
+        TrainConfig(crop=500).validate()
+    with pytest.raises(DubitoError, match="unknown training settings"):
+        TrainConfig.from_dict({"epochz": 3})
+
+
+# ----------------------------------------------------------------------------- runs
+def test_train_records_everything_in_mlflow_and_reloads(tmp_path, mlflow_uri):
+    results = train(small_config(tmp_path), progress=False)
+    out = tmp_path / "run"
+    assert results["epochs_run"] == 3 and len(results["history"]) == 3
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(results["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["variant"] == "both" and run.data.params["epochs"] == "3"
+    for key in ("train_loss", "val_mean_iou", "val_pixel_accuracy"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2, 3]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")] == pytest.approx(
+        [h["train_loss"] for h in results["history"]]
+    )
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.json", "training.png", "model.pt"} <= artifacts
+    assert (out / "training.png").stat().st_size > 5_000
+    # model.pt rebuilds the best epoch's model
+    model, spec = load_model(out / "model.pt")
+    assert spec["variant"] == "both" and spec["num_classes"] == 11
+    best = max(results["history"], key=lambda h: h["val_mean_iou"])
+    assert results["best_epoch"] == best["epoch"]
+    x = torch.randn(1, 3, 32, 40)
+    logits, log_var = model(x)
+    assert logits.shape == (1, 11, 32, 40) and log_var.shape == (1, 11, 32, 40)
+
+
+def test_depth_training_reports_depth_errors(tmp_path):
+    results = train(small_config(tmp_path, dataset="synthetic-make3d", epochs=1, variant="aleatoric"), progress=False)
+    assert {"val_rel", "val_rms", "val_delta1"} <= set(results["history"][0])
+    assert results["spec"]["task"] == "depth" and results["spec"]["likelihood"] == "laplace"
+
+
+def test_early_stopping_keeps_the_best_weights(tmp_path):
+    results = train(small_config(tmp_path, lr=1e-12, epochs=5, patience=1, variant="baseline"), progress=False)
+    assert results["stopped_early"] and results["epochs_run"] == 2 and results["best_epoch"] == 1
+
+
+def test_resume_refuses_a_folder_with_other_settings(tmp_path):
+    train(small_config(tmp_path, epochs=1), progress=False)
+    with pytest.raises(DubitoError, match=r"other settings \(lr\)"):
+        train(small_config(tmp_path, epochs=2, lr=1e-2), progress=False)
+    # more epochs is a continuation, not a conflict
+    assert train(small_config(tmp_path, epochs=2), progress=False)["epochs_run"] == 2
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, mlflow_uri):
+    config = small_config(tmp_path, "uninterrupted", epochs=4)
+    train(config, progress=False)
+    reference = _final_weights(tmp_path / "uninterrupted")
+
+    out = tmp_path / "killed"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(replace(config, output=str(out))).items() if not isinstance(v, bool)]
+    command = [sys.executable, "-m", "dubito", "train", *args, "--no-progress"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint within 2 minutes"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["epoch"]
+    assert 1 <= done < 4, f"the run was killed after epoch {done}"
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    resumed = _final_weights(out)
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    # one MLflow run, finished, with every epoch once or (the epoch cut short) twice
+    runs = MlflowClient(mlflow_uri).search_runs(
+        [MlflowClient(mlflow_uri).get_experiment_by_name("dubito-train").experiment_id],
+        filter_string="attributes.run_name = 'killed'",
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = {m.step for m in MlflowClient(mlflow_uri).get_metric_history(runs[0].info.run_id, "train_loss")}
+    assert steps == {1, 2, 3, 4}
