@@ -53,6 +53,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dubito.platform.evaluation import EvalConfig, evaluate, format_evaluation
+
+    config = config_from_args(EvalConfig, args)
+    results = evaluate(config, progress=not args.no_progress)
+    print(format_evaluation(results))
+    print(f"\nwrote {config.output}/results.json and plots; MLflow run {results['mlflow_run_id']}")
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from dubito.experiments.reproduce import ReproduceConfig, format_tables, run_reproduce
+
+    config = config_from_args(ReproduceConfig, args)
+    results = run_reproduce(config, progress=not args.no_progress)
+    print(format_tables(results))
+    print(f"wrote {config.output}/tables.md, {config.output}/results.json and the plots ({results['seconds']:.0f} s)")
+    return 0
+
+
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from dubito.platform.data.check import check_dataset
 
@@ -120,6 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train, TrainConfig)
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train.set_defaults(func=_cmd_train)
+    from dubito.platform.evaluation import EvalConfig
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="metrics, calibration, uncertainty quality and OOD detection of a trained model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(evaluate, EvalConfig)
+    evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    evaluate.set_defaults(func=_cmd_evaluate)
+    from dubito.experiments.reproduce import ReproduceConfig
+
+    reproduce = sub.add_parser(
+        "reproduce",
+        help="the paper's studies (variants, training-set size, OOD, calibration) on any dataset",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(reproduce, ReproduceConfig)
+    reproduce.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    reproduce.set_defaults(func=_cmd_reproduce)
     data = sub.add_parser("data", help="check or look at a dataset").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(
         "check",

@@ -12,7 +12,6 @@ Runs in well under a minute on two CPU cores with the defaults.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from dubito import DubitoError
 from dubito.platform.data import SyntheticCamVid
+from dubito.platform.files import write_json
 from dubito.platform.losses import sampled_softmax_cross_entropy
 from dubito.platform.models import FCDenseNet
 from dubito.platform.plots import uncertainty_figure
@@ -147,9 +147,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
             )
         figure = uncertainty_figure(rows, out / "uncertainty.png")
         results = {"config": asdict(config), "summary": summary, "mlflow_run_id": run.run_id}
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out / "results.json")
+        write_json(out / "results.json", results)
         run.log_artifact(out / "results.json")
         run.log_artifact(figure)
     return results

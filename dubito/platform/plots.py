@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["uncertainty_figure", "training_curves", "histogram_figure", "samples_figure", "CAMVID_COLORS"]
+__all__ = ["uncertainty_figure", "training_curves", "uncertainty_curves_figure", "sparsification_figure", "calibration_figure", "histogram_figure", "samples_figure", "CAMVID_COLORS"]
 
 #: SegNet's CamVid palette (11 classes + void in black)
 CAMVID_COLORS = np.array(
@@ -103,6 +103,67 @@ def training_curves(history: Sequence[dict], path: str | Path) -> Path:
     for ax in axes[0]:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+_KIND_COLORS = {"total": "#222222", "aleatoric": "#ee6677", "epistemic": "#4477aa"}
+
+
+def uncertainty_curves_figure(curves: dict[str, dict], path: str | Path, ylabel: str) -> Path:
+    """Precision–uncertainty: the error of the pixels kept after dropping the most uncertain
+    fraction, one line per kind of uncertainty (``curves[kind]["removed_fraction"/"error"]``)."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for kind, c in curves.items():
+        ax.plot(c["removed_fraction"], c["error"], marker="o", ms=3, label=kind, color=_KIND_COLORS.get(kind))
+    ax.set_xlabel("fraction of most uncertain pixels removed")
+    ax.set_ylabel(ylabel)
+    ax.set_title("error vs uncertainty percentile")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def sparsification_figure(curves: dict[str, dict], path: str | Path) -> Path:
+    """Sparsification curves (model vs oracle, normalised to start at 1) per kind of uncertainty."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * max(1, len(curves)), 3.4), squeeze=False)
+    for ax, (kind, c) in zip(axes[0], curves.items()):
+        x = c["sparsification_fraction"]
+        ax.plot(x, c["sparsification_model"], label=f"{kind} uncertainty", color=_KIND_COLORS.get(kind))
+        ax.plot(x, c["sparsification_oracle"], label="oracle (true error)", color="#999999", linestyle="--")
+        ax.fill_between(x, c["sparsification_oracle"], c["sparsification_model"], alpha=0.15, color=_KIND_COLORS.get(kind))
+        ax.set_xlabel("fraction removed")
+        ax.set_title(f"sparsification: {kind}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_ylabel("remaining error / initial")
+    return _save(fig, path)
+
+
+def calibration_figure(data: dict, path: str | Path, kind: str, ece: float | None = None) -> Path:
+    """A reliability diagram (classification: accuracy against confidence per bin, with the
+    bin counts) or a coverage plot (regression: observed against nominal interval level)."""
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", label="perfect calibration")
+    if kind == "classification":
+        edges = np.asarray(data["bin_edges"])
+        centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        acc = np.nan_to_num(np.asarray(data["accuracy"], dtype=float))
+        ax.bar(centres, acc, width=width * 0.95, color="#4477aa", alpha=0.8, label="accuracy")
+        conf = np.asarray(data["confidence"], dtype=float)
+        ok = ~np.isnan(conf)
+        ax.plot(conf[ok], np.asarray(data["accuracy"], dtype=float)[ok], "o", color="#ee6677", ms=3, label="bin mean confidence")
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title("reliability" + (f" (ECE {ece:.3f})" if ece is not None else ""))
+    else:
+        ax.plot(data["levels"], data["observed"], marker="o", ms=3, color="#4477aa", label="observed")
+        ax.set_xlabel("nominal level of the central interval")
+        ax.set_ylabel("fraction of targets inside")
+        ax.set_title("regression calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
 
 

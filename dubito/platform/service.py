@@ -40,6 +40,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``"auto"``/None → :func:`default_device`; otherwise the named device, which must exist here."""
+    if name is None or name == "auto":
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DubitoError(f"device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DubitoError(f"device {name}: CUDA is not available on this machine")
+    return device
+
+
 class UncertaintyService:
     """Uncertainty estimates of ``model`` for a batch or a whole dataset.
 

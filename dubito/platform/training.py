@@ -17,9 +17,7 @@ decay 1e-4); gradient clipping; AMP on CUDA (bf16 where supported, else fp16 wit
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +33,8 @@ from dubito import DubitoError
 from dubito.platform.data import DATASETS, get_dataset, train_transform
 from dubito.platform.losses import gaussian_nll, laplace_nll, sampled_softmax_cross_entropy
 from dubito.platform.models import VARIANTS, build_model
+from dubito.platform.files import save_torch, write_json
+from dubito.platform.service import resolve_device
 from dubito.platform.tracking import tracked_run
 
 __all__ = ["TrainConfig", "train", "make_datasets", "build_for", "load_model", "save_model", "task_loss", "base_dataset"]
@@ -181,7 +181,7 @@ def _model_from_spec(spec: dict[str, Any]) -> nn.Module:
 
 def save_model(path: str | Path, model: nn.Module, spec: dict[str, Any]) -> Path:
     """Write ``{"spec", "state_dict"}`` atomically (loadable with ``weights_only=True``)."""
-    return _atomic_save({"spec": spec, "state_dict": model.state_dict()}, Path(path))
+    return save_torch({"spec": spec, "state_dict": model.state_dict()}, Path(path))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -199,16 +199,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     except Exception as err:
         raise DubitoError(f"{path}: not a dubito model file ({type(err).__name__}: {err})") from None
     return model.to(device).eval(), spec
-
-
-def _atomic_save(obj: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -271,18 +261,6 @@ def _score(metrics: dict[str, float], task: str) -> float:
 
 
 # ----------------------------------------------------------------------------- the loop
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DubitoError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DubitoError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def _class_weights(train_set: Dataset, spec: dict[str, Any], progress: bool) -> Tensor:
     data = base_dataset(train_set)
     try:
@@ -310,7 +288,7 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True) -> dic
     config.validate()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     train_set, val_set = make_datasets(config)
     if len(train_set) == 0 or len(val_set) == 0:
         raise DubitoError(f"{config.dataset}: empty training ({len(train_set)}) or validation ({len(val_set)}) set")
@@ -386,7 +364,7 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True) -> dic
             if config.patience and state["bad_epochs"] >= config.patience:
                 state["stopped_early"] = True
             run.log_metrics(metrics, step=epoch + 1)
-            _atomic_save(
+            save_torch(
                 {"config": asdict(config), "spec": spec, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "state": state, "rng": rng},
                 checkpoint,
@@ -412,13 +390,7 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True) -> dic
         from dubito.platform.plots import training_curves
 
         figure = training_curves(state["history"], out / "training.png")
-        _write_json(out / "results.json", results)
+        write_json(out / "results.json", results)
         for path in (out / "results.json", figure, out / MODEL):
             run.log_artifact(path)
     return results
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    tmp.replace(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from tqdm.auto import tqdm
 from dubito import DubitoError
 from dubito.platform.data.base import DatasetError, FileDataset, Problem, find_root
 from dubito.platform.data.stats import median_frequency_weights
+from dubito.platform.files import write_json
 
 __all__ = ["SplitSummary", "CheckReport", "check_dataset", "EXPECTED_COUNTS"]
 
@@ -186,9 +186,7 @@ class CheckReport:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
         d = self.to_dict()
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(d, indent=2))
-        tmp.replace(out / "results.json")
+        write_json(out / "results.json", d)
         paths = [out / "results.json"]
         if "class_frequencies" in d:
             freq = d["class_frequencies"]

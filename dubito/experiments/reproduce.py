@@ -1,0 +1,236 @@
+"""``dubito reproduce``: the paper's studies on any dataset (Kendall & Gal 2017, PAPER.md).
+
+For each dataset:
+
+(a) the four variants — baseline, + aleatoric, + epistemic, + both — trained and tested: a table
+    like the paper's CamVid / NYUv2 table (mean IoU, or depth errors);
+(b) the ``both`` model trained on nested fractions of the training set (1/4, 1/2, all; each with the
+    same number of gradient steps, i.e. trained to a comparable point) and tested in and out of
+    distribution: a table like the paper's dataset-size table (IoU or RMS, aleatoric, epistemic);
+(c) precision–uncertainty, sparsification and calibration plots of the full ``both`` model.
+
+It also checks the paper's qualitative findings and records them in ``results.json``: epistemic
+uncertainty falls with more data and is larger out of distribution; aleatoric uncertainty follows
+the true noise (synthetic data) and stays roughly flat with data size; error falls as the most
+uncertain pixels are removed. Every training and evaluation is an MLflow child run of one parent
+run per dataset. Rerunning the same command resumes: finished trainings are not repeated.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dubito import DubitoError
+from dubito.platform.evaluation import EvalConfig, evaluate
+from dubito.platform.files import write_json
+from dubito.platform.models import VARIANTS
+from dubito.platform.tracking import tracked_run
+from dubito.platform.training import TrainConfig, train
+
+__all__ = ["ReproduceConfig", "run_reproduce", "format_tables"]
+
+VARIANT_LABELS = {"baseline": "baseline", "homoscedastic": "+ homoscedastic", "aleatoric": "+ aleatoric",
+                  "epistemic": "+ epistemic", "both": "+ both"}  # fmt: skip
+
+
+@dataclass
+class ReproduceConfig:
+    """Settings of ``dubito reproduce`` (each is a flag). The defaults run both synthetic datasets
+    with the tiny model on a CPU; for the paper's setting use e.g. ``--datasets camvid --root DIR
+    --model fc_densenet103 --height 360 --width 480 --epochs 100 --ood-dataset nyuv2 --ood-root DIR``."""
+
+    output: str = field(default="runs/reproduce", metadata={"help": "folder for tables, plots, results.json"})
+    datasets: str = field(default="synthetic-camvid,synthetic-make3d", metadata={"help": "comma-separated datasets"})
+    root: str = field(default="", metadata={"help": "folder of a real dataset in --datasets"})
+    ood_dataset: str = field(default="", metadata={"help": "real out-of-distribution test set (e.g. nyuv2); synthetic data use their indoor variant"})
+    ood_root: str = field(default="", metadata={"help": "folder of --ood-dataset"})
+    model: str = field(default="tiny", metadata={"help": "tiny, fc_densenet56, fc_densenet67, fc_densenet103"})
+    variants: str = field(default="baseline,aleatoric,epistemic,both", metadata={"help": "study (a): variants"})
+    fractions: str = field(default="0.25,0.5,1", metadata={"help": "study (b): training-set fractions"})
+    height: int = field(default=64, metadata={"help": "item height"})
+    width: int = field(default=80, metadata={"help": "item width"})
+    train_images: int = field(default=96, metadata={"help": "synthetic: training scenes"})
+    val_images: int = field(default=16, metadata={"help": "synthetic: validation scenes"})
+    test_images: int = field(default=24, metadata={"help": "synthetic: test scenes (and as many OOD scenes)"})
+    epochs: int = field(default=10, metadata={"help": "epochs of the full training set (fractions get epochs/fraction)"})
+    batch_size: int = field(default=8, metadata={"help": "batch size"})
+    lr: float = field(default=1e-3, metadata={"help": "RMSProp learning rate"})
+    samples: int = field(default=10, metadata={"help": "MC-dropout samples T at test time (paper: 50)"})
+    seed: int = field(default=0, metadata={"help": "seed"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+    experiment: str = field(default="dubito-reproduce", metadata={"help": "MLflow experiment"})
+
+    def parsed(self) -> tuple[list[str], list[str], list[float]]:
+        datasets = [d.strip() for d in self.datasets.split(",") if d.strip()]
+        variants = [v.strip() for v in self.variants.split(",") if v.strip()]
+        try:
+            fractions = sorted({float(f) for f in self.fractions.split(",") if f.strip()})
+        except ValueError:
+            raise DubitoError(f"--fractions must be numbers separated by commas, got {self.fractions!r}") from None
+        if not datasets:
+            raise DubitoError("--datasets is empty")
+        bad = [v for v in variants if v not in VARIANTS]
+        if bad or not variants:
+            raise DubitoError(f"--variants must be from {', '.join(VARIANTS)}, got {self.variants!r}")
+        if not fractions or fractions[-1] != 1.0 or fractions[0] <= 0:
+            raise DubitoError(f"--fractions must be in (0, 1] and include 1, got {self.fractions!r}")
+        return datasets, variants, fractions
+
+
+def _train_config(config: ReproduceConfig, dataset: str, variant: str, fraction: float, output: Path) -> TrainConfig:
+    return TrainConfig(
+        output=str(output), dataset=dataset, root=config.root if not dataset.startswith("synthetic-") else "",
+        model=config.model, variant=variant, height=config.height, width=config.width,
+        train_images=config.train_images, val_images=config.val_images, fraction=fraction,
+        epochs=max(1, math.ceil(config.epochs / fraction)), batch_size=config.batch_size, lr=config.lr,
+        seed=config.seed, device=config.device, experiment=config.experiment,
+    )  # fmt: skip
+
+
+def _eval_config(config: ReproduceConfig, model: Path, output: Path, ood: bool) -> EvalConfig:
+    return EvalConfig(
+        model=str(model), output=str(output), root=config.root, images=config.test_images, ood=ood,
+        ood_dataset=config.ood_dataset, ood_root=config.ood_root, samples=config.samples,
+        seed=config.seed, device=config.device, experiment=config.experiment,
+    )  # fmt: skip
+
+
+def _fraction_label(dataset: str, fraction: float) -> str:
+    if fraction == 1.0:
+        return dataset
+    inverse = 1 / fraction
+    return f"{dataset}/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-6 else f"{dataset}×{fraction:g}"
+
+
+def run_reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run the studies; returns what ``results.json`` holds (tables as rows, findings, paths)."""
+    datasets, variants, fractions = config.parsed()
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = [(d, "a", v, 1.0) for d in datasets for v in variants]
+    plan += [(d, "b", "both", f) for d in datasets for f in fractions if not (f == 1.0 and "both" in variants)]
+    total, step, started = len(plan), 0, time.perf_counter()
+    results: dict[str, Any] = {"config": asdict(config), "datasets": {}}
+    for dataset in datasets:
+        folder = out / dataset
+        with tracked_run(config.experiment, run_name=f"reproduce-{dataset}", params=config, tags={"dubito.command": "reproduce"}) as parent:
+            child = {"mlflow.parentRunId": parent.run_id}
+            evaluations: dict[tuple[str, float], dict] = {}
+            for d, study, variant, fraction in [p for p in plan if p[0] == dataset]:
+                step += 1
+                name = f"{variant}" if fraction == 1.0 else f"{variant}-{fraction:g}"
+                print(f"[{step}/{total}] {dataset}: {variant}, {fraction:g} of the training set "
+                      f"({time.perf_counter() - started:.0f} s so far)", flush=True)  # fmt: skip
+                trained = train(_train_config(config, dataset, variant, fraction, folder / name), progress=progress)
+                ood = variant == "both"
+                evaluations[(variant, fraction)] = evaluate(
+                    _eval_config(config, Path(trained["model"]), folder / name / "evaluation", ood), progress=progress, tags=child
+                )
+            parent.set_tags({"dubito.children": len(evaluations)})
+            entry = _dataset_results(dataset, variants, fractions, evaluations)
+            full = folder / "both" / "evaluation"
+            for plot in ("precision_uncertainty.png", "sparsification.png", "calibration.png", "uncertainty.png"):
+                if (full / plot).exists():
+                    shutil.copyfile(full / plot, folder / plot)
+                    parent.log_artifact(folder / plot)
+            entry["plots"] = [str(folder / p) for p in ("precision_uncertainty.png", "sparsification.png", "calibration.png", "uncertainty.png")]
+            parent.log_metrics({f"finding_{k}": float(v) for k, v in entry["findings"].items() if isinstance(v, bool)})
+            results["datasets"][dataset] = entry
+            results["datasets"][dataset]["mlflow_parent_run_id"] = parent.run_id
+    results["seconds"] = time.perf_counter() - started
+    (out / "tables.md").write_text(format_tables(results))
+    write_json(out / "results.json", results)
+    return results
+
+
+def _dataset_results(dataset: str, variants: list[str], fractions: list[float], evaluations: dict) -> dict[str, Any]:
+    any_eval = next(iter(evaluations.values()))
+    segmentation = any_eval["spec"]["task"] == "segmentation"
+    variant_rows = []
+    for v in variants:
+        s = evaluations[(v, 1.0)]["summary"]
+        row = {"variant": v}
+        if segmentation:
+            row.update(mean_iou=s["mean_iou"], pixel_accuracy=s["pixel_accuracy"], ece=s["ece"])
+        else:
+            row.update(rel=s["rel"], rms=s["rms"], log10=s["log10"], delta1=s["delta1"])
+        variant_rows.append(row)
+    size_rows = []
+    keys = ("aleatoric_entropy", "mutual_information", "epistemic_logit_variance") if segmentation else ("aleatoric_var", "epistemic_var")
+    for ood in (False, True):
+        for f in fractions:
+            s = evaluations[("both", f)]["summary"]
+            if ood and "ood_auroc" not in s:
+                continue
+            row = {"train": _fraction_label(dataset, f), "test": evaluations[("both", f)].get("ood_dataset", "OOD") if ood else dataset,
+                   "score": None if ood else (s["mean_iou"] if segmentation else s["rms"])}  # fmt: skip
+            row.update({k: s.get(("ood_" if ood else "") + k) for k in keys})
+            size_rows.append(row)
+    # the paper's measure for the data-size table is the epistemic logit variance; out of distribution
+    # mutual information is used for classification (logit variance grows with the logits' scale,
+    # which is largest where a model is confident, i.e. in distribution); both are reported
+    size_measure = "epistemic_logit_variance" if segmentation else "epistemic_var"
+    ood_measure = "mutual_information" if segmentation else "epistemic_var"
+    aleatoric = "aleatoric_entropy" if segmentation else "aleatoric_var"
+    smallest, full = evaluations[("both", fractions[0])]["summary"], evaluations[("both", 1.0)]["summary"]
+    total_curve = evaluations[("both", 1.0)]["curves"].get("total", {}).get("error", [])
+
+    def ratio(a: dict, b: dict, key: str) -> float:
+        return a[key] / max(b[key], 1e-12)
+
+    findings: dict[str, Any] = {
+        "measures": {"data_size": size_measure, "out_of_distribution": ood_measure},
+        "epistemic_falls_with_data": smallest[size_measure] > full[size_measure],
+        "epistemic_smallest_over_full": ratio(smallest, full, size_measure),
+        "aleatoric_smallest_over_full": ratio(smallest, full, aleatoric),
+        "error_falls_as_uncertain_pixels_are_removed": bool(total_curve) and total_curve[len(total_curve) // 2] < total_curve[0],
+        "error_curve_monotone_fraction": (
+            sum(b <= a + 1e-12 for a, b in zip(total_curve, total_curve[1:])) / max(len(total_curve) - 1, 1)
+        ),
+    }  # fmt: skip
+    if segmentation:
+        findings["mutual_information_smallest_over_full"] = ratio(smallest, full, "mutual_information")
+    if "ood_auroc" in full:
+        findings["epistemic_larger_out_of_distribution"] = full[f"ood_{ood_measure}"] > full[ood_measure]
+        findings["epistemic_ood_over_in"] = full[f"ood_{ood_measure}"] / max(full[ood_measure], 1e-12)
+        if segmentation:
+            findings["logit_variance_ood_over_in"] = full["ood_epistemic_logit_variance"] / max(full["epistemic_logit_variance"], 1e-12)
+        findings["ood_auroc"] = full["ood_auroc"]
+    if "noise_spearman" in full:
+        findings["aleatoric_noise_spearman"] = full["noise_spearman"]
+        findings["aleatoric_follows_true_noise"] = full["noise_spearman"] > 0.5
+    return {"task": any_eval["spec"]["task"], "variants": variant_rows, "dataset_size": size_rows, "findings": findings}
+
+
+def _fmt(value: Any, scale: float = 1.0) -> str:
+    return "–" if value is None else f"{value * scale:.4g}"
+
+
+def format_tables(results: dict[str, Any]) -> str:
+    """The two tables per dataset and the findings, as markdown."""
+    lines = ["# dubito reproduce", ""]
+    for dataset, entry in results["datasets"].items():
+        seg = entry["task"] == "segmentation"
+        lines += [f"## {dataset}", "", "### (a) variants", ""]
+        if seg:
+            lines += ["| model | mean IoU (%) | pixel accuracy (%) | ECE |", "|---|---|---|---|"]
+            lines += [f"| {VARIANT_LABELS[r['variant']]} | {_fmt(r['mean_iou'], 100)} | {_fmt(r['pixel_accuracy'], 100)} | {_fmt(r['ece'])} |" for r in entry["variants"]]
+        else:
+            lines += ["| model | rel | rms (m) | log10 | δ1 |", "|---|---|---|---|---|"]
+            lines += [f"| {VARIANT_LABELS[r['variant']]} | {_fmt(r['rel'])} | {_fmt(r['rms'])} | {_fmt(r['log10'])} | {_fmt(r['delta1'])} |" for r in entry["variants"]]
+        lines += ["", "### (b) training-set size and out-of-distribution test (variant both)", ""]
+        if seg:
+            lines += ["| train | test | IoU (%) | aleatoric entropy | mutual information | epistemic logit var. (×10⁻³) |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r['train']} | {r['test']} | {_fmt(r['score'], 100)} | {_fmt(r['aleatoric_entropy'])} | {_fmt(r['mutual_information'])} | {_fmt(r['epistemic_logit_variance'], 1e3)} |" for r in entry["dataset_size"]]
+        else:
+            lines += ["| train | test | RMS (m) | aleatoric var. | epistemic var. |", "|---|---|---|---|---|"]
+            lines += [f"| {r['train']} | {r['test']} | {_fmt(r['score'])} | {_fmt(r['aleatoric_var'])} | {_fmt(r['epistemic_var'])} |" for r in entry["dataset_size"]]
+        lines += ["", "### findings", ""]
+        lines += [f"- {k.replace('_', ' ')}: {v if isinstance(v, (bool, dict)) else _fmt(v)}" for k, v in entry["findings"].items()]
+        lines += ["", f"Plots: {', '.join(Path(p).name for p in entry['plots'])} in {Path(entry['plots'][0]).parent}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,269 @@
+"""Evaluation of a trained model with the uncertainty service: task metrics, calibration,
+uncertainty quality, out-of-distribution detection and, on synthetic data, agreement of the
+learned aleatoric uncertainty with the generator's true noise. Streams the test set (sufficient
+statistics and a bounded random subsample of pixels), writes ``results.json`` and plots, logs
+to MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dubito import DubitoError
+from dubito.platform import metrics as M
+from dubito.platform.data import get_dataset
+from dubito.platform.files import write_json
+from dubito.platform.service import UncertaintyService, resolve_device
+from dubito.platform.tracking import tracked_run
+
+__all__ = ["EvalConfig", "evaluate", "format_evaluation", "Accumulator", "evaluation_dataset"]
+
+SAMPLE_POINTS = 200_000  # pixels kept per uncertainty for curves, AUSE and rank correlations
+
+
+@dataclass
+class EvalConfig:
+    """Settings of an evaluation (each is a ``dubito evaluate`` flag)."""
+
+    model: str = field(default="runs/train/model.pt", metadata={"help": "model.pt written by dubito train"})
+    output: str = field(default="runs/evaluate", metadata={"help": "folder for results.json and plots"})
+    dataset: str = field(default="", metadata={"help": "dataset to test on (default: the model's training dataset)"})
+    root: str = field(default="", metadata={"help": "dataset folder (real datasets)"})
+    split: str = field(default="test", metadata={"help": "split to test on"})
+    images: int = field(default=30, metadata={"help": "synthetic datasets: test scenes generated"})
+    ood: bool = field(default=True, metadata={"help": "also test out of distribution (synthetic: indoor rooms)"})
+    ood_dataset: str = field(default="", metadata={"help": "real OOD dataset, e.g. nyuv2 (default: the synthetic OOD variant)"})
+    ood_root: str = field(default="", metadata={"help": "folder of --ood-dataset"})
+    samples: int = field(default=20, metadata={"help": "MC-dropout samples T (paper: 50)"})
+    logit_noise_samples: int = field(default=10, metadata={"help": "logit-noise samples per pass"})
+    batch_size: int = field(default=4, metadata={"help": "images per batch"})
+    static_fraction: float = field(default=0.2, metadata={"help": "synthetic datasets: images with TV static"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the synthetic scenes"})
+    seed: int = field(default=0, metadata={"help": "seed of the MC samples"})
+    figures: int = field(default=3, metadata={"help": "test images shown in uncertainty.png"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+    experiment: str = field(default="dubito-evaluate", metadata={"help": "MLflow experiment name"})
+
+    def validate(self) -> None:
+        for name in ("images", "samples", "logit_noise_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DubitoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.figures < 0:
+            raise DubitoError(f"--figures must be >= 0, got {self.figures}")
+
+
+def evaluation_dataset(name: str, split: str, root: str, spec: dict[str, Any], config: EvalConfig, ood: bool = False) -> Dataset:
+    """The dataset to test on, at the model's resolution."""
+    options: dict[str, Any] = {"size": (spec["height"], spec["width"])}
+    if name.startswith("synthetic-"):
+        options.update(n=config.images, seed=config.data_seed, static_fraction=0.0 if ood else config.static_fraction, ood=ood)
+    return get_dataset(name, split, root or None, **options)
+
+
+class Accumulator:
+    """Streaming evaluation state for one dataset (the task metrics only when ``labels``)."""
+
+    def __init__(self, spec: dict[str, Any], labels: bool, seed: int) -> None:
+        self.spec, self.labels = spec, labels
+        self.segmentation = spec["task"] == "segmentation"
+        self.sums: dict[str, float] = {}
+        self.pixels = 0
+        self.image_scores: list[Tensor] = []
+        if self.segmentation:
+            self.confusion = M.ConfusionMatrix(spec["num_classes"], spec["ignore_index"])
+            self.calibration = M.CalibrationHistogram(15)
+            self.names = {"total": "predictive_entropy", "aleatoric": "aleatoric_entropy", "epistemic": "mutual_information"}
+        else:
+            self.depth = M.DepthMetrics()
+            self.calibration = M.RegressionCalibration(likelihood=spec["likelihood"])
+            self.names = {"total": "total_var", "aleatoric": "aleatoric_var", "epistemic": "epistemic_var"}
+        self.samples = {k: M.UncertaintySample(SAMPLE_POINTS, seed=seed + i) for i, k in enumerate(self.names)}
+        self.noise = M.UncertaintySample(SAMPLE_POINTS, seed=seed + 7)
+
+    def update(self, u, batch: dict[str, Tensor]) -> None:
+        mask = batch["mask"]
+        fields = u.to_dict()
+        for key in ("predictive_entropy", "aleatoric_entropy", "mutual_information", "epistemic_logit_variance",
+                    "variation_ratio", "aleatoric_var", "epistemic_var", "total_var"):  # fmt: skip
+            if key in fields:
+                value = fields[key].float().cpu()
+                value = value[:, 0] if value.dim() == 4 else value
+                self.sums[key] = self.sums.get(key, 0.0) + float(value[mask].double().sum())
+        self.pixels += int(mask.sum())
+        epistemic = fields[self.names["epistemic"]].float().cpu()
+        self.image_scores.append(u.per_item(mask.to(epistemic.device))[self.names["epistemic"]].float().cpu())
+        if not self.labels:
+            return
+        target = batch["target"]
+        if self.segmentation:
+            pred = u.prediction.cpu()
+            self.confusion.update(pred, target, mask)
+            self.calibration.update(u.mean_probs.float().cpu(), target, mask=mask)
+            error = (pred != target).double()
+        else:
+            pred = u.mean[:, 0].float().cpu()
+            self.depth.update(pred, target, mask)
+            self.calibration.update(pred, u.total_var[:, 0].float().cpu(), target, mask=mask)
+            error = (pred - target).abs().double()
+        for kind, name in self.names.items():
+            value = fields[name].float().cpu()
+            value = value[:, 0] if value.dim() == 4 else value
+            self.samples[kind].update(value, error, mask)
+        if "noise" in batch:  # synthetic data: the true aleatoric noise of every pixel
+            aleatoric = fields[self.names["aleatoric"]].float().cpu()
+            aleatoric = aleatoric[:, 0] if aleatoric.dim() == 4 else aleatoric
+            self.noise.update(aleatoric, batch["noise"].double(), mask)
+
+    def summary(self) -> dict[str, float]:
+        out = {k: v / max(self.pixels, 1) for k, v in self.sums.items()}
+        if not self.labels:
+            return out
+        if self.segmentation:
+            per_class, miou = self.confusion.iou()
+            out.update(mean_iou=miou, pixel_accuracy=self.confusion.pixel_accuracy(), ece=self.calibration.ece())
+            out["per_class_iou"] = [None if math.isnan(v) else float(v) for v in per_class.tolist()]
+        else:
+            out.update(self.depth.compute())
+            out["calibration_error"] = self.calibration.error()
+        for kind in self.names:
+            unc, err = self.samples[kind].points()
+            if len(unc):
+                out[f"ause_{kind}"] = M.ause(unc.sqrt() if not self.segmentation else unc, err)
+        unc, noise = self.noise.points()
+        if len(unc) > 2:
+            from scipy.stats import spearmanr
+
+            out["noise_spearman"] = float(spearmanr(unc.numpy(), noise.numpy()).statistic)
+        return out
+
+    def curves(self) -> dict[str, dict[str, list[float]]]:
+        """Error (1 − accuracy, or |depth error|) of the pixels left after dropping the most
+        uncertain fraction, and sparsification curves, per kind of uncertainty."""
+        out = {}
+        for kind in self.names:
+            unc, err = self.samples[kind].points()
+            if len(unc) == 0:
+                continue
+            curve = M.uncertainty_curve(unc, err)
+            sparse = M.sparsification(unc, err)
+            out[kind] = {
+                "removed_fraction": curve["quantiles"].tolist(),
+                "error": curve["value"].tolist(),
+                "sparsification_fraction": sparse["fractions"].tolist(),
+                "sparsification_model": sparse["model"].tolist(),
+                "sparsification_oracle": sparse["oracle"].tolist(),
+            }
+        return out
+
+
+def _run(service: UncertaintyService, data: Dataset, acc: Accumulator, config: EvalConfig, desc: str, progress: bool, keep: int) -> list[dict]:
+    shown = []
+    loader = DataLoader(data, batch_size=config.batch_size, generator=torch.Generator().manual_seed(0))
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        u = service.predict(batch["image"])
+        acc.update(u, batch)
+        for j in range(len(batch["image"])):
+            if len(shown) < keep:
+                shown.append(_figure_row(batch, j, u, acc))
+    return shown
+
+
+def _figure_row(batch: dict, j: int, u, acc: Accumulator) -> dict:
+    aleatoric = u.to_dict()[acc.names["aleatoric"]][j].float().cpu()
+    epistemic = u.to_dict()[acc.names["epistemic"]][j].float().cpu()
+    prediction = u.prediction[j].cpu() if acc.segmentation else u.mean[j, 0].float().cpu()
+    squeeze = (lambda t: t[0] if t.dim() == 3 else t)  # noqa: E731
+    return {"image": batch["image"][j], "target": batch["target"][j], "prediction": prediction,
+            "aleatoric": squeeze(aleatoric), "epistemic": squeeze(epistemic), "label": f"id {int(batch['id'][j])}"}  # fmt: skip
+
+
+def evaluate(config: EvalConfig, *, progress: bool = True, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Evaluate ``config.model``; returns what ``results.json`` holds."""
+    from dubito.platform.plots import calibration_figure, sparsification_figure, uncertainty_curves_figure, uncertainty_figure
+    from dubito.platform.training import load_model
+
+    config.validate()
+    device = resolve_device(config.device)
+    model, spec = load_model(config.model, device)
+    name = config.dataset or spec["dataset"]
+    root = config.root
+    data = evaluation_dataset(name, config.split, root, spec, config)
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    service = UncertaintyService(model, samples=config.samples, device=device, seed=config.seed,
+                                 logit_noise_samples=config.logit_noise_samples, progress=False)  # fmt: skip
+    started = time.perf_counter()
+    with tracked_run(config.experiment, run_name=out.name, params={**asdict(config), "spec": spec},
+                     tags={"dubito.command": "evaluate", **(tags or {})}) as run:  # fmt: skip
+        acc = Accumulator(spec, labels=True, seed=config.seed)
+        rows = _run(service, data, acc, config, f"evaluating on {name} {config.split}", progress, config.figures)
+        summary = acc.summary()
+        curves = acc.curves()
+        results: dict[str, Any] = {"config": asdict(config), "spec": spec, "dataset": name, "summary": summary, "curves": curves}
+        if acc.segmentation:
+            rel = acc.calibration.reliability()
+            results["reliability"] = {k: v.tolist() for k, v in rel.items()}
+        else:
+            results["coverage"] = {"levels": acc.calibration.levels.tolist(), "observed": acc.calibration.observed().tolist()}
+        ood_name = config.ood_dataset or (name if name.startswith("synthetic-") else "")
+        if config.ood and ood_name:
+            ood_data = evaluation_dataset(ood_name, "test", config.ood_root, spec, config, ood=ood_name.startswith("synthetic-"))
+            ood_acc = Accumulator(spec, labels=False, seed=config.seed)
+            rows += _run(service, ood_data, ood_acc, config, f"evaluating on {ood_name} (OOD)", progress, 1 if config.figures else 0)
+            ood_summary = ood_acc.summary()
+            summary.update({f"ood_{k}": v for k, v in ood_summary.items()})
+            summary["ood_auroc"] = M.auroc(torch.cat(acc.image_scores), torch.cat(ood_acc.image_scores))
+            results["ood_dataset"] = f"{ood_name} (indoor OOD)" if ood_name.startswith("synthetic-") else ood_name
+        summary["seconds"] = time.perf_counter() - started
+        figures = []
+        if rows:
+            figures.append(uncertainty_figure(rows, out / "uncertainty.png"))
+        if curves:
+            ylabel = "pixel error rate" if acc.segmentation else "mean |depth error| (m)"
+            figures.append(uncertainty_curves_figure(curves, out / "precision_uncertainty.png", ylabel))
+            figures.append(sparsification_figure(curves, out / "sparsification.png"))
+        if acc.segmentation:
+            figures.append(calibration_figure(results["reliability"], out / "calibration.png", kind="classification", ece=summary["ece"]))
+        else:
+            figures.append(calibration_figure(results["coverage"], out / "calibration.png", kind="regression"))
+        results["mlflow_run_id"] = run.run_id
+        write_json(out / "results.json", results)
+        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        for path in (out / "results.json", *figures):
+            run.log_artifact(path)
+    return results
+
+
+def format_evaluation(results: dict[str, Any]) -> str:
+    """The headline numbers of an evaluation as text."""
+    s, spec = results["summary"], results["spec"]
+    lines = [f"{spec['model']}/{spec['variant']} on {results['dataset']} ({results['config']['split']})"]
+    if spec["task"] == "segmentation":
+        lines.append(f"mean IoU {s['mean_iou']:.4f}   pixel accuracy {s['pixel_accuracy']:.4f}   ECE {s['ece']:.4f}")
+        keys = ("aleatoric_entropy", "mutual_information", "epistemic_logit_variance")
+    else:
+        lines.append("   ".join(f"{k} {s[k]:.4f}" for k in ("rel", "rms", "log10", "delta1")) + f"   calibration error {s['calibration_error']:.4f}")
+        keys = ("aleatoric_var", "epistemic_var")
+    lines.append(f"{'':28s}{'in distribution':>18s}" + (f"{'out of distribution':>22s}" if "ood_auroc" in s else ""))
+    for k in keys:
+        row = f"{k.replace('_', ' '):28s}{s.get(k, math.nan):18.4f}"
+        if "ood_auroc" in s:
+            row += f"{s.get('ood_' + k, math.nan):22.4f}"
+        lines.append(row)
+    if "ood_auroc" in s:
+        lines.append(f"OOD detection AUROC (per-image epistemic): {s['ood_auroc']:.3f}")
+    if "noise_spearman" in s:
+        lines.append(f"aleatoric vs true noise, per-pixel Spearman: {s['noise_spearman']:.3f}")
+    ause = ", ".join(f"{k} {s['ause_' + k]:.4f}" for k in ("total", "aleatoric", "epistemic") if "ause_" + k in s)
+    if ause:
+        lines.append(f"AUSE: {ause}")
+    return "\n".join(lines)

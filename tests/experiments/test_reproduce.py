@@ -1,0 +1,78 @@
+"""dubito reproduce on a small configuration shows the paper's qualitative findings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dubito import DubitoError
+from dubito.cli import main
+from dubito.experiments.reproduce import ReproduceConfig, run_reproduce
+
+SMALL = dict(variants="both", fractions="0.25,1", height=48, width=64, train_images=64, val_images=12,
+             test_images=16, epochs=6, samples=10)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, _mlflow_template):
+    from tests.conftest import _fresh_store
+
+    out = tmp_path_factory.mktemp("reproduce")
+    with pytest.MonkeyPatch.context() as mp:
+        uri = _fresh_store(_mlflow_template, out)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        results = run_reproduce(ReproduceConfig(output=str(out / "run"), **SMALL), progress=False)
+    return results, out, uri
+
+
+def test_segmentation_findings(reproduced):
+    results, _, _ = reproduced
+    f = results["datasets"]["synthetic-camvid"]["findings"]
+    assert f["measures"] == {"data_size": "epistemic_logit_variance", "out_of_distribution": "mutual_information"}
+    assert f["epistemic_falls_with_data"], f  # 1/4 of the data: more epistemic uncertainty
+    assert f["epistemic_larger_out_of_distribution"] and f["ood_auroc"] > 0.7, f
+    assert f["error_falls_as_uncertain_pixels_are_removed"] and f["error_curve_monotone_fraction"] > 0.8, f
+
+
+def test_depth_findings(reproduced):
+    results, _, _ = reproduced
+    f = results["datasets"]["synthetic-make3d"]["findings"]
+    assert f["aleatoric_noise_spearman"] > 0.5, f  # the learned aleatoric std follows the generator's noise std
+    assert f["epistemic_falls_with_data"], f
+    assert f["error_falls_as_uncertain_pixels_are_removed"], f
+
+
+def test_tables_plots_and_mlflow_children(reproduced):
+    results, out, uri = reproduced
+    tables = (out / "run" / "tables.md").read_text()
+    assert "| synthetic-camvid/4 | synthetic-camvid |" in tables and "| synthetic-make3d | synthetic-make3d (indoor OOD) |" in tables
+    assert json.loads((out / "run" / "results.json").read_text())["datasets"].keys() == {"synthetic-camvid", "synthetic-make3d"}
+    for dataset in ("synthetic-camvid", "synthetic-make3d"):
+        for plot in ("precision_uncertainty.png", "sparsification.png", "calibration.png"):
+            assert (out / "run" / dataset / plot).stat().st_size > 5_000
+    client = MlflowClient(uri)
+    parent = results["datasets"]["synthetic-camvid"]["mlflow_parent_run_id"]
+    experiment = client.get_experiment_by_name("dubito-reproduce").experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(children) == 2 and all(c.data.tags["dubito.command"] == "evaluate" for c in children)
+
+
+def test_rerun_resumes_without_training_again(reproduced, capsys):
+    results, out, uri = reproduced
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        again = run_reproduce(ReproduceConfig(output=str(out / "run"), datasets="synthetic-camvid", **SMALL), progress=False)
+    first = results["datasets"]["synthetic-camvid"]["dataset_size"]
+    assert again["datasets"]["synthetic-camvid"]["dataset_size"] == first  # same checkpoints, same seeded evaluation
+    assert again["seconds"] < results["seconds"] / 2
+
+
+def test_bad_reproduce_settings(tmp_path, capsys):
+    with pytest.raises(DubitoError, match="--fractions"):
+        ReproduceConfig(fractions="0.25,0.5").parsed()
+    with pytest.raises(DubitoError, match="--variants"):
+        ReproduceConfig(variants="both,bayes").parsed()
+    assert main(["reproduce", "--output", str(tmp_path), "--fractions", "x"]) == 2
+    assert "--fractions must be numbers" in capsys.readouterr().err

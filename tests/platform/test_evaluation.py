@@ -1,0 +1,92 @@
+"""dubito evaluate: metrics equal independent computations on the same predictions; MLflow gets them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch.utils.data import default_collate
+
+from dubito import DubitoError
+from dubito.cli import main
+from dubito.platform.evaluation import EvalConfig, evaluate, evaluation_dataset
+from dubito.platform.service import UncertaintyService
+from dubito.platform.training import TrainConfig, load_model, train
+from tests.conftest import _fresh_store
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, _mlflow_template):
+    """Two small trained models (segmentation, depth), shared by the tests of this module."""
+    out = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", _fresh_store(_mlflow_template, out))
+        seg = train(TrainConfig(output=str(out / "seg"), epochs=2, train_images=16, val_images=4, height=32, width=40), progress=False)
+        depth = train(TrainConfig(output=str(out / "depth"), dataset="synthetic-make3d", epochs=2, train_images=16,
+                                  val_images=4, height=32, width=40), progress=False)  # fmt: skip
+    return seg["model"], depth["model"]
+
+
+def test_segmentation_evaluation_matches_a_direct_computation(trained, tmp_path, mlflow_uri):
+    config = EvalConfig(model=trained[0], output=str(tmp_path / "ev"), images=6, samples=4, batch_size=3, figures=2)
+    results = evaluate(config, progress=False)
+    s = results["summary"]
+    # the same predictions, recomputed by hand: one batch of all 6 images, the service's seeded draws
+    model, spec = load_model(trained[0])
+    data = evaluation_dataset("synthetic-camvid", "test", "", spec, config)
+    service = UncertaintyService(model, samples=4, seed=0, device="cpu", logit_noise_samples=10, progress=False)
+    preds, targets, aleatoric, noise = [], [], [], []
+    for start in (0, 3):
+        batch = default_collate([data[i] for i in range(start, start + 3)])
+        u = service.predict(batch["image"])
+        preds.append(u.prediction)
+        targets.append(batch["target"])
+        aleatoric.append(u.aleatoric_entropy)
+        noise.append(batch["noise"])
+    pred, target = torch.cat(preds).numpy().ravel(), torch.cat(targets).numpy().ravel()
+    cm = np.zeros((11, 11), dtype=np.int64)
+    np.add.at(cm, (target, pred), 1)
+    inter, union = np.diag(cm), cm.sum(0) + cm.sum(1) - np.diag(cm)
+    iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+    assert s["mean_iou"] == pytest.approx(np.nanmean(iou))
+    assert s["pixel_accuracy"] == pytest.approx((pred == target).mean())
+    assert s["aleatoric_entropy"] == pytest.approx(float(torch.cat(aleatoric).mean()), rel=1e-5)
+    from scipy.stats import spearmanr
+
+    assert s["noise_spearman"] == pytest.approx(spearmanr(torch.cat(aleatoric).ravel(), torch.cat(noise).ravel()).statistic, abs=1e-6)
+    # out of distribution: the indoor variant, scored by per-image mutual information
+    assert 0.0 <= s["ood_auroc"] <= 1.0 and s["ood_mutual_information"] > 0
+    assert results["ood_dataset"] == "synthetic-camvid (indoor OOD)"
+    curve = results["curves"]["total"]["error"]
+    assert curve[0] == pytest.approx(1 - s["pixel_accuracy"])
+    for name in ("uncertainty.png", "precision_uncertainty.png", "sparsification.png", "calibration.png", "results.json"):
+        assert (tmp_path / "ev" / name).stat().st_size > 1000, name
+    run = MlflowClient(mlflow_uri).get_run(results["mlflow_run_id"])
+    assert run.data.metrics["mean_iou"] == pytest.approx(s["mean_iou"])
+    assert {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id)} >= {"calibration.png", "results.json"}
+
+
+def test_depth_evaluation_reports_depth_errors_and_coverage(trained, tmp_path):
+    results = evaluate(EvalConfig(model=trained[1], output=str(tmp_path / "ev"), images=4, samples=3, ood=False), progress=False)
+    s = results["summary"]
+    assert {"rel", "rms", "log10", "delta1", "calibration_error", "aleatoric_var", "epistemic_var", "noise_spearman"} <= set(s)
+    levels, observed = results["coverage"]["levels"], results["coverage"]["observed"]
+    assert len(levels) == len(observed) and all(b >= a - 1e-9 for a, b in zip(observed, observed[1:]))  # nested intervals
+    assert "ood_auroc" not in s
+
+
+def test_evaluate_command_prints_the_headline(trained, tmp_path, capsys):
+    assert main(["evaluate", "--model", trained[0], "--output", str(tmp_path / "c"), "--images", "3", "--samples", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean IoU" in printed and "OOD detection AUROC" in printed
+    assert json.loads((tmp_path / "c" / "results.json").read_text())["summary"]["mean_iou"] >= 0
+    assert main(["evaluate", "--model", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "d")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+
+
+def test_bad_evaluation_settings():
+    with pytest.raises(DubitoError, match="--samples"):
+        EvalConfig(samples=0).validate()
