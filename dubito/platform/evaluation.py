@@ -99,8 +99,8 @@ class Accumulator:
                 value = value[:, 0] if value.dim() == 4 else value
                 self.sums[key] = self.sums.get(key, 0.0) + float(value[mask].double().sum())
         self.pixels += int(mask.sum())
-        epistemic = fields[self.names["epistemic"]].float().cpu()
-        self.image_scores.append(u.per_item(mask.to(epistemic.device))[self.names["epistemic"]].float().cpu())
+        device = fields[self.names["epistemic"]].device  # the service's (CUDA) device
+        self.image_scores.append(u.per_item(mask.to(device))[self.names["epistemic"]].float().cpu())
         if not self.labels:
             return
         target = batch["target"]
