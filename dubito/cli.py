@@ -116,50 +116,28 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_command(sub, name: str, help: str, config_cls: type, func) -> argparse.ArgumentParser:
+    """A subcommand whose flags are the fields of ``config_cls``, plus ``--no-progress``."""
+    parser = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(parser, config_cls)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dubito.experiments.demo import DemoConfig
+    from dubito.experiments.reproduce import ReproduceConfig
+    from dubito.platform.evaluation import EvalConfig
+    from dubito.platform.training import TrainConfig
 
     parser = argparse.ArgumentParser(prog="dubito", description=__doc__)
     parser.add_argument("--version", action="version", version=f"dubito {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo",
-        help="train the tiny FC-DenseNet on synthetic scenes and print aleatoric/epistemic summaries",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_config_arguments(demo, DemoConfig)
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    demo.set_defaults(func=_cmd_demo)
-    from dubito.platform.training import TrainConfig
-
-    train = sub.add_parser(
-        "train",
-        help="train a model (resumes from --output/checkpoint.pt); MLflow-tracked",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_config_arguments(train, TrainConfig)
-    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    train.set_defaults(func=_cmd_train)
-    from dubito.platform.evaluation import EvalConfig
-
-    evaluate = sub.add_parser(
-        "evaluate",
-        help="metrics, calibration, uncertainty quality and OOD detection of a trained model",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_config_arguments(evaluate, EvalConfig)
-    evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    evaluate.set_defaults(func=_cmd_evaluate)
-    from dubito.experiments.reproduce import ReproduceConfig
-
-    reproduce = sub.add_parser(
-        "reproduce",
-        help="the paper's studies (variants, training-set size, OOD, calibration) on any dataset",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_config_arguments(reproduce, ReproduceConfig)
-    reproduce.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    reproduce.set_defaults(func=_cmd_reproduce)
+    _config_command(sub, "demo", "train the tiny FC-DenseNet on synthetic scenes and print aleatoric/epistemic summaries", DemoConfig, _cmd_demo)
+    _config_command(sub, "train", "train a model (resumes from --output/checkpoint.pt); MLflow-tracked", TrainConfig, _cmd_train)
+    _config_command(sub, "evaluate", "metrics, calibration, uncertainty quality and OOD detection of a trained model", EvalConfig, _cmd_evaluate)
+    _config_command(sub, "reproduce", "the paper's studies (variants, training-set size, OOD, calibration) on any dataset", ReproduceConfig, _cmd_reproduce)
     data = sub.add_parser("data", help="check or look at a dataset").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(
         "check",
