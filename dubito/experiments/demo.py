@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import default_collate
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra iterator (DataLoader workers)
 
 from dubito import DubitoError
 from dubito.platform.data import SyntheticCamVid

@@ -13,11 +13,13 @@ It also checks the paper's qualitative findings and records them in ``results.js
 uncertainty falls with more data and is larger out of distribution; aleatoric uncertainty follows
 the true noise (synthetic data) and stays roughly flat with data size; error falls as the most
 uncertain pixels are removed. Every training and evaluation is an MLflow child run of one parent
-run per dataset. Rerunning the same command resumes: finished trainings are not repeated.
+run per dataset. Rerunning the same command resumes: finished trainings and evaluations are not
+repeated, and the parent run is the same.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dubito import DubitoError
+from dubito.platform.data import DATASETS, get_dataset
 from dubito.platform.evaluation import EvalConfig, evaluate
 from dubito.platform.files import write_json
 from dubito.platform.models import VARIANTS
@@ -92,10 +95,11 @@ def _train_config(config: ReproduceConfig, dataset: str, variant: str, fraction:
     )  # fmt: skip
 
 
-def _eval_config(config: ReproduceConfig, model: Path, output: Path, ood: bool) -> EvalConfig:
+def _eval_config(config: ReproduceConfig, dataset: str, model: Path, output: Path, ood: bool) -> EvalConfig:
+    real = not dataset.startswith("synthetic-")  # synthetic data are tested OOD on their indoor variant
     return EvalConfig(
-        model=str(model), output=str(output), root=config.root, images=config.test_images, ood=ood,
-        ood_dataset=config.ood_dataset, ood_root=config.ood_root, samples=config.samples,
+        model=str(model), output=str(output), root=config.root if real else "", images=config.test_images, ood=ood,
+        ood_dataset=config.ood_dataset if real else "", ood_root=config.ood_root if real else "", samples=config.samples,
         seed=config.seed, device=config.device, experiment=config.experiment,
     )  # fmt: skip
 
@@ -107,31 +111,69 @@ def _fraction_label(dataset: str, fraction: float) -> str:
     return f"{dataset}/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-6 else f"{dataset}×{fraction:g}"
 
 
+def _check_inputs(config: ReproduceConfig, datasets: list[str]) -> None:
+    """Every dataset, folder and OOD set is checked before any training starts."""
+    real = [d for d in datasets if not d.startswith("synthetic-")]
+    unknown = [d for d in datasets if d not in DATASETS]
+    if unknown:
+        raise DubitoError(f"--datasets: unknown {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
+    if len(real) > 1:
+        raise DubitoError(f"--datasets: one real dataset per call (--root names one folder), got {', '.join(real)}")
+    for d in real:
+        if not config.root:
+            raise DubitoError(f"--datasets {d} is read from disk: give --root DIR")
+        get_dataset(d, "train", config.root, size=(config.height, config.width))  # raises naming the bad file
+    if config.ood_dataset:
+        if not config.ood_root and not config.ood_dataset.startswith("synthetic-"):
+            raise DubitoError(f"--ood-dataset {config.ood_dataset} is read from disk: give --ood-root DIR")
+        get_dataset(config.ood_dataset, "test", config.ood_root or None, size=(config.height, config.width))
+
+
+def _evaluate_once(eval_config: EvalConfig, trained: dict[str, Any], tags: dict[str, str], progress: bool) -> dict[str, Any]:
+    """Evaluate, unless this very evaluation of this very model already finished (a rerun)."""
+    folder = Path(eval_config.output)
+    source = {"eval_config": asdict(eval_config), "epochs_run": trained["epochs_run"], "best_epoch": trained["best_epoch"]}
+    done = folder / "results.json"
+    if done.exists() and (folder / "source.json").exists():
+        if json.loads((folder / "source.json").read_text()) == json.loads(json.dumps(source)):
+            return json.loads(done.read_text())
+    results = evaluate(eval_config, progress=progress, tags=tags)
+    write_json(folder / "source.json", source)
+    return results
+
+
 def run_reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run the studies; returns what ``results.json`` holds (tables as rows, findings, paths)."""
+    """Run the studies; returns what ``results.json`` holds (tables as rows, findings, paths).
+
+    Results of datasets run earlier into the same ``--output`` are kept (one real dataset per call).
+    """
     datasets, variants, fractions = config.parsed()
+    _check_inputs(config, datasets)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     plan = [(d, "a", v, 1.0) for d in datasets for v in variants]
     plan += [(d, "b", "both", f) for d in datasets for f in fractions if not (f == 1.0 and "both" in variants)]
     total, step, started = len(plan), 0, time.perf_counter()
-    results: dict[str, Any] = {"config": asdict(config), "datasets": {}}
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    results: dict[str, Any] = {"config": asdict(config), "datasets": dict(previous.get("datasets", {}))}
     for dataset in datasets:
         folder = out / dataset
-        with tracked_run(config.experiment, run_name=f"reproduce-{dataset}", params=config, tags={"dubito.command": "reproduce"}) as parent:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker = folder / "reproduce.json"
+        parent_id = json.loads(marker.read_text()).get("mlflow_parent_run_id") if marker.exists() else None
+        with tracked_run(config.experiment, run_name=f"reproduce-{dataset}", params=config,
+                         tags={"dubito.command": "reproduce"}, run_id=parent_id) as parent:  # fmt: skip
+            write_json(marker, {"mlflow_parent_run_id": parent.run_id})
             child = {"mlflow.parentRunId": parent.run_id}
             evaluations: dict[tuple[str, float], dict] = {}
-            for d, study, variant, fraction in [p for p in plan if p[0] == dataset]:
+            for _, _, variant, fraction in [p for p in plan if p[0] == dataset]:
                 step += 1
                 name = f"{variant}" if fraction == 1.0 else f"{variant}-{fraction:g}"
                 print(f"[{step}/{total}] {dataset}: {variant}, {fraction:g} of the training set "
                       f"({time.perf_counter() - started:.0f} s so far)", flush=True)  # fmt: skip
-                trained = train(_train_config(config, dataset, variant, fraction, folder / name), progress=progress)
-                ood = variant == "both"
-                evaluations[(variant, fraction)] = evaluate(
-                    _eval_config(config, Path(trained["model"]), folder / name / "evaluation", ood), progress=progress, tags=child
-                )
-            parent.set_tags({"dubito.children": len(evaluations)})
+                trained = train(_train_config(config, dataset, variant, fraction, folder / name), progress=progress, tags=child)
+                eval_config = _eval_config(config, dataset, Path(trained["model"]), folder / name / "evaluation", ood=variant == "both")
+                evaluations[(variant, fraction)] = _evaluate_once(eval_config, trained, child, progress)
             entry = _dataset_results(dataset, variants, fractions, evaluations)
             full = folder / "both" / "evaluation"
             for plot in ("precision_uncertainty.png", "sparsification.png", "calibration.png", "uncertainty.png"):
@@ -140,8 +182,8 @@ def run_reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict[str
                     parent.log_artifact(folder / plot)
             entry["plots"] = [str(folder / p) for p in ("precision_uncertainty.png", "sparsification.png", "calibration.png", "uncertainty.png")]
             parent.log_metrics({f"finding_{k}": float(v) for k, v in entry["findings"].items() if isinstance(v, bool)})
+            entry["mlflow_parent_run_id"] = parent.run_id
             results["datasets"][dataset] = entry
-            results["datasets"][dataset]["mlflow_parent_run_id"] = parent.run_id
     results["seconds"] = time.perf_counter() - started
     (out / "tables.md").write_text(format_tables(results))
     write_json(out / "results.json", results)

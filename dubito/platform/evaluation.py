@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra iterator (DataLoader workers)
 
 from dubito import DubitoError
 from dubito.platform import metrics as M
@@ -59,11 +59,15 @@ class EvalConfig:
                 raise DubitoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.figures < 0:
             raise DubitoError(f"--figures must be >= 0, got {self.figures}")
+        if self.ood_dataset and not self.ood_dataset.startswith("synthetic-") and not self.ood_root:
+            raise DubitoError(f"--ood-dataset {self.ood_dataset} is read from disk: give --ood-root DIR")
 
 
 def evaluation_dataset(name: str, split: str, root: str, spec: dict[str, Any], config: EvalConfig, ood: bool = False) -> Dataset:
     """The dataset to test on, at the model's resolution."""
     options: dict[str, Any] = {"size": (spec["height"], spec["width"])}
+    if name in ("make3d", "synthetic-make3d") and spec.get("max_depth"):
+        options["max_depth"] = spec["max_depth"]  # the cap the model was trained with
     if name.startswith("synthetic-"):
         options.update(n=config.images, seed=config.data_seed, static_fraction=0.0 if ood else config.static_fraction, ood=ood)
     return get_dataset(name, split, root or None, **options)
@@ -195,14 +199,18 @@ def evaluate(config: EvalConfig, *, progress: bool = True, tags: dict[str, str] 
     device = resolve_device(config.device)
     model, spec = load_model(config.model, device)
     name = config.dataset or spec["dataset"]
-    root = config.root
-    data = evaluation_dataset(name, config.split, root, spec, config)
+    data = evaluation_dataset(name, config.split, config.root, spec, config)
+    _check_fits(data, spec, name, config.model)
+    ood_name = config.ood_dataset or (name if name.startswith("synthetic-") else "")
+    ood_data = None
+    if config.ood and ood_name:  # opened now, so a wrong folder is reported before any work
+        ood_data = evaluation_dataset(ood_name, "test", config.ood_root, spec, config, ood=ood_name.startswith("synthetic-"))
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     service = UncertaintyService(model, samples=config.samples, device=device, seed=config.seed,
                                  logit_noise_samples=config.logit_noise_samples, progress=False)  # fmt: skip
     started = time.perf_counter()
-    with tracked_run(config.experiment, run_name=out.name, params={**asdict(config), "spec": spec},
+    with tracked_run(config.experiment, run_name=f"{out.parent.name}/{out.name}", params={**asdict(config), "spec": spec},
                      tags={"dubito.command": "evaluate", **(tags or {})}) as run:  # fmt: skip
         acc = Accumulator(spec, labels=True, seed=config.seed)
         rows = _run(service, data, acc, config, f"evaluating on {name} {config.split}", progress, config.figures)
@@ -214,9 +222,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, tags: dict[str, str] 
             results["reliability"] = {k: v.tolist() for k, v in rel.items()}
         else:
             results["coverage"] = {"levels": acc.calibration.levels.tolist(), "observed": acc.calibration.observed().tolist()}
-        ood_name = config.ood_dataset or (name if name.startswith("synthetic-") else "")
-        if config.ood and ood_name:
-            ood_data = evaluation_dataset(ood_name, "test", config.ood_root, spec, config, ood=ood_name.startswith("synthetic-"))
+        if ood_data is not None:
             ood_acc = Accumulator(spec, labels=False, seed=config.seed)
             rows += _run(service, ood_data, ood_acc, config, f"evaluating on {ood_name} (OOD)", progress, 1 if config.figures else 0)
             ood_summary = ood_acc.summary()
@@ -241,6 +247,22 @@ def evaluate(config: EvalConfig, *, progress: bool = True, tags: dict[str, str] 
         for path in (out / "results.json", *figures):
             run.log_artifact(path)
     return results
+
+
+def _check_fits(data: Dataset, spec: dict[str, Any], name: str, model: str, labels: bool = True) -> None:
+    """A model is tested on data of its task and classes; OOD images (``labels=False``) only
+    need to be images (a CamVid model may be shown NYUv2)."""
+    from dubito.platform.training import base_dataset
+
+    if not labels:
+        return
+
+    task = base_dataset(data).task
+    if task != spec["task"]:
+        raise DubitoError(f"{model} is a {spec['task']} model; {name} is a {task} dataset")
+    classes = getattr(base_dataset(data), "num_classes", None)
+    if task == "segmentation" and classes != spec["num_classes"]:
+        raise DubitoError(f"{model} predicts {spec['num_classes']} classes; {name} has {classes}")
 
 
 def format_evaluation(results: dict[str, Any]) -> str:

@@ -113,8 +113,10 @@ def tracked_run(
         run = None
         if run_id is not None:
             with contextlib.suppress(Exception):  # gone (another store, deleted): start a new run
-                run = client.get_run(run_id)
-                client.update_run(run_id, status="RUNNING")
+                found_run = client.get_run(run_id)
+                if found_run.info.lifecycle_stage == "active":
+                    client.update_run(run_id, status="RUNNING")
+                    run = found_run
         if run is None:
             run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     except Exception as err:  # mlflow raises many types for a bad store

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra iterator (DataLoader workers)
 
 from dubito import DubitoError
 from dubito.platform.data import DATASETS, get_dataset, train_transform
@@ -166,6 +166,7 @@ def build_for(config: TrainConfig, dataset: Dataset) -> tuple[nn.Module, dict[st
         "dataset": config.dataset,
         "height": config.height,
         "width": config.width,
+        "max_depth": getattr(data, "max_depth", None),
     }
     return _model_from_spec(spec), spec
 
@@ -279,10 +280,11 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("epochs", "workers", "device", "output", "patience")}
 
 
-def train(config: TrainConfig | dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
+def train(config: TrainConfig | dict[str, Any], *, progress: bool = True, tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Train, validate each epoch, checkpoint, log to MLflow; resume from ``output/checkpoint.pt``.
 
-    Returns the results also written to ``output/results.json``.
+    ``tags`` go on the MLflow run (e.g. ``mlflow.parentRunId``). Returns the results also written
+    to ``output/results.json``.
     """
     config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
     config.validate()
@@ -299,12 +301,11 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True) -> dic
     use_amp = config.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    weight = _class_weights(train_set, spec, progress).to(device) if config.class_weights and spec["task"] == "segmentation" else None
 
     state: dict[str, Any] = {"epoch": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [], "run_id": None}
     checkpoint = out / CHECKPOINT
     if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
         if _comparable(saved["config"]) != _comparable(asdict(config)):
             changed = sorted(k for k, v in _comparable(asdict(config)).items() if saved["config"].get(k) != v)
             raise DubitoError(
@@ -313,15 +314,20 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True) -> dic
             )
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"])
+        if saved["scaler"] and scaler.is_enabled():  # empty when saved without fp16 scaling (CPU, bf16)
+            scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
         torch.set_rng_state(saved["rng"]["cpu"])
         if device.type == "cuda" and saved["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
+            torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu(), device)
 
     started = time.perf_counter()
-    with tracked_run(config.experiment, run_name=out.name, params=config, tags={"dubito.command": "train"}, run_id=state["run_id"]) as run:
+    run_tags = {"dubito.command": "train", **(tags or {})}
+    with tracked_run(config.experiment, run_name=out.name, params=config, tags=run_tags, run_id=state["run_id"]) as run:
         state["run_id"] = run.run_id
+        run.set_tags(run_tags)
+        segmentation = spec["task"] == "segmentation"
+        weight = _class_weights(train_set, spec, progress).to(device) if config.class_weights and segmentation else None
         epochs = tqdm(range(state["epoch"], config.epochs), desc=f"training {config.model}/{config.variant}",
                       unit="epoch", disable=not progress, initial=state["epoch"], total=config.epochs)  # fmt: skip
         for epoch in epochs:
@@ -391,6 +397,6 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True) -> dic
 
         figure = training_curves(state["history"], out / "training.png")
         write_json(out / "results.json", results)
-        for path in (out / "results.json", figure, out / MODEL):
+        for path in (out / "results.json", figure, out / MODEL, checkpoint):
             run.log_artifact(path)
     return results

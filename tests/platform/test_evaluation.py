@@ -87,6 +87,23 @@ def test_evaluate_command_prints_the_headline(trained, tmp_path, capsys):
     assert "model file not found" in capsys.readouterr().err
 
 
+def test_a_model_is_only_tested_on_data_of_its_task(trained, tmp_path, mlflow_uri):
+    with pytest.raises(DubitoError, match="is a depth model; synthetic-camvid is a segmentation dataset"):
+        evaluate(EvalConfig(model=trained[1], dataset="synthetic-camvid", output=str(tmp_path / "a")), progress=False)
+    with pytest.raises(DubitoError, match="is a segmentation model"):
+        evaluate(EvalConfig(model=trained[0], dataset="synthetic-make3d", output=str(tmp_path / "b")), progress=False)
+    assert MlflowClient(mlflow_uri).search_runs([e.experiment_id for e in MlflowClient(mlflow_uri).search_experiments()]) == []
+
+
+def test_nan_results_are_written_as_json_null(tmp_path):
+    from dubito.platform.files import write_json
+
+    path = write_json(tmp_path / "r.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32(0.5)})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None], "c": 0.5}
+
+
 def test_bad_evaluation_settings():
     with pytest.raises(DubitoError, match="--samples"):
         EvalConfig(samples=0).validate()
+    with pytest.raises(DubitoError, match="--ood-root"):
+        EvalConfig(ood_dataset="nyuv2").validate()

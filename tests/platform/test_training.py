@@ -124,8 +124,18 @@ def test_depth_training_reports_depth_errors(tmp_path):
 
 
 def test_early_stopping_keeps_the_best_weights(tmp_path):
-    results = train(small_config(tmp_path, lr=1e-12, epochs=5, patience=1, variant="baseline"), progress=False)
-    assert results["stopped_early"] and results["epochs_run"] == 2 and results["best_epoch"] == 1
+    config = small_config(tmp_path, lr=1e-12, epochs=8, patience=1, variant="baseline")
+    results = train(config, progress=False)
+    scores = [h["val_mean_iou"] for h in results["history"]]
+    best = results["best_epoch"]
+    assert results["stopped_early"] and results["epochs_run"] == best + 1 < 8  # one epoch without improvement
+    assert scores[best - 1] == max(scores) and scores[-1] <= scores[best - 1]
+    # model.pt holds the best epoch's weights: validating it again gives that epoch's score
+    from dubito.platform.training import make_datasets, validate
+
+    model, spec = load_model(tmp_path / "run" / "model.pt")
+    _, val_set = make_datasets(config)
+    assert validate(model, val_set, spec, torch.device("cpu"), 8)["val_mean_iou"] == pytest.approx(scores[best - 1])
 
 
 def test_resume_refuses_a_folder_with_other_settings(tmp_path):
@@ -174,3 +184,19 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, mlflow_uri):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = {m.step for m in MlflowClient(mlflow_uri).get_metric_history(runs[0].info.run_id, "train_loss")}
     assert steps == {1, 2, 3, 4}
+
+
+def test_dataloader_workers_do_not_change_the_weights(tmp_path):
+    base = dict(epochs=1, crop=24, train_images=12)
+    train(small_config(tmp_path, "w0", workers=0, **base), progress=False)
+    train(small_config(tmp_path, "w2", workers=2, **base), progress=False)
+    a, b = _final_weights(tmp_path / "w0"), _final_weights(tmp_path / "w2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_deleted_mlflow_run_is_replaced_on_resume(tmp_path, mlflow_uri):
+    first = train(small_config(tmp_path, epochs=1), progress=False)
+    MlflowClient(mlflow_uri).delete_run(first["mlflow_run_id"])
+    second = train(small_config(tmp_path, epochs=2), progress=False)
+    assert second["mlflow_run_id"] != first["mlflow_run_id"] and second["epochs_run"] == 2
+    assert MlflowClient(mlflow_uri).get_run(second["mlflow_run_id"]).info.status == "FINISHED"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra iterator (DataLoader workers)
 
 from dubito import DubitoError
 from dubito.platform.data.base import DatasetError, FileDataset, Problem, find_root
