@@ -1,6 +1,6 @@
 """GPU check of the trainer and the evaluation: FC-DenseNet103 on SyntheticCamVid at 360x480,
-224x224 crops, batch 4 (the paper's first stage), fp32 against AMP side by side; then a
-T = 10 evaluation in and out of distribution.
+224x224 crops, batch 4 (the paper's first stage), fp32 against AMP side by side; resuming the AMP
+run on CUDA for one more epoch; then a T = 10 evaluation in and out of distribution.
 
 Run: ``python -m benchmarks.cuda_train_check [--output DIR]`` on a CUDA machine. When MLflow is
 not installed (a bare GPU image), runs are not tracked; everything else is the code users run.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import time
@@ -69,6 +70,10 @@ def main(argv=None) -> None:
         }
         print(f"amp={amp}: {report[f'amp={amp}']}", flush=True)
     report["amp_speedup"] = report["amp=False"]["last_epoch_seconds"] / report["amp=True"]["last_epoch_seconds"]
+    # resuming on CUDA: one more epoch from the AMP run's checkpoint (RNG states, scaler, optimizer)
+    resumed = training.train(dataclasses.replace(config, epochs=args.epochs + 1), progress=False)
+    report["resumed"] = {"epochs_run": resumed["epochs_run"], "history_epochs": [h["epoch"] for h in resumed["history"]]}
+    print(f"resumed on CUDA: {report['resumed']}", flush=True)
     started = time.perf_counter()
     evaluated = evaluation.evaluate(
         evaluation.EvalConfig(model=str(out / "amp-True" / "model.pt"), output=str(out / "evaluation"), images=8, samples=10, figures=2),
