@@ -64,11 +64,21 @@ class ReproduceConfig:
     batch_size: int = field(default=8, metadata={"help": "batch size"})
     lr: float = field(default=1e-3, metadata={"help": "RMSProp learning rate"})
     samples: int = field(default=10, metadata={"help": "MC-dropout samples T at test time (paper: 50)"})
-    seed: int = field(default=0, metadata={"help": "seed"})
+    seeds: str = field(default="0", metadata={"help": "comma-separated seeds; tables and findings average over them"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     experiment: str = field(default="dubito-reproduce", metadata={"help": "MLflow experiment"})
 
+    def seed_list(self) -> list[int]:
+        try:
+            seeds = list(dict.fromkeys(int(x) for x in self.seeds.split(",") if x.strip()))
+        except ValueError:
+            raise DubitoError(f"--seeds must be integers separated by commas, got {self.seeds!r}") from None
+        if not seeds or min(seeds) < 0:
+            raise DubitoError(f"--seeds must name at least one seed >= 0, got {self.seeds!r}")
+        return seeds
+
     def parsed(self) -> tuple[list[str], list[str], list[float]]:
+        self.seed_list()
         datasets = [d.strip() for d in self.datasets.split(",") if d.strip()]
         variants = [v.strip() for v in self.variants.split(",") if v.strip()]
         try:
@@ -85,22 +95,22 @@ class ReproduceConfig:
         return datasets, variants, fractions
 
 
-def _train_config(config: ReproduceConfig, dataset: str, variant: str, fraction: float, output: Path) -> TrainConfig:
+def _train_config(config: ReproduceConfig, dataset: str, variant: str, fraction: float, output: Path, seed: int = 0) -> TrainConfig:
     return TrainConfig(
         output=str(output), dataset=dataset, root=config.root if not dataset.startswith("synthetic-") else "",
         model=config.model, variant=variant, height=config.height, width=config.width,
         train_images=config.train_images, val_images=config.val_images, fraction=fraction,
         epochs=max(1, math.ceil(config.epochs / fraction)), batch_size=config.batch_size, lr=config.lr,
-        seed=config.seed, device=config.device, experiment=config.experiment,
+        seed=seed, device=config.device, experiment=config.experiment,
     )  # fmt: skip
 
 
-def _eval_config(config: ReproduceConfig, dataset: str, model: Path, output: Path, ood: bool) -> EvalConfig:
+def _eval_config(config: ReproduceConfig, dataset: str, model: Path, output: Path, ood: bool, seed: int = 0) -> EvalConfig:
     real = not dataset.startswith("synthetic-")  # synthetic data are tested OOD on their indoor variant
     return EvalConfig(
         model=str(model), output=str(output), root=config.root if real else "", images=config.test_images, ood=ood,
         ood_dataset=config.ood_dataset if real else "", ood_root=config.ood_root if real else "", samples=config.samples,
-        seed=config.seed, device=config.device, experiment=config.experiment,
+        seed=seed, device=config.device, experiment=config.experiment,
     )  # fmt: skip
 
 
@@ -151,8 +161,9 @@ def run_reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict[str
     _check_inputs(config, datasets)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    plan = [(d, "a", v, 1.0) for d in datasets for v in variants]
-    plan += [(d, "b", "both", f) for d in datasets for f in fractions if not (f == 1.0 and "both" in variants)]
+    seeds = config.seed_list()
+    plan = [(d, s, v, 1.0) for d in datasets for s in seeds for v in variants]
+    plan += [(d, s, "both", f) for d in datasets for s in seeds for f in fractions if not (f == 1.0 and "both" in variants)]
     total, step, started = len(plan), 0, time.perf_counter()
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     results: dict[str, Any] = {"config": asdict(config), "datasets": dict(previous.get("datasets", {}))}
@@ -165,17 +176,21 @@ def run_reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict[str
                          tags={"dubito.command": "reproduce"}, run_id=parent_id) as parent:  # fmt: skip
             write_json(marker, {"mlflow_parent_run_id": parent.run_id})
             child = {"mlflow.parentRunId": parent.run_id}
-            evaluations: dict[tuple[str, float], dict] = {}
-            for _, _, variant, fraction in [p for p in plan if p[0] == dataset]:
+            per_seed: dict[int, dict[tuple[str, float], dict]] = {s: {} for s in seeds}
+            for _, seed, variant, fraction in [p for p in plan if p[0] == dataset]:
                 step += 1
                 name = f"{variant}" if fraction == 1.0 else f"{variant}-{fraction:g}"
-                print(f"[{step}/{total}] {dataset}: {variant}, {fraction:g} of the training set "
+                place = folder / name if len(seeds) == 1 else folder / f"seed-{seed}" / name
+                print(f"[{step}/{total}] {dataset}: {variant}, {fraction:g} of the training set, seed {seed} "
                       f"({time.perf_counter() - started:.0f} s so far)", flush=True)  # fmt: skip
-                trained = train(_train_config(config, dataset, variant, fraction, folder / name), progress=progress, tags=child)
-                eval_config = _eval_config(config, dataset, Path(trained["model"]), folder / name / "evaluation", ood=variant == "both")
-                evaluations[(variant, fraction)] = _evaluate_once(eval_config, trained, child, progress)
-            entry = _dataset_results(dataset, variants, fractions, evaluations)
-            full = folder / "both" / "evaluation"
+                trained = train(_train_config(config, dataset, variant, fraction, place, seed), progress=progress, tags=child)
+                eval_config = _eval_config(config, dataset, Path(trained["model"]), place / "evaluation", variant == "both", seed)
+                per_seed[seed][(variant, fraction)] = _evaluate_once(eval_config, trained, child, progress)
+            entry = _dataset_results(dataset, variants, fractions, _mean_over_seeds(per_seed))
+            if len(seeds) > 1:
+                _seed_agreement(entry, [_dataset_results(dataset, variants, fractions, e)["findings"] for e in per_seed.values()])
+            entry["seeds"] = seeds
+            full = (folder if len(seeds) == 1 else folder / f"seed-{seeds[0]}") / "both" / "evaluation"
             for plot in ("precision_uncertainty.png", "sparsification.png", "calibration.png", "uncertainty.png"):
                 if (full / plot).exists():
                     shutil.copyfile(full / plot, folder / plot)
@@ -188,6 +203,33 @@ def run_reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict[str
     (out / "tables.md").write_text(format_tables(results))
     write_json(out / "results.json", results)
     return results
+
+
+def _mean_over_seeds(per_seed: dict[int, dict[tuple[str, float], dict]]) -> dict[tuple[str, float], dict]:
+    """One evaluation per (variant, fraction) whose numbers are the means over the seeds."""
+    runs = list(per_seed.values())
+    merged = {}
+    for key, first in runs[0].items():
+        summaries = [r[key]["summary"] for r in runs]
+        summary = {
+            k: sum(s[k] for s in summaries) / len(summaries)
+            for k, v in first["summary"].items()
+            if isinstance(v, (int, float)) and all(isinstance(s.get(k), (int, float)) for s in summaries)
+        }
+        curves = {
+            kind: {name: [sum(vals) / len(vals) for vals in zip(*(r[key]["curves"][kind][name] for r in runs))] for name in c}
+            for kind, c in first["curves"].items()
+        }
+        merged[key] = {**first, "summary": summary, "curves": curves}
+    return merged
+
+
+def _seed_agreement(entry: dict[str, Any], findings: list[dict[str, Any]]) -> None:
+    """For each yes/no finding, in how many seeds it holds on its own."""
+    entry["findings"]["seeds_agreeing"] = {
+        k: f"{sum(bool(f.get(k)) for f in findings)}/{len(findings)}"
+        for k, v in entry["findings"].items() if isinstance(v, bool)
+    }  # fmt: skip
 
 
 def _dataset_results(dataset: str, variants: list[str], fractions: list[float], evaluations: dict) -> dict[str, Any]:
@@ -258,7 +300,10 @@ def format_tables(results: dict[str, Any]) -> str:
     lines = ["# dubito reproduce", ""]
     for dataset, entry in results["datasets"].items():
         seg = entry["task"] == "segmentation"
-        lines += [f"## {dataset}", "", "### (a) variants", ""]
+        lines += [f"## {dataset}", ""]
+        if len(entry.get("seeds", [])) > 1:
+            lines += [f"Means over seeds {', '.join(map(str, entry['seeds']))}; the findings say in how many seeds each holds alone.", ""]
+        lines += ["### (a) variants", ""]
         if seg:
             lines += ["| model | mean IoU (%) | pixel accuracy (%) | ECE |", "|---|---|---|---|"]
             lines += [f"| {VARIANT_LABELS[r['variant']]} | {_fmt(r['mean_iou'], 100)} | {_fmt(r['pixel_accuracy'], 100)} | {_fmt(r['ece'])} |" for r in entry["variants"]]

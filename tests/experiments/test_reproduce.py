@@ -108,3 +108,24 @@ def test_bad_reproduce_settings(tmp_path, capsys):
         ReproduceConfig(variants="both,bayes").parsed()
     assert main(["reproduce", "--output", str(tmp_path), "--fractions", "x"]) == 2
     assert "--fractions must be numbers" in capsys.readouterr().err
+
+
+def test_several_seeds_are_averaged_and_counted(tmp_path, mlflow_uri):
+    tiny = dict(datasets="synthetic-camvid", variants="both", fractions="0.5,1", height=32, width=40, train_images=16,
+                val_images=4, test_images=4, epochs=2, samples=3)  # fmt: skip
+    results = run_reproduce(ReproduceConfig(output=str(tmp_path / "r"), seeds="0,1", **tiny), progress=False)
+    entry = results["datasets"]["synthetic-camvid"]
+    assert entry["seeds"] == [0, 1]
+    per_seed = [
+        json.loads((tmp_path / "r" / "synthetic-camvid" / f"seed-{s}" / "both" / "evaluation" / "results.json").read_text())["summary"]
+        for s in (0, 1)
+    ]
+    full = next(r for r in entry["dataset_size"] if r["train"] == "synthetic-camvid" and r["test"] == "synthetic-camvid")
+    assert full["score"] == pytest.approx((per_seed[0]["mean_iou"] + per_seed[1]["mean_iou"]) / 2)
+    assert full["mutual_information"] == pytest.approx((per_seed[0]["mutual_information"] + per_seed[1]["mutual_information"]) / 2)
+    agreeing = entry["findings"]["seeds_agreeing"]
+    assert set(agreeing) >= {"epistemic_falls_with_data", "error_falls_as_uncertain_pixels_are_removed"}
+    assert all(v in ("0/2", "1/2", "2/2") for v in agreeing.values())
+    assert "Means over seeds 0, 1" in (tmp_path / "r" / "tables.md").read_text()
+    with pytest.raises(DubitoError, match="--seeds"):
+        ReproduceConfig(seeds="0,x").parsed()
