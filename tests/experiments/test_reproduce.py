@@ -31,7 +31,9 @@ def test_segmentation_findings(reproduced):
     results, _, _ = reproduced
     f = results["datasets"]["synthetic-camvid"]["findings"]
     assert f["measures"] == {"data_size": "epistemic_logit_variance", "out_of_distribution": "mutual_information"}
-    assert f["epistemic_falls_with_data"], f  # 1/4 of the data: more epistemic uncertainty
+    # 1/4 of the data: more epistemic (logit variance) uncertainty. Deterministic for this configuration and
+    # seed; across seeds at the default size it is within the noise (README), a known gap of this study
+    assert f["epistemic_falls_with_data"], f
     assert f["epistemic_larger_out_of_distribution"] and f["ood_auroc"] > 0.7, f
     assert f["error_falls_as_uncertain_pixels_are_removed"] and f["error_curve_monotone_fraction"] > 0.8, f
 
