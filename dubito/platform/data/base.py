@@ -44,6 +44,8 @@ __all__ = [
     "check_numeric",
     "item_generator",
     "find_root",
+    "check_size",
+    "normalize_image",
     "FileDataset",
 ]
 
@@ -205,7 +207,7 @@ class FileDataset(torch.utils.data.Dataset):
         strict: bool,
     ):
         if size is not None:
-            size = _check_size(size)
+            size = check_size(size)
         self.size = size
         self.transform = transform
         self.normalize = normalize
@@ -253,9 +255,7 @@ class FileDataset(torch.utils.data.Dataset):
         index = int(index)
         item, _ = self.read(index)
         item_id = self.item_id(index % len(self))
-        if self.normalize is not None:
-            mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in self.normalize)
-            item["image"] = (item["image"] - mean) / std
+        item["image"] = normalize_image(item["image"], self.normalize)
         if self.transform is not None:
             item = self.transform(item, item_generator(self.seed, self.epoch, item_id))
         item["id"] = item_id
@@ -265,14 +265,23 @@ class FileDataset(torch.utils.data.Dataset):
         raise DubitoError(f"{self.name} has no published class weights; use median_frequency_weights")
 
 
-def _check_size(size) -> tuple[int, int]:
+def check_size(size, minimum: int = 1) -> tuple[int, int]:
+    """``size`` as (height, width) ints of at least ``minimum`` pixels, or a DubitoError."""
     try:
         h, w = (int(s) for s in size)
     except (TypeError, ValueError):
         raise DubitoError(f"size must be (height, width), got {size!r}") from None
-    if h < 1 or w < 1:
-        raise DubitoError(f"size must be positive, got {size!r}")
+    if h < minimum or w < minimum:
+        raise DubitoError(f"size must be at least {minimum}x{minimum}, got {size!r}")
     return h, w
+
+
+def normalize_image(image: torch.Tensor, normalize: tuple[Sequence[float], Sequence[float]] | None) -> torch.Tensor:
+    """``(image - mean) / std`` per channel for an image (3, H, W) in [0, 1]; unchanged when None."""
+    if normalize is None:
+        return image
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in normalize)
+    return (image - mean) / std
 
 
 def find_root(root: str | Path, subfolder: str, expected: Sequence[str]) -> Path:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from dubito import DubitoError
-from dubito.platform.data.base import IMAGENET_MEAN, IMAGENET_STD, item_generator
+from dubito.platform.data.base import IMAGENET_MEAN, IMAGENET_STD, check_size, item_generator, normalize_image
 from dubito.platform.data.camvid import CAMVID_CLASS_WEIGHTS, CAMVID_CLASSES, CAMVID_VOID
 
 __all__ = [
@@ -443,12 +443,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
         self.n = DEFAULT_COUNTS[self._kind][split] if n is None else int(n)
         if self.n < 0:
             raise DubitoError(f"n must be >= 0, got {n}")
-        try:
-            self.size = (int(size[0]), int(size[1]))
-        except (TypeError, ValueError, IndexError):
-            raise DubitoError(f"size must be (height, width), got {size!r}") from None
-        if min(self.size) < 8:
-            raise DubitoError(f"size must be at least 8x8, got {self.size}")
+        self.size = check_size(size, minimum=8)
         for arg, value in (("static_fraction", static_fraction), ("dusk_fraction", dusk_fraction), ("boundary_flip", boundary_flip)):
             if not 0.0 <= value <= 1.0:
                 raise DubitoError(f"{arg} must be in [0, 1], got {value}")
@@ -500,9 +495,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
             color[static] = rng.random((int(static.sum()), 1))  # grey TV static
             input_noise[static] = STATIC_INPUT_NOISE
         image = torch.from_numpy(np.clip(color, 0, 1).astype(np.float32)).permute(2, 0, 1).contiguous()
-        if self.normalize is not None:
-            mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in self.normalize)
-            image = (image - mean) / std
+        image = normalize_image(image, self.normalize)
         item.update(
             image=image,
             input_noise=torch.from_numpy(input_noise.astype(np.float32)),
