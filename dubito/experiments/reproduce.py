@@ -255,11 +255,10 @@ def _dataset_results(dataset: str, variants: list[str], fractions: list[float], 
                    "score": None if ood else (s["mean_iou"] if segmentation else s["rms"])}  # fmt: skip
             row.update({k: s.get(("ood_" if ood else "") + k) for k in keys})
             size_rows.append(row)
-    # the paper's measure for the data-size table is the epistemic logit variance; out of distribution
-    # mutual information is used for classification (logit variance grows with the logits' scale,
-    # which is largest where a model is confident, i.e. in distribution); both are reported
-    size_measure = "epistemic_logit_variance" if segmentation else "epistemic_var"
-    ood_measure = "mutual_information" if segmentation else "epistemic_var"
+    # classification findings are judged on mutual information, the scale-free epistemic measure; the
+    # paper's epistemic logit variance is reported beside it (it grows with the logits' magnitude, i.e.
+    # with a model's confidence, so it mixes data size and confidence; README)
+    measure = "mutual_information" if segmentation else "epistemic_var"
     aleatoric = "aleatoric_entropy" if segmentation else "aleatoric_var"
     smallest, full = evaluations[("both", fractions[0])]["summary"], evaluations[("both", 1.0)]["summary"]
     total_curve = evaluations[("both", 1.0)]["curves"].get("total", {}).get("error", [])
@@ -268,9 +267,9 @@ def _dataset_results(dataset: str, variants: list[str], fractions: list[float], 
         return a[key] / max(b[key], 1e-12)
 
     findings: dict[str, Any] = {
-        "measures": {"data_size": size_measure, "out_of_distribution": ood_measure},
-        "epistemic_falls_with_data": smallest[size_measure] > full[size_measure],
-        "epistemic_smallest_over_full": ratio(smallest, full, size_measure),
+        "measures": {"data_size": measure, "out_of_distribution": measure},
+        "epistemic_falls_with_data": smallest[measure] > full[measure],
+        "epistemic_smallest_over_full": ratio(smallest, full, measure),
         "aleatoric_smallest_over_full": ratio(smallest, full, aleatoric),
         "error_falls_as_uncertain_pixels_are_removed": bool(total_curve) and total_curve[len(total_curve) // 2] < total_curve[0],
         "error_curve_monotone_fraction": (
@@ -278,10 +277,10 @@ def _dataset_results(dataset: str, variants: list[str], fractions: list[float], 
         ),
     }  # fmt: skip
     if segmentation:
-        findings["mutual_information_smallest_over_full"] = ratio(smallest, full, "mutual_information")
+        findings["logit_variance_smallest_over_full"] = ratio(smallest, full, "epistemic_logit_variance")
     if "ood_auroc" in full:
-        findings["epistemic_larger_out_of_distribution"] = full[f"ood_{ood_measure}"] > full[ood_measure]
-        findings["epistemic_ood_over_in"] = full[f"ood_{ood_measure}"] / max(full[ood_measure], 1e-12)
+        findings["epistemic_larger_out_of_distribution"] = full[f"ood_{measure}"] > full[measure]
+        findings["epistemic_ood_over_in"] = full[f"ood_{measure}"] / max(full[measure], 1e-12)
         if segmentation:
             findings["logit_variance_ood_over_in"] = full["ood_epistemic_logit_variance"] / max(full["epistemic_logit_variance"], 1e-12)
         findings["ood_auroc"] = full["ood_auroc"]

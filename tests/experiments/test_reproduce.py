@@ -11,8 +11,9 @@ from dubito import DubitoError
 from dubito.cli import main
 from dubito.experiments.reproduce import ReproduceConfig, run_reproduce
 
-SMALL = dict(variants="both", fractions="0.25,1", height=48, width=64, train_images=64, val_images=12,
-             test_images=16, epochs=6, samples=10)  # fmt: skip
+# the default synthetic study (size, scenes, epochs, T) for the model the findings are about: variant
+# both on 1/4 and all of the training set (the other variants and 1/2 train independently of these)
+SMALL = dict(variants="both", fractions="0.25,1")
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +31,26 @@ def reproduced(tmp_path_factory, _mlflow_template):
 def test_segmentation_findings(reproduced):
     results, _, _ = reproduced
     f = results["datasets"]["synthetic-camvid"]["findings"]
-    assert f["measures"] == {"data_size": "epistemic_logit_variance", "out_of_distribution": "mutual_information"}
-    # 1/4 of the data: more epistemic (logit variance) uncertainty. Deterministic for this configuration and
-    # seed; across seeds at the default size it is within the noise (README), a known gap of this study
-    assert f["epistemic_falls_with_data"], f
-    assert f["epistemic_larger_out_of_distribution"] and f["ood_auroc"] > 0.7, f
+    assert f["measures"] == {"data_size": "mutual_information", "out_of_distribution": "mutual_information"}
+    assert f["epistemic_falls_with_data"] and f["epistemic_smallest_over_full"] > 1.05, f  # 1/4 of the data: more
+    assert f["epistemic_larger_out_of_distribution"] and f["epistemic_ood_over_in"] > 1.3 and f["ood_auroc"] > 0.75, f
+    assert f["aleatoric_noise_spearman"] > 0.5, f  # the learned label entropy follows the generator's
     assert f["error_falls_as_uncertain_pixels_are_removed"] and f["error_curve_monotone_fraction"] > 0.8, f
+    rows = {(r["train"], r["test"]): r for r in results["datasets"]["synthetic-camvid"]["dataset_size"]}
+    full, quarter = rows[("synthetic-camvid", "synthetic-camvid")], rows[("synthetic-camvid/4", "synthetic-camvid")]
+    assert f["epistemic_smallest_over_full"] == pytest.approx(quarter["mutual_information"] / full["mutual_information"])
 
 
 def test_depth_findings(reproduced):
     results, _, _ = reproduced
     f = results["datasets"]["synthetic-make3d"]["findings"]
+    assert f["measures"] == {"data_size": "epistemic_var", "out_of_distribution": "epistemic_var"}
+    assert f["epistemic_falls_with_data"] and f["epistemic_smallest_over_full"] > 1.1, f  # m², 1/4 vs all
     assert f["aleatoric_noise_spearman"] > 0.5, f  # the learned aleatoric std follows the generator's noise std
     assert f["error_falls_as_uncertain_pixels_are_removed"] and f["error_curve_monotone_fraction"] > 0.8, f
-    # not asserted: the depth model's epistemic variance (m²) moves with its predicted depth scale, so at
-    # this size it neither falls reliably with data nor rises on the (nearer) indoor rooms (README)
+    # recorded, not asserted: on the (nearer) indoor rooms the epistemic variance in m² follows the depth
+    # scale the model predicts there, so its direction varies with the seed and the model (README)
+    assert isinstance(f["epistemic_larger_out_of_distribution"], bool) and 0.0 <= f["ood_auroc"] <= 1.0
 
 
 def test_tables_plots_and_mlflow_children(reproduced):
