@@ -29,7 +29,7 @@ from typing import Any
 
 from dubito import DubitoError
 from dubito.platform.data import DATASETS, get_dataset
-from dubito.platform.evaluation import EvalConfig, evaluate
+from dubito.platform.evaluation import EVALUATION_FORMAT, EvalConfig, evaluate
 from dubito.platform.files import write_json
 from dubito.platform.models import VARIANTS
 from dubito.platform.tracking import tracked_run
@@ -142,7 +142,8 @@ def _check_inputs(config: ReproduceConfig, datasets: list[str]) -> None:
 def _evaluate_once(eval_config: EvalConfig, trained: dict[str, Any], tags: dict[str, str], progress: bool) -> dict[str, Any]:
     """Evaluate, unless this very evaluation of this very model already finished (a rerun)."""
     folder = Path(eval_config.output)
-    source = {"eval_config": asdict(eval_config), "epochs_run": trained["epochs_run"], "best_epoch": trained["best_epoch"]}
+    source = {"eval_config": asdict(eval_config), "epochs_run": trained["epochs_run"], "best_epoch": trained["best_epoch"],
+              "format": EVALUATION_FORMAT}  # results of an older dubito lack newer measures: evaluate again
     done = folder / "results.json"
     if done.exists() and (folder / "source.json").exists():
         if json.loads((folder / "source.json").read_text()) == json.loads(json.dumps(source)):
@@ -245,14 +246,15 @@ def _dataset_results(dataset: str, variants: list[str], fractions: list[float], 
             row.update(rel=s["rel"], rms=s["rms"], log10=s["log10"], delta1=s["delta1"])
         variant_rows.append(row)
     size_rows = []
-    keys = ("aleatoric_entropy", "mutual_information", "epistemic_logit_variance") if segmentation else ("aleatoric_var", "epistemic_var")
+    keys = ("aleatoric_entropy", "mutual_information", "epistemic_logit_variance") if segmentation else (
+        "aleatoric_var", "epistemic_var", "predicted_depth", "relative_epistemic_std")
     for ood in (False, True):
         for f in fractions:
             s = evaluations[("both", f)]["summary"]
             if ood and "ood_auroc" not in s:
                 continue
             row = {"train": _fraction_label(dataset, f), "test": evaluations[("both", f)].get("ood_dataset", "OOD") if ood else dataset,
-                   "score": None if ood else (s["mean_iou"] if segmentation else s["rms"])}  # fmt: skip
+                   "score": s.get(("ood_" if ood else "") + ("mean_iou" if segmentation else "rms"))}  # fmt: skip
             row.update({k: s.get(("ood_" if ood else "") + k) for k in keys})
             size_rows.append(row)
     # classification findings are judged on mutual information, the scale-free epistemic measure; the
@@ -283,6 +285,9 @@ def _dataset_results(dataset: str, variants: list[str], fractions: list[float], 
         findings["epistemic_ood_over_in"] = full[f"ood_{measure}"] / max(full[measure], 1e-12)
         if segmentation:
             findings["logit_variance_ood_over_in"] = full["ood_epistemic_logit_variance"] / max(full["epistemic_logit_variance"], 1e-12)
+        elif "ood_predicted_depth" in full:  # variance in m² follows the depth scale predicted (README)
+            for name, key in (("predicted_depth", "predicted_depth"), ("relative_spread", "relative_epistemic_std")):
+                findings[f"{name}_ood_over_in"] = full[f"ood_{key}"] / max(full[key], 1e-12)
         findings["ood_auroc"] = full["ood_auroc"]
     if "noise_spearman" in full:
         findings["aleatoric_noise_spearman"] = full["noise_spearman"]
@@ -314,8 +319,10 @@ def format_tables(results: dict[str, Any]) -> str:
             lines += ["| train | test | IoU (%) | aleatoric entropy | mutual information | epistemic logit var. (×10⁻³) |", "|---|---|---|---|---|---|"]
             lines += [f"| {r['train']} | {r['test']} | {_fmt(r['score'], 100)} | {_fmt(r['aleatoric_entropy'])} | {_fmt(r['mutual_information'])} | {_fmt(r['epistemic_logit_variance'], 1e3)} |" for r in entry["dataset_size"]]
         else:
-            lines += ["| train | test | RMS (m) | aleatoric var. | epistemic var. |", "|---|---|---|---|---|"]
-            lines += [f"| {r['train']} | {r['test']} | {_fmt(r['score'])} | {_fmt(r['aleatoric_var'])} | {_fmt(r['epistemic_var'])} |" for r in entry["dataset_size"]]
+            lines += ["| train | test | RMS (m) | aleatoric var. | epistemic var. | mean predicted depth (m) | epistemic std / depth |",
+                      "|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {r['train']} | {r['test']} | {_fmt(r['score'])} | {_fmt(r['aleatoric_var'])} | {_fmt(r['epistemic_var'])} | "
+                      f"{_fmt(r.get('predicted_depth'))} | {_fmt(r.get('relative_epistemic_std'))} |" for r in entry["dataset_size"]]  # fmt: skip
         lines += ["", "### findings", ""]
         lines += [f"- {k.replace('_', ' ')}: {v if isinstance(v, (bool, dict)) else _fmt(v)}" for k, v in entry["findings"].items()]
         lines += ["", f"Plots: {', '.join(Path(p).name for p in entry['plots'])} in {Path(entry['plots'][0]).parent}", ""]

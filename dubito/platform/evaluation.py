@@ -25,8 +25,9 @@ from dubito.platform.files import write_json
 from dubito.platform.service import UncertaintyService, resolve_device
 from dubito.platform.tracking import tracked_run
 
-__all__ = ["EvalConfig", "evaluate", "format_evaluation", "Accumulator", "evaluation_dataset"]
+__all__ = ["EVALUATION_FORMAT", "EvalConfig", "evaluate", "format_evaluation", "Accumulator", "evaluation_dataset"]
 
+EVALUATION_FORMAT = 2  # raised when results.json gains or changes measures
 SAMPLE_POINTS = 200_000  # pixels kept per uncertainty for curves, AUSE and rank correlations
 
 
@@ -102,6 +103,11 @@ class Accumulator:
                 value = fields[key].float().cpu()
                 value = value[:, 0] if value.dim() == 4 else value
                 self.sums[key] = self.sums.get(key, 0.0) + float(value[mask].double().sum())
+        if not self.segmentation:  # the depth scale predicted, to read variances in m² against
+            pred = u.mean[:, 0].float().cpu()
+            spread = fields["epistemic_var"][:, 0].float().cpu().sqrt() / pred.clamp_min(1e-3)
+            self.sums["predicted_depth"] = self.sums.get("predicted_depth", 0.0) + float(pred[mask].double().sum())
+            self.sums["relative_epistemic_std"] = self.sums.get("relative_epistemic_std", 0.0) + float(spread[mask].double().sum())
         self.pixels += int(mask.sum())
         device = fields[self.names["epistemic"]].device  # the service's (CUDA) device
         self.image_scores.append(u.per_item(mask.to(device))[self.names["epistemic"]].float().cpu())
@@ -223,7 +229,9 @@ def evaluate(config: EvalConfig, *, progress: bool = True, tags: dict[str, str] 
         else:
             results["coverage"] = {"levels": acc.calibration.levels.tolist(), "observed": acc.calibration.observed().tolist()}
         if ood_data is not None:
-            ood_acc = Accumulator(spec, labels=False, seed=config.seed)
+            # OOD data labelled for the same task (the synthetic rooms, NYUv2 depth for a Make3D model)
+            # also get the task metrics: how wrong the model is where its uncertainty should be high
+            ood_acc = Accumulator(spec, labels=_same_task(ood_data, spec), seed=config.seed)
             rows += _run(service, ood_data, ood_acc, config, f"evaluating on {ood_name} (OOD)", progress, 1 if config.figures else 0)
             ood_summary = ood_acc.summary()
             summary.update({f"ood_{k}": v for k, v in ood_summary.items()})
@@ -254,15 +262,22 @@ def _check_fits(data: Dataset, spec: dict[str, Any], name: str, model: str, labe
     need to be images (a CamVid model may be shown NYUv2)."""
     from dubito.platform.training import base_dataset
 
-    if not labels:
+    if not labels or _same_task(data, spec):
         return
+    base = base_dataset(data)
+    if base.task != spec["task"]:
+        raise DubitoError(f"{model} is a {spec['task']} model; {name} is a {base.task} dataset")
+    raise DubitoError(f"{model} predicts {spec['num_classes']} classes; {name} has {getattr(base, 'num_classes', None)}")
 
-    task = base_dataset(data).task
-    if task != spec["task"]:
-        raise DubitoError(f"{model} is a {spec['task']} model; {name} is a {task} dataset")
-    classes = getattr(base_dataset(data), "num_classes", None)
-    if task == "segmentation" and classes != spec["num_classes"]:
-        raise DubitoError(f"{model} predicts {spec['num_classes']} classes; {name} has {classes}")
+
+def _same_task(data: Dataset, spec: dict[str, Any]) -> bool:
+    """Whether ``data`` is labelled for the model's task (and, for segmentation, its classes)."""
+    from dubito.platform.training import base_dataset
+
+    base = base_dataset(data)
+    if base.task != spec["task"]:
+        return False
+    return base.task != "segmentation" or getattr(base, "num_classes", None) == spec["num_classes"]
 
 
 def format_evaluation(results: dict[str, Any]) -> str:
@@ -274,7 +289,9 @@ def format_evaluation(results: dict[str, Any]) -> str:
         keys = ("aleatoric_entropy", "mutual_information", "epistemic_logit_variance")
     else:
         lines.append("   ".join(f"{k} {s[k]:.4f}" for k in ("rel", "rms", "log10", "delta1")) + f"   calibration error {s['calibration_error']:.4f}")
-        keys = ("aleatoric_var", "epistemic_var")
+        keys = ("rms", "predicted_depth", "aleatoric_var", "epistemic_var", "relative_epistemic_std")
+    if spec["task"] == "segmentation":
+        keys = ("mean_iou", *keys)
     lines.append(f"{'':28s}{'in distribution':>18s}" + (f"{'out of distribution':>22s}" if "ood_auroc" in s else ""))
     for k in keys:
         row = f"{k.replace('_', ' '):28s}{s.get(k, math.nan):18.4f}"

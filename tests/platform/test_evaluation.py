@@ -78,6 +78,26 @@ def test_depth_evaluation_reports_depth_errors_and_coverage(trained, tmp_path):
     assert "ood_auroc" not in s
 
 
+def test_depth_ood_is_scored_for_error_and_depth_scale(trained, tmp_path):
+    """The rooms are labelled with depth, so the OOD test also reports how wrong the model is there, and
+    the depth scale it predicts, which the epistemic variance in m² moves with."""
+    config = EvalConfig(model=trained[1], output=str(tmp_path / "ev"), images=3, samples=3, batch_size=3, figures=0)
+    s = evaluate(config, progress=False)["summary"]
+    model, spec = load_model(trained[1])
+    service = UncertaintyService(model, samples=3, seed=0, device="cpu", progress=False)
+    for prefix, ood in (("", False), ("ood_", True)):
+        batch = default_collate(list(evaluation_dataset("synthetic-make3d", "test", "", spec, config, ood=ood)))
+        u = service.predict(batch["image"])
+        mask = batch["mask"].numpy()
+        pred, epi = u.mean[:, 0].numpy()[mask], u.epistemic_var[:, 0].numpy()[mask]
+        target = batch["target"].numpy()[mask]
+        assert s[prefix + "predicted_depth"] == pytest.approx(pred.mean(), rel=1e-5)
+        assert s[prefix + "relative_epistemic_std"] == pytest.approx((np.sqrt(epi) / pred.clip(1e-3)).mean(), rel=1e-4)
+        assert s[prefix + "rms"] == pytest.approx(np.sqrt(((pred - target) ** 2).mean()), rel=1e-4)
+        assert s[prefix + "epistemic_var"] == pytest.approx(epi.mean(), rel=1e-5)
+    assert s["ood_predicted_depth"] != pytest.approx(s["predicted_depth"])  # different scenes, different answers
+
+
 def test_evaluate_command_prints_the_headline(trained, tmp_path, capsys):
     assert main(["evaluate", "--model", trained[0], "--output", str(tmp_path / "c"), "--images", "3", "--samples", "2", "--no-progress"]) == 0
     printed = capsys.readouterr().out
