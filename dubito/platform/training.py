@@ -37,7 +37,7 @@ from dubito.platform.files import save_torch, write_json
 from dubito.platform.service import resolve_device
 from dubito.platform.tracking import tracked_run
 
-__all__ = ["TrainConfig", "train", "make_datasets", "build_for", "load_model", "save_model", "task_loss", "base_dataset"]
+__all__ = ["TrainConfig", "train", "fit", "train_epoch", "validate", "make_datasets", "build_for", "load_model", "save_model", "task_loss", "base_dataset"]
 
 IGNORE = -100  # label of the pixels outside the mask inside the loss
 CHECKPOINT = "checkpoint.pt"
@@ -168,12 +168,18 @@ def build_for(config: TrainConfig, dataset: Dataset) -> tuple[nn.Module, dict[st
         "width": config.width,
         "max_depth": getattr(data, "max_depth", None),
     }
+    if config.model == "mlp":  # vector inputs (digits): the input size comes from the data
+        spec["in_features"] = int(data[0]["image"].numel())
     return _model_from_spec(spec), spec
 
 
 def _model_from_spec(spec: dict[str, Any]) -> nn.Module:
     kwargs = {"task": spec["task"], "variant": spec["variant"], "dropout": spec["dropout"]}
-    if spec["task"] == "segmentation":
+    if spec["model"] == "mlp":
+        kwargs.update(in_features=spec["in_features"], out_features=spec["num_classes"] or 1)
+        if spec["task"] != "classification":
+            kwargs["likelihood"] = spec["likelihood"]
+    elif spec["task"] == "segmentation":
         kwargs["num_classes"] = spec["num_classes"]
     else:
         kwargs["likelihood"] = spec["likelihood"]
@@ -217,7 +223,7 @@ def task_loss(
     logits_or_mean = logits_or_mean.float()
     log_var = log_var.float() if log_var is not None else None
     target, mask = batch["target"], batch["mask"]
-    if getattr(model, "task", "segmentation") == "segmentation":
+    if getattr(model, "task", "segmentation") in ("segmentation", "classification"):
         target = target.masked_fill(~mask, IGNORE)
         if log_var is not None:
             return sampled_softmax_cross_entropy(
@@ -241,24 +247,28 @@ def validate(model: nn.Module, data: Dataset, spec: dict[str, Any], device: torc
     from dubito.platform.metrics import ConfusionMatrix, DepthMetrics
 
     model.eval()
-    acc = ConfusionMatrix(spec["num_classes"], spec["ignore_index"]) if spec["task"] == "segmentation" else DepthMetrics()
+    classes = spec["task"] in ("segmentation", "classification")
+    acc = ConfusionMatrix(spec["num_classes"], spec["ignore_index"]) if classes else DepthMetrics()
     # its own generator: creating a DataLoader iterator otherwise draws from the global RNG
     for batch in DataLoader(data, batch_size=batch_size, generator=torch.Generator().manual_seed(0)):
         out = model(batch["image"].to(device))
         pred = (out[0] if isinstance(out, tuple) else out).float().cpu()
-        if spec["task"] == "segmentation":
+        if classes:
             acc.update(pred.argmax(1), batch["target"], batch["mask"])
         else:
             acc.update(pred[:, 0], batch["target"], batch["mask"])
-    if spec["task"] == "segmentation":
+    if spec["task"] == "classification":
+        return {"val_accuracy": acc.pixel_accuracy()}
+    if classes:
         _, miou = acc.iou()
         return {"val_mean_iou": miou, "val_pixel_accuracy": acc.pixel_accuracy()}
     return {f"val_{k}": v for k, v in acc.compute().items()}
 
 
 def _score(metrics: dict[str, float], task: str) -> float:
-    """Higher is better: mean IoU, or minus the RMS depth error."""
-    return metrics["val_mean_iou"] if task == "segmentation" else -metrics["val_rms"]
+    """Higher is better: mean IoU, accuracy, or minus the RMS depth error."""
+    return {"segmentation": lambda: metrics["val_mean_iou"], "classification": lambda: metrics["val_accuracy"]}.get(
+        task, lambda: -metrics["val_rms"])()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -273,6 +283,70 @@ def _class_weights(train_set: Dataset, spec: dict[str, Any], progress: bool) -> 
         for item in tqdm(train_set, desc="class frequencies", unit="img", disable=not progress, leave=False):
             counts += torch.bincount(item["target"][item["mask"]].flatten(), minlength=spec["num_classes"])[: spec["num_classes"]]
         return median_frequency_weights(counts)
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    weight: Tensor | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    desc: str = "epoch",
+    progress: bool = False,
+) -> float:
+    """One pass over ``loader`` with the paper's loss, gradient clipping and (on CUDA) autocast;
+    returns the mean training loss."""
+    model.train()
+    total, count = 0.0, 0
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            output = model(batch["image"])
+        loss = task_loss(model, output, batch, weight=weight, logit_noise_samples=config.logit_noise_samples)
+        if not torch.isfinite(loss):
+            raise DubitoError(f"{desc}: the loss became {loss.item()} (try a lower --lr)")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        total += loss.item() * len(batch["image"])
+        count += len(batch["image"])
+    return total / max(count, 1)
+
+
+def fit(
+    config: TrainConfig, train_set: Dataset, *, device: torch.device | None = None, progress: bool = False, desc: str = "training"
+) -> tuple[nn.Module, dict[str, Any], list[float]]:
+    """Train a fresh model of ``config`` on ``train_set`` for ``config.epochs`` epochs, in memory
+    (no checkpoints, no MLflow: the caller records what it needs, e.g. a labeling round).
+    Deterministic on the CPU for a given ``config.seed``. Returns (model in eval mode, spec,
+    per-epoch training losses)."""
+    device = device or resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model, spec = build_for(config, train_set)
+    model.to(device)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    losses = []
+    for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch", leave=False, disable=not progress):
+        if hasattr(base_dataset(train_set), "set_epoch"):
+            base_dataset(train_set).set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers,
+                            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))  # fmt: skip
+        losses.append(train_epoch(model, loader, optimizer, config, device, desc=f"{desc}, epoch {epoch + 1}"))
+    return model.eval(), spec, losses
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -338,25 +412,10 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True, tags: 
                 train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers,
                 generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
             )  # fmt: skip
-            model.train()
-            total, count, epoch_start = 0.0, 0, time.perf_counter()
-            for batch in tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress):
-                batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    output = model(batch["image"])
-                loss = task_loss(model, output, batch, weight=weight, logit_noise_samples=config.logit_noise_samples)
-                if not torch.isfinite(loss):
-                    raise DubitoError(f"epoch {epoch + 1}: the loss became {loss.item()} (try a lower --lr)")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                total += loss.item() * len(batch["image"])
-                count += len(batch["image"])
-            metrics = {"train_loss": total / count, **validate(model, val_set, spec, device, config.batch_size)}
+            epoch_start = time.perf_counter()
+            loss = train_epoch(model, loader, optimizer, config, device, weight=weight, scaler=scaler,
+                               amp_dtype=amp_dtype if use_amp else None, desc=f"epoch {epoch + 1}", progress=progress)  # fmt: skip
+            metrics = {"train_loss": loss, **validate(model, val_set, spec, device, config.batch_size)}
             rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
             metrics["epoch_seconds"] = time.perf_counter() - epoch_start
             score = _score(metrics, spec["task"])

@@ -469,6 +469,16 @@ class SyntheticScenes(torch.utils.data.Dataset):
         rng = self._rng(index)
         return (room_scene(rng) if self.ood else street_scene(rng)), rng
 
+    def _draw_flags(self, rng: np.random.Generator) -> tuple[bool, bool]:
+        # resolution-independent draws first: the same item has the same flags at every size,
+        # and raising a fraction only adds flagged items
+        return bool(rng.random() < self.dusk_fraction), bool(rng.random() < self.static_fraction)
+
+    def flags(self, index: int) -> dict[str, bool]:
+        """Item ``index``'s ``dusk`` and ``has_static`` flags without rendering it."""
+        dusk, has_static = self._draw_flags(self.scene(int(index) % max(self.n, 1))[1])
+        return {"dusk": dusk, "has_static": has_static}
+
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         if not -self.n <= index < self.n:
@@ -476,10 +486,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
         index %= self.n
         scene, rng = self.scene(index)
         h, w = self.size
-        # resolution-independent draws first: the same item has the same flags at every size,
-        # and raising a fraction only adds flagged items
-        dusk = bool(rng.random() < self.dusk_fraction)
-        has_static = bool(rng.random() < self.static_fraction)
+        dusk, has_static = self._draw_flags(rng)
         static = _static_region(rng, h, w)
         if not has_static:
             static[...] = False
