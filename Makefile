@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dubito demo --output runs/demo
+	$(BIN)/dubito label --output runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

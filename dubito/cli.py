@@ -73,6 +73,54 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    if getattr(args, "label_command", None) == "export":
+        return _cmd_label_export(args)
+    if getattr(args, "label_command", None) == "import":
+        return _cmd_label_import(args)
+    from dubito.experiments.labeling_budget import LabelConfig, format_labeling, run_labeling
+    from dubito.platform.tracking import default_tracking_uri
+
+    config = config_from_args(LabelConfig, args)
+    results = run_labeling(config, progress=not args.no_progress)
+    print(format_labeling(results))
+    waiting = [k for k, v in results["loops"].items() if not v["finished"]]
+    if waiting:
+        loop = results["loops"][waiting[0]]["output"]
+        print(f"waiting for labels: label the images in {loop}/queries/, then `dubito label import --output {loop} "
+              "--labels FOLDER` and run this command again")  # fmt: skip
+    plots = ", ".join(results.get("plots", []))
+    print(f"wrote {config.output}/results.json, {config.output}/tables.md{', ' + plots if plots else ''} "
+          f"({results['seconds']:.0f} s); MLflow: {default_tracking_uri()} (parent run {results['mlflow_parent_run_id']})")  # fmt: skip
+    return 0
+
+
+def _cmd_label_export(args: argparse.Namespace) -> int:
+    from dubito.acquisition.ledger import Ledger
+    from dubito.acquisition.loop import LEDGER, LoopConfig, export_queries
+
+    output = Path(args.loop_output)
+    if not (output / LEDGER).exists():
+        raise DubitoError(f"{output}: no labeling run here (no {LEDGER}); give the folder of one loop, e.g. runs/label/bald/seed-0")
+    with Ledger(output / LEDGER) as ledger:
+        config = LoopConfig(output=str(output), **ledger.get_meta("settings"))
+        waiting = ledger.pending(ledger.labeled_ids())
+    if not waiting:
+        print(f"{output}: no image is waiting for a label")
+        return 0
+    folder = export_queries(config, Path(args.to) if args.to else output / "queries" / "pending", waiting)
+    print(f"wrote {len(waiting)} images and queries.json to {folder}")
+    return 0
+
+
+def _cmd_label_import(args: argparse.Namespace) -> int:
+    from dubito.acquisition.loop import import_labels
+
+    ids = import_labels(args.loop_output, args.labels)
+    print(f"imported {len(ids)} labels into {args.loop_output}; run the same `dubito label` command again to continue")
+    return 0
+
+
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from dubito.platform.data.check import check_dataset
 
@@ -127,6 +175,7 @@ def _config_command(sub, name: str, help: str, config_cls: type, func) -> argpar
 
 def build_parser() -> argparse.ArgumentParser:
     from dubito.experiments.demo import DemoConfig
+    from dubito.experiments.labeling_budget import LabelConfig
     from dubito.experiments.reproduce import ReproduceConfig
     from dubito.platform.evaluation import EvalConfig
     from dubito.platform.training import TrainConfig
@@ -138,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_command(sub, "train", "train a model (resumes from --output/checkpoint.pt); MLflow-tracked", TrainConfig, _cmd_train)
     _config_command(sub, "evaluate", "metrics, calibration, uncertainty quality and OOD detection of a trained model", EvalConfig, _cmd_evaluate)
     _config_command(sub, "reproduce", "the paper's studies (variants, training-set size, OOD, calibration) on any dataset", ReproduceConfig, _cmd_reproduce)
+    label = _config_command(sub, "label", "labeling-budget experiment: acquisitions x seeds of the pool-based loop (resumable)", LabelConfig, _cmd_label)
+    human = label.add_subparsers(dest="label_command", required=False, metavar="{export,import}",
+                                 title="human in the loop (--oracle human)")  # fmt: skip
+    export = human.add_parser("export", help="write the images waiting for labels, with queries.json")
+    export.add_argument("--output", dest="loop_output", required=True, help="the loop's folder (holds ledger.sqlite)")
+    export.add_argument("--to", help="folder to write (default: OUTPUT/queries/pending)")
+    imp = human.add_parser("import", help="check and store returned label files (<id>_label.png / .npy / .txt)")
+    imp.add_argument("--output", dest="loop_output", required=True, help="the loop's folder (holds ledger.sqlite)")
+    imp.add_argument("--labels", required=True, help="folder with the label files")
     data = sub.add_parser("data", help="check or look at a dataset").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(
         "check",

@@ -204,3 +204,29 @@ def samples_figure(items: Sequence[dict], path: str | Path, colors: np.ndarray =
                 ax.set_title(title)
         axes[r, 0].set_ylabel(f"id {int(item['id'])}")
     return _save(fig, path)
+
+
+def learning_curves_figure(
+    curves: dict[str, dict], path: str | Path, ylabel: str, extra: dict[str, dict] | None = None, extra_label: str = ""
+) -> Path:
+    """Learning curves, one line per method with a band of ± one std over seeds.
+
+    ``curves[name] = {"labels": [...], "mean": [...], "std": [...]}``; ``extra`` (same layout,
+    optional) is drawn in a second panel, e.g. the fraction of labels spent on noisy images.
+    """
+    panels = 2 if extra else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, data, label in zip(axes[0], (curves, extra or {}), (ylabel, extra_label)):
+        for k, (name, c) in enumerate(data.items()):
+            x, m, s = np.asarray(c["labels"]), np.asarray(c["mean"], dtype=float), np.asarray(c["std"], dtype=float)
+            ax.plot(x, m, marker="o", ms=3, label=name, color=colors(k % 10))
+            ax.fill_between(x, m - s, m + s, alpha=0.18, color=colors(k % 10), linewidth=0)
+        ax.set_xlabel("labelled images")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_title("learning curves (mean ± std over seeds)")
+    if extra:
+        axes[0, 1].set_title(extra_label)
+    return _save(fig, path)

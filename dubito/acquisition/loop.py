@@ -1,0 +1,464 @@
+"""The pool-based labeling loop: an initial random set, then rounds of
+
+    train (from scratch, seeded) → test → score the unlabelled pool through the
+    UncertaintyService → reduce pixel scores per image → select a batch → label → record
+
+for a budget of rounds or labels. Every round is one transaction in the :class:`Ledger`
+(``--output/ledger.sqlite``) and its model is saved atomically first, so a run killed at any
+point and started again with the same command continues after its last recorded round, never
+labels an id twice, and (on a CPU) ends with the same results as an uninterrupted run: each
+round's training, MC sampling and selection are seeded by (seed, round).
+
+Oracles: ``simulated`` reads the dataset's ground truth; ``human`` stops after each query,
+writes the queried images to ``--output/queries/round-R`` (``dubito label export``), and
+continues once ``dubito label import`` has stored the returned label files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from dubito import DubitoError
+from dubito.acquisition.ledger import INITIAL, Ledger
+from dubito.platform.data import DATASETS, get_dataset, train_transform
+from dubito.platform.files import write_json
+from dubito.platform.service import UncertaintyService, resolve_device
+from dubito.platform.tracking import tracked_run
+from dubito.platform.training import TrainConfig, fit, save_model, validate
+
+__all__ = ["LoopConfig", "run_loop", "export_queries", "import_labels", "pool_datasets"]
+
+LEDGER = "ledger.sqlite"
+# settings that may change when a run is resumed (the budget may grow; where it runs may change)
+_RESUMABLE = ("output", "rounds", "budget", "device", "experiment")
+
+
+@dataclass
+class LoopConfig:
+    """Settings of one labeling loop (one acquisition, one seed)."""
+
+    output: str = field(default="runs/label", metadata={"help": "folder for the ledger, round checkpoints, results.json"})
+    dataset: str = field(default="synthetic-camvid", metadata={"help": f"one of {', '.join(DATASETS)}"})
+    root: str = field(default="", metadata={"help": "dataset folder (real datasets)"})
+    acquisition: str = field(default="bald", metadata={"help": "acquisition function (dubito.acquisition.ACQUISITIONS)"})
+    reduction: str = field(default="topq:0.1", metadata={"help": "pixel → image: mean, max, topq:Q (mean of the top Q), class_balanced, grid:G"})
+    selection: str = field(default="topk", metadata={"help": "topk, power, softmax, kcenter, batchbald"})
+    temperature: float = field(default=1.0, metadata={"help": "power / softmax selection temperature"})
+    initial: int = field(default=8, metadata={"help": "initial random labels"})
+    query: int = field(default=4, metadata={"help": "labels queried per round"})
+    rounds: int = field(default=4, metadata={"help": "query rounds (models trained: rounds + 1)"})
+    budget: int = field(default=0, metadata={"help": "total labels; when > 0 it sets the rounds"})
+    pool_images: int = field(default=80, metadata={"help": "synthetic datasets: scenes in the unlabelled pool"})
+    test_images: int = field(default=16, metadata={"help": "synthetic datasets: test scenes"})
+    static_fraction: float = field(default=0.2, metadata={"help": "synthetic datasets: pool images with TV static"})
+    model: str = field(default="tiny", metadata={"help": "tiny, fc_densenet56/67/103, or mlp (digits)"})
+    variant: str = field(default="both", metadata={"help": "baseline, homoscedastic, aleatoric, epistemic, both"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout p"})
+    height: int = field(default=32, metadata={"help": "image height"})
+    width: int = field(default=40, metadata={"help": "image width"})
+    epochs: int = field(default=8, metadata={"help": "training epochs per round (from scratch)"})
+    batch_size: int = field(default=8, metadata={"help": "batch size (training and scoring)"})
+    lr: float = field(default=1e-3, metadata={"help": "RMSProp learning rate"})
+    samples: int = field(default=8, metadata={"help": "MC-dropout samples T for scoring"})
+    seed: int = field(default=0, metadata={"help": "seed of the initial set, training, MC samples and selection"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the synthetic scenes / the digits split"})
+    oracle: str = field(default="simulated", metadata={"help": "simulated (ground truth) or human (export / import)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+    experiment: str = field(default="dubito-label", metadata={"help": "MLflow experiment name"})
+
+    def validate(self) -> None:
+        from dubito.acquisition.functions import get_acquisition
+        from dubito.acquisition.reductions import parse_reduction
+        from dubito.acquisition.selection import SELECTIONS
+
+        if self.dataset not in DATASETS:
+            raise DubitoError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        for flag, check, value in (("--acquisition", get_acquisition, self.acquisition), ("--reduction", parse_reduction, self.reduction)):
+            try:
+                check(value)
+            except DubitoError as err:
+                raise DubitoError(f"{flag}: {err}") from None
+        if self.selection not in SELECTIONS:
+            raise DubitoError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        for name in ("initial", "query", "pool_images", "test_images", "epochs", "batch_size", "samples"):
+            if getattr(self, name) < 1:
+                raise DubitoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.rounds < 0 or self.budget < 0:
+            raise DubitoError("--rounds and --budget must be >= 0")
+        if self.budget and self.budget < self.initial:
+            raise DubitoError(f"--budget {self.budget} is smaller than --initial {self.initial}")
+        if self.oracle not in ("simulated", "human"):
+            raise DubitoError(f"--oracle must be simulated or human, got {self.oracle!r}")
+        if self.temperature <= 0:
+            raise DubitoError(f"--temperature must be > 0, got {self.temperature}")
+        if not self.dataset.startswith("synthetic-") and self.dataset != "digits" and not self.root:
+            raise DubitoError(f"--dataset {self.dataset} is read from disk: give --root DIR")
+
+    def total_rounds(self) -> int:
+        """Query rounds: ``rounds``, or as many as ``budget`` labels allow."""
+        return math.ceil((self.budget - self.initial) / self.query) if self.budget else self.rounds
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in _RESUMABLE}
+
+    def train_config(self, round: int) -> TrainConfig:
+        return TrainConfig(
+            dataset=self.dataset, root=self.root, model=self.model, variant=self.variant, dropout=self.dropout,
+            height=self.height, width=self.width, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+            seed=self.seed * 1000 + round, data_seed=self.data_seed, device=self.device,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- data
+def pool_datasets(config: LoopConfig) -> tuple[Dataset, Dataset, Dataset]:
+    """(pool for training, with augmentation; the same pool plain, for scoring; test set)."""
+    name = config.dataset
+    if name == "digits":
+        return (get_dataset(name, "train", seed=config.data_seed), get_dataset(name, "train", seed=config.data_seed),
+                get_dataset(name, "test", seed=config.data_seed))  # fmt: skip
+    size = (config.height, config.width)
+    if name.startswith("synthetic-"):
+        opts = {"size": size, "seed": config.data_seed}
+        pool = dict(n=config.pool_images, static_fraction=config.static_fraction, **opts)
+        return (get_dataset(name, "train", transform=train_transform(None, flip=True), **pool), get_dataset(name, "train", **pool),
+                get_dataset(name, "test", n=config.test_images, static_fraction=0.0, **opts))  # fmt: skip
+    return (get_dataset(name, "train", config.root, size=size, transform=train_transform(None, flip=True)),
+            get_dataset(name, "train", config.root, size=size), get_dataset(name, "test", config.root, size=size))  # fmt: skip
+
+
+def _ids(data: Dataset) -> list[int]:
+    ids = getattr(data, "ids", None)
+    return [int(i) for i in ids] if ids is not None else list(range(len(data)))
+
+
+def _flags(data: Dataset, ids: list[int], position: dict[int, int]) -> list[dict]:
+    """Known flags of pool items (synthetic: ``has_static``, ``dusk``), for the noisy-pool study."""
+    if not hasattr(data, "flags"):
+        return [{} for _ in ids]
+    return [data.flags(position[i]) for i in ids]
+
+
+class _HumanLabels(Dataset):
+    """The pool with the imported human labels in place of the dataset's targets. A label replaces
+    the target of the plain (untransformed) item, and then the training pool's random transform
+    (crop, flip) is applied, so label and image stay aligned; other attributes (``task``,
+    ``num_classes``, ...) are the training pool's."""
+
+    def __init__(self, data: Dataset, plain: Dataset, files: dict[int, str], position: dict[int, int]) -> None:
+        self.data, self.plain, self.files, self.position = data, plain, files, position
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("data", "plain", "files", "position"):
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.plain[index])
+        path = self.files.get(int(item["id"]))
+        if path is None:
+            return self.data[index]
+        target = _read_label_file(Path(path), item["target"])
+        if target.is_floating_point():  # depth: NaN or 0 = unknown
+            valid = torch.isfinite(target) & (target > 0)
+            target = torch.where(valid, target, torch.zeros_like(target))
+        else:
+            ignore = getattr(self.data, "ignore_index", None)
+            valid = target != ignore if ignore is not None else torch.ones_like(target, dtype=torch.bool)
+        item["target"], item["mask"] = target, valid
+        transform = getattr(self.data, "transform", None)
+        if transform is not None:
+            from dubito.platform.data.base import item_generator
+
+            item = transform(item, item_generator(self.data.seed, self.data.epoch, int(item["id"])))
+        return item
+
+
+def _read_label_file(path: Path, like: Tensor) -> Tensor:
+    if path.suffix == ".png":
+        from dubito.platform.data.base import read_label
+
+        return torch.from_numpy(read_label(path)).to(like.dtype)
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False)).to(like.dtype)
+    return torch.tensor(int(path.read_text().strip()), dtype=like.dtype)
+
+
+# ----------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def _features(model: torch.nn.Module, x: Tensor) -> Tensor:
+    """Deterministic (eval-mode) features for k-center: the head's input, pooled over pixels."""
+    model.eval()
+    f = model.features(x)
+    return f.flatten(2).mean(2) if f.dim() > 2 else f
+
+
+def score_pool(
+    model: torch.nn.Module, spec: dict[str, Any], data: Dataset, positions: list[int], config: LoopConfig, round: int,
+    device: torch.device, progress: bool,
+) -> dict[str, Tensor]:  # fmt: skip
+    """Per-image scores of ``data[positions]``; with ``features`` (k-center) or ``prob_samples``
+    (BatchBALD) when the selection needs them."""
+    from dubito.acquisition.functions import get_acquisition
+    from dubito.acquisition.reductions import parse_reduction, reduce_scores
+    from dubito.platform.mc import mc_samples
+
+    acquisition = get_acquisition(config.acquisition)
+    how, options = parse_reduction(config.reduction)
+    seed = config.seed * 1000 + round
+    service = UncertaintyService(model, samples=config.samples, device=device, seed=seed, progress=False)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(Subset(data, positions), batch_size=config.batch_size, shuffle=False)
+    scores, features, probs = [], [], []
+    for batch in tqdm(loader, desc=f"round {round}: scoring {len(positions)} pool images (T={config.samples})",
+                      unit="batch", leave=False, disable=not progress):  # fmt: skip
+        u = service.predict(batch["image"])
+        pixel = acquisition.score(u, generator=generator).float().cpu()
+        classes = u.prediction.cpu() if spec["task"] == "segmentation" else None
+        mask = batch["mask"] if pixel.dim() > 1 else None
+        scores.append(reduce_scores(pixel, mask, how, classes=classes, num_classes=spec["num_classes"], **options))
+        if config.selection == "kcenter":
+            features.append(_features(model, batch["image"].to(device)).cpu())
+        if config.selection == "batchbald":
+            if spec["task"] != "classification":
+                raise DubitoError("--selection batchbald is for image classification (e.g. digits), not per-pixel tasks")
+            out = mc_samples(model, batch["image"].to(device), config.samples, probs=True, seed=seed + len(probs) + 1)
+            probs.append(out.probs.float().cpu())
+    result = {"scores": torch.cat(scores)}
+    if features:
+        result["features"] = torch.cat(features)
+    if probs:
+        result["prob_samples"] = torch.cat(probs, dim=1)
+    return result
+
+
+# ----------------------------------------------------------------------------- the loop
+def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the loop of ``config``; returns what ``--output/results.json`` holds."""
+    from dubito.acquisition.selection import select
+
+    config.validate()
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    pool_train, pool, test = pool_datasets(config)
+    ids = _ids(pool)
+    position = {i: p for p, i in enumerate(ids)}
+    if config.initial + config.query * config.total_rounds() > len(ids):
+        raise DubitoError(
+            f"--initial {config.initial} + --query {config.query} x {config.total_rounds()} rounds needs more than the "
+            f"{len(ids)} images in the pool (raise --pool-images or lower the budget)"
+        )
+    with Ledger(out / LEDGER, config.settings()) as ledger:
+        if not ledger.labeled_ids():
+            order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config.seed)).tolist()
+            first = [ids[p] for p in order[: config.initial]]
+            ledger.record_initial(first, _flags(pool, first, position))
+            if config.oracle == "human":  # a person labels the initial set too
+                export_queries(config, out / "queries" / "initial", first)
+        run_id = ledger.get_meta("mlflow_run_id")
+        with tracked_run(config.experiment, run_name=f"{config.acquisition}-seed{config.seed}", params=config,
+                         tags={"dubito.command": "label", **(tags or {})}, run_id=run_id) as run:  # fmt: skip
+            ledger.set_meta("mlflow_run_id", run.run_id)
+            total = config.total_rounds()
+            bar = tqdm(range(ledger.next_round(), total + 1), desc=f"labeling ({config.acquisition}, seed {config.seed})",
+                       unit="round", initial=ledger.next_round(), total=total + 1, disable=not progress)  # fmt: skip
+            waiting: list[int] = []
+            for r in bar:
+                started = time.perf_counter()
+                labeled = ledger.labeled_ids()
+                if config.oracle == "human":
+                    waiting = ledger.pending(labeled)
+                    if waiting:
+                        last = ledger.next_round() - 1  # INITIAL when the initial set waits
+                        folder = out / "queries" / ("initial" if last == INITIAL else f"round-{last:03d}")
+                        if not (folder / "queries.json").exists():  # killed after recording, before exporting
+                            export_queries(config, folder, [q["id"] for q in ledger.queries(last)])
+                        break
+                    data = _HumanLabels(pool_train, pool, ledger.label_files(), position)
+                else:
+                    data = pool_train
+                train_cfg = config.train_config(r)
+                model, spec, _ = fit(train_cfg, Subset(data, [position[i] for i in labeled]), device=device,
+                                     progress=progress, desc=f"round {r}: training on {len(labeled)} labels")  # fmt: skip
+                metrics = {f"test_{k[4:]}": v for k, v in validate(model, test, spec, device, config.batch_size).items()}
+                checkpoint = save_model(out / "rounds" / f"round-{r:03d}.pt", model, spec)
+                queried, scores, flags = [], None, None
+                if r < total:
+                    labeled_set = set(labeled)
+                    free = [p for p, i in enumerate(ids) if i not in labeled_set]
+                    scored = score_pool(model, spec, pool, free, config, r, device, progress)
+                    labeled_features = None
+                    if "features" in scored:
+                        loader = DataLoader(Subset(pool, [position[i] for i in labeled]), batch_size=config.batch_size)
+                        labeled_features = torch.cat([_features(model, b["image"].to(device)).cpu() for b in loader])
+                    picks = select(scored["scores"], min(config.query, len(free)), config.selection, seed=config.seed * 1000 + r,
+                                   temperature=config.temperature, features=scored.get("features"),
+                                   labeled_features=labeled_features, prob_samples=scored.get("prob_samples")).tolist()  # fmt: skip
+                    queried = [ids[free[p]] for p in picks]
+                    scores = [float(scored["scores"][p]) for p in picks]
+                    flags = _flags(pool, queried, position)
+                static = _static_fraction(ledger)
+                # MLflow first: a kill between the two repeats this round (same values, same step)
+                # rather than leaving a recorded round without its metrics
+                run.log_metrics({**metrics, "labels": len(labeled), "static_fraction": static}, step=r)
+                ledger.record_round(r, metrics={**metrics, "static_fraction": static}, checkpoint=str(checkpoint),
+                                    seconds=time.perf_counter() - started, queried=queried, scores=scores, flags=flags)  # fmt: skip
+                bar.set_postfix(labels=len(labeled), **{k: f"{v:.3f}" for k, v in metrics.items() if k in _HEADLINE})
+                if config.oracle == "human" and queried:
+                    export_queries(config, out / "queries" / f"round-{r:03d}", queried)
+                    waiting = queried
+                    break
+            results = _results(config, ledger, waiting)
+            write_json(out / "results.json", results)
+            run.log_artifact(out / "results.json")
+    return results
+
+
+_HEADLINE = ("test_mean_iou", "test_accuracy", "test_rms")
+
+
+def headline_metric(metrics: dict[str, float]) -> tuple[str, float, bool]:
+    """(name, value, higher_is_better) of a round's main test metric."""
+    for name in _HEADLINE:
+        if name in metrics:
+            return name, metrics[name], name != "test_rms"
+    raise DubitoError(f"no test metric among {sorted(metrics)}")
+
+
+def _static_fraction(ledger: Ledger) -> float:
+    """Fraction of the labels bought so far (initial set excluded) on images with TV static."""
+    rows = [q for r in range(ledger.next_round()) for q in ledger.queries(r)]
+    flagged = [q["flags"] for q in rows if q["flags"]]
+    return sum(bool(f.get("has_static")) for f in flagged) / len(flagged) if flagged else 0.0
+
+
+def _results(config: LoopConfig, ledger: Ledger, waiting: list[int]) -> dict[str, Any]:
+    rounds = ledger.rounds()
+    bought = [q for r in rounds for q in ledger.queries(r["round"])]
+    static = [bool(q["flags"].get("has_static")) for q in bought if q["flags"] and "has_static" in q["flags"]]
+    return {
+        "config": asdict(config),
+        "curve": [{"round": r["round"], "labels": r["labels"], **r["metrics"]} for r in rounds],
+        "initial": [q["id"] for q in ledger.queries(INITIAL)],
+        "queried": {r["round"]: r["queried"] for r in rounds if r["queried"]},
+        "static_fraction": sum(static) / len(static) if static else None,
+        "finished": len(rounds) == config.total_rounds() + 1,
+        "waiting_for_labels": waiting,
+        "seconds": sum(r["seconds"] or 0.0 for r in rounds),
+    }
+
+
+# ----------------------------------------------------------------------------- human in the loop
+def export_queries(config: LoopConfig, folder: Path, ids: list[int]) -> Path:
+    """Write the queried images (PNG, as a person sees them) and ``queries.json`` saying which label
+    file to return for each id and its format."""
+    from PIL import Image
+
+    plain = pool_datasets(config)[1]
+    base = getattr(plain, "normalize", None)
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    position = {i: p for p, i in enumerate(_ids(plain))}
+    task = getattr(plain, "task", "segmentation")
+    suffix = {"segmentation": ".png", "depth": ".npy"}.get(task, ".txt")
+    entries = []
+    for i in ids:
+        item = plain[position[i]]
+        image = item["image"]
+        if base is not None and image.dim() == 3:  # undo the normalisation for viewing
+            mean, std = (torch.tensor(v, dtype=image.dtype).view(-1, 1, 1) for v in base)
+            image = image * std + mean
+        array = image.clamp(0, 1).numpy()
+        if array.ndim == 1:  # digits: a square grey image
+            side = int(round(math.sqrt(array.size)))
+            array = (array - array.min()) / max(float(np.ptp(array)), 1e-9)
+            Image.fromarray((array.reshape(side, side) * 255).astype(np.uint8)).resize((side * 8, side * 8)).save(tmp / f"{i}.png")
+        else:
+            Image.fromarray((array.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(tmp / f"{i}.png")
+        entries.append({"id": i, "image": f"{i}.png", "label": f"{i}_label{suffix}"})
+    shape = list(plain[position[ids[0]]]["target"].shape) if ids else []
+    classes = getattr(plain, "num_classes", None)
+    write_json(tmp / "queries.json", {
+        "task": task, "label_shape": shape, "classes": classes, "queries": entries,
+        "format": {".png": "single-channel PNG of class indices (0..C-1; the dataset's void index for unlabelled pixels)",
+                   ".npy": "float array of depth in metres, shape label_shape (NaN or 0 = unknown)",
+                   ".txt": "the class index as text"}[suffix],
+    })  # fmt: skip
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def import_labels(output: str | Path, folder: str | Path) -> list[int]:
+    """Check and store the label files in ``folder`` for the queried ids still waiting for labels;
+    returns the ids imported. Files are validated (shape, class range, finite depth) before any is
+    stored, so a bad file leaves the ledger as it was."""
+    output, folder = Path(output), Path(folder)
+    if not (output / LEDGER).exists():
+        raise DubitoError(f"{output}: no labeling run here (no {LEDGER})")
+    with Ledger(output / LEDGER) as ledger:
+        settings = ledger.get_meta("settings")
+        config = LoopConfig(output=str(output), **settings)
+        waiting = ledger.pending(ledger.labeled_ids())
+        if not waiting:
+            raise DubitoError(f"{output}: no queried image is waiting for a label")
+        plain = pool_datasets(config)[1]
+        position = {i: p for p, i in enumerate(_ids(plain))}
+        checked = {}
+        for i in waiting:
+            candidates = sorted(folder.glob(f"{i}_label.*"))
+            if not candidates:
+                continue
+            path = candidates[0]
+            like = plain[position[i]]["target"]
+            try:
+                label = _read_label_file(path, like)
+            except Exception as err:  # noqa: BLE001 - reported with the file name
+                raise DubitoError(f"{path}: cannot read the label ({type(err).__name__}: {err})") from None
+            if tuple(label.shape) != tuple(like.shape):
+                raise DubitoError(f"{path}: label shape {tuple(label.shape)}, expected {tuple(like.shape)}")
+            classes = getattr(plain, "num_classes", None)
+            ignore = getattr(plain, "ignore_index", None)
+            if classes is not None:
+                bad = (label < 0) | ((label >= classes) & (label != (ignore if ignore is not None else -1)))
+                if bool(bad.any()):
+                    raise DubitoError(f"{path}: class values outside 0..{classes - 1}" + (f" (void = {ignore})" if ignore is not None else ""))
+            checked[i] = path
+        if not checked:
+            raise DubitoError(f"{folder}: none of the label files waited for ({', '.join(f'{i}_label.*' for i in waiting[:5])} ...)")
+        store = output / "labels"
+        store.mkdir(exist_ok=True)
+        for i, path in checked.items():
+            target = store / path.name
+            shutil.copyfile(path, target.with_suffix(target.suffix + ".tmp"))
+            target.with_suffix(target.suffix + ".tmp").replace(target)
+            ledger.record_label(i, str(target))
+    return sorted(checked)
+
+
+def load_results(output: str | Path) -> dict[str, Any]:
+    path = Path(output) / "results.json"
+    if not path.exists():
+        raise DubitoError(f"{path}: not found")
+    return json.loads(path.read_text())

@@ -1,0 +1,204 @@
+"""The labeling-budget experiment (``dubito label``): for every acquisition and seed, a labeling
+loop (:mod:`dubito.acquisition.loop`); then learning curves with seed bands, the area under the
+learning curve, the labels each acquisition needs to reach random's final score, and (on
+synthetic data) the fraction of the budget spent on images carrying pure-noise TV static — the
+labeling version of the noisy-TV problem. One MLflow parent run per study, a child per loop
+(step = round). Rerunning the same command resumes every loop from its ledger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dubito import DubitoError
+from dubito.acquisition.loop import LoopConfig, headline_metric, run_loop
+from dubito.platform.files import write_json
+from dubito.platform.tracking import tracked_run
+
+__all__ = ["LabelConfig", "run_labeling", "format_labeling"]
+
+# the loop settings a study shares (all of LoopConfig but where each loop writes and which one it is)
+_PER_LOOP = ("output", "acquisition", "seed")
+
+
+def _same(name: str) -> Any:
+    """A field with LoopConfig's default and help."""
+    f = LoopConfig.__dataclass_fields__[name]
+    return field(default=f.default, metadata=f.metadata)
+
+
+@dataclass
+class LabelConfig:
+    """Settings of a labeling-budget study (each is a ``dubito label`` flag)."""
+
+    output: str = field(default="runs/label", metadata={"help": "folder: one sub-folder per acquisition and seed, results.json, plots"})
+    acquisitions: str = field(default="random,entropy,bald,aleatoric,epistemic", metadata={"help": "comma-separated acquisitions"})
+    seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds"})
+    dataset: str = _same("dataset")
+    root: str = _same("root")
+    initial: int = _same("initial")
+    query: int = _same("query")
+    rounds: int = _same("rounds")
+    budget: int = _same("budget")
+    reduction: str = _same("reduction")
+    selection: str = _same("selection")
+    temperature: float = _same("temperature")
+    pool_images: int = _same("pool_images")
+    test_images: int = _same("test_images")
+    static_fraction: float = _same("static_fraction")
+    model: str = _same("model")
+    variant: str = _same("variant")
+    dropout: float = _same("dropout")
+    height: int = _same("height")
+    width: int = _same("width")
+    epochs: int = _same("epochs")
+    batch_size: int = _same("batch_size")
+    lr: float = _same("lr")
+    samples: int = _same("samples")
+    data_seed: int = _same("data_seed")
+    oracle: str = _same("oracle")
+    device: str = _same("device")
+    experiment: str = _same("experiment")
+
+    def parsed(self) -> tuple[list[str], list[int]]:
+        acquisitions = [a.strip() for a in self.acquisitions.split(",") if a.strip()]
+        if not acquisitions or len(set(acquisitions)) != len(acquisitions):
+            raise DubitoError(f"--acquisitions must name distinct acquisitions, got {self.acquisitions!r}")
+        try:
+            seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise DubitoError(f"--seeds must be integers separated by commas, got {self.seeds!r}") from None
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise DubitoError(f"--seeds must be distinct integers >= 0, got {self.seeds!r}")
+        if self.oracle == "human" and len(acquisitions) * len(seeds) > 1:
+            raise DubitoError("--oracle human runs one loop: give one --acquisitions and one --seeds")
+        return acquisitions, seeds
+
+    def loop(self, acquisition: str, seed: int) -> LoopConfig:
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoopConfig) if f.name not in _PER_LOOP}
+        output = Path(self.output) / acquisition / f"seed-{seed}"
+        return LoopConfig(output=str(output), acquisition=acquisition, seed=seed, **shared)
+
+
+def run_labeling(config: LabelConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the study; returns what ``--output/results.json`` holds."""
+    acquisitions, seeds = config.parsed()
+    loops = {(a, s): config.loop(a, s) for a in acquisitions for s in seeds}
+    for loop in loops.values():
+        loop.validate()  # every setting checked before any training
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / "study.json"
+    parent_id = json.loads(marker.read_text()).get("mlflow_parent_run_id") if marker.exists() else None
+    started = time.perf_counter()
+    per_loop: dict[tuple[str, int], dict] = {}
+    with tracked_run(config.experiment, run_name=f"label-{config.dataset}", params=config,
+                     tags={"dubito.command": "label"}, run_id=parent_id) as parent:  # fmt: skip
+        write_json(marker, {"mlflow_parent_run_id": parent.run_id})
+        for n, ((acquisition, seed), loop) in enumerate(loops.items(), 1):
+            if progress:
+                print(f"[{n}/{len(loops)}] {acquisition}, seed {seed} ({time.perf_counter() - started:.0f} s so far)", flush=True)
+            per_loop[(acquisition, seed)] = run_loop(loop, progress=progress, tags={"mlflow.parentRunId": parent.run_id})
+        results = summarize(config, per_loop)
+        results["seconds"] = time.perf_counter() - started
+        results["mlflow_parent_run_id"] = parent.run_id
+        results["plots"] = _plots(results, out)
+        (out / "tables.md").write_text(format_labeling(results))
+        write_json(out / "results.json", results)
+        for path in (out / "results.json", out / "tables.md", *results["plots"]):
+            parent.log_artifact(path)
+        parent.log_metrics({f"alc_{a}": s["alc_mean"] for a, s in results["summary"].items() if s["alc_mean"] is not None})
+    return results
+
+
+def _alc(labels: list[float], values: list[float]) -> float | None:
+    """Area under the learning curve, normalised by the label range (so it is a mean score)."""
+    if len(labels) < 2:
+        return values[0] if values else None
+    x, y = np.asarray(labels, dtype=float), np.asarray(values, dtype=float)
+    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
+
+
+def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dict[str, Any]:
+    """Learning curves (mean ± std over seeds), ALC, labels to reach random's final score, and the
+    fraction of bought labels on noisy images, per acquisition."""
+    acquisitions, seeds = config.parsed()
+    finished = {k: r for k, r in per_loop.items() if r["curve"]}
+    if not finished:
+        return {"config": asdict(config), "metric": None, "curves": {}, "summary": {}, "loops": {}}
+    name, _, higher = headline_metric(next(iter(finished.values()))["curve"][0])
+    curves, summary = {}, {}
+    for a in acquisitions:
+        runs = [finished[(a, s)]["curve"] for s in seeds if (a, s) in finished]
+        length = min(len(c) for c in runs)
+        labels = [c["labels"] for c in runs[0][:length]]
+        values = np.array([[c[name] for c in run[:length]] for run in runs])
+        curves[a] = {"labels": labels, "mean": values.mean(0).tolist(), "std": values.std(0).tolist(), "per_seed": values.tolist()}
+        alcs = [_alc(labels, v.tolist()) for v in values]
+        static = [finished[(a, s)]["static_fraction"] for s in seeds if (a, s) in finished]
+        static = [v for v in static if v is not None]
+        summary[a] = {
+            "alc_mean": float(np.mean(alcs)), "alc_std": float(np.std(alcs)), "alc_per_seed": alcs,
+            "final_mean": float(values[:, -1].mean()), "final_std": float(values[:, -1].std()),
+            "static_fraction_mean": float(np.mean(static)) if static else None,
+            "static_fraction_std": float(np.std(static)) if static else None,
+            "seeds": len(runs),
+        }  # fmt: skip
+    if "random" in curves:
+        target = curves["random"]["mean"][-1]
+        for a, c in curves.items():
+            reached = [n for n, m in zip(c["labels"], c["mean"]) if (m >= target if higher else m <= target)]
+            summary[a]["labels_to_reach_random_final"] = reached[0] if reached else None
+    static_curves = {}
+    for a in acquisitions:
+        runs = [finished[(a, s)]["curve"] for s in seeds if (a, s) in finished]
+        length = min(len(c) for c in runs)
+        values = np.array([[c.get("static_fraction", 0.0) for c in run[:length]] for run in runs])
+        static_curves[a] = {"labels": curves[a]["labels"], "mean": values.mean(0).tolist(), "std": values.std(0).tolist()}
+    return {
+        "config": asdict(config), "metric": name, "higher_is_better": higher, "curves": curves,
+        "static_curves": static_curves, "summary": summary,
+        "loops": {f"{a}/seed-{s}": {"output": r["config"]["output"], "finished": r["finished"]} for (a, s), r in per_loop.items()},
+    }  # fmt: skip
+
+
+def _plots(results: dict[str, Any], out: Path) -> list[str]:
+    from dubito.platform.plots import learning_curves_figure
+
+    if not results["curves"]:
+        return []
+    noisy = any(s["static_fraction_mean"] for s in results["summary"].values())
+    path = learning_curves_figure(
+        results["curves"], out / "learning_curves.png", results["metric"].replace("_", " "),
+        extra=results["static_curves"] if noisy else None, extra_label="fraction of bought labels on images with TV static",
+    )  # fmt: skip
+    return [str(path)]
+
+
+def format_labeling(results: dict[str, Any]) -> str:
+    """The study's summary as a markdown table."""
+    if not results["summary"]:
+        return "no finished round yet\n"
+    metric = results["metric"]
+    lines = [
+        f"# labeling budget: {results['config']['dataset']}, metric {metric} ({'higher' if results['higher_is_better'] else 'lower'} is better)",
+        "",
+        "| acquisition | area under learning curve | final | labels to reach random's final | labels on static images |",
+        "|---|---|---|---|---|",
+    ]
+    for a, s in results["summary"].items():
+        static = "–" if s["static_fraction_mean"] is None else f"{s['static_fraction_mean']:.2f} ± {s['static_fraction_std']:.2f}"
+        reach = s.get("labels_to_reach_random_final")
+        lines.append(
+            f"| {a} | {s['alc_mean']:.4f} ± {s['alc_std']:.4f} | {s['final_mean']:.4f} ± {s['final_std']:.4f} | "
+            f"{'–' if reach is None else reach} | {static} |"
+        )
+    lines += ["", f"({next(iter(results['summary'].values()))['seeds']} seeds; ± is the std over seeds)", ""]
+    return "\n".join(lines)
