@@ -36,7 +36,7 @@ __all__ = ["DemoConfig", "scenes", "run_demo"]
 class DemoConfig:
     """Settings of the demo job (each is a ``dubito demo`` flag)."""
 
-    output: str = field(default="runs/demo", metadata={"help": "folder for results.json and the figure"})
+    output: str = field(default="runs/uncertainty-demo", metadata={"help": "folder for results.json and the figure"})
     train_images: int = field(default=48, metadata={"help": "synthetic training scenes"})
     test_images: int = field(default=8, metadata={"help": "held-out scenes, in and out of distribution each"})
     height: int = field(default=48, metadata={"help": "scene height in pixels"})

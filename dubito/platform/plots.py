@@ -217,7 +217,7 @@ def learning_curves_figure(
     panels = 2 if extra else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
     colors = plt.get_cmap("tab10")
-    for ax, data, label in zip(axes[0], (curves, extra or {}), (ylabel, extra_label)):
+    for ax, data, label in zip(axes[0], (curves, extra or {}), (ylabel, "fraction of bought labels")):
         for k, (name, c) in enumerate(data.items()):
             x, m, s = np.asarray(c["labels"]), np.asarray(c["mean"], dtype=float), np.asarray(c["std"], dtype=float)
             ax.plot(x, m, marker="o", ms=3, label=name, color=colors(k % 10))
