@@ -39,7 +39,7 @@ class LabelConfig:
     """Settings of a labeling-budget study (each is a ``dubito label`` flag)."""
 
     output: str = field(default="runs/label", metadata={"help": "folder: one sub-folder per acquisition and seed, results.json, plots"})
-    acquisitions: str = field(default="random,entropy,bald,aleatoric,epistemic", metadata={"help": "comma-separated acquisitions"})
+    acquisition: str = field(default="random,entropy,bald,aleatoric,epistemic", metadata={"help": "acquisition functions, comma-separated"})
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds"})
     dataset: str = _same("dataset")
     root: str = _same("root")
@@ -68,9 +68,9 @@ class LabelConfig:
     experiment: str = _same("experiment")
 
     def parsed(self) -> tuple[list[str], list[int]]:
-        acquisitions = [a.strip() for a in self.acquisitions.split(",") if a.strip()]
+        acquisitions = [a.strip() for a in self.acquisition.split(",") if a.strip()]
         if not acquisitions or len(set(acquisitions)) != len(acquisitions):
-            raise DubitoError(f"--acquisitions must name distinct acquisitions, got {self.acquisitions!r}")
+            raise DubitoError(f"--acquisition must name distinct acquisitions, got {self.acquisition!r}")
         try:
             seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
         except ValueError:
@@ -78,7 +78,7 @@ class LabelConfig:
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise DubitoError(f"--seeds must be distinct integers >= 0, got {self.seeds!r}")
         if self.oracle == "human" and len(acquisitions) * len(seeds) > 1:
-            raise DubitoError("--oracle human runs one loop: give one --acquisitions and one --seeds")
+            raise DubitoError("--oracle human runs one loop: give one --acquisition and one --seeds")
         return acquisitions, seeds
 
     def loop(self, acquisition: str, seed: int) -> LoopConfig:

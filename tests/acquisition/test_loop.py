@@ -33,7 +33,7 @@ def _flags(args: dict) -> list[str]:
 
 
 def test_killed_label_run_resumes_to_the_same_results(tmp_path, mlflow_uri):
-    settings = dict(TINY, acquisitions="bald", seeds="0")
+    settings = dict(TINY, acquisition="bald", seeds="0")
     reference = run_labeling(LabelConfig(output=str(tmp_path / "whole"), **settings), progress=False)
 
     out = tmp_path / "killed"
@@ -91,7 +91,7 @@ def test_bald_beats_random_on_real_digits(tmp_path, mlflow_uri):
     BALD loses to random at this budget (batches of near-duplicates from the confusable classes;
     README), which is why power selection exists."""
     settings = dict(dataset="digits", model="mlp", variant="epistemic", dropout=0.5, initial=20, query=10, rounds=8, epochs=50,
-                    batch_size=16, samples=20, selection="power", device="cpu", acquisitions="random,bald", seeds="0,1,2")  # fmt: skip
+                    batch_size=16, samples=20, selection="power", device="cpu", acquisition="random,bald", seeds="0,1,2")  # fmt: skip
     results = run_labeling(LabelConfig(output=str(tmp_path / "digits"), **settings), progress=False)
     s = results["summary"]
     assert results["metric"] == "test_accuracy" and s["bald"]["seeds"] == 3
@@ -106,7 +106,7 @@ def test_bald_beats_random_on_real_digits(tmp_path, mlflow_uri):
 
 def test_study_results_plots_and_mlflow(tmp_path, mlflow_uri, capsys):
     out = tmp_path / "study"
-    code = main(["label", f"--output={out}", "--acquisitions=random,epistemic", "--seeds=0,1", *_flags(TINY), "--no-progress"])
+    code = main(["label", f"--output={out}", "--acquisition=random,epistemic", "--seeds=0,1", *_flags(TINY), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| random |" in printed and "| epistemic |" in printed and "MLflow" in printed
@@ -124,13 +124,13 @@ def test_study_results_plots_and_mlflow(tmp_path, mlflow_uri, capsys):
         assert [m.step for m in client.get_metric_history(child.info.run_id, "labels")] == [0, 1, 2, 3]
     # the same command again resumes every loop from its ledger: nothing is trained again
     started = time.perf_counter()
-    assert main(["label", f"--output={out}", "--acquisitions=random,epistemic", "--seeds=0,1", *_flags(TINY), "--no-progress"]) == 0
+    assert main(["label", f"--output={out}", "--acquisition=random,epistemic", "--seeds=0,1", *_flags(TINY), "--no-progress"]) == 0
     assert time.perf_counter() - started < results["seconds"] / 3
     assert len(client.search_runs([experiment])) == 5  # the parent and its four children, reopened
 
 
 def test_bad_label_settings_are_refused_before_any_work(tmp_path, capsys):
-    assert main(["label", f"--output={tmp_path / 'a'}", "--acquisitions=random,nonsense"]) == 2
+    assert main(["label", f"--output={tmp_path / 'a'}", "--acquisition=random,nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err
     assert not (tmp_path / "a" / "random").exists()
     with pytest.raises(DubitoError, match="--seeds"):
@@ -142,3 +142,26 @@ def test_bad_label_settings_are_refused_before_any_work(tmp_path, capsys):
     run_loop(LoopConfig(output=str(tmp_path / "c"), **{**TINY, "rounds": 1}), progress=False)
     with pytest.raises(DubitoError, match="other settings .*query"):
         run_loop(LoopConfig(output=str(tmp_path / "c"), **{**TINY, "rounds": 1, "query": 2}), progress=False)
+
+
+@pytest.mark.parametrize("dataset", ["camvid", "make3d", "synthetic-make3d"])
+def test_loop_on_real_layouts_and_depth(tmp_path, mlflow_uri, dataset):
+    """The loop reads CamVid and Make3D from their published layouts (tiny files written here) and
+    handles depth: scores reduce over valid pixels, the test metric is the RMS error."""
+    from tests.fixtures import make_camvid, make_make3d
+
+    root = ""
+    if dataset == "camvid":
+        make_camvid(tmp_path / "data", counts=(12, 2, 3))
+        root = str(tmp_path / "data" / "CamVid")
+    elif dataset == "make3d":
+        make_make3d(tmp_path / "data", counts=(12, 3))
+        root = str(tmp_path / "data")
+    config = LoopConfig(output=str(tmp_path / "run"), **{**TINY, "dataset": dataset, "root": root, "acquisition": "epistemic",
+                                                          "initial": 3, "query": 2, "rounds": 2})  # fmt: skip
+    results = run_loop(config, progress=False)
+    metric = "test_mean_iou" if dataset == "camvid" else "test_rms"
+    assert [c["labels"] for c in results["curve"]] == [3, 5, 7] and all(metric in c for c in results["curve"])
+    queried = [i for ids in results["queried"].values() for i in ids]
+    assert len(set(queried + results["initial"])) == 7
+    assert all(0 <= i < (12 if root else TINY["pool_images"]) for i in queried)
