@@ -47,3 +47,15 @@ def _no_stray_mlflow(tmp_path_factory, monkeypatch, _mlflow_template):
     if "MLFLOW_TRACKING_URI" not in os.environ:
         uri = _fresh_store(_mlflow_template, tmp_path_factory.mktemp("mlflow"))
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: on a busy 2-core machine extra threads make
+    them several times slower. The previous count is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,13 +21,7 @@ TINY = dict(dataset="synthetic-camvid", height=16, width=20, pool_images=12, tes
 VOID = 11  # synthetic-camvid: 11 classes, void = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The model is tiny: intra-op threads only add overhead (on a busy 2-core machine, 5x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only add overhead
 
 
 def _config(output: Path, **changes) -> LoopConfig:

@@ -26,13 +26,7 @@ SAMPLES = 10
 CLASSIFICATION = [name for name, a in ACQUISITIONS.items() if "classification" in a.kinds]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The MLP is tiny: intra-op threads only add overhead (on a busy 2-core machine, 100× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only add overhead
 
 
 @pytest.fixture(scope="module")
