@@ -219,7 +219,6 @@ def score_pool(
     (BatchBALD) when the selection needs them."""
     from dubito.acquisition.functions import get_acquisition
     from dubito.acquisition.reductions import parse_reduction, reduce_scores
-    from dubito.platform.mc import mc_samples
 
     acquisition = get_acquisition(config.acquisition)
     how, options = parse_reduction(config.reduction)
@@ -228,20 +227,19 @@ def score_pool(
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(Subset(data, positions), batch_size=config.batch_size, shuffle=False)
     scores, features, probs = [], [], []
+    if config.selection == "batchbald" and spec["task"] != "classification":
+        raise DubitoError("--selection batchbald is for image classification (e.g. digits), not per-pixel tasks")
     for batch in tqdm(loader, desc=f"round {round}: scoring {len(positions)} pool images (T={config.samples})",
                       unit="batch", leave=False, disable=not progress):  # fmt: skip
-        u = service.predict(batch["image"])
+        u, samples = service.predict_with_samples(batch["image"])
         pixel = acquisition.score(u, generator=generator).float().cpu()
         classes = u.prediction.cpu() if spec["task"] == "segmentation" else None
         mask = batch["mask"] if pixel.dim() > 1 else None
         scores.append(reduce_scores(pixel, mask, how, classes=classes, num_classes=spec["num_classes"], **options))
         if config.selection == "kcenter":
             features.append(_features(model, batch["image"].to(device)).cpu())
-        if config.selection == "batchbald":
-            if spec["task"] != "classification":
-                raise DubitoError("--selection batchbald is for image classification (e.g. digits), not per-pixel tasks")
-            out = mc_samples(model, batch["image"].to(device), config.samples, probs=True, seed=seed + len(probs) + 1)
-            probs.append(out.probs.float().cpu())
+        if config.selection == "batchbald":  # the very samples the scores came from
+            probs.append(samples.probs.float().cpu())
     result = {"scores": torch.cat(scores)}
     if features:
         result["features"] = torch.cat(features)

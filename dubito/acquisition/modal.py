@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import Tensor
 
@@ -242,8 +241,8 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
 
         ``y`` may be None when ``data`` is given: the targets are then read from it.
         """
-        from dubito.platform.losses import sampled_softmax_cross_entropy
         from dubito.platform.models import build_model
+        from dubito.platform.training import task_loss
         from dubito.platform.service import resolve_device
 
         self._check_params()
@@ -290,13 +289,9 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
                 order = torch.randperm(n, generator=order_rng).to(device)
                 for start in range(0, n, int(self.batch_size)):
                     batch = order[start : start + int(self.batch_size)]
-                    out = model(x_dev[batch])
-                    if isinstance(out, tuple):
-                        loss = sampled_softmax_cross_entropy(
-                            out[0], out[1], t_dev[batch], samples=int(self.logit_noise_samples)
-                        )
-                    else:
-                        loss = F.cross_entropy(out, t_dev[batch])
+                    targets = t_dev[batch]
+                    loss = task_loss(model, model(x_dev[batch]), {"target": targets, "mask": torch.ones_like(targets, dtype=torch.bool)},
+                                     logit_noise_samples=int(self.logit_noise_samples))  # fmt: skip
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -309,9 +304,7 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------ prediction
     def _mc(self, X: Any, samples: int | None, keep_samples: bool) -> tuple[ClassificationUncertainty, Tensor | None]:
         """The service's uncertainty of X (fields on the CPU) and, if asked, the (T, N, C) samples."""
-        from dubito.platform.mc import mc_samples
         from dubito.platform.service import UncertaintyService, resolve_device
-        from dubito.platform.uncertainty import classification_uncertainty
 
         self._check_fitted()
         T = int(self.samples) if samples is None else samples
@@ -331,23 +324,9 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         prob_parts: list[Tensor] = []
         for block in self._chunks(X):
             chunk = block.to(service.device)
+            u, out = service.predict_with_samples(chunk)
             if keep_samples:
-                # What service.predict does, keeping the per-sample probabilities (same seeds).
-                out = mc_samples(
-                    service.model,
-                    chunk,
-                    service.samples,
-                    chunk_size=service.chunk_size,
-                    autocast=service.autocast,
-                    probs=True,
-                    logit_noise_samples=service.logit_noise_samples,
-                    seed=service._next_seed(),
-                    stochastic=service.mc_dropout,
-                )
-                u = classification_uncertainty(out.probs, out.mean)
                 prob_parts.append(out.probs.float().cpu())
-            else:
-                u = service.predict(chunk)
             parts.append({k: v.detach().cpu() for k, v in u.to_dict().items()})
         merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return ClassificationUncertainty(**merged), (torch.cat(prob_parts, 1) if keep_samples else None)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra iterator (DataLoader workers)
 
 from dubito import DubitoError
-from dubito.platform.mc import mc_samples
+from dubito.platform.mc import MCSamples, mc_samples
 from dubito.platform.uncertainty import (
     LIKELIHOODS,
     ClassificationUncertainty,
@@ -120,6 +120,11 @@ class UncertaintyService:
 
     def predict(self, x: Tensor) -> ClassificationUncertainty | RegressionUncertainty:
         """Uncertainty of one batch ``x`` (N, ...); the fields are on the service's device."""
+        return self.predict_with_samples(x)[0]
+
+    def predict_with_samples(self, x: Tensor) -> tuple[ClassificationUncertainty | RegressionUncertainty, MCSamples]:
+        """:meth:`predict` and the T stacked samples it decomposed (e.g. the (T, N, C) probabilities
+        BatchBALD needs), from the same draws."""
         x = x.to(self.device, non_blocking=True)
         out = mc_samples(
             self.model,
@@ -133,8 +138,8 @@ class UncertaintyService:
             stochastic=self.mc_dropout,
         )
         if self.kind == "classification":
-            return classification_uncertainty(out.probs, out.mean)
-        return regression_uncertainty(out.mean, out.log_var, self.likelihood)
+            return classification_uncertainty(out.probs, out.mean), out
+        return regression_uncertainty(out.mean, out.log_var, self.likelihood), out
 
     def stream(
         self,

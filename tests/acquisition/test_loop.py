@@ -165,3 +165,16 @@ def test_loop_on_real_layouts_and_depth(tmp_path, mlflow_uri, dataset):
     queried = [i for ids in results["queried"].values() for i in ids]
     assert len(set(queried + results["initial"])) == 7
     assert all(0 <= i < (12 if root else TINY["pool_images"]) for i in queried)
+
+
+@pytest.mark.parametrize("selection", ["batchbald", "kcenter"])
+def test_batch_aware_selections_run_in_the_loop(tmp_path, mlflow_uri, selection):
+    settings = dict(dataset="digits", model="mlp", variant="epistemic", dropout=0.5, initial=10, query=4, rounds=2, epochs=5,
+                    batch_size=16, samples=5, selection=selection, device="cpu")  # fmt: skip
+    results = run_loop(LoopConfig(output=str(tmp_path / selection), acquisition="bald", **settings), progress=False)
+    queried = [i for ids in results["queried"].values() for i in ids]
+    assert len(queried) == len(set(queried)) == 8 and not set(queried) & set(results["initial"])
+    again = run_loop(LoopConfig(output=str(tmp_path / f"{selection}-again"), acquisition="bald", **settings), progress=False)
+    assert again["queried"] == results["queried"]  # reproducible from the seed
+    with pytest.raises(DubitoError, match="batchbald"):
+        run_loop(LoopConfig(output=str(tmp_path / "seg"), **{**TINY, "selection": "batchbald"}), progress=False)

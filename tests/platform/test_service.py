@@ -117,3 +117,17 @@ def test_stream_bad_batches_have_clear_errors():
         UncertaintyService(MLP(2, 2), samples=0)
     with pytest.raises(DubitoError, match="likelihood"):
         UncertaintyService(MLP(2, 2), likelihood="student")
+
+
+def test_predict_with_samples_returns_the_draws_it_decomposed():
+    from dubito.platform.models import MLP
+    from dubito.platform.uncertainty import classification_uncertainty
+
+    model = MLP(6, 4, hidden=(16,), variant="both", dropout=0.3)
+    x = torch.randn(5, 6)
+    u, samples = UncertaintyService(model, samples=7, seed=3, progress=False, device="cpu").predict_with_samples(x)
+    assert samples.probs.shape == (7, 5, 4)
+    again = classification_uncertainty(samples.probs, samples.mean)
+    torch.testing.assert_close(u.mutual_information, again.mutual_information)
+    plain = UncertaintyService(model, samples=7, seed=3, progress=False, device="cpu").predict(x)
+    torch.testing.assert_close(plain.mean_probs, u.mean_probs)  # the same seeded draws as predict
