@@ -308,17 +308,18 @@ def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] 
                     if "features" in scored:
                         loader = DataLoader(Subset(pool, [position[i] for i in labeled]), batch_size=config.batch_size)
                         labeled_features = torch.cat([_features(model, b["image"].to(device)).cpu() for b in loader])
-                    picks = select(scored["scores"], min(config.query, len(free)), config.selection, seed=config.seed * 1000 + r,
+                    picks = select(scored["scores"], _batch_size(config, len(labeled), len(free)), config.selection, seed=config.seed * 1000 + r,
                                    temperature=config.temperature, features=scored.get("features"),
                                    labeled_features=labeled_features, prob_samples=scored.get("prob_samples")).tolist()  # fmt: skip
                     queried = [ids[free[p]] for p in picks]
                     scores = [float(scored["scores"][p]) for p in picks]
                     flags = _flags(pool, queried, position)
-                static = _static_fraction(ledger)
+                # synthetic pools know which images carry TV static: the share of bought labels on them
+                static = {"static_fraction": _static_fraction(ledger)} if hasattr(pool, "flags") else {}
                 # MLflow first: a kill between the two repeats this round (same values, same step)
                 # rather than leaving a recorded round without its metrics
-                run.log_metrics({**metrics, "labels": len(labeled), "static_fraction": static}, step=r)
-                ledger.record_round(r, metrics={**metrics, "static_fraction": static}, checkpoint=str(checkpoint),
+                run.log_metrics({**metrics, "labels": len(labeled), **static}, step=r)
+                ledger.record_round(r, metrics={**metrics, **static}, checkpoint=str(checkpoint),
                                     seconds=time.perf_counter() - started, queried=queried, scores=scores, flags=flags)  # fmt: skip
                 bar.set_postfix(labels=len(labeled), **{k: f"{v:.3f}" for k, v in metrics.items() if k in _HEADLINE})
                 if config.oracle == "human" and queried:
@@ -340,6 +341,12 @@ def headline_metric(metrics: dict[str, float]) -> tuple[str, float, bool]:
         if name in metrics:
             return name, metrics[name], name != "test_rms"
     raise DubitoError(f"no test metric among {sorted(metrics)}")
+
+
+def _batch_size(config: LoopConfig, labeled: int, free: int) -> int:
+    """Labels to query this round: ``query``, but never past ``budget`` or the pool."""
+    left = config.budget - labeled if config.budget else config.query
+    return max(1, min(config.query, free, left))
 
 
 def _static_fraction(ledger: Ledger) -> float:

@@ -157,10 +157,11 @@ def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dic
             reached = [n for n, m in zip(c["labels"], c["mean"]) if (m >= target if higher else m <= target)]
             summary[a]["labels_to_reach_random_final"] = reached[0] if reached else None
     static_curves = {}
-    for a in acquisitions:
+    known = all("static_fraction" in c for r in finished.values() for c in r["curve"])  # synthetic pools only
+    for a in acquisitions if known else ():
         runs = [finished[(a, s)]["curve"] for s in seeds if (a, s) in finished]
         length = min(len(c) for c in runs)
-        values = np.array([[c.get("static_fraction", 0.0) for c in run[:length]] for run in runs])
+        values = np.array([[c["static_fraction"] for c in run[:length]] for run in runs])
         static_curves[a] = {"labels": curves[a]["labels"], "mean": values.mean(0).tolist(), "std": values.std(0).tolist()}
     return {
         "config": asdict(config), "metric": name, "higher_is_better": higher, "curves": curves,

@@ -178,3 +178,9 @@ def test_batch_aware_selections_run_in_the_loop(tmp_path, mlflow_uri, selection)
     assert again["queried"] == results["queried"]  # reproducible from the seed
     with pytest.raises(DubitoError, match="batchbald"):
         run_loop(LoopConfig(output=str(tmp_path / "seg"), **{**TINY, "selection": "batchbald"}), progress=False)
+
+
+def test_a_label_budget_is_never_exceeded(tmp_path, mlflow_uri):
+    results = run_loop(LoopConfig(output=str(tmp_path / "b"), **{**TINY, "budget": 9, "rounds": 0}), progress=False)
+    assert [c["labels"] for c in results["curve"]] == [4, 7, 9] and results["finished"]
+    assert [len(v) for v in results["queried"].values()] == [3, 2]
