@@ -85,7 +85,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
     results = run_labeling(config, progress=not args.no_progress)
     print(format_labeling(results))
     waiting = [k for k, v in results["loops"].items() if not v["finished"]]
-    if waiting:
+    if waiting and config.oracle == "human":
         loop = results["loops"][waiting[0]]["output"]
         print(f"waiting for labels: label the images in {loop}/queries/, then `dubito label import --output {loop} "
               "--labels FOLDER` and run this command again")  # fmt: skip
@@ -97,13 +97,15 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
 def _cmd_label_export(args: argparse.Namespace) -> int:
     from dubito.acquisition.ledger import Ledger
-    from dubito.acquisition.loop import LEDGER, LoopConfig, export_queries
+    from dubito.acquisition.loop import LEDGER, export_queries, loop_config
 
     output = Path(args.loop_output)
     if not (output / LEDGER).exists():
         raise DubitoError(f"{output}: no labeling run here (no {LEDGER}); give the folder of one loop, e.g. runs/label/bald/seed-0")
     with Ledger(output / LEDGER) as ledger:
-        config = LoopConfig(output=str(output), **ledger.get_meta("settings"))
+        config = loop_config(output, ledger)
+        if config.oracle != "human":
+            raise DubitoError(f"{output}: a loop with --oracle {config.oracle}: nothing is exported for people to label")
         waiting = ledger.pending(ledger.labeled_ids())
     if not waiting:
         print(f"{output}: no image is waiting for a label")

@@ -124,8 +124,17 @@ class Ledger:
                     [(i, round, rank, s, f) for rank, (i, s, f) in enumerate(zip(ids, scores, flags))],
                 )
         except sqlite3.IntegrityError as err:
+            if round_row is not None and round < self.next_round():
+                raise DubitoError(f"{self.path}: round {round} is recorded already (is another process writing here?)") from None
             again = sorted(set(ids) & set(self.labeled_ids()))
             raise DubitoError(f"{self.path}: round {round} would label ids again {again[:10]} ({err})") from None
+
+    def add_queries(self, round: int, queried: Sequence[int], scores: Sequence[float] | None = None,
+                    flags: Sequence[dict] | None = None) -> None:  # fmt: skip
+        """Queries of a recorded round that had none (its loop was given a larger budget), atomically."""
+        if round != self.next_round() - 1 or self.queries(round):
+            raise DubitoError(f"{self.path}: round {round} is not the last round without queries")
+        self._insert_queries(round, queried, scores, flags)
 
     def record_label(self, id: int, path: str) -> None:
         """A human label file for queried ``id``."""

@@ -16,6 +16,7 @@ continues once ``dubito label import`` has stored the returned label files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -38,7 +39,7 @@ from dubito.platform.service import UncertaintyService, resolve_device
 from dubito.platform.tracking import tracked_run
 from dubito.platform.training import TrainConfig, fit, save_model, validate
 
-__all__ = ["LoopConfig", "run_loop", "export_queries", "import_labels", "pool_datasets"]
+__all__ = ["LoopConfig", "run_loop", "export_queries", "import_labels", "pool_datasets", "loop_config"]
 
 LEDGER = "ledger.sqlite"
 # settings that may change when a run is resumed (the budget may grow; where it runs may change)
@@ -234,7 +235,8 @@ def score_pool(
         u, samples = service.predict_with_samples(batch["image"])
         pixel = acquisition.score(u, generator=generator).float().cpu()
         classes = u.prediction.cpu() if spec["task"] == "segmentation" else None
-        mask = batch["mask"] if pixel.dim() > 1 else None
+        # no mask: on real data the valid pixels come from the (unbought) label itself
+        mask = None
         scores.append(reduce_scores(pixel, mask, how, classes=classes, num_classes=spec["num_classes"], **options))
         if config.selection == "kcenter":
             features.append(_features(model, batch["image"].to(device)).cpu())
@@ -250,9 +252,10 @@ def score_pool(
 
 # ----------------------------------------------------------------------------- the loop
 def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run (or resume) the loop of ``config``; returns what ``--output/results.json`` holds."""
-    from dubito.acquisition.selection import select
+    """Run (or resume) the loop of ``config``; returns what ``--output/results.json`` holds.
 
+    ``--rounds`` / ``--budget`` may grow on resume (a finished loop continues as if it had been
+    started with the larger budget); they cannot shrink."""
     config.validate()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +263,8 @@ def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] 
     pool_train, pool, test = pool_datasets(config)
     ids = _ids(pool)
     position = {i: p for p, i in enumerate(ids)}
-    if config.initial + config.query * config.total_rounds() > len(ids):
+    needed = config.initial + config.query * config.total_rounds()
+    if min(needed, config.budget or needed) > len(ids):
         raise DubitoError(
             f"--initial {config.initial} + --query {config.query} x {config.total_rounds()} rounds needs more than the "
             f"{len(ids)} images in the pool (raise --pool-images or lower the budget)"
@@ -277,6 +281,14 @@ def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] 
                          tags={"dubito.command": "label", **(tags or {})}, run_id=run_id) as run:  # fmt: skip
             ledger.set_meta("mlflow_run_id", run.run_id)
             total = config.total_rounds()
+            if ledger.next_round() > total + 1:
+                raise DubitoError(
+                    f"{out}: this loop already has {ledger.next_round()} rounds ({len(ledger.labeled_ids())} labels); "
+                    f"--rounds / --budget ({total} query rounds) cannot shrink it: use another --output"
+                )
+            extended = _extend(ledger, config, total, pool, ids, position, device, progress)
+            if extended and config.oracle == "human":
+                export_queries(config, out / "queries" / f"round-{ledger.next_round() - 1:03d}", extended)
             bar = tqdm(range(ledger.next_round(), total + 1), desc=f"labeling ({config.acquisition}, seed {config.seed})",
                        unit="round", initial=ledger.next_round(), total=total + 1, disable=not progress)  # fmt: skip
             waiting: list[int] = []
@@ -298,22 +310,10 @@ def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] 
                 model, spec, _ = fit(train_cfg, Subset(data, [position[i] for i in labeled]), device=device,
                                      progress=progress, desc=f"round {r}: training on {len(labeled)} labels")  # fmt: skip
                 metrics = {f"test_{k[4:]}": v for k, v in validate(model, test, spec, device, config.batch_size).items()}
-                checkpoint = save_model(out / "rounds" / f"round-{r:03d}.pt", model, spec)
+                checkpoint = save_model(out.resolve() / "rounds" / f"round-{r:03d}.pt", model, spec)
                 queried, scores, flags = [], None, None
                 if r < total:
-                    labeled_set = set(labeled)
-                    free = [p for p, i in enumerate(ids) if i not in labeled_set]
-                    scored = score_pool(model, spec, pool, free, config, r, device, progress)
-                    labeled_features = None
-                    if "features" in scored:
-                        loader = DataLoader(Subset(pool, [position[i] for i in labeled]), batch_size=config.batch_size)
-                        labeled_features = torch.cat([_features(model, b["image"].to(device)).cpu() for b in loader])
-                    picks = select(scored["scores"], _batch_size(config, len(labeled), len(free)), config.selection, seed=config.seed * 1000 + r,
-                                   temperature=config.temperature, features=scored.get("features"),
-                                   labeled_features=labeled_features, prob_samples=scored.get("prob_samples")).tolist()  # fmt: skip
-                    queried = [ids[free[p]] for p in picks]
-                    scores = [float(scored["scores"][p]) for p in picks]
-                    flags = _flags(pool, queried, position)
+                    queried, scores, flags = _query(model, spec, pool, ids, position, labeled, config, r, device, progress)
                 # synthetic pools know which images carry TV static: the share of bought labels on them
                 static = {"static_fraction": _static_fraction(ledger)} if hasattr(pool, "flags") else {}
                 # MLflow first: a kill between the two repeats this round (same values, same step)
@@ -332,7 +332,46 @@ def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] 
     return results
 
 
+def _query(
+    model: torch.nn.Module, spec: dict[str, Any], pool: Dataset, ids: list[int], position: dict[int, int], labeled: list[int],
+    config: LoopConfig, round: int, device: torch.device, progress: bool,
+) -> tuple[list[int], list[float], list[dict]]:  # fmt: skip
+    """Round ``round``'s choice: score the unlabelled pool with its model and select a batch."""
+    from dubito.acquisition.selection import select
+
+    labeled_set = set(labeled)
+    free = [p for p, i in enumerate(ids) if i not in labeled_set]
+    scored = score_pool(model, spec, pool, free, config, round, device, progress)
+    labeled_features = None
+    if "features" in scored:
+        loader = DataLoader(Subset(pool, [position[i] for i in labeled]), batch_size=config.batch_size)
+        labeled_features = torch.cat([_features(model, b["image"].to(device)).cpu() for b in loader])
+    picks = select(scored["scores"], _batch_size(config, len(labeled), len(free)), config.selection,
+                   seed=config.seed * 1000 + round, temperature=config.temperature, features=scored.get("features"),
+                   labeled_features=labeled_features, prob_samples=scored.get("prob_samples")).tolist()  # fmt: skip
+    queried = [ids[free[p]] for p in picks]
+    return queried, [float(scored["scores"][p]) for p in picks], _flags(pool, queried, position)
+
+
+def _extend(ledger: Ledger, config: LoopConfig, total: int, pool: Dataset, ids: list[int], position: dict[int, int],
+            device: torch.device, progress: bool) -> list[int]:  # fmt: skip
+    """A finished loop given a larger budget: its last round's model (from its checkpoint) makes
+    the choice that round would have made in a longer run; returns the ids queried."""
+    from dubito.platform.training import load_model
+
+    rounds = ledger.rounds()
+    if not rounds or rounds[-1]["queried"] or rounds[-1]["round"] >= total:
+        return []
+    last = rounds[-1]
+    model, spec = load_model(last["checkpoint"], device)
+    labeled = ledger.labeled_ids()
+    queried, scores, flags = _query(model, spec, pool, ids, position, labeled, config, last["round"], device, progress)
+    ledger.add_queries(last["round"], queried, scores, flags)
+    return queried
+
+
 _HEADLINE = ("test_mean_iou", "test_accuracy", "test_rms")
+_LABEL_SUFFIX = {"segmentation": ".png", "depth": ".npy"}  # else (image classification) .txt
 
 
 def headline_metric(metrics: dict[str, float]) -> tuple[str, float, bool]:
@@ -386,7 +425,7 @@ def export_queries(config: LoopConfig, folder: Path, ids: list[int]) -> Path:
     tmp.mkdir(parents=True)
     position = {i: p for p, i in enumerate(_ids(plain))}
     task = getattr(plain, "task", "segmentation")
-    suffix = {"segmentation": ".png", "depth": ".npy"}.get(task, ".txt")
+    suffix = _LABEL_SUFFIX.get(task, ".txt")
     entries = []
     for i in ids:
         item = plain[position[i]]
@@ -394,13 +433,13 @@ def export_queries(config: LoopConfig, folder: Path, ids: list[int]) -> Path:
         if base is not None and image.dim() == 3:  # undo the normalisation for viewing
             mean, std = (torch.tensor(v, dtype=image.dtype).view(-1, 1, 1) for v in base)
             image = image * std + mean
-        array = image.clamp(0, 1).numpy()
-        if array.ndim == 1:  # digits: a square grey image
+        array = image.numpy()
+        if array.ndim == 1:  # digits: a square grey image, min-max scaled (the features are standardised)
             side = int(round(math.sqrt(array.size)))
             array = (array - array.min()) / max(float(np.ptp(array)), 1e-9)
             Image.fromarray((array.reshape(side, side) * 255).astype(np.uint8)).resize((side * 8, side * 8)).save(tmp / f"{i}.png")
         else:
-            Image.fromarray((array.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(tmp / f"{i}.png")
+            Image.fromarray((array.clip(0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(tmp / f"{i}.png")
         entries.append({"id": i, "image": f"{i}.png", "label": f"{i}_label{suffix}"})
     shape = list(plain[position[ids[0]]]["target"].shape) if ids else []
     classes = getattr(plain, "num_classes", None)
@@ -415,6 +454,15 @@ def export_queries(config: LoopConfig, folder: Path, ids: list[int]) -> Path:
     return folder
 
 
+def loop_config(output: Path, ledger: Ledger) -> LoopConfig:
+    """The settings a loop's ledger was written with."""
+    settings = ledger.get_meta("settings")
+    known = {f.name for f in dataclasses.fields(LoopConfig)}
+    if not isinstance(settings, dict) or set(settings) - known:
+        raise DubitoError(f"{ledger.path}: no loop settings this version of dubito can read")
+    return LoopConfig(output=str(output), **settings)
+
+
 def import_labels(output: str | Path, folder: str | Path) -> list[int]:
     """Check and store the label files in ``folder`` for the queried ids still waiting for labels;
     returns the ids imported. Files are validated (shape, class range, finite depth) before any is
@@ -423,19 +471,24 @@ def import_labels(output: str | Path, folder: str | Path) -> list[int]:
     if not (output / LEDGER).exists():
         raise DubitoError(f"{output}: no labeling run here (no {LEDGER})")
     with Ledger(output / LEDGER) as ledger:
-        settings = ledger.get_meta("settings")
-        config = LoopConfig(output=str(output), **settings)
+        config = loop_config(output, ledger)
+        if config.oracle != "human":
+            raise DubitoError(f"{output}: a loop with --oracle {config.oracle}; labels are imported only into --oracle human loops")
         waiting = ledger.pending(ledger.labeled_ids())
         if not waiting:
             raise DubitoError(f"{output}: no queried image is waiting for a label")
         plain = pool_datasets(config)[1]
         position = {i: p for p, i in enumerate(_ids(plain))}
+        task = getattr(plain, "task", "segmentation")
+        suffix = _LABEL_SUFFIX.get(task, ".txt")
         checked = {}
         for i in waiting:
-            candidates = sorted(folder.glob(f"{i}_label.*"))
-            if not candidates:
+            path = folder / f"{i}_label{suffix}"
+            if not path.exists():
+                others = sorted(folder.glob(f"{i}_label.*"))
+                if others:
+                    raise DubitoError(f"{others[0]}: expected {path.name} (this task's labels are {suffix} files; see queries.json)")
                 continue
-            path = candidates[0]
             like = plain[position[i]]["target"]
             try:
                 label = _read_label_file(path, like)
@@ -449,6 +502,8 @@ def import_labels(output: str | Path, folder: str | Path) -> list[int]:
                 bad = (label < 0) | ((label >= classes) & (label != (ignore if ignore is not None else -1)))
                 if bool(bad.any()):
                     raise DubitoError(f"{path}: class values outside 0..{classes - 1}" + (f" (void = {ignore})" if ignore is not None else ""))
+            if task == "depth" and not bool((torch.isfinite(label) & (label > 0)).any()):
+                raise DubitoError(f"{path}: no finite depth > 0 (NaN or 0 mark unknown pixels; depths are in metres)")
             checked[i] = path
         if not checked:
             raise DubitoError(f"{folder}: none of the label files waited for ({', '.join(f'{i}_label.*' for i in waiting[:5])} ...)")

@@ -118,6 +118,11 @@ def run_labeling(config: LabelConfig, *, progress: bool = True) -> dict[str, Any
     return results
 
 
+def _std(values: np.ndarray) -> np.ndarray:
+    """Sample standard deviation over seeds (axis 0; ddof 1), 0 for a single seed."""
+    return values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(values.mean(0))
+
+
 def _alc(labels: list[float], values: list[float]) -> float | None:
     """Area under the learning curve, normalised by the label range (so it is a mean score)."""
     if len(labels) < 2:
@@ -131,8 +136,9 @@ def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dic
     fraction of bought labels on noisy images, per acquisition."""
     acquisitions, seeds = config.parsed()
     finished = {k: r for k, r in per_loop.items() if r["curve"]}
-    if not finished:
-        return {"config": asdict(config), "metric": None, "curves": {}, "summary": {}, "loops": {}}
+    loops = {f"{a}/seed-{s}": {"output": r["config"]["output"], "finished": r["finished"]} for (a, s), r in per_loop.items()}
+    if not finished:  # e.g. a human-oracle loop waiting for its initial labels
+        return {"config": asdict(config), "metric": None, "curves": {}, "summary": {}, "loops": loops}
     name, _, higher = headline_metric(next(iter(finished.values()))["curve"][0])
     curves, summary = {}, {}
     for a in acquisitions:
@@ -140,15 +146,15 @@ def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dic
         length = min(len(c) for c in runs)
         labels = [c["labels"] for c in runs[0][:length]]
         values = np.array([[c[name] for c in run[:length]] for run in runs])
-        curves[a] = {"labels": labels, "mean": values.mean(0).tolist(), "std": values.std(0).tolist(), "per_seed": values.tolist()}
+        curves[a] = {"labels": labels, "mean": values.mean(0).tolist(), "std": _std(values).tolist(), "per_seed": values.tolist()}
         alcs = [_alc(labels, v.tolist()) for v in values]
         static = [finished[(a, s)]["static_fraction"] for s in seeds if (a, s) in finished]
         static = [v for v in static if v is not None]
         summary[a] = {
-            "alc_mean": float(np.mean(alcs)), "alc_std": float(np.std(alcs)), "alc_per_seed": alcs,
-            "final_mean": float(values[:, -1].mean()), "final_std": float(values[:, -1].std()),
+            "alc_mean": float(np.mean(alcs)), "alc_std": float(_std(np.array(alcs))), "alc_per_seed": alcs,
+            "final_mean": float(values[:, -1].mean()), "final_std": float(_std(values[:, -1])),
             "static_fraction_mean": float(np.mean(static)) if static else None,
-            "static_fraction_std": float(np.std(static)) if static else None,
+            "static_fraction_std": float(_std(np.array(static))) if static else None,
             "seeds": len(runs),
         }  # fmt: skip
     if "random" in curves:
@@ -162,11 +168,11 @@ def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dic
         runs = [finished[(a, s)]["curve"] for s in seeds if (a, s) in finished]
         length = min(len(c) for c in runs)
         values = np.array([[c["static_fraction"] for c in run[:length]] for run in runs])
-        static_curves[a] = {"labels": curves[a]["labels"], "mean": values.mean(0).tolist(), "std": values.std(0).tolist()}
+        static_curves[a] = {"labels": curves[a]["labels"], "mean": values.mean(0).tolist(), "std": _std(values).tolist()}
     return {
         "config": asdict(config), "metric": name, "higher_is_better": higher, "curves": curves,
         "static_curves": static_curves, "summary": summary,
-        "loops": {f"{a}/seed-{s}": {"output": r["config"]["output"], "finished": r["finished"]} for (a, s), r in per_loop.items()},
+        "loops": loops,
     }  # fmt: skip
 
 
@@ -201,5 +207,5 @@ def format_labeling(results: dict[str, Any]) -> str:
             f"| {a} | {s['alc_mean']:.4f} ± {s['alc_std']:.4f} | {s['final_mean']:.4f} ± {s['final_std']:.4f} | "
             f"{'–' if reach is None else reach} | {static} |"
         )
-    lines += ["", f"({next(iter(results['summary'].values()))['seeds']} seeds; ± is the std over seeds)", ""]
+    lines += ["", f"({next(iter(results['summary'].values()))['seeds']} seeds; ± is the sample standard deviation over seeds)", ""]
     return "\n".join(lines)

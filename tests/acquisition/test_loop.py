@@ -184,3 +184,23 @@ def test_a_label_budget_is_never_exceeded(tmp_path, mlflow_uri):
     results = run_loop(LoopConfig(output=str(tmp_path / "b"), **{**TINY, "budget": 9, "rounds": 0}), progress=False)
     assert [c["labels"] for c in results["curve"]] == [4, 7, 9] and results["finished"]
     assert [len(v) for v in results["queried"].values()] == [3, 2]
+
+
+def test_a_finished_loop_given_a_larger_budget_continues_as_one_long_run(tmp_path, mlflow_uri):
+    long = run_loop(LoopConfig(output=str(tmp_path / "long"), **{**TINY, "rounds": 3}), progress=False)
+    short = run_loop(LoopConfig(output=str(tmp_path / "grown"), **{**TINY, "rounds": 1}), progress=False)
+    assert short["finished"] and [c["labels"] for c in short["curve"]] == [4, 7]
+    grown = run_loop(LoopConfig(output=str(tmp_path / "grown"), **{**TINY, "rounds": 3}), progress=False)
+    assert grown["curve"] == long["curve"] and grown["queried"] == long["queried"]
+    with pytest.raises(DubitoError, match="cannot shrink"):
+        run_loop(LoopConfig(output=str(tmp_path / "grown"), **{**TINY, "rounds": 1}), progress=False)
+
+
+def test_labels_are_imported_only_into_human_loops(tmp_path, mlflow_uri, capsys):
+    from dubito.acquisition.loop import import_labels
+
+    run_loop(LoopConfig(output=str(tmp_path / "sim"), **{**TINY, "rounds": 1}), progress=False)
+    with pytest.raises(DubitoError, match="--oracle simulated"):
+        import_labels(tmp_path / "sim", tmp_path)
+    assert main(["label", "export", "--output", str(tmp_path / "sim")]) == 2
+    assert "--oracle simulated" in capsys.readouterr().err
