@@ -96,17 +96,10 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
 
 def _cmd_label_export(args: argparse.Namespace) -> int:
-    from dubito.acquisition.ledger import Ledger
-    from dubito.acquisition.loop import LEDGER, export_queries, loop_config
+    from dubito.acquisition.loop import export_queries, waiting_for_labels
 
     output = Path(args.loop_output)
-    if not (output / LEDGER).exists():
-        raise DubitoError(f"{output}: no labeling run here (no {LEDGER}); give the folder of one loop, e.g. runs/label/bald/seed-0")
-    with Ledger(output / LEDGER) as ledger:
-        config = loop_config(output, ledger)
-        if config.oracle != "human":
-            raise DubitoError(f"{output}: a loop with --oracle {config.oracle}: nothing is exported for people to label")
-        waiting = ledger.pending(ledger.labeled_ids())
+    config, waiting = waiting_for_labels(output)
     if not waiting:
         print(f"{output}: no image is waiting for a label")
         return 0

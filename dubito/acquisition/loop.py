@@ -39,7 +39,7 @@ from dubito.platform.service import UncertaintyService, resolve_device
 from dubito.platform.tracking import tracked_run
 from dubito.platform.training import TrainConfig, fit, save_model, validate
 
-__all__ = ["LoopConfig", "run_loop", "export_queries", "import_labels", "pool_datasets", "loop_config"]
+__all__ = ["LoopConfig", "run_loop", "export_queries", "import_labels", "pool_datasets", "loop_config", "waiting_for_labels"]
 
 LEDGER = "ledger.sqlite"
 # settings that may change when a run is resumed (the budget may grow; where it runs may change)
@@ -463,18 +463,25 @@ def loop_config(output: Path, ledger: Ledger) -> LoopConfig:
     return LoopConfig(output=str(output), **settings)
 
 
+def waiting_for_labels(output: str | Path) -> tuple[LoopConfig, list[int]]:
+    """A human-oracle loop's settings and the ids it waits labels for."""
+    output = Path(output)
+    if not (output / LEDGER).exists():
+        raise DubitoError(f"{output}: no labeling run here (no {LEDGER}); give the folder of one loop, e.g. runs/label/bald/seed-0")
+    with Ledger(output / LEDGER) as ledger:
+        config = loop_config(output, ledger)
+        if config.oracle != "human":
+            raise DubitoError(f"{output}: a loop with --oracle {config.oracle}; only --oracle human loops export and import labels")
+        return config, ledger.pending(ledger.labeled_ids())
+
+
 def import_labels(output: str | Path, folder: str | Path) -> list[int]:
     """Check and store the label files in ``folder`` for the queried ids still waiting for labels;
     returns the ids imported. Files are validated (shape, class range, finite depth) before any is
     stored, so a bad file leaves the ledger as it was."""
     output, folder = Path(output), Path(folder)
-    if not (output / LEDGER).exists():
-        raise DubitoError(f"{output}: no labeling run here (no {LEDGER})")
+    config, waiting = waiting_for_labels(output)
     with Ledger(output / LEDGER) as ledger:
-        config = loop_config(output, ledger)
-        if config.oracle != "human":
-            raise DubitoError(f"{output}: a loop with --oracle {config.oracle}; labels are imported only into --oracle human loops")
-        waiting = ledger.pending(ledger.labeled_ids())
         if not waiting:
             raise DubitoError(f"{output}: no queried image is waiting for a label")
         plain = pool_datasets(config)[1]
