@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from dubito import DubitoError
 from dubito.platform.uncertainty import ClassificationUncertainty
@@ -242,7 +243,7 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         ``y`` may be None when ``data`` is given: the targets are then read from it.
         """
         from dubito.platform.models import build_model
-        from dubito.platform.training import task_loss
+        from dubito.platform.training import TrainConfig, train_epoch
         from dubito.platform.service import resolve_device
 
         self._check_params()
@@ -281,20 +282,12 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
             ).to(device)
             opt_cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.RMSprop
             opt = opt_cls(model.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay))
-            order_rng = torch.Generator().manual_seed(seed)
-            x_dev, t_dev = x.to(device), target.to(device)
-            n = x.shape[0]
-            model.train()
-            for _ in range(int(self.epochs)):
-                order = torch.randperm(n, generator=order_rng).to(device)
-                for start in range(0, n, int(self.batch_size)):
-                    batch = order[start : start + int(self.batch_size)]
-                    targets = t_dev[batch]
-                    loss = task_loss(model, model(x_dev[batch]), {"target": targets, "mask": torch.ones_like(targets, dtype=torch.bool)},
-                                     logit_noise_samples=int(self.logit_noise_samples))  # fmt: skip
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+            # the trainer's own epoch (loss for the head, no clipping here); items are dicts as in any dubito dataset
+            items = [{"image": x[i], "target": target[i], "mask": torch.tensor(True)} for i in range(x.shape[0])]
+            loader = DataLoader(items, batch_size=int(self.batch_size), shuffle=True, generator=torch.Generator().manual_seed(seed))
+            settings = TrainConfig(logit_noise_samples=int(self.logit_noise_samples), grad_clip=0.0)
+            for epoch in range(int(self.epochs)):
+                train_epoch(model, loader, opt, settings, device, desc=f"TorchEstimator epoch {epoch + 1}")
             model.eval()
         self.model_ = model
         self.classes_ = classes
