@@ -234,7 +234,7 @@ def score_pool(
                       unit="batch", leave=False, disable=not progress):  # fmt: skip
         u, samples = service.predict_with_samples(batch["image"])
         pixel = acquisition.score(u, generator=generator).float().cpu()
-        classes = u.prediction.cpu() if spec["task"] == "segmentation" else None
+        classes = u.prediction.cpu() if how == "class_balanced" else None  # the argmax only where it is used
         # no mask: on real data the valid pixels come from the (unbought) label itself
         mask = None
         scores.append(reduce_scores(pixel, mask, how, classes=classes, num_classes=spec["num_classes"], **options))

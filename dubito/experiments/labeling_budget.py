@@ -140,13 +140,21 @@ def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dic
     if not finished:  # e.g. a human-oracle loop waiting for its initial labels
         return {"config": asdict(config), "metric": None, "curves": {}, "summary": {}, "loops": loops}
     name, _, higher = headline_metric(next(iter(finished.values()))["curve"][0])
-    curves, summary = {}, {}
+    curves, static_curves, summary = {}, {}, {}
+    known = all("static_fraction" in c for r in finished.values() for c in r["curve"])  # synthetic pools only
     for a in acquisitions:
         runs = [finished[(a, s)]["curve"] for s in seeds if (a, s) in finished]
         length = min(len(c) for c in runs)
         labels = [c["labels"] for c in runs[0][:length]]
-        values = np.array([[c[name] for c in run[:length]] for run in runs])
-        curves[a] = {"labels": labels, "mean": values.mean(0).tolist(), "std": _std(values).tolist(), "per_seed": values.tolist()}
+
+        def band(key: str) -> tuple[np.ndarray, dict]:
+            values = np.array([[c[key] for c in run[:length]] for run in runs])  # (seeds, rounds)
+            return values, {"labels": labels, "mean": values.mean(0).tolist(), "std": _std(values).tolist()}
+
+        values, curves[a] = band(name)
+        curves[a]["per_seed"] = values.tolist()
+        if known:
+            static_curves[a] = band("static_fraction")[1]
         alcs = [_alc(labels, v.tolist()) for v in values]
         static = [finished[(a, s)]["static_fraction"] for s in seeds if (a, s) in finished]
         static = [v for v in static if v is not None]
@@ -162,13 +170,6 @@ def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dic
         for a, c in curves.items():
             reached = [n for n, m in zip(c["labels"], c["mean"]) if (m >= target if higher else m <= target)]
             summary[a]["labels_to_reach_random_final"] = reached[0] if reached else None
-    static_curves = {}
-    known = all("static_fraction" in c for r in finished.values() for c in r["curve"])  # synthetic pools only
-    for a in acquisitions if known else ():
-        runs = [finished[(a, s)]["curve"] for s in seeds if (a, s) in finished]
-        length = min(len(c) for c in runs)
-        values = np.array([[c["static_fraction"] for c in run[:length]] for run in runs])
-        static_curves[a] = {"labels": curves[a]["labels"], "mean": values.mean(0).tolist(), "std": _std(values).tolist()}
     return {
         "config": asdict(config), "metric": name, "higher_is_better": higher, "curves": curves,
         "static_curves": static_curves, "summary": summary,
