@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         kind = hints[field.name]
+        optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
+        if optional:  # "X | None": a flag of type X whose absence keeps None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
         if kind is bool:
@@ -159,6 +163,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explore(args: argparse.Namespace) -> int:
+    from dubito.experiments.exploration import ExploreConfig, format_exploration, run_exploration
+
+    config = config_from_args(ExploreConfig, args)
+    results = run_exploration(config, progress=not args.no_progress)
+    print(format_exploration(results))
+    print(f"wrote {config.output}/results.json, tables.md and the plots ({results['seconds']:.0f} s); MLflow run {results['mlflow_parent_run_id']}")
+    return 0
+
+
 def _config_command(sub, name: str, help: str, config_cls: type, func) -> argparse.ArgumentParser:
     """A subcommand whose flags are the fields of ``config_cls``, plus ``--no-progress``."""
     parser = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -170,6 +184,7 @@ def _config_command(sub, name: str, help: str, config_cls: type, func) -> argpar
 
 def build_parser() -> argparse.ArgumentParser:
     from dubito.experiments.demo import DemoConfig
+    from dubito.experiments.exploration import ExploreConfig
     from dubito.experiments.labeling_budget import LabelConfig
     from dubito.experiments.reproduce import ReproduceConfig
     from dubito.platform.evaluation import EvalConfig
@@ -191,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp = human.add_parser("import", help="check and store returned label files (<id>_label.png / .npy / .txt)")
     imp.add_argument("--output", dest="loop_output", required=True, help="the loop's folder (holds ledger.sqlite)")
     imp.add_argument("--labels", required=True, help="folder with the label files")
+    _config_command(sub, "explore", "exploration study: agents x sizes x seeds on Deep Sea or the noisy TV (resumable)", ExploreConfig, _cmd_explore)
     data = sub.add_parser("data", help="check or look at a dataset").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(
         "check",

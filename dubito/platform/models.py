@@ -36,6 +36,7 @@ __all__ = [
     "FC_DENSENET_CONFIGS",
     "FCDenseNet",
     "MLP",
+    "EnsembleMLP",
     "UncertaintyHead",
     "build_model",
     "count_parameters",
@@ -339,6 +340,57 @@ class MLP(_VariantModel):
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         return self.head(self.features(x))
+
+
+class EnsembleMLP(nn.Module):
+    """K independent MLPs (Linear → ReLU per hidden layer) run as one batched matmul per layer.
+
+    The ensemble counterpart of MC dropout (bootstrapped DQN heads, randomized priors): its K
+    members play the part of the T dropout samples, so ``regression_uncertainty(model(x))``
+    decomposes its spread with the same code.
+
+    Args:
+        in_features, out_features: sizes of an input row and of each member's output.
+        members: K.
+        hidden: hidden layer sizes (shared shape, separate weights).
+
+    ``forward(x)`` takes (N, in_features), the same rows for every member, or
+    (K, N, in_features), different rows per member, and returns (K, N, out_features).
+    Each member is initialised like ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, members: int, hidden: tuple[int, ...] = (50, 50)) -> None:
+        super().__init__()
+        if members < 1:
+            raise DubitoError(f"members must be >= 1, got {members}")
+        sizes = (in_features, *hidden, out_features)
+        self.layers = len(sizes) - 1
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            bound = 1.0 / fan_in**0.5  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for W and b
+            # plain attributes (w0, b0, ...): indexing an nn.ParameterList costs more than the matmul here
+            # the first layer is stored (in, K, out) so that shared rows are one (N, in) @ (in, K·out) matmul
+            shape = (fan_in, members, fan_out) if i == 0 else (members, fan_in, fan_out)
+            setattr(self, f"w{i}", nn.Parameter(torch.empty(shape).uniform_(-bound, bound)))
+            setattr(self, f"b{i}", nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound)))
+        self.in_features = in_features
+        self.out_features = out_features
+        self.members = members
+
+    def forward(self, x: Tensor) -> Tensor:
+        params = self._parameters
+        w0 = params["w0"]
+        if x.dim() == 2 and x.shape[1] == self.in_features:
+            h = (x @ w0.reshape(self.in_features, -1)).reshape(x.shape[0], self.members, -1).transpose(0, 1) + params["b0"]
+        elif x.dim() == 3 and x.shape[0] == self.members and x.shape[2] == self.in_features:
+            h = torch.baddbmm(params["b0"], x, w0.transpose(0, 1))
+        else:
+            raise DubitoError(
+                f"EnsembleMLP expects input (N, {self.in_features}) or ({self.members}, N, {self.in_features}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        for i in range(1, self.layers):
+            h = torch.baddbmm(params[f"b{i}"], torch.relu(h), params[f"w{i}"])
+        return h
 
 
 # ----------------------------------------------------------------------------- helpers

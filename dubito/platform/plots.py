@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["uncertainty_figure", "training_curves", "uncertainty_curves_figure", "sparsification_figure", "calibration_figure", "histogram_figure", "samples_figure", "CAMVID_COLORS"]
+__all__ = ["uncertainty_figure", "training_curves", "learning_curves_figure", "scaling_figure", "visitation_figure", "epistemic_visits_figure", "uncertainty_curves_figure", "sparsification_figure", "calibration_figure", "histogram_figure", "samples_figure", "CAMVID_COLORS"]
 
 #: SegNet's CamVid palette (11 classes + void in black)
 CAMVID_COLORS = np.array(
@@ -207,11 +207,18 @@ def samples_figure(items: Sequence[dict], path: str | Path, colors: np.ndarray =
 
 
 def learning_curves_figure(
-    curves: dict[str, dict], path: str | Path, ylabel: str, extra: dict[str, dict] | None = None, extra_label: str = ""
+    curves: dict[str, dict],
+    path: str | Path,
+    ylabel: str,
+    extra: dict[str, dict] | None = None,
+    extra_label: str = "",
+    xlabel: str = "labelled images",
+    title: str = "learning curves (mean ± std over seeds)",
 ) -> Path:
     """Learning curves, one line per method with a band of ± one std over seeds.
 
-    ``curves[name] = {"labels": [...], "mean": [...], "std": [...]}``; ``extra`` (same layout,
+    ``curves[name] = {"labels": [...], "mean": [...], "std": [...]}`` ("labels": the x values, e.g.
+    labelled images or episodes); ``extra`` (same layout,
     optional) is drawn in a second panel, e.g. the fraction of labels spent on noisy images.
     """
     panels = 2 if extra else 1
@@ -220,13 +227,88 @@ def learning_curves_figure(
     for ax, data, label in zip(axes[0], (curves, extra or {}), (ylabel, "fraction of bought labels")):
         for k, (name, c) in enumerate(data.items()):
             x, m, s = np.asarray(c["labels"]), np.asarray(c["mean"], dtype=float), np.asarray(c["std"], dtype=float)
-            ax.plot(x, m, marker="o", ms=3, label=name, color=colors(k % 10))
+            ax.plot(x, m, marker="o" if len(x) <= 40 else None, ms=3, label=name, color=colors(k % 10))
             ax.fill_between(x, m - s, m + s, alpha=0.18, color=colors(k % 10), linewidth=0)
-        ax.set_xlabel("labelled images")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0, 0].set_title("learning curves (mean ± std over seeds)")
+    axes[0, 0].set_title(title)
     if extra:
         axes[0, 1].set_title(extra_label)
+    return _save(fig, path)
+
+
+def scaling_figure(points: dict[str, dict], path: str | Path, budget: int) -> Path:
+    """Deep Sea: episodes until the running fraction of bad episodes drops below 0.9, against N,
+    on log axes, with the 2^N episodes dithering needs. ``points[agent] = {"size": [...],
+    "episode": [...], "solved": [...]}`` (one entry per run); unsolved runs are drawn as ×
+    at the episode budget."""
+    fig, ax = plt.subplots(figsize=(6.2, 4.4))
+    colors = plt.get_cmap("tab10")
+    sizes = sorted({n for p in points.values() for n in p["size"]})
+    for k, (name, p) in enumerate(points.items()):
+        n = np.asarray(p["size"], dtype=float)
+        e = np.asarray(p["episode"], dtype=float)
+        ok = np.asarray(p["solved"], dtype=bool)
+        jitter = 1.0 + 0.025 * (k - (len(points) - 1) / 2)  # side by side at each N
+        ax.scatter(n[ok] * jitter, e[ok], color=colors(k % 10), label=name, s=22, alpha=0.85)
+        ax.scatter(n[~ok] * jitter, e[~ok], color=colors(k % 10), marker="x", s=30, alpha=0.85)
+        if ok.any():
+            solved_sizes = sorted(set(n[ok]))
+            med = [np.median(e[ok & (n == s)]) for s in solved_sizes]
+            ax.plot(np.asarray(solved_sizes) * jitter, med, color=colors(k % 10), alpha=0.6, linewidth=1)
+    if sizes:
+        grid = np.linspace(min(sizes), max(sizes), 50)
+        ax.plot(grid, 2.0**grid, "k--", alpha=0.45, linewidth=1.5, label="2^N (dithering)")
+    ax.axhline(budget, color="grey", linewidth=0.8, alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(1, budget * 2)
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("Deep Sea size N (log scale)")
+    ax.set_ylabel("episodes until < 90 % bad episodes (log scale)")
+    ax.set_title(f"episodes to solve (× = not solved within {budget})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def visitation_figure(maps: dict[str, np.ndarray], path: str | Path, title: str, mark: tuple[int, int] | None = None) -> Path:
+    """One heatmap of log10(1 + visits) per agent (``maps[agent]`` is (rows, columns));
+    ``mark`` outlines one cell (the noisy TV)."""
+    n = max(len(maps), 1)
+    fig, axes = plt.subplots(1, n, figsize=(2.9 * n, 3.0), squeeze=False)
+    for ax, (name, m) in zip(axes[0], maps.items()):
+        im = ax.imshow(np.log10(1 + np.asarray(m, dtype=float)), cmap="magma")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if mark is not None:
+            ax.add_patch(plt.Rectangle((mark[1] - 0.5, mark[0] - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5))
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title + "  (log10(1 + visits))", fontsize=10)
+    return _save(fig, path)
+
+
+def epistemic_visits_figure(points: dict[str, dict], path: str | Path) -> Path:
+    """Each agent's epistemic estimate of a state against its visit count (log-log), with the
+    fitted slope. ``points[agent] = {"visits": [...], "epistemic": [...], "slope": float}`` and
+    optionally ``"episode"`` (when each point was taken; it colours the points)."""
+    n = max(len(points), 1)
+    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.1), squeeze=False)
+    for ax, (name, p) in zip(axes[0], points.items()):
+        v = 1 + np.asarray(p["visits"], dtype=float)
+        e = np.asarray(p["epistemic"], dtype=float)
+        when = p.get("episode")
+        ax.scatter(v, e, s=8, alpha=0.6, c=None if when is None else np.log(np.asarray(when, dtype=float)), cmap="viridis")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        slope = p.get("slope")
+        ax.set_title(f"{name}: slope {slope:.2f}" if slope is not None else name, fontsize=9)
+        ax.set_xlabel("1 + visits")
+        ax.grid(alpha=0.3, which="both")
+    axes[0, 0].set_ylabel("epistemic estimate")
     return _save(fig, path)

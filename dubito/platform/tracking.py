@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,17 @@ class TrackedRun:
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
+
+    def log_series(self, series: Mapping[str, Sequence[float]]) -> None:
+        """Whole metric histories at once, step = position in the list (e.g. episode), in batches."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, values in series.items() for step, v in enumerate(values) if v is not None]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

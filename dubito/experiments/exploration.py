@@ -1,0 +1,487 @@
+"""Exploration studies (``dubito explore``): agents × sizes × seeds in a dubito environment.
+
+* ``deep-sea`` (and ``deep-sea-stochastic``): bsuite's measures — the episode at which the running
+  fraction of "bad" episodes (the agent left the optimal diagonal) drops below 0.9 (0.8 after
+  episode 100 for the stochastic variant), and the score: the fraction of runs solved within
+  2^N + 100 episodes, the time dithering needs. Plot: episodes-to-solve against N on log axes
+  with the 2^N line; runs stop once solved (``--stop-when-solved``) unless told otherwise.
+* ``noisy-tv``: the fraction of steps each agent spends on the TV, and how often it reaches the
+  goal — total-variance and curiosity (RND) bonuses are drawn to the noise, the epistemic bonus
+  is not.
+
+Every run also records each agent's epistemic estimate of every state against the state's visit
+count (the log-log slope and Spearman's ρ: an estimate worth exploring with falls as a state is
+visited), per-episode returns, regret and visitation heatmaps. results.json, tables.md and PNG
+plots in ``--output``; MLflow: a parent run per study, a child per run with step = episode.
+Each finished run is kept in ``--output/runs/``: rerunning the command resumes the study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dubito import DubitoError
+from dubito.agents.agents import AGENTS, AgentConfig
+from dubito.platform.files import write_json
+from dubito.platform.tracking import tracked_run
+
+__all__ = ["ExploreConfig", "STUDIES", "run_exploration", "run_one", "solve_episode", "format_exploration"]
+
+#: what each study runs unless a flag says otherwise
+STUDIES: dict[str, dict[str, Any]] = {
+    "deep-sea": {
+        "env": "dubito/DeepSea-v0", "agents": "dqn,bootstrapped,thompson,epistemic", "sizes": "5,8,11,14,17,20",
+        "episodes": 1000, "gamma": 0.99, "stop_when_solved": True,
+    },
+    "deep-sea-stochastic": {
+        "env": "dubito/DeepSeaStochastic-v0", "agents": "dqn,bootstrapped,epistemic,total", "sizes": "5,8,11,14",
+        "episodes": 1000, "gamma": 0.99, "stop_when_solved": True,
+    },
+    "noisy-tv": {
+        "env": "dubito/NoisyTV-v0", "agents": "epistemic,total,rnd,dqn", "sizes": "5",
+        "episodes": 300, "gamma": 0.9, "stop_when_solved": False,
+    },
+}  # fmt: skip
+
+
+def _agent_field(name: str) -> Any:
+    f = AgentConfig.__dataclass_fields__[name]
+    return field(default=f.default, metadata=f.metadata)
+
+
+@dataclass
+class ExploreConfig:
+    """Settings of an exploration study (each is a ``dubito explore`` flag). Fields left at None
+    take the study's value from :data:`STUDIES`."""
+
+    study: str = field(default="deep-sea", metadata={"help": f"one of {', '.join(STUDIES)}"})
+    output: str = field(default="runs/explore", metadata={"help": "folder: runs/, results.json, tables.md, plots"})
+    agents: str | None = field(default=None, metadata={"help": f"agents, comma-separated, from {', '.join(AGENTS)}"})
+    sizes: str | None = field(default=None, metadata={"help": "environment sizes N, comma-separated"})
+    seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds"})
+    episodes: int | None = field(default=None, metadata={"help": "episode budget per run"})
+    stop_when_solved: bool | None = field(default=None, metadata={"help": "Deep Sea: end a run once bsuite's solved criterion holds"})
+    mapping_seed: int | None = field(default=None, metadata={"help": "Deep Sea: action-mapping seed (default: the run's seed)"})
+    noise_scale: float = field(default=0.3, metadata={"help": "noisy TV: std of the TV's zero-mean reward"})
+    screen: int = field(default=8, metadata={"help": "noisy TV: random screen features on the TV"})
+    gamma: float | None = field(default=None, metadata={"help": "discount (deep-sea 0.99, noisy-tv 0.9)"})
+    hidden: str = _agent_field("hidden")
+    lr: float = _agent_field("lr")
+    batch_size: int = _agent_field("batch_size")
+    buffer_size: int = _agent_field("buffer_size")
+    min_replay: int = _agent_field("min_replay")
+    train_every: int = _agent_field("train_every")
+    target_every: int = _agent_field("target_every")
+    epsilon: float = _agent_field("epsilon")
+    ensemble: int = _agent_field("ensemble")
+    prior_scale: float = _agent_field("prior_scale")
+    mask_prob: float = _agent_field("mask_prob")
+    dropout: float = _agent_field("dropout")
+    samples: int = _agent_field("samples")
+    kappa: float = _agent_field("kappa")
+    source: str = _agent_field("source")
+    rnd_scale: float = _agent_field("rnd_scale")
+    workers: int = field(default=0, metadata={"help": "parallel processes (0: one per CPU core, at most the number of runs)"})
+    experiment: str = field(default="dubito-explore", metadata={"help": "MLflow experiment"})
+
+    def resolved(self) -> dict[str, Any]:
+        """The study's settings with every None filled in, validated."""
+        if self.study not in STUDIES:
+            raise DubitoError(f"--study must be one of {', '.join(STUDIES)}, got {self.study!r}")
+        preset = STUDIES[self.study]
+        agents = [a.strip() for a in (self.agents or preset["agents"]).split(",") if a.strip()]
+        unknown = [a for a in agents if a not in AGENTS]
+        if not agents or unknown or len(set(agents)) != len(agents):
+            raise DubitoError(f"--agents must name distinct agents from {', '.join(AGENTS)}, got {self.agents!r}")
+        sizes = _ints("--sizes", self.sizes or preset["sizes"], low=3 if self.study == "noisy-tv" else 2)
+        seeds = _ints("--seeds", self.seeds, low=0)
+        episodes = self.episodes if self.episodes is not None else preset["episodes"]
+        if episodes < 1:
+            raise DubitoError(f"--episodes must be >= 1, got {episodes}")
+        if self.workers < 0:
+            raise DubitoError(f"--workers must be >= 0, got {self.workers}")
+        agent = self.agent_config()  # validates the agent settings
+        return {
+            "env": preset["env"], "agents": agents, "sizes": sizes, "seeds": seeds, "episodes": int(episodes),
+            "stop_when_solved": preset["stop_when_solved"] if self.stop_when_solved is None else self.stop_when_solved,
+            "agent": asdict(agent),
+        }  # fmt: skip
+
+    def agent_config(self) -> AgentConfig:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(AgentConfig) if f.name != "gamma"}
+        gamma = self.gamma if self.gamma is not None else STUDIES.get(self.study, STUDIES["deep-sea"])["gamma"]
+        return AgentConfig(gamma=gamma, **values)
+
+
+def _ints(flag: str, text: str, low: int) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise DubitoError(f"{flag} must be integers separated by commas, got {text!r}") from None
+    if not values or len(set(values)) != len(values) or min(values) < low:
+        raise DubitoError(f"{flag} must be distinct integers >= {low}, got {text!r}")
+    return values
+
+
+def solve_episode(bad: list[bool], stochastic: bool = False) -> int | None:
+    """bsuite's Deep Sea criterion: the first episode (1-based) at which the running fraction of
+    bad episodes is below 0.9 — below 0.8 and from episode 100 on for the stochastic variant."""
+    if not bad:
+        return None
+    episode = np.arange(1, len(bad) + 1)
+    fraction = np.cumsum(bad) / episode
+    ok = (fraction < 0.8) & (episode >= 100) if stochastic else fraction < 0.9
+    hits = np.flatnonzero(ok)
+    return int(hits[0] + 1) if hits.size else None
+
+
+def _fit(visits: np.ndarray, estimate: np.ndarray) -> dict[str, Any]:
+    """Least-squares slope of log(estimate) on log(1 + visits), and Spearman's ρ."""
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(estimate) & (estimate > 0)
+    if ok.sum() < 3 or np.ptp(visits[ok]) == 0:
+        return {"slope": None, "spearman": None}
+    x, y = np.log1p(visits[ok]), np.log(estimate[ok])
+    slope = float(np.polyfit(x, y, 1)[0])
+    return {"slope": slope, "spearman": float(spearmanr(visits[ok], estimate[ok])[0])}
+
+
+def _checkpoints(episodes: int) -> list[int]:
+    """Episodes after which every state's epistemic estimate is recorded (log-spaced)."""
+    return sorted({max(1, round(episodes * f)) for f in (0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0)})
+
+
+def _within_state_slope(snapshots: list[tuple[int, np.ndarray, np.ndarray]]) -> float | None:
+    """How a state's epistemic estimate changes as ITS visit count grows: the slope of
+    log(estimate) on log(1 + visits) over the snapshots, each state's mean removed (fixed
+    effects), so states that differ for other reasons (closeness to the reward) do not count."""
+    if len(snapshots) < 2:
+        return None
+    visits = np.stack([v for _, v, _ in snapshots])  # (snapshots, states)
+    estimate = np.stack([e for _, _, e in snapshots])
+    ok = np.all(np.isfinite(estimate) & (estimate > 0), axis=0)
+    x, y = np.log1p(visits[:, ok]), np.log(estimate[:, ok])
+    x, y = x - x.mean(0), y - y.mean(0)
+    denominator = float((x * x).sum())
+    return float((x * y).sum() / denominator) if denominator > 0 else None
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """One run: ``spec`` holds env, size, agent, seed, episodes, stop_when_solved, agent config
+    (a dict), mapping_seed, noise_scale, screen, progress and path. Writes ``path`` (JSON)
+    atomically and returns the record. Safe to call in a worker process."""
+    import gymnasium as gym
+    import torch
+
+    import dubito.agents  # noqa: F401  (registers the environments)
+    from dubito.agents.agents import make_agent
+    from dubito.agents.loop import run_episodes
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    started = time.perf_counter()
+    size, seed = spec["size"], spec["seed"]
+    if spec["env"].startswith("dubito/DeepSea"):
+        mapping = spec["mapping_seed"] if spec["mapping_seed"] is not None else seed
+        env = gym.make(spec["env"], size=size, mapping_seed=mapping)
+    else:
+        env = gym.make(spec["env"], size=size, noise_scale=spec["noise_scale"], screen=spec["screen"])
+    base = env.unwrapped
+    obs_dim = int(np.prod(env.observation_space.shape))
+    agent = make_agent(spec["agent"], obs_dim, int(env.action_space.n), AgentConfig(**spec["agent_config"]), seed)
+    stochastic = spec["env"] == "dubito/DeepSeaStochastic-v0"
+    deep_sea = spec["env"].startswith("dubito/DeepSea")
+
+    states = base.states()
+    snapshots: list[tuple[int, np.ndarray, np.ndarray]] = []  # (episode, visits, estimate) per state
+
+    def snapshot(log) -> None:
+        obs = np.stack([np.ravel(base.observation_for(s)) for s in states]).astype(np.float32)
+        estimate = agent.epistemic(obs)
+        if estimate is not None:
+            visits = np.array([log.visits[s] for s in states], dtype=float)
+            snapshots.append((log.episodes, visits, np.asarray(estimate, dtype=float)))
+
+    checkpoints = set(_checkpoints(spec["episodes"]))
+
+    def on_episode(log) -> None:
+        if log.episodes in checkpoints:
+            snapshot(log)
+
+    def stop(log) -> bool:
+        return bool(spec["stop_when_solved"] and deep_sea and solve_episode(log.bad, stochastic) is not None)
+
+    log = run_episodes(
+        env, agent, spec["episodes"], seed=seed, progress=spec.get("progress", False),
+        desc=f"{spec['agent']} N={size} seed {seed}", stop=stop, on_episode=on_episode,
+    )  # fmt: skip
+    if not snapshots or snapshots[-1][0] != log.episodes:
+        snapshot(log)
+    obs = np.stack([np.ravel(base.observation_for(s)) for s in states]).astype(np.float32)
+    estimate = snapshots[-1][2] if snapshots else None
+    visits = np.array([log.visits[s] for s in states], dtype=float)
+    record: dict[str, Any] = {
+        "agent": spec["agent"], "size": size, "seed": seed, "env": spec["env"], "episodes": log.episodes,
+        "returns": log.returns, "lengths": log.lengths, "terminated": log.terminated,
+        "visits": log.visits.tolist(), "steps": int(sum(log.lengths)), "settings": spec["settings"],
+    }  # fmt: skip
+    if estimate is not None:
+        record["epistemic"] = {
+            "states": [list(s) for s in states], "visits": visits.tolist(), "estimate": estimate.tolist(),
+            **_fit(visits, estimate),
+            "within_state_slope": _within_state_slope(snapshots),
+            "snapshots": [{"episode": e, "visits": v.tolist(), "estimate": m.tolist()} for e, v, m in snapshots],
+        }  # fmt: skip
+    if deep_sea:
+        record["bad"] = log.bad
+        record["solve_episode"] = solve_episode(log.bad, stochastic)
+        record["regret"] = float(np.sum(base.optimal_return - np.asarray(log.returns)))
+    else:
+        record["tv_steps"] = log.tv_steps
+        record["tv_fraction"] = float(np.sum(log.tv_steps) / max(1, np.sum(log.lengths)))
+        record["goal_rate"] = float(np.mean(log.terminated))
+        if hasattr(agent, "aleatoric"):  # the split at the TV: aleatoric high, epistemic low
+            tv = states.index(base.tv)
+            alea = np.asarray(agent.aleatoric(obs), dtype=float)
+            record["aleatoric_tv"] = float(alea[tv])
+            record["aleatoric_elsewhere"] = float(np.delete(alea, tv).mean())
+        if estimate is not None:
+            tv = states.index(base.tv)
+            record["epistemic_tv"] = float(estimate[tv])
+            record["epistemic_elsewhere"] = float(np.delete(estimate, tv).mean())
+    record["seconds"] = time.perf_counter() - started
+    write_json(spec["path"], record)
+    return record
+
+
+def _series(record: dict[str, Any]) -> dict[str, list[float]]:
+    """Per-episode metrics for MLflow (step = episode)."""
+    series: dict[str, list[float]] = {"return": record["returns"]}
+    if "bad" in record:
+        episode = np.arange(1, len(record["bad"]) + 1)
+        series["bad_fraction"] = (np.cumsum(record["bad"]) / episode).tolist()
+    if "tv_steps" in record:
+        series["tv_fraction"] = (np.asarray(record["tv_steps"]) / np.maximum(1, record["lengths"])).tolist()
+    return series
+
+
+def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the study; returns what ``--output/results.json`` holds."""
+    settings = config.resolved()
+    out = Path(config.output)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    specs = []
+    for agent in settings["agents"]:
+        for size in settings["sizes"]:
+            for seed in settings["seeds"]:
+                run_settings = {
+                    "agent_config": settings["agent"], "episodes": settings["episodes"], "env": settings["env"],
+                    "stop_when_solved": settings["stop_when_solved"], "mapping_seed": config.mapping_seed,
+                    "noise_scale": config.noise_scale, "screen": config.screen,
+                }  # fmt: skip
+                specs.append({
+                    **run_settings, "agent": agent, "size": size, "seed": seed, "settings": run_settings,
+                    "path": str(out / "runs" / f"{agent}-N{size}-seed{seed}.json"),
+                })  # fmt: skip
+    records: dict[tuple[str, int, int], dict] = {}
+    todo = []
+    for spec in specs:
+        path = Path(spec["path"])
+        if path.exists():
+            record = json.loads(path.read_text())
+            if record.get("settings") != json.loads(json.dumps(spec["settings"])):
+                raise DubitoError(
+                    f"{path} was run with other settings ({record.get('settings')}); use another --output or delete it"
+                )
+            records[(spec["agent"], spec["size"], spec["seed"])] = record
+        else:
+            todo.append(spec)
+    marker = out / "study.json"
+    parent_id = json.loads(marker.read_text()).get("mlflow_parent_run_id") if marker.exists() else None
+    started = time.perf_counter()
+    with tracked_run(config.experiment, run_name=f"explore-{config.study}", params=config,
+                     tags={"dubito.command": "explore"}, run_id=parent_id) as parent:  # fmt: skip
+        write_json(marker, {"mlflow_parent_run_id": parent.run_id})
+
+        def finished(record: dict[str, Any]) -> None:
+            key = (record["agent"], record["size"], record["seed"])
+            records[key] = record
+            params = {"agent": record["agent"], "size": record["size"], "seed": record["seed"], "study": config.study,
+                      **{f"agent.{k}": v for k, v in settings["agent"].items()}}  # fmt: skip
+            with tracked_run(config.experiment, run_name=f"{record['agent']}-N{record['size']}-seed{record['seed']}",
+                             params=params, tags={"mlflow.parentRunId": parent.run_id}) as child:  # fmt: skip
+                child.log_series(_series(record))
+                child.log_metrics({k: record[k] for k in ("regret", "tv_fraction", "goal_rate") if k in record})
+            if progress:
+                what = (
+                    f"solved at episode {record['solve_episode']}" if record.get("solve_episode")
+                    else f"not solved in {record['episodes']} episodes" if "bad" in record
+                    else f"{100 * record['tv_fraction']:.0f} % of steps on the TV, goal in {100 * record['goal_rate']:.0f} % of episodes"
+                )  # fmt: skip
+                print(f"[{len(records)}/{len(specs)}] {key[0]} N={key[1]} seed {key[2]}: {what} "
+                      f"({record['seconds']:.0f} s; {time.perf_counter() - started:.0f} s so far)", flush=True)  # fmt: skip
+
+        workers = config.workers or min(os.cpu_count() or 1, len(todo))
+        workers = max(1, min(workers, len(todo) or 1))
+        if workers == 1:
+            for spec in todo:
+                finished(run_one({**spec, "progress": progress}))
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                futures = [pool.submit(run_one, {**spec, "threads": 1}) for spec in todo]
+                for future in as_completed(futures):
+                    finished(future.result())
+        results = summarize(config, settings, records)
+        results["seconds"] = time.perf_counter() - started
+        results["mlflow_parent_run_id"] = parent.run_id
+        results["plots"] = _plots(results, records, out)
+        (out / "tables.md").write_text(format_exploration(results))
+        write_json(out / "results.json", results)
+        for path in (out / "results.json", out / "tables.md", *results["plots"]):
+            parent.log_artifact(path)
+        parent.log_metrics({f"{k}_{a}": v for a, s in results["summary"].items() for k, v in s.items()
+                            if k in ("score", "tv_fraction_mean", "epistemic_slope_mean") and v is not None})  # fmt: skip
+    return results
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarize(config: ExploreConfig, settings: dict[str, Any], records: dict[tuple[str, int, int], dict]) -> dict[str, Any]:
+    """Per agent: bsuite's Deep Sea score and episodes to solve per size, or the noisy-TV
+    fractions; the epistemic-vs-visits slope; and every run's record (without per-state data)."""
+    summary: dict[str, dict] = {}
+    deep_sea = settings["env"].startswith("dubito/DeepSea")
+    for agent in settings["agents"]:
+        runs = [records[(agent, n, s)] for n in settings["sizes"] for s in settings["seeds"]]
+        slopes = [r["epistemic"]["within_state_slope"] for r in runs if r.get("epistemic")]
+        cross = [r["epistemic"]["slope"] for r in runs if r.get("epistemic")]
+        rhos = [r["epistemic"]["spearman"] for r in runs if r.get("epistemic")]
+        s: dict[str, Any] = {}
+        s["epistemic_slope_mean"], s["epistemic_slope_std"] = _mean_std(slopes)
+        s["epistemic_spearman_mean"], _ = _mean_std(rhos)
+        s["epistemic_final_slope_mean"], _ = _mean_std(cross)
+        if deep_sea:
+            per_size = {}
+            for n in settings["sizes"]:
+                eps = [records[(agent, n, seed)]["solve_episode"] for seed in settings["seeds"]]
+                solved = [e for e in eps if e is not None]
+                per_size[str(n)] = {"solve_episodes": eps, "solved": len(solved), "median_solved": float(np.median(solved)) if solved else None}
+            s["per_size"] = per_size
+            s["score"] = float(np.mean([r["solve_episode"] is not None and r["solve_episode"] < 2 ** r["size"] + 100 for r in runs]))
+            s["regret_mean"], _ = _mean_std([r["regret"] for r in runs])
+        else:
+            s["tv_fraction_mean"], s["tv_fraction_std"] = _mean_std([r["tv_fraction"] for r in runs])
+            s["tv_fraction_median"] = float(np.median([r["tv_fraction"] for r in runs]))
+            s["tv_fraction_per_run"] = [r["tv_fraction"] for r in runs]
+            s["goal_rate_mean"], s["goal_rate_std"] = _mean_std([r["goal_rate"] for r in runs])
+            for k in ("aleatoric_tv", "aleatoric_elsewhere", "epistemic_tv", "epistemic_elsewhere"):
+                s[f"{k}_mean"], _ = _mean_std([r.get(k) for r in runs])
+        summary[agent] = s
+    runs_out = {
+        f"{a}-N{n}-seed{s}": {k: v for k, v in r.items() if k not in ("visits", "epistemic", "settings", "lengths", "terminated", "bad", "tv_steps")}
+        | ({"epistemic_within_state_slope": r["epistemic"]["within_state_slope"], "epistemic_final_slope": r["epistemic"]["slope"],
+            "epistemic_spearman": r["epistemic"]["spearman"]} if r.get("epistemic") else {})
+        for (a, n, s), r in sorted(records.items())
+    }  # fmt: skip
+    return {"config": asdict(config), "settings": settings, "study": config.study, "summary": summary, "runs": runs_out}
+
+
+def _plots(results: dict[str, Any], records: dict[tuple[str, int, int], dict], out: Path) -> list[str]:
+    from dubito.platform.plots import epistemic_visits_figure, learning_curves_figure, scaling_figure, visitation_figure
+
+    settings = results["settings"]
+    agents, sizes, seeds = settings["agents"], settings["sizes"], settings["seeds"]
+    paths = []
+    largest, first = max(sizes), seeds[0]
+    if settings["env"].startswith("dubito/DeepSea"):
+        points = {}
+        for a in agents:
+            runs = [records[(a, n, s)] for n in sizes for s in seeds]
+            points[a] = {
+                "size": [r["size"] for r in runs],
+                "episode": [r["solve_episode"] or r["episodes"] for r in runs],
+                "solved": [r["solve_episode"] is not None for r in runs],
+            }
+        paths.append(scaling_figure(points, out / "scaling.png", settings["episodes"]))
+        mark = None
+    else:
+        curves = {}
+        for a in agents:
+            per_episode = [np.asarray(records[(a, largest, s)]["tv_steps"]) / np.maximum(1, records[(a, largest, s)]["lengths"]) for s in seeds]
+            length = min(len(p) for p in per_episode)
+            window = max(1, length // 30)
+            smooth = np.array([np.convolve(p[:length], np.ones(window) / window, mode="valid") for p in per_episode])
+            std = smooth.std(0, ddof=1) if len(seeds) > 1 else np.zeros(smooth.shape[1])
+            curves[a] = {"labels": list(range(window, length + 1)), "mean": smooth.mean(0).tolist(), "std": std.tolist()}
+        paths.append(learning_curves_figure(curves, out / "tv_time.png", "fraction of steps on the TV", xlabel="episode",
+                                            title=f"time on the noisy TV (mean ± std over seeds, {window}-episode average)"))  # fmt: skip
+        import dubito.agents.envs as envs
+
+        mark = envs.NoisyTV(size=largest).tv
+    maps = {a: np.asarray(records[(a, largest, first)]["visits"]) for a in agents}
+    paths.append(visitation_figure(maps, out / "visits.png", f"visits, N = {largest}, seed {first}", mark=mark))
+    points = {}
+    for a in agents:
+        e = records[(a, largest, first)].get("epistemic")
+        if e:
+            snaps = e["snapshots"]
+            points[a] = {
+                "visits": [v for sn in snaps for v in sn["visits"]],
+                "epistemic": [v for sn in snaps for v in sn["estimate"]],
+                "episode": [sn["episode"] for sn in snaps for _ in sn["visits"]],
+                "slope": e["within_state_slope"],
+            }
+    if points:
+        paths.append(epistemic_visits_figure(points, out / "epistemic_vs_visits.png"))
+    return [str(p) for p in paths]
+
+
+def format_exploration(results: dict[str, Any]) -> str:
+    """The study's summary as markdown."""
+    settings = results["settings"]
+    lines = [f"# exploration: {results['study']} ({settings['env']}), seeds {settings['seeds']}, budget {settings['episodes']} episodes", ""]
+
+    def num(v, fmt=".2f"):
+        return "–" if v is None else format(v, fmt)
+
+    if settings["env"].startswith("dubito/DeepSea"):
+        sizes = settings["sizes"]
+        lines += ["| agent | score | " + " | ".join(f"N={n}" for n in sizes) + " | epistemic vs own visits (log-log slope) |",
+                  "|---|---|" + "---|" * len(sizes) + "---|"]  # fmt: skip
+        for a, s in results["summary"].items():
+            cells = []
+            for n in sizes:
+                p = s["per_size"][str(n)]
+                cells.append(f"{num(p['median_solved'], '.0f')} ({p['solved']}/{len(p['solve_episodes'])})")
+            lines.append(f"| {a} | {s['score']:.2f} | " + " | ".join(cells) + f" | {num(s['epistemic_slope_mean'])} |")
+        lines += ["", "Cells: median episode at which the running fraction of bad episodes fell below 0.9 (solved runs / runs).",
+                  "Score: fraction of runs solved within 2^N + 100 episodes (bsuite).",
+                  "Slope: how a state's epistemic estimate changes as its own visit count grows, over the run's snapshots (negative = falls)."]  # fmt: skip
+    else:
+        lines += ["| agent | steps on the TV | median | episodes reaching the goal | aleatoric std TV / elsewhere | epistemic TV / elsewhere | epistemic vs own visits (log-log slope) |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for a, s in results["summary"].items():
+            lines.append(
+                f"| {a} | {num(s['tv_fraction_mean'])} ± {num(s['tv_fraction_std'])} | {num(s['tv_fraction_median'])} | "
+                f"{num(s['goal_rate_mean'])} | {num(s['aleatoric_tv_mean'], '.3f')} / {num(s['aleatoric_elsewhere_mean'], '.3f')} | "
+                f"{num(s['epistemic_tv_mean'], '.3f')} / {num(s['epistemic_elsewhere_mean'], '.3f')} | {num(s['epistemic_slope_mean'])} |"
+            )
+        lines += ["", "± is the sample standard deviation over runs. Slope: how a state's epistemic estimate changes as its own",
+                  "visit count grows, over the run's snapshots (negative = falls)."]  # fmt: skip
+    return "\n".join(lines) + "\n"

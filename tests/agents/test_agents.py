@@ -1,0 +1,136 @@
+"""Agents, replay buffer and the ensemble network, against direct computations."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import dubito.agents  # noqa: F401
+from dubito import DubitoError
+from dubito.agents import AGENTS, AgentConfig, ReplayBuffer, make_agent, run_episodes
+from dubito.agents.agents import _double_q
+from dubito.platform.models import EnsembleMLP
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_replay_buffer_ring_and_masks():
+    buf = ReplayBuffer(5, 3, masks=4, mask_prob=0.5, seed=0)
+    for i in range(8):
+        buf.add(np.full(3, i), i % 2, float(i), np.full(3, i + 1), i == 7)
+    assert len(buf) == 5
+    assert sorted(buf.reward.tolist()) == [3.0, 4.0, 5.0, 6.0, 7.0]  # the oldest three were overwritten
+    batch = buf.sample(64)
+    assert batch["obs"].shape == (64, 3) and batch["mask"].shape == (64, 4)
+    np.testing.assert_array_equal(batch["next_obs"].numpy(), batch["obs"].numpy() + 1)
+    np.testing.assert_array_equal(batch["terminated"].numpy(), (batch["reward"].numpy() == 7).astype(np.float32))
+    many = ReplayBuffer(4000, 1, masks=10, mask_prob=0.3, seed=1)
+    for i in range(4000):
+        many.add(np.zeros(1), 0, 0.0, np.zeros(1), False)
+    assert many.mask.mean() == pytest.approx(0.3, abs=0.01)
+    with pytest.raises(DubitoError, match="empty"):
+        ReplayBuffer(3, 1).sample(2)
+
+
+def test_ensemble_mlp_equals_separate_members():
+    torch.manual_seed(0)
+    net = EnsembleMLP(7, 3, members=4, hidden=(5, 6))
+    x = torch.randn(9, 7)
+    out = net(x)
+    assert out.shape == (4, 9, 3)
+    for k in range(4):
+        h = torch.relu(x @ net.w0[:, k] + net.b0[k])
+        h = torch.relu(h @ net.w1[k] + net.b1[k])
+        np.testing.assert_allclose(out[k].detach(), (h @ net.w2[k] + net.b2[k]).detach(), atol=1e-5)
+    xs = torch.randn(4, 9, 7)  # a different batch per member
+    per_member = net(xs)
+    for k in range(4):
+        np.testing.assert_allclose(per_member[k].detach(), net(xs[k])[k].detach(), atol=1e-5)
+    with pytest.raises(DubitoError, match="EnsembleMLP expects"):
+        net(torch.randn(9, 6))
+
+
+def test_double_q_uses_the_online_argmax():
+    online = torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 1.0]])
+    target = torch.tensor([[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]])
+    np.testing.assert_array_equal(_double_q(online, target).numpy(), [20.0, 40.0])
+    per_member = _double_q(online[None].repeat(2, 1, 1), target[None].repeat(2, 1, 1))
+    assert per_member.shape == (2, 2)
+
+
+def test_bonus_agent_decomposes_the_members_and_adds_kappa_sigma():
+    config = AgentConfig(ensemble=6, kappa=2.0)
+    for kind in ("epistemic", "total"):
+        agent = make_agent(kind, 5, 3, config, seed=1)
+        x = torch.eye(5)
+        with torch.no_grad():
+            mean, log_var = agent._heads(agent.online, x)  # (K, N, A) each
+        m, v = mean.numpy(), np.exp(log_var.numpy())
+        unc = agent.uncertainty(x)
+        np.testing.assert_allclose(unc.mean.numpy(), m.mean(0), atol=1e-6)
+        np.testing.assert_allclose(unc.epistemic_var.numpy(), m.var(0), rtol=1e-4, atol=1e-7)  # ddof 0
+        np.testing.assert_allclose(unc.aleatoric_var.numpy(), v.mean(0), rtol=1e-4)
+        np.testing.assert_allclose(unc.total_var.numpy(), unc.epistemic_var.numpy() + unc.aleatoric_var.numpy(), rtol=1e-5)
+        sigma = np.sqrt(m.var(0) if kind == "epistemic" else m.var(0) + v.mean(0))
+        np.testing.assert_allclose(agent.action_values(x[:1]), (m.mean(0) + 2.0 * sigma)[0], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(agent.epistemic(x.numpy()), np.sqrt(m.var(0)).mean(1), rtol=1e-4)
+
+
+def test_thompson_keeps_one_dropout_mask_per_episode():
+    agent = make_agent("thompson", 6, 4, AgentConfig(dropout=0.5, hidden="32"), seed=0)
+    x = torch.eye(6)[:1]
+    agent.begin_episode()
+    first = agent.action_values(x)
+    np.testing.assert_array_equal(agent.action_values(x), first)  # same mask within the episode
+    others = []
+    for _ in range(5):
+        agent.begin_episode()
+        others.append(agent.action_values(x))
+    assert any(not np.allclose(o, first) for o in others)  # a new mask per episode
+    with torch.no_grad():
+        agent.online.eval()
+        mean = agent.online(x)[0].numpy()
+    assert not np.allclose(first, mean)  # a sample, not the dropout-off mean
+
+
+def test_rnd_error_falls_on_a_trained_state_and_stays_on_new_ones():
+    agent = make_agent("rnd", 10, 2, AgentConfig(min_replay=8, batch_size=8), seed=0)
+    seen, new = np.eye(10, dtype=np.float32)[0], np.eye(10, dtype=np.float32)[1:]
+    before = agent.epistemic(np.stack([seen]))[0]
+    for _ in range(300):
+        agent.observe(seen, 0, 0.0, seen, False)
+    after = agent.epistemic(np.stack([seen]))[0]
+    assert after < 0.1 * before
+    assert agent.epistemic(new).mean() > 5 * after
+
+
+@pytest.mark.parametrize("name", AGENTS)
+def test_every_agent_runs_and_is_reproducible(name):
+    def run():
+        env = gym.make("dubito/NoisyTV-v0", size=3, max_steps=8)
+        agent = make_agent(name, env.observation_space.shape[0], 5, AgentConfig(min_replay=16, batch_size=16, hidden="16"), seed=3)
+        log = run_episodes(env, agent, 6, seed=3, progress=False)
+        return agent, log
+
+    agent, log = run()
+    assert log.episodes == 6 and all(1 <= n <= 8 for n in log.lengths)
+    assert log.visits.sum() == sum(log.lengths)  # one visit per action taken
+    assert agent.updates > 0 and np.isfinite(agent.last_loss)
+    assert run()[1].returns == log.returns  # same seed, same run
+    est = agent.epistemic(np.eye(9 + 8, dtype=np.float32)[:9])
+    assert (est is None) == (name == "dqn")
+    if est is not None:
+        assert est.shape == (9,) and np.all(est >= 0)
+
+
+def test_bad_agent_settings_are_named():
+    with pytest.raises(DubitoError, match="unknown agent 'ucb'"):
+        make_agent("ucb", 4, 2)
+    with pytest.raises(DubitoError, match="hidden"):
+        AgentConfig(hidden="64,x")
+    with pytest.raises(DubitoError, match="source"):
+        AgentConfig(source="bootstrap")
+    with pytest.raises(DubitoError, match="gamma"):
+        AgentConfig(gamma=1.5)

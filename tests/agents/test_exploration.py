@@ -1,0 +1,103 @@
+"""The exploration studies end to end (the issue's acceptance): Deep Sea N = 10 and the noisy TV,
+results.json, plots, MLflow parent and children, resuming, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dubito import DubitoError
+from dubito.experiments.exploration import ExploreConfig, _within_state_slope, run_exploration, solve_episode
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_solve_episode_is_bsuites_criterion():
+    assert solve_episode([True] * 5) is None
+    # running bad fraction 1, 1, 2/3 (< 0.9): solved at episode 3
+    assert solve_episode([True, True, False, True]) == 3
+    assert solve_episode([False]) == 1
+    bad = [True] * 99 + [False] * 200  # stochastic variant: < 0.8 and from episode 100 on
+    frac = np.cumsum(bad) / np.arange(1, len(bad) + 1)
+    assert solve_episode(bad, stochastic=True) == int(np.flatnonzero(frac < 0.8)[0] + 1) == 124
+
+
+def test_within_state_slope_recovers_a_power_law():
+    rng = np.random.default_rng(0)
+    offsets = rng.normal(0, 1, 30)  # states differ for other reasons (e.g. nearness to the reward)
+    snaps = []
+    for t in (1, 3, 10, 30):
+        visits = rng.integers(0, 50, 30) * t
+        snaps.append((t, visits.astype(float), np.exp(offsets) * (1 + visits) ** -0.5))
+    assert _within_state_slope(snaps) == pytest.approx(-0.5, abs=1e-9)
+
+
+def test_deep_sea_10_uncertainty_agents_solve_and_dithering_does_not(tmp_path, mlflow_uri):
+    config = ExploreConfig(study="deep-sea", agents="epistemic,bootstrapped,dqn", sizes="10", seeds="0,1,2",
+                           episodes=500, output=str(tmp_path / "ds"), workers=2)  # fmt: skip
+    results = run_exploration(config, progress=False)
+    per = {a: results["summary"][a]["per_size"]["10"]["solve_episodes"] for a in ("epistemic", "bootstrapped", "dqn")}
+    print("\nDeep Sea N=10, episode solved (seeds 0-2):", per)
+    for agent in ("epistemic", "bootstrapped"):
+        assert sum(e is not None for e in per[agent]) >= 2, (agent, per[agent])  # most seeds, within 500
+    # dithering needs ~2^10 episodes; a lucky early walk to the reward can still teach it (seed 2: episode 87)
+    assert sum(e is not None for e in per["dqn"]) <= 1, per["dqn"]
+    for agent in ("epistemic", "bootstrapped"):
+        assert sum(e is not None for e in per[agent]) > sum(e is not None for e in per["dqn"])
+    out = tmp_path / "ds"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["summary"]["epistemic"]["score"] == results["summary"]["epistemic"]["score"] > 0.6
+    for name in ("scaling.png", "visits.png", "epistemic_vs_visits.png", "tables.md"):
+        assert (out / name).stat().st_size > 0
+    run = json.loads((out / "runs" / "epistemic-N10-seed0.json").read_text())
+    if run["solve_episode"] is not None:
+        assert run["episodes"] == run["solve_episode"]  # stopped once solved
+        assert sum(run["bad"]) / run["episodes"] < 0.9 <= sum(run["bad"][:-1]) / max(1, run["episodes"] - 1)
+    # MLflow: one parent, one child per run with per-episode metrics (step = episode)
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("dubito-explore")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == results["mlflow_parent_run_id"]]
+    assert len(parent) == 1 and len(children) == 9
+    child = next(r for r in children if r.data.params["agent"] == "dqn")
+    history = client.get_metric_history(child.info.run_id, "bad_fraction")
+    dqn_run = json.loads((out / "runs" / f"dqn-N10-seed{child.data.params['seed']}.json").read_text())
+    assert len(history) == dqn_run["episodes"] and [m.step for m in history] == list(range(dqn_run["episodes"]))
+    # rerunning resumes: nothing is run again, the same numbers come back
+    again = run_exploration(config, progress=False)
+    assert again["summary"] == results["summary"]
+    assert len(client.search_runs([exp.experiment_id])) == 10
+    with pytest.raises(DubitoError, match="other settings"):
+        run_exploration(ExploreConfig(**{**config.__dict__, "kappa": 1.0}), progress=False)
+
+
+def test_noisy_tv_noise_seekers_watch_and_the_epistemic_agent_does_not(tmp_path, mlflow_uri):
+    config = ExploreConfig(study="noisy-tv", agents="epistemic,total,rnd", seeds="0,1,2,3", episodes=300,
+                           output=str(tmp_path / "tv"), workers=2)  # fmt: skip
+    results = run_exploration(config, progress=False)
+    s = results["summary"]
+    tv = {a: s[a]["tv_fraction_mean"] for a in s}
+    median = {a: s[a]["tv_fraction_median"] for a in s}
+    slope = s["epistemic"]["epistemic_slope_mean"]
+    print(f"\nnoisy TV, fraction of steps on the TV (mean / median over 4 seeds): "
+          f"{ {a: (round(tv[a], 3), round(median[a], 3)) for a in tv} }; epistemic agent's within-state slope {slope:.3f}")  # fmt: skip
+    assert tv["total"] > 2.0 * tv["epistemic"] and median["total"] > 2.0 * median["epistemic"]
+    assert tv["rnd"] > 1.5 * tv["epistemic"] and median["rnd"] > 1.5 * median["epistemic"]
+    # the split: the heteroscedastic head puts the TV's noise in aleatoric variance
+    assert s["epistemic"]["aleatoric_tv_mean"] > 3 * s["epistemic"]["aleatoric_elsewhere_mean"]
+    # a state's epistemic estimate falls as its visit count grows
+    assert slope < -0.05
+    assert (tmp_path / "tv" / "tv_time.png").stat().st_size > 0
+
+
+def test_bad_settings_are_named(tmp_path):
+    with pytest.raises(DubitoError, match="--study"):
+        run_exploration(ExploreConfig(study="mountain-car", output=str(tmp_path)))
+    with pytest.raises(DubitoError, match="--agents"):
+        run_exploration(ExploreConfig(agents="dqn,ucb", output=str(tmp_path)))
+    with pytest.raises(DubitoError, match="--sizes"):
+        run_exploration(ExploreConfig(sizes="10,x", output=str(tmp_path)))
