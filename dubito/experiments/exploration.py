@@ -162,19 +162,26 @@ def _checkpoints(episodes: int) -> list[int]:
     return sorted({max(1, round(episodes * f)) for f in (0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0)})
 
 
-def _within_state_slope(snapshots: list[tuple[int, np.ndarray, np.ndarray]]) -> float | None:
-    """How a state's epistemic estimate changes as ITS visit count grows: the slope of
-    log(estimate) on log(1 + visits) over the snapshots, each state's mean removed (fixed
-    effects), so states that differ for other reasons (closeness to the reward) do not count."""
+def _within_state_slope(snapshots: list[tuple[int, np.ndarray, np.ndarray]], remove_trend: bool = False) -> float | None:
+    """How a state's epistemic estimate changes as ITS visit count grows: the slope β of
+    log(estimate[s, t]) = a_s + β·log(1 + visits[s, t]) over the snapshots t, a_s absorbing what
+    makes states differ (such as nearness to the reward). With ``remove_trend`` also + b_t (two-way
+    fixed effects): what changes for every state alike as training goes on does not count, only
+    visits beyond the common trend do."""
     if len(snapshots) < 2:
         return None
     visits = np.stack([v for _, v, _ in snapshots])  # (snapshots, states)
     estimate = np.stack([e for _, _, e in snapshots])
     ok = np.all(np.isfinite(estimate) & (estimate > 0), axis=0)
     x, y = np.log1p(visits[:, ok]), np.log(estimate[:, ok])
-    x, y = x - x.mean(0), y - y.mean(0)
+
+    def demean(a: np.ndarray) -> np.ndarray:
+        a = a - a.mean(0, keepdims=True)
+        return a - a.mean(1, keepdims=True) if remove_trend else a
+
+    x, y = demean(x), demean(y)
     denominator = float((x * x).sum())
-    return float((x * y).sum() / denominator) if denominator > 0 else None
+    return float((x * y).sum() / denominator) if denominator > 1e-12 else None
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -241,6 +248,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             "states": [list(s) for s in states], "visits": visits.tolist(), "estimate": estimate.tolist(),
             **_fit(visits, estimate),
             "within_state_slope": _within_state_slope(snapshots),
+            "visit_effect_slope": _within_state_slope(snapshots, remove_trend=True),
             "snapshots": [{"episode": e, "visits": v.tolist(), "estimate": m.tolist()} for e, v, m in snapshots],
         }  # fmt: skip
     if deep_sea:
@@ -371,11 +379,13 @@ def summarize(config: ExploreConfig, settings: dict[str, Any], records: dict[tup
         runs = [records[(agent, n, s)] for n in settings["sizes"] for s in settings["seeds"]]
         slopes = [r["epistemic"]["within_state_slope"] for r in runs if r.get("epistemic")]
         cross = [r["epistemic"]["slope"] for r in runs if r.get("epistemic")]
+        effect = [r["epistemic"].get("visit_effect_slope") for r in runs if r.get("epistemic")]
         rhos = [r["epistemic"]["spearman"] for r in runs if r.get("epistemic")]
         s: dict[str, Any] = {}
         s["epistemic_slope_mean"], s["epistemic_slope_std"] = _mean_std(slopes)
         s["epistemic_spearman_mean"], _ = _mean_std(rhos)
         s["epistemic_final_slope_mean"], _ = _mean_std(cross)
+        s["epistemic_visit_effect_mean"], _ = _mean_std(effect)
         if deep_sea:
             per_size = {}
             for n in settings["sizes"]:
@@ -396,6 +406,7 @@ def summarize(config: ExploreConfig, settings: dict[str, Any], records: dict[tup
     runs_out = {
         f"{a}-N{n}-seed{s}": {k: v for k, v in r.items() if k not in ("visits", "epistemic", "settings", "lengths", "terminated", "bad", "tv_steps")}
         | ({"epistemic_within_state_slope": r["epistemic"]["within_state_slope"], "epistemic_final_slope": r["epistemic"]["slope"],
+            "epistemic_visit_effect_slope": r["epistemic"].get("visit_effect_slope"),
             "epistemic_spearman": r["epistemic"]["spearman"]} if r.get("epistemic") else {})
         for (a, n, s), r in sorted(records.items())
     }  # fmt: skip
@@ -430,7 +441,7 @@ def _plots(results: dict[str, Any], records: dict[tuple[str, int, int], dict], o
             std = smooth.std(0, ddof=1) if len(seeds) > 1 else np.zeros(smooth.shape[1])
             curves[a] = {"labels": list(range(window, length + 1)), "mean": smooth.mean(0).tolist(), "std": std.tolist()}
         paths.append(learning_curves_figure(curves, out / "tv_time.png", "fraction of steps on the TV", xlabel="episode",
-                                            title=f"time on the noisy TV (mean ± std over seeds, {window}-episode average)"))  # fmt: skip
+                                            title=f"on the TV ({window}-episode mean; ± std over seeds)"))  # fmt: skip
         import dubito.agents.envs as envs
 
         mark = envs.NoisyTV(size=largest).tv
@@ -462,26 +473,29 @@ def format_exploration(results: dict[str, Any]) -> str:
 
     if settings["env"].startswith("dubito/DeepSea"):
         sizes = settings["sizes"]
-        lines += ["| agent | score | " + " | ".join(f"N={n}" for n in sizes) + " | epistemic vs own visits (log-log slope) |",
-                  "|---|---|" + "---|" * len(sizes) + "---|"]  # fmt: skip
+        lines += ["| agent | score | " + " | ".join(f"N={n}" for n in sizes) + " | epistemic vs own visits (log-log slope) | trend removed |",
+                  "|---|---|" + "---|" * len(sizes) + "---|---|"]  # fmt: skip
         for a, s in results["summary"].items():
             cells = []
             for n in sizes:
                 p = s["per_size"][str(n)]
                 cells.append(f"{num(p['median_solved'], '.0f')} ({p['solved']}/{len(p['solve_episodes'])})")
-            lines.append(f"| {a} | {s['score']:.2f} | " + " | ".join(cells) + f" | {num(s['epistemic_slope_mean'])} |")
+            lines.append(f"| {a} | {s['score']:.2f} | " + " | ".join(cells) + f" | {num(s['epistemic_slope_mean'])} | {num(s['epistemic_visit_effect_mean'])} |")
         lines += ["", "Cells: median episode at which the running fraction of bad episodes fell below 0.9 (solved runs / runs).",
                   "Score: fraction of runs solved within 2^N + 100 episodes (bsuite).",
-                  "Slope: how a state's epistemic estimate changes as its own visit count grows, over the run's snapshots (negative = falls)."]  # fmt: skip
+                  "Slope: how a state's epistemic estimate changes as its own visit count grows, over the run's snapshots (negative = falls);",
+                  "trend removed: the same, net of the change every state shares as training goes on (two-way fixed effects)."]  # fmt: skip
     else:
-        lines += ["| agent | steps on the TV | median | episodes reaching the goal | aleatoric std TV / elsewhere | epistemic TV / elsewhere | epistemic vs own visits (log-log slope) |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["| agent | steps on the TV | median | episodes reaching the goal | aleatoric std TV / elsewhere | epistemic TV / elsewhere | epistemic vs own visits (log-log slope) | trend removed |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for a, s in results["summary"].items():
             lines.append(
                 f"| {a} | {num(s['tv_fraction_mean'])} ± {num(s['tv_fraction_std'])} | {num(s['tv_fraction_median'])} | "
                 f"{num(s['goal_rate_mean'])} | {num(s['aleatoric_tv_mean'], '.3f')} / {num(s['aleatoric_elsewhere_mean'], '.3f')} | "
-                f"{num(s['epistemic_tv_mean'], '.3f')} / {num(s['epistemic_elsewhere_mean'], '.3f')} | {num(s['epistemic_slope_mean'])} |"
+                f"{num(s['epistemic_tv_mean'], '.3f')} / {num(s['epistemic_elsewhere_mean'], '.3f')} | {num(s['epistemic_slope_mean'])} | "
+                f"{num(s['epistemic_visit_effect_mean'])} |"
             )
         lines += ["", "± is the sample standard deviation over runs. Slope: how a state's epistemic estimate changes as its own",
-                  "visit count grows, over the run's snapshots (negative = falls)."]  # fmt: skip
+                  "visit count grows, over the run's snapshots (negative = falls); trend removed: the same, net of the change",
+                  "every state shares as training goes on (two-way fixed effects)."]  # fmt: skip
     return "\n".join(lines) + "\n"

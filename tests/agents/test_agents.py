@@ -125,6 +125,23 @@ def test_every_agent_runs_and_is_reproducible(name):
         assert est.shape == (9,) and np.all(est >= 0)
 
 
+def test_dropout_source_uses_the_service_and_learns_the_noise():
+    """source="dropout": MC-dropout samples through the UncertaintyService; its heteroscedastic head
+    learns a noisy action's reward variance as aleatoric, not epistemic."""
+    config = AgentConfig(source="dropout", dropout=0.2, hidden="32", min_replay=32, batch_size=32, gamma=0.0, samples=20)
+    agent = make_agent("total", 2, 2, config, seed=0)
+    rng = np.random.default_rng(0)
+    s = np.array([1.0, 0.0], dtype=np.float32)
+    for _ in range(1500):
+        a = int(rng.integers(2))
+        agent.observe(s, a, float(rng.normal(0, 2.0)) if a == 1 else 0.5, s, True)  # action 1: pure noise
+    unc = agent.uncertainty(torch.as_tensor(s[None]))
+    alea = unc.aleatoric_var.sqrt()[0].numpy()
+    assert alea[1] == pytest.approx(2.0, rel=0.25) and alea[0] < 0.3
+    assert unc.mean[0, 0].item() == pytest.approx(0.5, abs=0.1)
+    assert unc.epistemic_var[0, 1] < unc.aleatoric_var[0, 1] / 4
+
+
 def test_bad_agent_settings_are_named():
     with pytest.raises(DubitoError, match="unknown agent 'ucb'"):
         make_agent("ucb", 4, 2)

@@ -31,8 +31,15 @@ def test_within_state_slope_recovers_a_power_law():
     snaps = []
     for t in (1, 3, 10, 30):
         visits = rng.integers(0, 50, 30) * t
-        snaps.append((t, visits.astype(float), np.exp(offsets) * (1 + visits) ** -0.5))
-    assert _within_state_slope(snaps) == pytest.approx(-0.5, abs=1e-9)
+        # a trend shared by every state (training goes on) must not count as an effect of visits
+        snaps.append((t, visits.astype(float), np.exp(offsets) * t**-0.7 * (1 + visits) ** -0.5))
+    assert _within_state_slope(snaps, remove_trend=True) == pytest.approx(-0.5, abs=1e-9)
+    flat = [(t, v, np.exp(offsets) * t**-0.7) for t, v, _ in snaps]  # falls with time only
+    assert _within_state_slope(flat, remove_trend=True) == pytest.approx(0.0, abs=1e-9)
+    assert _within_state_slope(flat) < -0.1  # without the trend removed, time passes for visits
+    # no common trend: both measures recover the power law
+    plain = [(t, v, np.exp(offsets) * (1 + v) ** -0.5) for t, v, _ in snaps]
+    assert _within_state_slope(plain) == pytest.approx(-0.5, abs=1e-9)
 
 
 def test_deep_sea_10_uncertainty_agents_solve_and_dithering_does_not(tmp_path, mlflow_uri):
@@ -83,8 +90,9 @@ def test_noisy_tv_noise_seekers_watch_and_the_epistemic_agent_does_not(tmp_path,
     tv = {a: s[a]["tv_fraction_mean"] for a in s}
     median = {a: s[a]["tv_fraction_median"] for a in s}
     slope = s["epistemic"]["epistemic_slope_mean"]
+    effect = s["epistemic"]["epistemic_visit_effect_mean"]
     print(f"\nnoisy TV, fraction of steps on the TV (mean / median over 4 seeds): "
-          f"{ {a: (round(tv[a], 3), round(median[a], 3)) for a in tv} }; epistemic agent's within-state slope {slope:.3f}")  # fmt: skip
+          f"{ {a: (round(tv[a], 3), round(median[a], 3)) for a in tv} }; epistemic agent's within-state slope {slope:.3f}, trend removed {effect:.3f}")  # fmt: skip
     assert tv["total"] > 2.0 * tv["epistemic"] and median["total"] > 2.0 * median["epistemic"]
     assert tv["rnd"] > 1.5 * tv["epistemic"] and median["rnd"] > 1.5 * median["epistemic"]
     # the split: the heteroscedastic head puts the TV's noise in aleatoric variance
@@ -92,6 +100,16 @@ def test_noisy_tv_noise_seekers_watch_and_the_epistemic_agent_does_not(tmp_path,
     # a state's epistemic estimate falls as its visit count grows
     assert slope < -0.05
     assert (tmp_path / "tv" / "tv_time.png").stat().st_size > 0
+
+
+def test_stochastic_deep_sea_study_runs(tmp_path):
+    config = ExploreConfig(study="deep-sea-stochastic", agents="bootstrapped", sizes="4", seeds="0", episodes=150,
+                           output=str(tmp_path / "st"), workers=1)  # fmt: skip
+    results = run_exploration(config, progress=False)
+    run = results["runs"]["bootstrapped-N4-seed0"]
+    assert results["settings"]["env"] == "dubito/DeepSeaStochastic-v0" and results["settings"]["agent"]["gamma"] == 0.99
+    solved = run["solve_episode"]
+    assert solved is None or (solved >= 100 and run["episodes"] == solved)  # bsuite's stochastic rule: from episode 100
 
 
 def test_bad_settings_are_named(tmp_path):
