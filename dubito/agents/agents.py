@@ -36,7 +36,6 @@ does not know about each state; mean over actions; ``None`` for ``dqn``).
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -442,6 +441,3 @@ def make_agent(name: str, obs_dim: int, n_actions: int, config: AgentConfig | No
         torch.manual_seed(seed)
         return classes[name](obs_dim, n_actions, config, seed)
 
-
-def config_fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(AgentConfig))
