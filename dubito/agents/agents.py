@@ -89,6 +89,10 @@ class AgentConfig:
             raise DubitoError(f"epsilon must be in [0, 1], got {self.epsilon!r}")
         if self.source not in ("ensemble", "dropout"):
             raise DubitoError(f"source must be 'ensemble' or 'dropout', got {self.source!r}")
+        if not 0.0 < self.mask_prob <= 1.0:
+            raise DubitoError(f"mask_prob must be in (0, 1], got {self.mask_prob!r}")
+        if self.min_replay > self.buffer_size:
+            raise DubitoError(f"min_replay ({self.min_replay}) must not exceed buffer_size ({self.buffer_size}): learning would never start")
         if not 0.0 <= self.dropout < 1.0:
             raise DubitoError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -104,7 +108,11 @@ class AgentConfig:
 
 def _adam(params, lr: float) -> torch.optim.Adam:
     """Adam; fused on the CPU too, where its per-step overhead otherwise dominates these small networks."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # torch without fused CPU Adam (< 2.4)
+        return torch.optim.Adam(params, lr=lr)
 
 
 def _double_q(online_q: Tensor, target_q: Tensor) -> Tensor:
@@ -143,6 +151,11 @@ class Agent:
         raise NotImplementedError
 
     def _argmax(self, values: np.ndarray) -> int:
+        if not np.all(np.isfinite(values)):
+            raise DubitoError(
+                f"{self.name}: action values are not finite ({values}) after {self.updates} updates: training "
+                "diverged; lower --lr or --kappa, or raise --target-every"
+            )
         best = np.flatnonzero(values == values.max())
         return int(best[0]) if best.size == 1 else int(self.rng.choice(best))
 
@@ -266,8 +279,8 @@ class ThompsonDropoutAgent(_QNetworkAgent):
 
 class UncertaintyBonusAgent(Agent):
     """Kendall & Gal Q-network: a heteroscedastic head (aleatoric variance of the TD target, Gaussian
-    NLL) and an epistemic sampler; bonus κ·σ, with σ² the epistemic variance (``epistemic``) or
-    epistemic + aleatoric (``total``), added to the reward in the TD target and to Q when acting.
+    NLL) and an epistemic sampler; acts on argmax Q̄ + κ·σ, with σ² the epistemic variance
+    (``epistemic``) or epistemic + aleatoric (``total``). The TD target carries no bonus.
 
     ``source="ensemble"`` (default): the samples are K members with randomized priors (mean_k =
     f_k + β·p_k, log σ²_k = g_k), the members' spread is the epistemic part — it falls as a state
@@ -289,6 +302,8 @@ class UncertaintyBonusAgent(Agent):
         else:
             self.online = MLP(obs_dim, n_actions, hidden, task="regression", variant="both", dropout=config.dropout)
             self.service = UncertaintyService(self.online, "regression", config.samples, device="cpu", seed=seed, progress=False)
+            # a second seed stream for measuring (epistemic(), aleatoric()), so looking never changes how the agent acts
+            self.probe = UncertaintyService(self.online, "regression", config.samples, device="cpu", seed=seed + 1, progress=False)
         self.target = copy.deepcopy(self.online).requires_grad_(False).eval()
         self.optimizer = _adam(self.online.parameters(), config.lr)
 
@@ -298,10 +313,11 @@ class UncertaintyBonusAgent(Agent):
         a = self.n_actions
         return out[..., :a] + self.config.prior_scale * self.prior(x), out[..., a:]
 
-    def uncertainty(self, x: Tensor) -> RegressionUncertainty:
-        """The decomposed uncertainty of Q(x, ·): fields (N, A)."""
+    def uncertainty(self, x: Tensor, probe: bool = False) -> RegressionUncertainty:
+        """The decomposed uncertainty of Q(x, ·): fields (N, A). ``probe``: MC masks from the
+        measuring seed stream (dropout source), not the acting one."""
         if self.source == "dropout":
-            return self.service.predict(x)
+            return (self.probe if probe else self.service).predict(x)
         with torch.no_grad():
             return regression_uncertainty(*self._heads(self.online, x))
 
@@ -332,11 +348,11 @@ class UncertaintyBonusAgent(Agent):
         return self._step(self.optimizer, loss)
 
     def epistemic(self, obs: np.ndarray) -> np.ndarray:
-        return self.uncertainty(torch.as_tensor(obs, dtype=torch.float32)).epistemic_var.sqrt().mean(dim=1).numpy()
+        return self.uncertainty(torch.as_tensor(obs, dtype=torch.float32), probe=True).epistemic_var.sqrt().mean(dim=1).numpy()
 
     def aleatoric(self, obs: np.ndarray) -> np.ndarray:
         """Aleatoric std of each state (N,), mean over actions."""
-        return self.uncertainty(torch.as_tensor(obs, dtype=torch.float32)).aleatoric_var.sqrt().mean(dim=1).numpy()
+        return self.uncertainty(torch.as_tensor(obs, dtype=torch.float32), probe=True).aleatoric_var.sqrt().mean(dim=1).numpy()
 
 
 class BootstrappedPriorAgent(Agent):
@@ -417,8 +433,9 @@ class RNDAgent(_QNetworkAgent):
         return self._td_loss(batch, extra_reward=intrinsic)
 
     def epistemic(self, obs: np.ndarray) -> np.ndarray:
+        """Root of the prediction error: like the other agents' estimates, a standard deviation."""
         with torch.no_grad():
-            return self._error(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+            return self._error(torch.as_tensor(obs, dtype=torch.float32)).sqrt().numpy()
 
 
 AGENTS = ("dqn", "bootstrapped", "thompson", "epistemic", "total", "rnd")

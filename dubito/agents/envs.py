@@ -85,8 +85,8 @@ class DeepSea(gym.Env):
         self._row = self._column = 0
         self._bad = False
 
-    def observation_for(self, position: tuple[int, int]) -> np.ndarray:
-        """The observation of cell ``position`` (row, column)."""
+    def observation_for(self, position: tuple[int, int], rng: np.random.Generator | None = None) -> np.ndarray:
+        """The observation of cell ``position`` (row, column); ``rng`` is unused (Deep Sea's are fixed)."""
         obs = np.zeros((self.size, self.size), dtype=np.float32)
         obs[position[0], position[1]] = 1.0
         return obs
@@ -203,12 +203,13 @@ class NoisyTV(gym.Env):
             raise DubitoError(f"{name} must be a cell (row, column) inside the {self.size}x{self.size} grid, got {value!r}")
         return cell
 
-    def observation_for(self, position: tuple[int, int]) -> np.ndarray:
-        """The observation of ``position`` (with a fresh random screen on the TV)."""
+    def observation_for(self, position: tuple[int, int], rng: np.random.Generator | None = None) -> np.ndarray:
+        """The observation of ``position`` (with a fresh random screen on the TV, drawn from ``rng``;
+        by default the environment's own ``np_random``: pass another to look without changing the run)."""
         obs = np.zeros(self.observation_space.shape, dtype=np.float32)
         obs[position[0] * self.size + position[1]] = 1.0
         if tuple(position) == self.tv:
-            obs[self.size**2 :] = self.np_random.random(self.screen, dtype=np.float32)
+            obs[self.size**2 :] = (rng or self.np_random).random(self.screen, dtype=np.float32)
         return obs
 
     def states(self) -> list[tuple[int, int]]:

@@ -110,6 +110,14 @@ class ExploreConfig:
             raise DubitoError(f"--episodes must be >= 1, got {episodes}")
         if self.workers < 0:
             raise DubitoError(f"--workers must be >= 0, got {self.workers}")
+        if self.mapping_seed is not None and not 0 <= self.mapping_seed < 2**32:
+            raise DubitoError(f"--mapping-seed must be in [0, 2^32), got {self.mapping_seed}")
+        if max(seeds) >= 2**32:
+            raise DubitoError(f"--seeds must be below 2^32, got {max(seeds)}")
+        if not np.isfinite(self.noise_scale) or self.noise_scale < 0:
+            raise DubitoError(f"--noise-scale must be a finite number >= 0, got {self.noise_scale}")
+        if self.screen < 1:
+            raise DubitoError(f"--screen must be >= 1, got {self.screen}")
         agent = self.agent_config()  # validates the agent settings
         return {
             "env": preset["env"], "agents": agents, "sizes": sizes, "seeds": seeds, "episodes": int(episodes),
@@ -135,7 +143,9 @@ def _ints(flag: str, text: str, low: int) -> list[int]:
 
 def solve_episode(bad: list[bool], stochastic: bool = False) -> int | None:
     """bsuite's Deep Sea criterion: the first episode (1-based) at which the running fraction of
-    bad episodes is below 0.9 — below 0.8 and from episode 100 on for the stochastic variant."""
+    bad episodes is below 0.9 — below 0.8 and from episode 100 on for the stochastic variant.
+    Checked after every episode; bsuite checks at its logarithmically spaced logging episodes
+    (1-10, 12, 14, 17, 20, 25, 30, 40, ...), so its episode is never earlier than this one."""
     if not bad:
         return None
     episode = np.arange(1, len(bad) + 1)
@@ -154,7 +164,8 @@ def _fit(visits: np.ndarray, estimate: np.ndarray) -> dict[str, Any]:
         return {"slope": None, "spearman": None}
     x, y = np.log1p(visits[ok]), np.log(estimate[ok])
     slope = float(np.polyfit(x, y, 1)[0])
-    return {"slope": slope, "spearman": float(spearmanr(visits[ok], estimate[ok])[0])}
+    rho = float(spearmanr(visits[ok], estimate[ok])[0])
+    return {"slope": slope, "spearman": rho if np.isfinite(rho) else None}
 
 
 def _checkpoints(episodes: int) -> list[int]:
@@ -200,7 +211,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     size, seed = spec["size"], spec["seed"]
     if spec["env"].startswith("dubito/DeepSea"):
-        mapping = spec["mapping_seed"] if spec["mapping_seed"] is not None else seed
+        mapping = spec.get("mapping_seed") if spec.get("mapping_seed") is not None else seed
         env = gym.make(spec["env"], size=size, mapping_seed=mapping)
     else:
         env = gym.make(spec["env"], size=size, noise_scale=spec["noise_scale"], screen=spec["screen"])
@@ -212,9 +223,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     states = base.states()
     snapshots: list[tuple[int, np.ndarray, np.ndarray]] = []  # (episode, visits, estimate) per state
+    look = np.random.default_rng([seed, 7])  # screens for measuring: the run's own random stream is untouched
 
     def snapshot(log) -> None:
-        obs = np.stack([np.ravel(base.observation_for(s)) for s in states]).astype(np.float32)
+        obs = np.stack([np.ravel(base.observation_for(s, look)) for s in states]).astype(np.float32)
         estimate = agent.epistemic(obs)
         if estimate is not None:
             visits = np.array([log.visits[s] for s in states], dtype=float)
@@ -235,7 +247,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     if not snapshots or snapshots[-1][0] != log.episodes:
         snapshot(log)
-    obs = np.stack([np.ravel(base.observation_for(s)) for s in states]).astype(np.float32)
+    obs = np.stack([np.ravel(base.observation_for(s, look)) for s in states]).astype(np.float32)
     estimate = snapshots[-1][2] if snapshots else None
     visits = np.array([log.visits[s] for s in states], dtype=float)
     record: dict[str, Any] = {
@@ -254,7 +266,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if deep_sea:
         record["bad"] = log.bad
         record["solve_episode"] = solve_episode(log.bad, stochastic)
-        record["regret"] = float(np.sum(base.optimal_return - np.asarray(log.returns)))
+        record["regret"] = float(np.sum(base.optimal_return - np.asarray(log.returns)))  # over the episodes run
     else:
         record["tv_steps"] = log.tv_steps
         record["tv_fraction"] = float(np.sum(log.tv_steps) / max(1, np.sum(log.lengths)))
@@ -280,7 +292,7 @@ def _series(record: dict[str, Any]) -> dict[str, list[float]]:
         episode = np.arange(1, len(record["bad"]) + 1)
         series["bad_fraction"] = (np.cumsum(record["bad"]) / episode).tolist()
     if "tv_steps" in record:
-        series["tv_fraction"] = (np.asarray(record["tv_steps"]) / np.maximum(1, record["lengths"])).tolist()
+        series["tv_fraction_episode"] = (np.asarray(record["tv_steps"]) / np.maximum(1, record["lengths"])).tolist()
     return series
 
 
@@ -295,9 +307,12 @@ def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str
             for seed in settings["seeds"]:
                 run_settings = {
                     "agent_config": settings["agent"], "episodes": settings["episodes"], "env": settings["env"],
-                    "stop_when_solved": settings["stop_when_solved"], "mapping_seed": config.mapping_seed,
-                    "noise_scale": config.noise_scale, "screen": config.screen,
+                    "stop_when_solved": settings["stop_when_solved"],
                 }  # fmt: skip
+                if settings["env"].startswith("dubito/DeepSea"):
+                    run_settings["mapping_seed"] = config.mapping_seed
+                else:
+                    run_settings |= {"noise_scale": config.noise_scale, "screen": config.screen}
                 specs.append({
                     **run_settings, "agent": agent, "size": size, "seed": seed, "settings": run_settings,
                     "path": str(out / "runs" / f"{agent}-N{size}-seed{seed}.json"),
@@ -316,21 +331,37 @@ def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str
         else:
             todo.append(spec)
     marker = out / "study.json"
-    parent_id = json.loads(marker.read_text()).get("mlflow_parent_run_id") if marker.exists() else None
+    study = json.loads(marker.read_text()) if marker.exists() else {}
+    if study.get("study", config.study) != config.study or study.get("experiment", config.experiment) != config.experiment:
+        raise DubitoError(
+            f"{out} holds the {study.get('study')!r} study (MLflow experiment {study.get('experiment')!r}); "
+            "use another --output"
+        )
     started = time.perf_counter()
     with tracked_run(config.experiment, run_name=f"explore-{config.study}", params=config,
-                     tags={"dubito.command": "explore"}, run_id=parent_id) as parent:  # fmt: skip
-        write_json(marker, {"mlflow_parent_run_id": parent.run_id})
+                     tags={"dubito.command": "explore"}, run_id=study.get("mlflow_parent_run_id")) as parent:  # fmt: skip
+        write_json(marker, {"mlflow_parent_run_id": parent.run_id, "study": config.study, "experiment": config.experiment})
 
-        def finished(record: dict[str, Any]) -> None:
-            key = (record["agent"], record["size"], record["seed"])
-            records[key] = record
+        def log_child(record: dict[str, Any]) -> None:
+            """One MLflow child run per finished run (step = episode, from 1); its id is kept in the
+            run's file, so a run finished but not yet logged when a study was killed is logged on resume."""
             params = {"agent": record["agent"], "size": record["size"], "seed": record["seed"], "study": config.study,
                       **{f"agent.{k}": v for k, v in settings["agent"].items()}}  # fmt: skip
             with tracked_run(config.experiment, run_name=f"{record['agent']}-N{record['size']}-seed{record['seed']}",
                              params=params, tags={"mlflow.parentRunId": parent.run_id}) as child:  # fmt: skip
-                child.log_series(_series(record))
+                child.log_series(_series(record), start=1)
                 child.log_metrics({k: record[k] for k in ("regret", "tv_fraction", "goal_rate") if k in record})
+            record["mlflow_run_id"] = child.run_id
+            write_json(out / "runs" / f"{record['agent']}-N{record['size']}-seed{record['seed']}.json", record)
+
+        for record in records.values():
+            if not record.get("mlflow_run_id"):
+                log_child(record)
+
+        def finished(record: dict[str, Any]) -> None:
+            key = (record["agent"], record["size"], record["seed"])
+            records[key] = record
+            log_child(record)
             if progress:
                 what = (
                     f"solved at episode {record['solve_episode']}" if record.get("solve_episode")
@@ -340,16 +371,19 @@ def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str
                 print(f"[{len(records)}/{len(specs)}] {key[0]} N={key[1]} seed {key[2]}: {what} "
                       f"({record['seconds']:.0f} s; {time.perf_counter() - started:.0f} s so far)", flush=True)  # fmt: skip
 
-        workers = config.workers or min(os.cpu_count() or 1, len(todo))
-        workers = max(1, min(workers, len(todo) or 1))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = max(1, min(config.workers or cores, len(todo) or 1))
         if workers == 1:
             for spec in todo:
                 finished(run_one({**spec, "progress": progress}))
         else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+            try:
                 futures = [pool.submit(run_one, {**spec, "threads": 1}) for spec in todo]
                 for future in as_completed(futures):
                     finished(future.result())
+            finally:  # on an error or Ctrl-C, runs not started are dropped (finished ones are on disk)
+                pool.shutdown(wait=True, cancel_futures=True)
         results = summarize(config, settings, records)
         results["seconds"] = time.perf_counter() - started
         results["mlflow_parent_run_id"] = parent.run_id
@@ -429,7 +463,8 @@ def _plots(results: dict[str, Any], records: dict[tuple[str, int, int], dict], o
                 "episode": [r["solve_episode"] or r["episodes"] for r in runs],
                 "solved": [r["solve_episode"] is not None for r in runs],
             }
-        paths.append(scaling_figure(points, out / "scaling.png", settings["episodes"]))
+        rule = "0.8" if settings["env"] == "dubito/DeepSeaStochastic-v0" else "0.9"
+        paths.append(scaling_figure(points, out / "scaling.png", settings["episodes"], threshold=rule))
         mark = None
     else:
         curves = {}
@@ -481,8 +516,9 @@ def format_exploration(results: dict[str, Any]) -> str:
                 p = s["per_size"][str(n)]
                 cells.append(f"{num(p['median_solved'], '.0f')} ({p['solved']}/{len(p['solve_episodes'])})")
             lines.append(f"| {a} | {s['score']:.2f} | " + " | ".join(cells) + f" | {num(s['epistemic_slope_mean'])} | {num(s['epistemic_visit_effect_mean'])} |")
-        lines += ["", "Cells: median episode at which the running fraction of bad episodes fell below 0.9 (solved runs / runs).",
-                  "Score: fraction of runs solved within 2^N + 100 episodes (bsuite).",
+        rule = "0.8 (from episode 100)" if settings["env"] == "dubito/DeepSeaStochastic-v0" else "0.9"
+        lines += ["", f"Cells: median episode at which the running fraction of bad episodes fell below {rule} (solved runs / runs).",
+                  f"Score: fraction of runs solved within 2^N + 100 episodes (bsuite's formula, on a {settings['episodes']}-episode budget).",
                   "Slope: how a state's epistemic estimate changes as its own visit count grows, over the run's snapshots (negative = falls);",
                   "trend removed: the same, net of the change every state shares as training goes on (two-way fixed effects)."]  # fmt: skip
     else:

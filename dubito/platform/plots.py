@@ -239,7 +239,7 @@ def learning_curves_figure(
     return _save(fig, path)
 
 
-def scaling_figure(points: dict[str, dict], path: str | Path, budget: int) -> Path:
+def scaling_figure(points: dict[str, dict], path: str | Path, budget: int, threshold: str = "0.9") -> Path:
     """Deep Sea: episodes until the running fraction of bad episodes drops below 0.9, against N,
     on log axes, with the 2^N episodes dithering needs. ``points[agent] = {"size": [...],
     "episode": [...], "solved": [...]}`` (one entry per run); unsolved runs are drawn as ×
@@ -269,7 +269,7 @@ def scaling_figure(points: dict[str, dict], path: str | Path, budget: int) -> Pa
     ax.set_xticklabels([str(s) for s in sizes])
     ax.minorticks_off()
     ax.set_xlabel("Deep Sea size N (log scale)")
-    ax.set_ylabel("episodes until < 90 % bad episodes (log scale)")
+    ax.set_ylabel(f"episodes until bad fraction < {threshold} (log scale)")
     ax.set_title(f"episodes to solve (× = not solved within {budget})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

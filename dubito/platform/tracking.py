@@ -79,14 +79,15 @@ class TrackedRun:
         if items:
             self.client.log_batch(self.run_id, metrics=items)
 
-    def log_series(self, series: Mapping[str, Sequence[float]]) -> None:
-        """Whole metric histories at once, step = position in the list (e.g. episode), in batches."""
+    def log_series(self, series: Mapping[str, Sequence[float]], start: int = 0) -> None:
+        """Whole metric histories at once, step = ``start`` + position in the list (e.g. episode
+        numbers from 1), in batches."""
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, values in series.items() for step, v in enumerate(values) if v is not None]
+        items = [Metric(k, float(v), now, step) for k, values in series.items() for step, v in enumerate(values, start) if v is not None]
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 

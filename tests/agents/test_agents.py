@@ -151,3 +151,8 @@ def test_bad_agent_settings_are_named():
         AgentConfig(source="bootstrap")
     with pytest.raises(DubitoError, match="gamma"):
         AgentConfig(gamma=1.5)
+    with pytest.raises(DubitoError, match="mask_prob"):
+        AgentConfig(mask_prob=0.0)
+    agent = make_agent("dqn", 3, 2)
+    with pytest.raises(DubitoError, match="diverged"):
+        agent._argmax(np.array([0.1, np.nan]))

@@ -73,13 +73,25 @@ def test_deep_sea_10_uncertainty_agents_solve_and_dithering_does_not(tmp_path, m
     child = next(r for r in children if r.data.params["agent"] == "dqn")
     history = client.get_metric_history(child.info.run_id, "bad_fraction")
     dqn_run = json.loads((out / "runs" / f"dqn-N10-seed{child.data.params['seed']}.json").read_text())
-    assert len(history) == dqn_run["episodes"] and [m.step for m in history] == list(range(dqn_run["episodes"]))
+    assert len(history) == dqn_run["episodes"] and [m.step for m in history] == list(range(1, dqn_run["episodes"] + 1))
+    assert history[-1].value == pytest.approx(sum(dqn_run["bad"]) / dqn_run["episodes"])
+    assert dqn_run["mlflow_run_id"] == child.info.run_id
     # rerunning resumes: nothing is run again, the same numbers come back
     again = run_exploration(config, progress=False)
     assert again["summary"] == results["summary"]
     assert len(client.search_runs([exp.experiment_id])) == 10
     with pytest.raises(DubitoError, match="other settings"):
         run_exploration(ExploreConfig(**{**config.__dict__, "kappa": 1.0}), progress=False)
+    with pytest.raises(DubitoError, match="holds the 'deep-sea' study"):
+        run_exploration(ExploreConfig(**{**config.__dict__, "study": "noisy-tv", "sizes": "5"}), progress=False)
+    # a run finished but never logged (the study was killed in between) is logged when the study resumes
+    path = out / "runs" / "dqn-N10-seed0.json"
+    record = json.loads(path.read_text())
+    del record["mlflow_run_id"]
+    path.write_text(json.dumps(record))
+    run_exploration(config, progress=False)
+    assert len(client.search_runs([exp.experiment_id])) == 11
+    assert json.loads(path.read_text())["mlflow_run_id"]
 
 
 def test_noisy_tv_noise_seekers_watch_and_the_epistemic_agent_does_not(tmp_path, mlflow_uri):
@@ -119,3 +131,10 @@ def test_bad_settings_are_named(tmp_path):
         run_exploration(ExploreConfig(agents="dqn,ucb", output=str(tmp_path)))
     with pytest.raises(DubitoError, match="--sizes"):
         run_exploration(ExploreConfig(sizes="10,x", output=str(tmp_path)))
+    with pytest.raises(DubitoError, match="--mapping-seed"):
+        run_exploration(ExploreConfig(mapping_seed=-1, output=str(tmp_path)))
+    with pytest.raises(DubitoError, match="--noise-scale"):
+        run_exploration(ExploreConfig(study="noisy-tv", noise_scale=-1.0, output=str(tmp_path)))
+    with pytest.raises(DubitoError, match="min_replay"):
+        run_exploration(ExploreConfig(min_replay=100, buffer_size=50, output=str(tmp_path)))
+    assert not (tmp_path / "study.json").exists()  # nothing started
