@@ -307,11 +307,14 @@ class UncertaintyBonusAgent(Agent):
         self.target = copy.deepcopy(self.online).requires_grad_(False).eval()
         self.optimizer = _adam(self.online.parameters(), config.lr)
 
-    def _heads(self, net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Ensemble: per-member (mean, log σ²), each (K, N, A)."""
+    def _heads(self, net: nn.Module, x: Tensor, prior: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Ensemble: per-member (mean, log σ²), each (K, N, A); ``prior``: β·p(x) when already computed."""
         out = net(x)
         a = self.n_actions
-        return out[..., :a] + self.config.prior_scale * self.prior(x), out[..., a:]
+        return out[..., :a] + (self._prior(x) if prior is None else prior), out[..., a:]
+
+    def _prior(self, x: Tensor) -> Tensor:
+        return self.config.prior_scale * self.prior(x)
 
     def uncertainty(self, x: Tensor, probe: bool = False) -> RegressionUncertainty:
         """The decomposed uncertainty of Q(x, ·): fields (N, A). ``probe``: MC masks from the
@@ -333,7 +336,9 @@ class UncertaintyBonusAgent(Agent):
         with torch.no_grad():
             if self.source == "ensemble":
                 # (K, B): each member bootstraps from its own estimate
-                next_q = _double_q(self._heads(self.online, batch["next_obs"])[0], self._heads(self.target, batch["next_obs"])[0])
+                nxt = batch["next_obs"]
+                prior = self._prior(nxt)  # fixed: shared by the online and the target members
+                next_q = _double_q(self._heads(self.online, nxt, prior)[0], self._heads(self.target, nxt, prior)[0])
             else:
                 next_q = _double_q(self.online.eval()(batch["next_obs"])[0], self.target(batch["next_obs"])[0])
             y = self._bootstrap(batch, next_q)
@@ -369,8 +374,9 @@ class BootstrappedPriorAgent(Agent):
         self.optimizer = _adam(self.online.parameters(), config.lr)
         self.head = 0
 
-    def _q(self, net: nn.Module, x: Tensor) -> Tensor:
-        return net(x) + self.config.prior_scale * self.prior(x)
+    def _q(self, net: nn.Module, x: Tensor, prior: Tensor | None = None) -> Tensor:
+        """Q_k = f_k + β·p_k, (K, N, A); ``prior``: β·p(x) when already computed."""
+        return net(x) + (self.config.prior_scale * self.prior(x) if prior is None else prior)
 
     def begin_episode(self) -> None:
         super().begin_episode()
@@ -383,7 +389,9 @@ class BootstrappedPriorAgent(Agent):
     def update(self, batch: dict[str, Tensor]) -> float:
         k = self.config.ensemble
         with torch.no_grad():
-            y = self._bootstrap(batch, _double_q(self._q(self.online, batch["next_obs"]), self._q(self.target, batch["next_obs"])))
+            nxt = batch["next_obs"]
+            prior = self.config.prior_scale * self.prior(nxt)  # fixed: shared by the online and the target heads
+            y = self._bootstrap(batch, _double_q(self._q(self.online, nxt, prior), self._q(self.target, nxt, prior)))
         a = batch["action"][None, :, None].expand(k, -1, 1)
         q = self._q(self.online, batch["obs"]).gather(2, a)[..., 0]  # (K, B)
         mask = batch["mask"].T  # (K, B)
