@@ -32,6 +32,7 @@ import numpy as np
 
 from dubito import DubitoError
 from dubito.agents.agents import AGENTS, AgentConfig
+from dubito.experiments import int_list
 from dubito.platform.files import write_json
 from dubito.platform.tracking import tracked_run
 
@@ -103,8 +104,8 @@ class ExploreConfig:
         unknown = [a for a in agents if a not in AGENTS]
         if not agents or unknown or len(set(agents)) != len(agents):
             raise DubitoError(f"--agents must name distinct agents from {', '.join(AGENTS)}, got {self.agents!r}")
-        sizes = _ints("--sizes", self.sizes or preset["sizes"], low=3 if self.study == "noisy-tv" else 2)
-        seeds = _ints("--seeds", self.seeds, low=0)
+        sizes = int_list("--sizes", self.sizes or preset["sizes"], low=3 if self.study == "noisy-tv" else 2)
+        seeds = int_list("--seeds", self.seeds, low=0)
         episodes = self.episodes if self.episodes is not None else preset["episodes"]
         if episodes < 1:
             raise DubitoError(f"--episodes must be >= 1, got {episodes}")
@@ -129,16 +130,6 @@ class ExploreConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(AgentConfig) if f.name != "gamma"}
         gamma = self.gamma if self.gamma is not None else STUDIES.get(self.study, STUDIES["deep-sea"])["gamma"]
         return AgentConfig(gamma=gamma, **values)
-
-
-def _ints(flag: str, text: str, low: int) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise DubitoError(f"{flag} must be integers separated by commas, got {text!r}") from None
-    if not values or len(set(values)) != len(values) or min(values) < low:
-        raise DubitoError(f"{flag} must be distinct integers >= {low}, got {text!r}")
-    return values
 
 
 def solve_episode(bad: list[bool], stochastic: bool = False) -> int | None:

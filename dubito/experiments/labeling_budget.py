@@ -19,6 +19,7 @@ import numpy as np
 
 from dubito import DubitoError
 from dubito.acquisition.loop import LoopConfig, headline_metric, run_loop
+from dubito.experiments import int_list
 from dubito.platform.files import write_json
 from dubito.platform.tracking import tracked_run
 
@@ -71,12 +72,7 @@ class LabelConfig:
         acquisitions = [a.strip() for a in self.acquisition.split(",") if a.strip()]
         if not acquisitions or len(set(acquisitions)) != len(acquisitions):
             raise DubitoError(f"--acquisition must name distinct acquisitions, got {self.acquisition!r}")
-        try:
-            seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise DubitoError(f"--seeds must be integers separated by commas, got {self.seeds!r}") from None
-        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise DubitoError(f"--seeds must be distinct integers >= 0, got {self.seeds!r}")
+        seeds = int_list("--seeds", self.seeds)
         if self.oracle == "human" and len(acquisitions) * len(seeds) > 1:
             raise DubitoError("--oracle human runs one loop: give one --acquisition and one --seeds")
         return acquisitions, seeds

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dubito import DubitoError
+from dubito.experiments import int_list
 from dubito.platform.data import DATASETS, get_dataset
 from dubito.platform.evaluation import EVALUATION_FORMAT, EvalConfig, evaluate
 from dubito.platform.files import write_json
@@ -69,13 +70,7 @@ class ReproduceConfig:
     experiment: str = field(default="dubito-reproduce", metadata={"help": "MLflow experiment"})
 
     def seed_list(self) -> list[int]:
-        try:
-            seeds = list(dict.fromkeys(int(x) for x in self.seeds.split(",") if x.strip()))
-        except ValueError:
-            raise DubitoError(f"--seeds must be integers separated by commas, got {self.seeds!r}") from None
-        if not seeds or min(seeds) < 0:
-            raise DubitoError(f"--seeds must name at least one seed >= 0, got {self.seeds!r}")
-        return seeds
+        return int_list("--seeds", self.seeds)
 
     def parsed(self) -> tuple[list[str], list[str], list[float]]:
         self.seed_list()
