@@ -15,10 +15,12 @@ from dubito import DubitoError, __version__
 __all__ = ["main", "add_config_arguments", "config_from_args"]
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One ``--flag`` per field of a config dataclass, typed and defaulted from it."""
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, exclude: Sequence[str] = ()) -> None:
+    """One ``--flag`` per field of a config dataclass (but ``exclude``), typed and defaulted from it."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
+        if field.name in exclude:
+            continue
         kind = hints[field.name]
         optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
         if optional:  # "X | None": a flag of type X whose absence keeps None
@@ -45,11 +47,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from dubito.platform.training import TrainConfig, train
+def _use_address(args: argparse.Namespace) -> None:
+    """``--address``: the Ray cluster to attach to (else ``RAY_ADDRESS``, else a local instance)."""
+    import os
 
+    if getattr(args, "address", None):
+        os.environ["RAY_ADDRESS"] = args.address
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dubito.platform.training import TrainConfig, train_with_ray
+
+    _use_address(args)
     config = config_from_args(TrainConfig, args)
-    results = train(config, progress=not args.no_progress)
+    results = train_with_ray(config, progress=not args.no_progress)
     last = results["history"][-1] if results["history"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_"))
     print(f"{results['epochs_run']} epochs; best epoch {results['best_epoch']}; last epoch: {shown}")
@@ -85,6 +96,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
     from dubito.experiments.labeling_budget import LabelConfig, format_labeling, run_labeling
     from dubito.platform.tracking import default_tracking_uri
 
+    _use_address(args)
     config = config_from_args(LabelConfig, args)
     results = run_labeling(config, progress=not args.no_progress)
     print(format_labeling(results))
@@ -173,6 +185,66 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     return 0
 
 
+_SWEEP_EXCLUDE = {"label": ("output", "experiment"), "explore": ("output", "experiment", "workers"), "train": ("output", "experiment")}
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from dubito.experiments.sweep import SweepConfig, format_sweep, run_sweep
+    from dubito.platform.tracking import default_tracking_uri
+
+    _use_address(args)
+    if args.resume:
+        if args.kind:
+            raise DubitoError("--resume DIR continues the sweep in DIR with its own settings: give no KIND or flags")
+        results = run_sweep(resume=args.resume, progress=not args.no_progress)
+        output = args.resume
+    else:
+        if not args.kind:
+            raise DubitoError("give a sweep kind (label, explore, train) or --resume DIR")
+        config_cls = SweepConfig().__class__
+        target = SweepConfig(kind=args.kind).target()
+        base = {f.name: getattr(args, f.name) for f in dataclasses.fields(target) if f.name not in _SWEEP_EXCLUDE[args.kind]}
+        sweep = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if f.name not in ("kind", "base", "grid", "sample")}
+        config = SweepConfig(kind=args.kind, grid=tuple(args.grid or ()), sample=tuple(args.sample or ()), base=base, **sweep)
+        results = run_sweep(config, progress=not args.no_progress)
+        output = config.output
+    from dubito.experiments.sweep import format_sweep
+
+    print(format_sweep(results))
+    print(f"wrote {output}/results.json, tables.md{', curves.png' if results['plots'] else ''} ({results['seconds']:.0f} s); "
+          f"MLflow: {default_tracking_uri()} (parent run {results['mlflow_parent_run_id']})")  # fmt: skip
+    return 1 if results["errors"] else 0
+
+
+def _add_sweep_command(sub) -> None:
+    from dubito.experiments.sweep import KINDS, SweepConfig
+
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep over labeling loops, exploration runs or training runs (MLflow parent + child per trial)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    sweep.add_argument("--resume", metavar="DIR", help="restore the interrupted sweep in DIR (its unfinished and errored trials continue)")
+    sweep.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else a local instance)")
+    sweep.add_argument("--no-progress", action="store_true", help="hide Tune's progress table")
+    sweep.set_defaults(func=_cmd_sweep, kind=None)
+    kinds = sweep.add_subparsers(dest="kind", required=False, metavar="{" + ",".join(KINDS) + "}")
+    helps = {"label": "labeling loops (one acquisition x seed x ... per trial)", "explore": "exploration runs (one agent x size x seed per trial)",
+             "train": "training runs (learning rate x dropout x ...)"}  # fmt: skip
+    for kind in KINDS:
+        p = kinds.add_parser(kind, help=helps[kind], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        group = p.add_argument_group("sweep")
+        fields = {f.name: f for f in dataclasses.fields(SweepConfig)}
+        group.add_argument("--grid", action="append", metavar="FIELD=V1,V2", help=fields["grid"].metadata["help"])
+        group.add_argument("--sample", action="append", metavar="FIELD=DIST", help=fields["sample"].metadata["help"])
+        for name, f in fields.items():
+            if name in ("kind", "base", "grid", "sample"):
+                continue
+            group.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default, metavar=name.upper(), help=f.metadata.get("help"))
+        add_config_arguments(p.add_argument_group(f"shared settings of every trial (the {kind} flags)"),
+                             SweepConfig(kind=kind).target(), exclude=_SWEEP_EXCLUDE[kind])  # fmt: skip
+        p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else a local instance)")
+        p.add_argument("--no-progress", action="store_true", help="hide Tune's progress table")
+        p.set_defaults(resume=None)
+
+
 def _config_command(sub, name: str, help: str, config_cls: type, func) -> argparse.ArgumentParser:
     """A subcommand whose flags are the fields of ``config_cls``, plus ``--no-progress``."""
     parser = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -194,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dubito {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _config_command(sub, "demo", "train the tiny FC-DenseNet on synthetic scenes and print aleatoric/epistemic summaries", DemoConfig, _cmd_demo)
-    _config_command(sub, "train", "train a model (resumes from --output/checkpoint.pt); MLflow-tracked", TrainConfig, _cmd_train)
+    train = _config_command(sub, "train", "train a model under Ray Train (resumes from --output/checkpoint.pt); MLflow-tracked", TrainConfig, _cmd_train)
+    train.add_argument("--address", help="with --workers N: the Ray cluster (default: RAY_ADDRESS, else a local instance)")
     _config_command(sub, "evaluate", "metrics, calibration, uncertainty quality and OOD detection of a trained model", EvalConfig, _cmd_evaluate)
     _config_command(sub, "reproduce", "the paper's studies (variants, training-set size, OOD, calibration) on any dataset", ReproduceConfig, _cmd_reproduce)
     label = _config_command(sub, "label", "labeling-budget experiment: acquisitions x seeds of the pool-based loop (resumable)", LabelConfig, _cmd_label)
+    label.add_argument("--address", help="with --scorers N: the Ray cluster (default: RAY_ADDRESS, else a local instance)")
     human = label.add_subparsers(dest="label_command", required=False, metavar="{export,import}",
                                  title="human in the loop (--oracle human)")  # fmt: skip
     export = human.add_parser("export", help="write the images waiting for labels, with queries.json")
@@ -207,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--output", dest="loop_output", required=True, help="the loop's folder (holds ledger.sqlite)")
     imp.add_argument("--labels", required=True, help="folder with the label files")
     _config_command(sub, "explore", "exploration study: agents x sizes x seeds on Deep Sea or the noisy TV (resumable)", ExploreConfig, _cmd_explore)
+    _add_sweep_command(sub)
     data = sub.add_parser("data", help="check or look at a dataset").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(
         "check",

@@ -59,3 +59,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def ray_processes() -> set[int]:
+    """Process ids of Ray's daemons and workers on this machine (raylet, GCS, ``ray::`` workers)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "raylet" in command or "gcs_server" in command or command.startswith("ray::") or "default_worker.py" in command:
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The one local Ray instance the tests share (2 CPUs, no dashboard, small object store);
+    its address, for commands run in a subprocess (``RAY_ADDRESS``). Shut down at the end, and
+    checked: no Ray process it started is left behind."""
+    import time
+
+    import ray
+
+    from dubito.platform.cluster import connect
+
+    before = ray_processes()
+    os.environ.pop("RAY_ADDRESS", None)
+    connect(num_cpus=2)
+    address = ray.get_runtime_context().gcs_address
+    yield address
+    ray.shutdown()
+    deadline = time.monotonic() + 30
+    while (left := ray_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray processes left behind: {sorted(left)}"

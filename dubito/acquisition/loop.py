@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ __all__ = ["LoopConfig", "run_loop", "export_queries", "import_labels", "pool_da
 
 LEDGER = "ledger.sqlite"
 # settings that may change when a run is resumed (the budget may grow; where it runs may change)
-_RESUMABLE = ("output", "rounds", "budget", "device", "experiment")
+_RESUMABLE = ("output", "rounds", "budget", "device", "experiment", "scorers", "scorer_gpus")
 
 
 @dataclass
@@ -77,6 +78,8 @@ class LoopConfig:
     data_seed: int = field(default=0, metadata={"help": "seed of the synthetic scenes / the digits split"})
     oracle: str = field(default="simulated", metadata={"help": "simulated (ground truth) or human (export / import)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+    scorers: int = field(default=0, metadata={"help": "Ray actors scoring the pool (0: score in this process); same scores either way"})
+    scorer_gpus: str = field(default="auto", metadata={"help": "GPUs per scoring actor: auto (1 where the Ray cluster has GPUs) or a number"})
     experiment: str = field(default="dubito-label", metadata={"help": "MLflow experiment name"})
 
     def validate(self) -> None:
@@ -102,6 +105,8 @@ class LoopConfig:
             raise DubitoError(f"--budget {self.budget} is smaller than --initial {self.initial}")
         if self.oracle not in ("simulated", "human"):
             raise DubitoError(f"--oracle must be simulated or human, got {self.oracle!r}")
+        if self.scorers < 0:
+            raise DubitoError(f"--scorers must be >= 0, got {self.scorers}")
         if self.temperature <= 0:
             raise DubitoError(f"--temperature must be > 0, got {self.temperature}")
         if not self.dataset.startswith("synthetic-") and self.dataset != "digits" and not self.root:
@@ -212,50 +217,110 @@ def _features(model: torch.nn.Module, x: Tensor) -> Tensor:
     return f.flatten(2).mean(2) if f.dim() > 2 else f
 
 
-def score_pool(
-    model: torch.nn.Module, spec: dict[str, Any], data: Dataset, positions: list[int], config: LoopConfig, round: int,
-    device: torch.device, progress: bool,
-) -> dict[str, Tensor]:  # fmt: skip
-    """Per-image scores of ``data[positions]``; with ``features`` (k-center) or ``prob_samples``
-    (BatchBALD) when the selection needs them."""
+def batch_seed(seed: int, round: int, batch: int) -> int:
+    """The seed of one scoring batch: its MC-dropout masks and random draws depend on the loop's
+    seed, the round and the batch's index only, so any split of the batches over processes or Ray
+    actors gives the same scores."""
+    return int(np.random.SeedSequence([seed, round, batch]).generate_state(1, np.uint64)[0] >> 2)
+
+
+def score_batches(
+    model: torch.nn.Module, spec: dict[str, Any], data: Dataset, batches: list[tuple[int, list[int]]], config: LoopConfig,
+    round: int, device: torch.device, progress: bool = False,
+) -> list[dict[str, Tensor]]:  # fmt: skip
+    """Scores of ``batches`` — ``(index, positions in data)`` — each a dict of ``scores`` (N,) and,
+    when the selection needs them, ``features`` (k-center) or ``prob_samples`` (T, N, C) (BatchBALD).
+    Batch ``index`` is seeded by :func:`batch_seed` whoever scores it."""
+    from torch.utils.data import default_collate
+
     from dubito.acquisition.functions import get_acquisition
     from dubito.acquisition.reductions import parse_reduction, reduce_scores
 
     acquisition = get_acquisition(config.acquisition)
     how, options = parse_reduction(config.reduction)
-    seed = config.seed * 1000 + round
-    service = UncertaintyService(model, samples=config.samples, device=device, seed=seed, progress=False)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(Subset(data, positions), batch_size=config.batch_size, shuffle=False)
-    scores, features, probs = [], [], []
-    if config.selection == "batchbald" and spec["task"] != "classification":
-        raise DubitoError("--selection batchbald is for image classification (e.g. digits), not per-pixel tasks")
-    for batch in tqdm(loader, desc=f"round {round}: scoring {len(positions)} pool images (T={config.samples})",
-                      unit="batch", leave=False, disable=not progress):  # fmt: skip
-        u, samples = service.predict_with_samples(batch["image"])
-        pixel = acquisition.score(u, generator=generator).float().cpu()
+    service = UncertaintyService(model, samples=config.samples, device=device, progress=False)
+    results = []
+    total = sum(len(p) for _, p in batches)
+    for index, positions in tqdm(batches, desc=f"round {round}: scoring {total} pool images (T={config.samples})",
+                                 unit="batch", leave=False, disable=not progress):  # fmt: skip
+        batch = default_collate([data[p] for p in positions])
+        seed = batch_seed(config.seed, round, index)
+        u, samples = service.predict_with_samples(batch["image"], seed=seed)
+        pixel = acquisition.score(u, generator=torch.Generator().manual_seed(seed)).float().cpu()
         classes = u.prediction.cpu() if how == "class_balanced" else None  # the argmax only where it is used
         # no mask: on real data the valid pixels come from the (unbought) label itself
-        mask = None
-        scores.append(reduce_scores(pixel, mask, how, classes=classes, num_classes=spec["num_classes"], **options))
+        result = {"scores": reduce_scores(pixel, None, how, classes=classes, num_classes=spec["num_classes"], **options)}
         if config.selection == "kcenter":
-            features.append(_features(model, batch["image"].to(device)).cpu())
+            result["features"] = _features(model, batch["image"].to(device)).cpu()
         if config.selection == "batchbald":  # the very samples the scores came from
-            probs.append(samples.probs.float().cpu())
-    result = {"scores": torch.cat(scores)}
-    if features:
-        result["features"] = torch.cat(features)
-    if probs:
-        result["prob_samples"] = torch.cat(probs, dim=1)
+            result["prob_samples"] = samples.probs.float().cpu()
+        results.append(result)
+    return results
+
+
+def pool_batches(positions: list[int], batch_size: int) -> list[tuple[int, list[int]]]:
+    """``positions`` cut into numbered batches of ``batch_size`` (the last one may be smaller)."""
+    return [(b, positions[i : i + batch_size]) for b, i in enumerate(range(0, len(positions), batch_size))]
+
+
+def score_pool(
+    model: torch.nn.Module, spec: dict[str, Any], data: Dataset, positions: list[int], config: LoopConfig, round: int,
+    device: torch.device, progress: bool, scorer: Any = None,
+) -> dict[str, Tensor]:  # fmt: skip
+    """Per-image scores of ``data[positions]``; with ``features`` (k-center) or ``prob_samples``
+    (BatchBALD) when the selection needs them. ``scorer`` (a :class:`RayPoolScorer`) spreads the
+    batches over Ray actors; the numbers are the same as scoring here."""
+    if config.selection == "batchbald" and spec["task"] != "classification":
+        raise DubitoError("--selection batchbald is for image classification (e.g. digits), not per-pixel tasks")
+    batches = pool_batches(positions, config.batch_size)
+    if scorer is not None:
+        parts = scorer.score(model, batches, round, progress)
+    else:
+        parts = score_batches(model, spec, data, batches, config, round, device, progress)
+    result = {"scores": torch.cat([p["scores"] for p in parts])}
+    if "features" in parts[0]:
+        result["features"] = torch.cat([p["features"] for p in parts])
+    if "prob_samples" in parts[0]:
+        result["prob_samples"] = torch.cat([p["prob_samples"] for p in parts], dim=1)
     return result
 
 
 # ----------------------------------------------------------------------------- the loop
-def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] | None = None) -> dict[str, Any]:
+class _Scoring:
+    """The loop's Ray scorer (``--scorers N``), started at the first query (it needs the model's
+    spec) and stopped when the loop ends; ``get`` gives None when scoring stays local."""
+
+    def __init__(self, config: LoopConfig) -> None:
+        self.config = config
+        self.scorer: Any = None
+
+    def get(self, spec: dict[str, Any]) -> Any:
+        if self.config.scorers == 0:
+            return None
+        if self.scorer is None:
+            from dubito.acquisition.distributed import RayPoolScorer
+
+            self.scorer = RayPoolScorer(self.config, spec, self.config.scorers, gpus=self.config.scorer_gpus)
+        return self.scorer
+
+    def __enter__(self) -> _Scoring:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+
+
+def run_loop(
+    config: LoopConfig, *, progress: bool = True, tags: dict[str, str] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None, run_name: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) the loop of ``config``; returns what ``--output/results.json`` holds.
 
     ``--rounds`` / ``--budget`` may grow on resume (a finished loop continues as if it had been
-    started with the larger budget); they cannot shrink."""
+    started with the larger budget); they cannot shrink. ``on_round(record)`` is called after
+    each round is committed to the ledger, with ``round``, ``labels`` and the round's test
+    metrics (a Ray Tune trial reports and checkpoints there)."""
     config.validate()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,7 +342,8 @@ def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] 
             if config.oracle == "human":  # a person labels the initial set too
                 export_queries(config, out / "queries" / "initial", first)
         run_id = ledger.get_meta("mlflow_run_id")
-        with tracked_run(config.experiment, run_name=f"{config.acquisition}-seed{config.seed}", params=config,
+        scoring = _Scoring(config)
+        with scoring, tracked_run(config.experiment, run_name=run_name or f"{config.acquisition}-seed{config.seed}", params=config,
                          tags={"dubito.command": "label", **(tags or {})}, run_id=run_id) as run:  # fmt: skip
             ledger.set_meta("mlflow_run_id", run.run_id)
             total = config.total_rounds()
@@ -286,7 +352,7 @@ def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] 
                     f"{out}: this loop already has {ledger.next_round()} rounds ({len(ledger.labeled_ids())} labels); "
                     f"--rounds / --budget ({total} query rounds) cannot shrink it: use another --output"
                 )
-            extended = _extend(ledger, config, total, pool, ids, position, device, progress)
+            extended = _extend(ledger, config, total, pool, ids, position, device, progress, scoring)
             if extended and config.oracle == "human":
                 export_queries(config, out / "queries" / f"round-{ledger.next_round() - 1:03d}", extended)
             bar = tqdm(range(ledger.next_round(), total + 1), desc=f"labeling ({config.acquisition}, seed {config.seed})",
@@ -313,7 +379,7 @@ def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] 
                 checkpoint = save_model(out.resolve() / "rounds" / f"round-{r:03d}.pt", model, spec)
                 queried, scores, flags = [], None, None
                 if r < total:
-                    queried, scores, flags = _query(model, spec, pool, ids, position, labeled, config, r, device, progress)
+                    queried, scores, flags = _query(model, spec, pool, ids, position, labeled, config, r, device, progress, scoring)
                 # synthetic pools know which images carry TV static: the share of bought labels on them
                 static = {"static_fraction": _static_fraction(ledger)} if hasattr(pool, "flags") else {}
                 # MLflow first: a kill between the two repeats this round (same values, same step)
@@ -322,6 +388,8 @@ def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] 
                 ledger.record_round(r, metrics={**metrics, **static}, checkpoint=str(checkpoint),
                                     seconds=time.perf_counter() - started, queried=queried, scores=scores, flags=flags)  # fmt: skip
                 bar.set_postfix(labels=len(labeled), **{k: f"{v:.3f}" for k, v in metrics.items() if k in _HEADLINE})
+                if on_round is not None:
+                    on_round({"round": r, "labels": len(labeled), **metrics, **static})
                 if config.oracle == "human" and queried:
                     export_queries(config, out / "queries" / f"round-{r:03d}", queried)
                     waiting = queried
@@ -334,14 +402,15 @@ def run_loop(config: LoopConfig, *, progress: bool = True, tags: dict[str, str] 
 
 def _query(
     model: torch.nn.Module, spec: dict[str, Any], pool: Dataset, ids: list[int], position: dict[int, int], labeled: list[int],
-    config: LoopConfig, round: int, device: torch.device, progress: bool,
+    config: LoopConfig, round: int, device: torch.device, progress: bool, scoring: _Scoring | None = None,
 ) -> tuple[list[int], list[float], list[dict]]:  # fmt: skip
     """Round ``round``'s choice: score the unlabelled pool with its model and select a batch."""
     from dubito.acquisition.selection import select
 
     labeled_set = set(labeled)
     free = [p for p, i in enumerate(ids) if i not in labeled_set]
-    scored = score_pool(model, spec, pool, free, config, round, device, progress)
+    scorer = scoring.get(spec) if scoring is not None else None
+    scored = score_pool(model, spec, pool, free, config, round, device, progress, scorer=scorer)
     labeled_features = None
     if "features" in scored:
         loader = DataLoader(Subset(pool, [position[i] for i in labeled]), batch_size=config.batch_size)
@@ -354,7 +423,7 @@ def _query(
 
 
 def _extend(ledger: Ledger, config: LoopConfig, total: int, pool: Dataset, ids: list[int], position: dict[int, int],
-            device: torch.device, progress: bool) -> list[int]:  # fmt: skip
+            device: torch.device, progress: bool, scoring: _Scoring | None = None) -> list[int]:  # fmt: skip
     """A finished loop given a larger budget: its last round's model (from its checkpoint) makes
     the choice that round would have made in a longer run; returns the ids queried."""
     from dubito.platform.training import load_model
@@ -365,7 +434,7 @@ def _extend(ledger: Ledger, config: LoopConfig, total: int, pool: Dataset, ids: 
     last = rounds[-1]
     model, spec = load_model(last["checkpoint"], device)
     labeled = ledger.labeled_ids()
-    queried, scores, flags = _query(model, spec, pool, ids, position, labeled, config, last["round"], device, progress)
+    queried, scores, flags = _query(model, spec, pool, ids, position, labeled, config, last["round"], device, progress, scoring)
     ledger.add_queries(last["round"], queried, scores, flags)
     return queried
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,6 +195,44 @@ class Agent:
     def _bootstrap(self, batch: dict[str, Tensor], next_max: Tensor) -> Tensor:
         """r + γ (1 − terminated) max_a′ Q_target(s′, a′)."""
         return batch["reward"] + self.config.gamma * (1.0 - batch["terminated"]) * next_max
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that makes the agent what it is after its last step — networks, optimisers,
+        replay, random streams, counters — as tensors, numbers and strings (readable with
+        ``torch.load(weights_only=True)``). An agent built with the same arguments and given this
+        state acts and learns exactly as the saved one would have."""
+        state: dict[str, Any] = {}
+        for name, value in vars(self).items():
+            if isinstance(value, (nn.Module, torch.optim.Optimizer, ReplayBuffer)):
+                state[name] = value.state_dict()
+            elif isinstance(value, np.random.Generator):
+                state[name] = value.bit_generator.state
+            elif isinstance(value, UncertaintyService):  # its network is one of the modules; its seed stream:
+                state[name] = value._rng.get_state() if value._rng is not None else None
+            elif isinstance(value, (bool, int, float, str)) or value is None:
+                state[name] = value
+            elif not isinstance(value, AgentConfig):
+                raise DubitoError(f"{type(self).__name__}.{name} ({type(value).__name__}) cannot be checkpointed")
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into an agent built with the same arguments."""
+        mine = vars(self)
+        missing = set(self.state_dict()) ^ set(state)
+        if missing:
+            raise DubitoError(f"{type(self).__name__}: checkpoint does not match this agent (differs in {sorted(missing)})")
+        for name, saved in state.items():
+            value = mine[name]
+            if isinstance(value, (nn.Module, torch.optim.Optimizer, ReplayBuffer)):
+                value.load_state_dict(saved)
+            elif isinstance(value, np.random.Generator):
+                value.bit_generator.state = saved
+            elif isinstance(value, UncertaintyService):
+                if saved is not None:
+                    value._rng.set_state(saved)
+            else:
+                setattr(self, name, saved)
 
     # ---- what the agent does not know -----------------------------------------------------
     def epistemic(self, obs: np.ndarray) -> np.ndarray | None:

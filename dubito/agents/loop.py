@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -13,7 +14,7 @@ from tqdm import tqdm
 from dubito import DubitoError
 from dubito.agents.agents import Agent
 
-__all__ = ["EpisodeLog", "run_episodes", "grid_shape"]
+__all__ = ["EpisodeLog", "run_episodes", "run_state", "grid_shape"]
 
 
 @dataclass
@@ -40,6 +41,22 @@ def grid_shape(env: gym.Env) -> tuple[int, int]:
     return (int(size), int(size))
 
 
+_LOG_FIELDS = ("returns", "lengths", "terminated", "bad", "tv_steps")
+
+
+def run_state(env: gym.Env, agent: Agent, log: EpisodeLog) -> dict[str, Any]:
+    """Everything needed to continue a run after the episode just finished — the agent's state,
+    the environment's and torch's random streams, the log — as tensors, numbers and lists
+    (``torch.save`` it; ``torch.load(weights_only=True)`` reads it). Pass it back as
+    ``run_episodes(..., resume=state)``: the run goes on exactly as if never stopped."""
+    return {
+        "agent": agent.state_dict(),
+        "env_rng": env.unwrapped.np_random.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        "log": {**{k: list(getattr(log, k)) for k in _LOG_FIELDS}, "visits": torch.from_numpy(log.visits.copy())},
+    }
+
+
 def run_episodes(
     env: gym.Env,
     agent: Agent,
@@ -50,6 +67,7 @@ def run_episodes(
     desc: str = "episodes",
     stop: Callable[[EpisodeLog], bool] | None = None,
     on_episode: Callable[[EpisodeLog], None] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> EpisodeLog:
     """Run ``agent`` in ``env`` for ``episodes`` episodes (or until ``stop(log)`` is true);
     ``on_episode(log)`` is called after every episode (``log.visits`` is up to date).
@@ -57,7 +75,8 @@ def run_episodes(
     Seeds torch's global RNG (network initialisation and training dropout) and the environment
     from ``seed``; the same seed on the CPU gives the same run. Every transition is stored and
     learned from by ``agent.observe`` before the next action; the reset observation of a new
-    episode is never stored as a transition.
+    episode is never stored as a transition. ``resume``: a :func:`run_state` of this run (the
+    same environment, agent settings and seed), continued from the episode after it.
     """
     if episodes < 1:
         raise DubitoError(f"episodes must be >= 1, got {episodes}")
@@ -65,8 +84,19 @@ def run_episodes(
     log = EpisodeLog()
     rows, cols = grid_shape(env)
     visits = log.visits = np.zeros((rows, cols), dtype=np.int64)
-    bar = tqdm(range(episodes), desc=desc, unit="ep", disable=not progress, leave=False)
     obs, info = env.reset(seed=seed)
+    start = 0
+    if resume is not None:
+        agent.load_state_dict(resume["agent"])
+        env.unwrapped.np_random.bit_generator.state = resume["env_rng"]
+        torch.set_rng_state(resume["torch_rng"])
+        for k in _LOG_FIELDS:
+            setattr(log, k, list(resume["log"][k]))
+        visits[:] = resume["log"]["visits"].numpy()
+        start = log.episodes
+        if stop is not None and stop(log):  # saved at the episode that ended the run
+            return log
+    bar = tqdm(range(start, episodes), desc=desc, unit="ep", disable=not progress, leave=False, initial=start, total=episodes)
     for episode in bar:
         if episode:
             obs, info = env.reset()

@@ -75,3 +75,19 @@ class ReplayBuffer:
         if self.mask is not None:
             batch["mask"] = torch.from_numpy(self.mask[idx])
         return batch
+
+    def state_dict(self) -> dict:
+        """Everything the buffer holds, as tensors and numbers (``torch.load(weights_only=True)`` reads it)."""
+        arrays = {k: torch.from_numpy(getattr(self, k)[: self.size].copy()) for k in ("obs", "next_obs", "action", "reward", "terminated")}
+        if self.mask is not None:
+            arrays["mask"] = torch.from_numpy(self.mask[: self.size].copy())
+        return {"arrays": arrays, "size": self.size, "next": self._next, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        size = int(state["size"])
+        if size > self.capacity or state["arrays"]["obs"].shape[1:] != self.obs.shape[1:]:
+            raise DubitoError(f"replay state of {size} transitions of {tuple(state['arrays']['obs'].shape[1:])} does not fit this buffer")
+        for k, v in state["arrays"].items():
+            getattr(self, k)[:size] = v.numpy()
+        self.size, self._next = size, int(state["next"])
+        self.rng.bit_generator.state = state["rng"]

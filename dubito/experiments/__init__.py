@@ -1,12 +1,15 @@
 """Experiments: the studies users run, each a config dataclass plus a run function —
 :mod:`~dubito.experiments.demo`, :mod:`~dubito.experiments.reproduce`,
-:mod:`~dubito.experiments.labeling_budget` and :mod:`~dubito.experiments.exploration`."""
+:mod:`~dubito.experiments.labeling_budget`, :mod:`~dubito.experiments.exploration` and
+:mod:`~dubito.experiments.sweep` (Ray Tune)."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from dubito import DubitoError
 
-__all__ = ["int_list"]
+__all__ = ["int_list", "seed_std", "area_under_curve"]
 
 
 def int_list(flag: str, text: str, low: int = 0) -> list[int]:
@@ -18,3 +21,17 @@ def int_list(flag: str, text: str, low: int = 0) -> list[int]:
     if not values or len(set(values)) != len(values) or min(values) < low:
         raise DubitoError(f"{flag} must be distinct integers >= {low}, got {text!r}")
     return values
+
+
+def seed_std(values: np.ndarray) -> np.ndarray:
+    """Sample standard deviation over seeds (axis 0; ddof 1), 0 for a single seed."""
+    values = np.asarray(values, dtype=float)
+    return values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(values.mean(0))
+
+
+def area_under_curve(x: list[float], y: list[float]) -> float | None:
+    """Area under a learning curve (trapezoid), normalised by the x range, so it is a mean score."""
+    if len(x) < 2:
+        return float(y[0]) if len(y) else None
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return float(np.sum((ys[1:] + ys[:-1]) / 2 * np.diff(xs)) / (xs[-1] - xs[0]))

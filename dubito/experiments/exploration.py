@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -36,7 +37,7 @@ from dubito.experiments import int_list
 from dubito.platform.files import write_json
 from dubito.platform.tracking import tracked_run
 
-__all__ = ["ExploreConfig", "STUDIES", "run_exploration", "run_one", "solve_episode", "format_exploration"]
+__all__ = ["ExploreConfig", "STUDIES", "run_exploration", "run_one", "run_specs", "log_run", "solve_episode", "format_exploration"]
 
 #: what each study runs unless a flag says otherwise
 STUDIES: dict[str, dict[str, Any]] = {
@@ -186,16 +187,23 @@ def _within_state_slope(snapshots: list[tuple[int, np.ndarray, np.ndarray]], rem
     return float((x * y).sum() / denominator) if denominator > 1e-12 else None
 
 
-def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+def run_one(
+    spec: dict[str, Any], *, hook: Callable[[Any, Callable[[], dict[str, Any]]], None] | None = None,
+    resume: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """One run: ``spec`` holds env, size, agent, seed, episodes, stop_when_solved, agent config
     (a dict), mapping_seed, noise_scale, screen, progress and path. Writes ``path`` (JSON)
-    atomically and returns the record. Safe to call in a worker process."""
+    atomically and returns the record. Safe to call in a worker process.
+
+    ``hook(log, state)`` is called after every episode; ``state()`` returns everything needed to
+    continue the run from there (tensors, numbers, lists: ``torch.save`` it), which ``resume``
+    takes back — a Ray Tune trial reports and checkpoints through it."""
     import gymnasium as gym
     import torch
 
     import dubito.agents  # noqa: F401  (registers the environments)
     from dubito.agents.agents import make_agent
-    from dubito.agents.loop import run_episodes
+    from dubito.agents.loop import run_episodes, run_state
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -225,9 +233,18 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     checkpoints = set(_checkpoints(spec["episodes"]))
 
+    if resume is not None:
+        look.bit_generator.state = resume["look_rng"]
+        snapshots[:] = [(e, v.numpy(), m.numpy()) for e, v, m in resume["snapshots"]]
+
     def on_episode(log) -> None:
         if log.episodes in checkpoints:
             snapshot(log)
+        if hook is not None:
+            hook(log, lambda: {
+                "run": run_state(env, agent, log), "look_rng": look.bit_generator.state,
+                "snapshots": [(e, torch.from_numpy(v), torch.from_numpy(m)) for e, v, m in snapshots],
+            })  # fmt: skip
 
     def stop(log) -> bool:
         return bool(spec["stop_when_solved"] and deep_sea and solve_episode(log.bad, stochastic) is not None)
@@ -235,6 +252,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     log = run_episodes(
         env, agent, spec["episodes"], seed=seed, progress=spec.get("progress", False),
         desc=f"{spec['agent']} N={size} seed {seed}", stop=stop, on_episode=on_episode,
+        resume=resume["run"] if resume is not None else None,
     )  # fmt: skip
     if not snapshots or snapshots[-1][0] != log.episodes:
         snapshot(log)
@@ -287,11 +305,10 @@ def _series(record: dict[str, Any]) -> dict[str, list[float]]:
     return series
 
 
-def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the study; returns what ``--output/results.json`` holds."""
+def run_specs(config: ExploreConfig, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The study's resolved settings and one :func:`run_one` spec per agent × size × seed, each
+    writing ``out/runs/<agent>-N<size>-seed<seed>.json``."""
     settings = config.resolved()
-    out = Path(config.output)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
     specs = []
     for agent in settings["agents"]:
         for size in settings["sizes"]:
@@ -308,6 +325,28 @@ def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str
                     **run_settings, "agent": agent, "size": size, "seed": seed, "settings": run_settings,
                     "path": str(out / "runs" / f"{agent}-N{size}-seed{seed}.json"),
                 })  # fmt: skip
+    return settings, specs
+
+
+def log_run(config: ExploreConfig, settings: dict[str, Any], record: dict[str, Any], parent_id: str, path: Path) -> None:
+    """One MLflow child run of ``parent_id`` for a finished run (step = episode, from 1); its id is
+    kept in the run's file ``path``, so a run finished but not yet logged when a study was killed
+    is logged on resume."""
+    params = {"agent": record["agent"], "size": record["size"], "seed": record["seed"], "study": config.study,
+              **{f"agent.{k}": v for k, v in settings["agent"].items()}}  # fmt: skip
+    with tracked_run(config.experiment, run_name=f"{record['agent']}-N{record['size']}-seed{record['seed']}",
+                     params=params, tags={"mlflow.parentRunId": parent_id}, run_id=record.get("mlflow_run_id")) as child:  # fmt: skip
+        child.log_series(_series(record), start=1)
+        child.log_metrics({k: record[k] for k in ("regret", "tv_fraction", "goal_rate") if k in record})
+    record["mlflow_run_id"] = child.run_id
+    write_json(path, record)
+
+
+def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the study; returns what ``--output/results.json`` holds."""
+    out = Path(config.output)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    settings, specs = run_specs(config, out)
     records: dict[tuple[str, int, int], dict] = {}
     todo = []
     for spec in specs:
@@ -334,16 +373,7 @@ def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str
         write_json(marker, {"mlflow_parent_run_id": parent.run_id, "study": config.study, "experiment": config.experiment})
 
         def log_child(record: dict[str, Any]) -> None:
-            """One MLflow child run per finished run (step = episode, from 1); its id is kept in the
-            run's file, so a run finished but not yet logged when a study was killed is logged on resume."""
-            params = {"agent": record["agent"], "size": record["size"], "seed": record["seed"], "study": config.study,
-                      **{f"agent.{k}": v for k, v in settings["agent"].items()}}  # fmt: skip
-            with tracked_run(config.experiment, run_name=f"{record['agent']}-N{record['size']}-seed{record['seed']}",
-                             params=params, tags={"mlflow.parentRunId": parent.run_id}) as child:  # fmt: skip
-                child.log_series(_series(record), start=1)
-                child.log_metrics({k: record[k] for k in ("regret", "tv_fraction", "goal_rate") if k in record})
-            record["mlflow_run_id"] = child.run_id
-            write_json(out / "runs" / f"{record['agent']}-N{record['size']}-seed{record['seed']}.json", record)
+            log_run(config, settings, record, parent.run_id, out / "runs" / f"{record['agent']}-N{record['size']}-seed{record['seed']}.json")
 
         for record in records.values():
             if not record.get("mlflow_run_id"):

@@ -19,7 +19,7 @@ import numpy as np
 
 from dubito import DubitoError
 from dubito.acquisition.loop import LoopConfig, headline_metric, run_loop
-from dubito.experiments import int_list
+from dubito.experiments import area_under_curve, int_list, seed_std
 from dubito.platform.files import write_json
 from dubito.platform.tracking import tracked_run
 
@@ -66,6 +66,8 @@ class LabelConfig:
     data_seed: int = _same("data_seed")
     oracle: str = _same("oracle")
     device: str = _same("device")
+    scorers: int = _same("scorers")
+    scorer_gpus: str = _same("scorer_gpus")
     experiment: str = _same("experiment")
 
     def parsed(self) -> tuple[list[str], list[int]]:
@@ -114,19 +116,6 @@ def run_labeling(config: LabelConfig, *, progress: bool = True) -> dict[str, Any
     return results
 
 
-def _std(values: np.ndarray) -> np.ndarray:
-    """Sample standard deviation over seeds (axis 0; ddof 1), 0 for a single seed."""
-    return values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(values.mean(0))
-
-
-def _alc(labels: list[float], values: list[float]) -> float | None:
-    """Area under the learning curve, normalised by the label range (so it is a mean score)."""
-    if len(labels) < 2:
-        return values[0] if values else None
-    x, y = np.asarray(labels, dtype=float), np.asarray(values, dtype=float)
-    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
-
-
 def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dict[str, Any]:
     """Learning curves (mean ± std over seeds), ALC, labels to reach random's final score, and the
     fraction of bought labels on noisy images, per acquisition."""
@@ -145,20 +134,20 @@ def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dic
 
         def band(key: str) -> tuple[np.ndarray, dict]:
             values = np.array([[c[key] for c in run[:length]] for run in runs])  # (seeds, rounds)
-            return values, {"labels": labels, "mean": values.mean(0).tolist(), "std": _std(values).tolist()}
+            return values, {"labels": labels, "mean": values.mean(0).tolist(), "std": seed_std(values).tolist()}
 
         values, curves[a] = band(name)
         curves[a]["per_seed"] = values.tolist()
         if known:
             static_curves[a] = band("static_fraction")[1]
-        alcs = [_alc(labels, v.tolist()) for v in values]
+        alcs = [area_under_curve(labels, v.tolist()) for v in values]
         static = [finished[(a, s)]["static_fraction"] for s in seeds if (a, s) in finished]
         static = [v for v in static if v is not None]
         summary[a] = {
-            "alc_mean": float(np.mean(alcs)), "alc_std": float(_std(np.array(alcs))), "alc_per_seed": alcs,
-            "final_mean": float(values[:, -1].mean()), "final_std": float(_std(values[:, -1])),
+            "alc_mean": float(np.mean(alcs)), "alc_std": float(seed_std(np.array(alcs))), "alc_per_seed": alcs,
+            "final_mean": float(values[:, -1].mean()), "final_std": float(seed_std(values[:, -1])),
             "static_fraction_mean": float(np.mean(static)) if static else None,
-            "static_fraction_std": float(_std(np.array(static))) if static else None,
+            "static_fraction_std": float(seed_std(np.array(static))) if static else None,
             "seeds": len(runs),
         }  # fmt: skip
     if "random" in curves:

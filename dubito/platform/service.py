@@ -122,9 +122,13 @@ class UncertaintyService:
         """Uncertainty of one batch ``x`` (N, ...); the fields are on the service's device."""
         return self.predict_with_samples(x)[0]
 
-    def predict_with_samples(self, x: Tensor) -> tuple[ClassificationUncertainty | RegressionUncertainty, MCSamples]:
+    def predict_with_samples(
+        self, x: Tensor, *, seed: int | None = None
+    ) -> tuple[ClassificationUncertainty | RegressionUncertainty, MCSamples]:
         """:meth:`predict` and the T stacked samples it decomposed (e.g. the (T, N, C) probabilities
-        BatchBALD needs), from the same draws."""
+        BatchBALD needs), from the same draws. ``seed`` fixes this call's dropout masks (else the
+        next seed of the service's own sequence): a batch scored with the same seed anywhere —
+        another process, another Ray actor — gets the same samples."""
         x = x.to(self.device, non_blocking=True)
         out = mc_samples(
             self.model,
@@ -134,7 +138,7 @@ class UncertaintyService:
             autocast=self.autocast,
             probs=self.kind == "classification",
             logit_noise_samples=self.logit_noise_samples,
-            seed=self._next_seed(),
+            seed=self._next_seed() if seed is None else seed,
             stochastic=self.mc_dropout,
         )
         if self.kind == "classification":

@@ -16,9 +16,13 @@ decay 1e-4); gradient clipping; AMP on CUDA (bf16 where supported, else fp16 wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra iterator (DataLoader workers)
 
 from dubito import DubitoError
@@ -37,7 +41,7 @@ from dubito.platform.files import save_torch, write_json
 from dubito.platform.service import resolve_device
 from dubito.platform.tracking import tracked_run
 
-__all__ = ["TrainConfig", "train", "fit", "train_epoch", "validate", "make_datasets", "build_for", "load_model", "save_model", "task_loss", "base_dataset"]
+__all__ = ["TrainConfig", "train", "fit", "train_epoch", "validate", "make_datasets", "build_for", "model_from_spec", "load_model", "save_model", "task_loss", "base_dataset", "train_with_ray"]
 
 IGNORE = -100  # label of the pixels outside the mask inside the loss
 CHECKPOINT = "checkpoint.pt"
@@ -77,7 +81,9 @@ class TrainConfig:
     patience: int = field(default=0, metadata={"help": "early stopping after this many epochs without improvement; 0 = off"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation, batches, dropout and noise"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda, cuda:1, ..."})
-    workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    loader_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    workers: int = field(default=0, metadata={"help": "Ray Train workers (0: in this process, Ray Train's local mode; N: N data-parallel workers on the Ray cluster)"})
+    gpu: bool = field(default=False, metadata={"help": "one GPU per Ray Train worker (with --workers N on a cluster that has GPUs)"})
     experiment: str = field(default="dubito-train", metadata={"help": "MLflow experiment name"})
 
     def validate(self) -> None:
@@ -98,8 +104,10 @@ class TrainConfig:
             raise DubitoError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.crop < 0 or self.crop > min(self.height, self.width):
             raise DubitoError(f"--crop must be in [0, {min(self.height, self.width)}] for {self.height}x{self.width} items, got {self.crop}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.patience < 0 or self.workers < 0:
-            raise DubitoError("--lr must be > 0; --weight-decay, --grad-clip, --patience, --workers must be >= 0")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.patience < 0 or self.workers < 0 or self.loader_workers < 0:
+            raise DubitoError("--lr must be > 0; --weight-decay, --grad-clip, --patience, --workers, --loader-workers must be >= 0")
+        if self.gpu and self.workers == 0:
+            raise DubitoError("--gpu is for Ray Train workers: give --workers N too (with --workers 0 use --device cuda)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -170,10 +178,11 @@ def build_for(config: TrainConfig, dataset: Dataset) -> tuple[nn.Module, dict[st
     }
     if config.model == "mlp":  # vector inputs (digits): the input size comes from the data
         spec["in_features"] = int(data[0]["image"].numel())
-    return _model_from_spec(spec), spec
+    return model_from_spec(spec), spec
 
 
-def _model_from_spec(spec: dict[str, Any]) -> nn.Module:
+def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """A fresh (untrained) model of a saved spec (:func:`build_for` makes the spec)."""
     kwargs = {"task": spec["task"], "variant": spec["variant"], "dropout": spec["dropout"]}
     if spec["model"] == "mlp":
         kwargs.update(in_features=spec["in_features"], out_features=spec["num_classes"] or 1)
@@ -199,7 +208,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
         spec = saved["spec"]
-        model = _model_from_spec(spec)
+        model = model_from_spec(spec)
         model.load_state_dict(saved["state_dict"] if "state_dict" in saved else saved["model"])
     except DubitoError:
         raise
@@ -219,6 +228,7 @@ def task_loss(
 ) -> Tensor:
     """The paper's loss for ``model``'s task and head (module docstring); pixels outside
     ``batch["mask"]`` (void, invalid depth) never count."""
+    model = getattr(model, "module", model)  # DistributedDataParallel: the attributes are the wrapped model's
     logits_or_mean, log_var = output if isinstance(output, tuple) else (output, None)
     logits_or_mean = logits_or_mean.float()
     log_var = log_var.float() if log_var is not None else None
@@ -324,6 +334,12 @@ def train_epoch(
             optimizer.step()
         total += loss.item() * len(batch["image"])
         count += len(batch["image"])
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # the mean over every rank's items
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(sums)
+        total, count = float(sums[0]), int(sums[1])
     return total / max(count, 1)
 
 
@@ -343,25 +359,55 @@ def fit(
     for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch", leave=False, disable=not progress):
         if hasattr(base_dataset(train_set), "set_epoch"):
             base_dataset(train_set).set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers,
+        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.loader_workers,
                             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))  # fmt: skip
         losses.append(train_epoch(model, loader, optimizer, config, device, desc=f"{desc}, epoch {epoch + 1}"))
     return model.eval(), spec, losses
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """Settings that must match to resume (``epochs`` may grow; ``workers``/``device`` may change)."""
-    return {k: v for k, v in config.items() if k not in ("epochs", "workers", "device", "output", "patience")}
+    """Settings that must match to resume (``epochs`` may grow; where and how it runs may change)."""
+    return {k: v for k, v in config.items() if k not in ("epochs", "workers", "loader_workers", "gpu", "device", "output", "patience")}
 
 
-def train(config: TrainConfig | dict[str, Any], *, progress: bool = True, tags: dict[str, str] | None = None) -> dict[str, Any]:
+def _world() -> tuple[int, int]:
+    """(rank, world size) of this process in a torch.distributed group (Ray Train workers), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _NoRun:
+    """What ranks other than 0 log through: nothing (rank 0 holds the MLflow run)."""
+
+    run_id = None
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def train(
+    config: TrainConfig | dict[str, Any], *, progress: bool = True, tags: dict[str, str] | None = None,
+    on_epoch: Callable[[dict[str, Any], Path | None], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Train, validate each epoch, checkpoint, log to MLflow; resume from ``output/checkpoint.pt``.
 
-    ``tags`` go on the MLflow run (e.g. ``mlflow.parentRunId``). Returns the results also written
-    to ``output/results.json``.
+    ``tags`` go on the MLflow run (e.g. ``mlflow.parentRunId``). ``on_epoch(metrics, checkpoint)``
+    is called after each epoch's checkpoint is written (Ray Train and Tune report there). Returns
+    the results also written to ``output/results.json``.
+
+    This is also the function every Ray Train worker runs (:func:`train_with_ray`): in a
+    torch.distributed group of several processes the model is wrapped in DistributedDataParallel,
+    each rank trains on its shard of every epoch (a DistributedSampler seeded by ``seed``), every
+    rank validates on the whole validation set (so all take the same early-stopping decisions),
+    and only rank 0 writes files and logs to MLflow; ``output`` must then be on storage all
+    workers see.
     """
     config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
     config.validate()
+    rank, world = _world()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
@@ -371,6 +417,9 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True, tags: 
     torch.manual_seed(config.seed)
     model, spec = build_for(config, train_set)
     model.to(device)
+    net: nn.Module = model  # what the forward / backward passes run through (DDP with several workers)
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     use_amp = config.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -396,9 +445,12 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True, tags: 
             torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu(), device)
 
     started = time.perf_counter()
-    run_tags = {"dubito.command": "train", **(tags or {})}
-    with tracked_run(config.experiment, run_name=out.name, params=config, tags=run_tags, run_id=state["run_id"]) as run:
-        state["run_id"] = run.run_id
+    run_tags = {"dubito.command": "train", **(tags or {}), **({"dubito.ray_train_workers": world} if world > 1 else {})}
+    tracking = (tracked_run(config.experiment, run_name=out.name, params=config, tags=run_tags, run_id=state["run_id"])
+                if rank == 0 else contextlib.nullcontext(_NoRun()))  # fmt: skip
+    progress = progress and rank == 0
+    with tracking as run:
+        state["run_id"] = run.run_id if rank == 0 else state["run_id"]
         run.set_tags(run_tags)
         segmentation = spec["task"] == "segmentation"
         weight = _class_weights(train_set, spec, progress).to(device) if config.class_weights and segmentation else None
@@ -408,12 +460,17 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True, tags: 
             if state.get("stopped_early"):
                 break
             base_dataset(train_set).set_epoch(epoch)
-            loader = DataLoader(
-                train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers,
-                generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
-            )  # fmt: skip
+            if world > 1:  # each rank its shard of a seeded permutation
+                sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
+                sampler.set_epoch(epoch)
+                loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.loader_workers)
+            else:
+                loader = DataLoader(
+                    train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.loader_workers,
+                    generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+                )  # fmt: skip
             epoch_start = time.perf_counter()
-            loss = train_epoch(model, loader, optimizer, config, device, weight=weight, scaler=scaler,
+            loss = train_epoch(net, loader, optimizer, config, device, weight=weight, scaler=scaler,
                                amp_dtype=amp_dtype if use_amp else None, desc=f"epoch {epoch + 1}", progress=progress)  # fmt: skip
             metrics = {"train_loss": loss, **validate(model, val_set, spec, device, config.batch_size)}
             rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -421,7 +478,8 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True, tags: 
             score = _score(metrics, spec["task"])
             if state["best"] is None or score > state["best"]:
                 state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
-                save_model(out / MODEL, model, spec)
+                if rank == 0:
+                    save_model(out / MODEL, model, spec)
             else:
                 state["bad_epochs"] += 1
             state["history"].append({"epoch": epoch + 1, **metrics})
@@ -429,11 +487,14 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True, tags: 
             if config.patience and state["bad_epochs"] >= config.patience:
                 state["stopped_early"] = True
             run.log_metrics(metrics, step=epoch + 1)
-            save_torch(
-                {"config": asdict(config), "spec": spec, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "state": state, "rng": rng},
-                checkpoint,
-            )  # fmt: skip
+            if rank == 0:
+                save_torch(
+                    {"config": asdict(config), "spec": spec, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "state": state, "rng": rng},
+                    checkpoint,
+                )  # fmt: skip
+            if on_epoch is not None:  # every rank: Ray Train counts each worker's reports
+                on_epoch({"epoch": epoch + 1, **metrics}, checkpoint if rank == 0 else None)
             epochs.set_postfix(loss=f"{metrics['train_loss']:.3f}", **{k[4:]: f"{v:.3f}" for k, v in metrics.items() if k in ("val_mean_iou", "val_rms")})
             if state.get("stopped_early"):
                 break
@@ -452,10 +513,64 @@ def train(config: TrainConfig | dict[str, Any], *, progress: bool = True, tags: 
             "seconds_this_session": time.perf_counter() - started,
             "mlflow_run_id": run.run_id,
         }
-        from dubito.platform.plots import training_curves
+        if rank == 0:
+            from dubito.platform.plots import training_curves
 
-        figure = training_curves(state["history"], out / "training.png")
-        write_json(out / "results.json", results)
-        for path in (out / "results.json", figure, out / MODEL, checkpoint):
-            run.log_artifact(path)
+            figure = training_curves(state["history"], out / "training.png")
+            write_json(out / "results.json", results)
+            for path in (out / "results.json", figure, out / MODEL, checkpoint):
+                run.log_artifact(path)
     return results
+
+
+# ----------------------------------------------------------------------------- Ray Train
+def _ray_train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """What each Ray Train worker runs: :func:`train`, reporting every epoch to Ray Train (rank 0
+    with the epoch's checkpoint)."""
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+
+    config = dict(loop_config["config"])
+    if config["workers"] > 0:  # the device Ray Train gave this worker
+        config["device"] = str(ray.train.torch.get_device())
+
+    def report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        if checkpoint is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:  # Ray copies it to its storage
+            shutil.copy2(checkpoint, Path(folder) / CHECKPOINT)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    return train(config, progress=loop_config["progress"], tags=loop_config["tags"], on_epoch=report)
+
+
+def train_with_ray(config: TrainConfig, *, progress: bool = True, tags: dict[str, str] | None = None, storage: str | None = None) -> dict[str, Any]:
+    """:func:`train` under Ray Train's ``TorchTrainer``: with ``config.workers == 0`` in this
+    process (Ray Train's local mode: no Ray cluster, the same result as :func:`train` for the same
+    seed); with N workers as N data-parallel processes on the Ray cluster (``RAY_ADDRESS``, else a
+    local instance), one GPU each with ``config.gpu``. Ray Train's own checkpoints go to
+    ``storage`` (default ``<output>/ray``; on a cluster a folder or bucket every node reaches)."""
+    config.validate()
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dubito.platform.cluster import connect, gpu_request
+
+    if config.workers > 0:
+        connect()
+        if config.gpu:
+            gpu_request(1, "--gpu")  # raises on a cluster without GPUs
+    out = Path(config.output).resolve()
+    trainer = TorchTrainer(
+        _ray_train_worker,
+        train_loop_config={"config": asdict(config), "progress": progress, "tags": tags or {}},
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu),
+        run_config=RunConfig(name=f"train-{out.name}", storage_path=storage or str(out / "ray")),
+    )  # fmt: skip
+    result = trainer.fit()
+    if config.workers == 0 and isinstance(getattr(result, "return_value", None), dict):
+        return result.return_value
+    return json.loads((out / "results.json").read_text())  # written by rank 0

@@ -75,15 +75,20 @@ def test_killed_label_run_resumes_to_the_same_results(tmp_path, mlflow_uri):
 
 def test_epistemic_acquisition_avoids_the_noisy_tv(tmp_path, mlflow_uri):
     """Entropy and aleatoric acquisition buy labels for the static (unlearnable) regions; mutual
-    information does not, once the model has seen some static."""
-    spent = {}
-    for acquisition in ("entropy", "aleatoric", "epistemic"):
-        results = run_loop(LoopConfig(output=str(tmp_path / acquisition), acquisition=acquisition, **NOISY), progress=False)
-        spent[acquisition] = results["static_fraction"]
-        flags = [q for r in results["queried"].values() for q in r]
-        assert len(flags) == NOISY["query"] * NOISY["rounds"]
-    assert spent["epistemic"] < spent["entropy"] and spent["epistemic"] < spent["aleatoric"], spent
-    assert spent["entropy"] > NOISY["static_fraction"], spent  # entropy is drawn to the static
+    information does not, once the model has seen some static. Mean over two seeds: one seed's 16
+    picks vary a lot (seed 0: entropy 2 of 16 on static images, seed 1: 8 of 16; epistemic 1 of 16
+    in both)."""
+    spent: dict[str, list[float]] = {}
+    for seed in (0, 1):
+        for acquisition in ("entropy", "aleatoric", "epistemic"):
+            config = LoopConfig(output=str(tmp_path / f"{acquisition}-{seed}"), acquisition=acquisition, seed=seed, **NOISY)
+            results = run_loop(config, progress=False)
+            spent.setdefault(acquisition, []).append(results["static_fraction"])
+            flags = [q for r in results["queried"].values() for q in r]
+            assert len(flags) == NOISY["query"] * NOISY["rounds"]
+    mean = {k: float(np.mean(v)) for k, v in spent.items()}
+    assert mean["epistemic"] < mean["entropy"] and mean["epistemic"] < mean["aleatoric"], spent
+    assert mean["entropy"] > NOISY["static_fraction"], spent  # entropy is drawn to the static
 
 
 def test_bald_beats_random_on_real_digits(tmp_path, mlflow_uri):

@@ -1,0 +1,135 @@
+"""Pool scoring spread over Ray actors (``dubito label --scorers N``).
+
+Each actor builds the loop's pool itself (synthetic scenes are regenerated from their seed; real
+datasets are read from ``--root``, which must then be visible to every node) and holds a model
+replica. Once per round the driver puts the new weights in Ray's object store once and every
+actor loads them; then each actor scores a contiguous shard of the round's batches with
+:func:`dubito.acquisition.loop.score_batches`. A batch's MC masks and random draws are seeded by
+its index (:func:`~dubito.acquisition.loop.batch_seed`), so the scores are exactly the ones local
+scoring gives. Actors get a GPU each where the cluster has GPUs (and the loop's ``--device`` is
+not ``cpu``), else one CPU each. On a CPU an actor runs with the driver's intra-op thread
+count: PyTorch's CPU sums depend on it at float rounding, and the same count makes the scores
+bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from dubito import DubitoError
+
+__all__ = ["RayPoolScorer", "shards"]
+
+
+def shards(batches: list, parts: int) -> list[list]:
+    """``batches`` cut into at most ``parts`` contiguous, near-equal shards (none empty)."""
+    parts = max(1, min(parts, len(batches)))
+    size, extra = divmod(len(batches), parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + size + (k < extra)
+        out.append(batches[start:end])
+        start = end
+    return out
+
+
+class _Scorer:
+    """The actor: a model replica and the loop's pool."""
+
+    def __init__(self, config: dict[str, Any], spec: dict[str, Any], threads: int) -> None:
+        from dubito.acquisition.loop import LoopConfig, pool_datasets
+        from dubito.platform.service import resolve_device
+        from dubito.platform.training import model_from_spec
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = LoopConfig(**config)
+        self.spec = spec
+        self.device = resolve_device(self.config.device)
+        self.pool = pool_datasets(self.config)[1]
+        self.model = model_from_spec(spec).to(self.device).eval()
+
+    def set_weights(self, state: dict[str, Tensor]) -> None:
+        self.model.load_state_dict(state)
+        self.model.eval()
+
+    def score(self, batches: list[tuple[int, list[int]]], round: int) -> list[dict[str, Tensor]]:
+        from dubito.acquisition.loop import score_batches
+
+        return score_batches(self.model, self.spec, self.pool, batches, self.config, round, self.device)
+
+    def where(self) -> str:
+        return str(self.device)
+
+
+class RayPoolScorer:
+    """``actors`` Ray actors scoring a labeling loop's pool; use as a context manager (the actors
+    are killed on exit). ``gpus``: per actor, ``auto`` (1 where the cluster has GPUs and the
+    loop's device is not ``cpu``) or a number; ``cpus``: per actor."""
+
+    def __init__(self, config: Any, spec: dict[str, Any], actors: int, *, gpus: str | float = "auto", cpus: float = 1.0) -> None:
+        import ray
+
+        from dubito.platform.cluster import connect, gpu_request
+
+        if actors < 1:
+            raise DubitoError(f"--scorers must be >= 1 to score with Ray actors, got {actors}")
+        connect()
+        want = 0.0 if config.device == "cpu" else gpu_request(gpus, "scoring GPUs per actor")
+        remote = ray.remote(num_cpus=cpus, num_gpus=want)(_Scorer)
+        # on a CPU, PyTorch's sums depend on its intra-op thread count at float rounding: the
+        # actors use this process's count, so their scores are bit-identical to local scoring
+        threads = torch.get_num_threads() if want == 0 else 0
+        self.actors = [remote.remote(dataclasses.asdict(config), spec, threads) for _ in range(actors)]
+        self.gpus = want
+
+    def __enter__(self) -> RayPoolScorer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def devices(self) -> list[str]:
+        import ray
+
+        return ray.get([a.where.remote() for a in self.actors])
+
+    def set_weights(self, model: nn.Module) -> None:
+        """Send ``model``'s weights to every actor: one copy in the object store, read by all."""
+        import ray
+
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        ref = ray.put(state)
+        ray.get([a.set_weights.remote(ref) for a in self.actors])
+
+    def score(self, model: nn.Module, batches: list[tuple[int, list[int]]], round: int, progress: bool = False) -> list[dict[str, Tensor]]:
+        """The per-batch results of :func:`~dubito.acquisition.loop.score_batches`, in ``batches``' order."""
+        import ray
+
+        if not self.actors:
+            raise DubitoError("this RayPoolScorer is closed")
+        self.set_weights(model)  # once per round: a round scores once with its own model
+        parts = shards(batches, len(self.actors))
+        pending = {self.actors[k].score.remote(part, round): k for k, part in enumerate(parts)}
+        done: dict[int, list] = {}
+        total = sum(len(p) for _, p in batches)
+        with tqdm(total=len(batches), desc=f"round {round}: scoring {total} pool images on {len(parts)} Ray actors",
+                  unit="batch", leave=False, disable=not progress) as bar:  # fmt: skip
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                k = pending.pop(ready[0])
+                done[k] = ray.get(ready[0])
+                bar.update(len(parts[k]))
+        return [r for k in range(len(parts)) for r in done[k]]

@@ -1,0 +1,692 @@
+"""Ray Tune sweeps (``dubito sweep label|explore|train``): a grid or a sampled space over any
+field of a labeling loop (:class:`~dubito.acquisition.loop.LoopConfig`), an exploration run
+(:class:`~dubito.experiments.exploration.ExploreConfig`, one agent × size × seed per trial) or a
+training run (:class:`~dubito.platform.training.TrainConfig`).
+
+* Every trial reports to Tune after each round / episode / epoch (``step`` in MLflow is the same)
+  and checkpoints its state there (the loop's ledger and last model, the agent's whole state every
+  ``--checkpoint-every`` episodes, the trainer's checkpoint); a failed trial is retried up to
+  ``--max-failures`` times from its last checkpoint, and ``dubito sweep --resume DIR`` restores
+  an interrupted sweep (unfinished and errored trials continue from their checkpoints).
+* Trial state lives in ``--output/trials/<trial>/``; Tune's own state in ``--storage``
+  (default ``--output/tune``; on a cluster a folder or bucket every node reaches).
+* Resources: ``--cpus-per-trial``; ``--gpus-per-trial auto`` is 0 on a cluster without GPUs and
+  1 where it has them, a fraction packs several trials on one GPU; GPUs the cluster does not
+  have are refused before anything starts.
+* FIFO by default (comparisons of acquisitions or agents run every trial to the end); ``--scheduler
+  asha`` stops poor trials early (hyperparameter tuning) on ``--metric``.
+* MLflow: the experiment ``--experiment``, a parent run per sweep, a child run per trial (tag
+  ``mlflow.parentRunId``); the summary table (mean ± std over seeds of every other swept value),
+  results.json and the plots are the parent's artifacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import time
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dubito import DubitoError
+from dubito.experiments import area_under_curve, seed_std
+from dubito.platform.files import write_json
+from dubito.platform.tracking import default_tracking_uri, tracked_run
+
+__all__ = ["SweepConfig", "KINDS", "run_sweep", "parse_space", "format_sweep", "FAIL_ONCE_ENV"]
+
+#: test hook: ``field=value,...@step`` makes the first matching trial fail once after that step
+FAIL_ONCE_ENV = "DUBITO_SWEEP_FAIL_ONCE"
+SWEEP_FILE = "sweep.json"
+_SEED_FIELDS = ("seed", "seeds")
+_ALIASES = {"explore": {"agent": "agents", "size": "sizes", "seed": "seeds"}}
+_FORBIDDEN = ("output", "experiment")  # set by the sweep for every trial
+
+
+def _config_class(kind: str) -> type:
+    if kind == "label":
+        from dubito.acquisition.loop import LoopConfig
+
+        return LoopConfig
+    if kind == "explore":
+        from dubito.experiments.exploration import ExploreConfig
+
+        return ExploreConfig
+    if kind == "train":
+        from dubito.platform.training import TrainConfig
+
+        return TrainConfig
+    raise DubitoError(f"sweep kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+KINDS = ("label", "explore", "train")
+
+
+@dataclass
+class SweepConfig:
+    """Settings of a sweep (``dubito sweep KIND`` flags); ``base`` holds the trials' shared
+    settings (the KIND's own flags)."""
+
+    kind: str = "label"
+    output: str = field(default="runs/sweep", metadata={"help": "folder: trials/, results.json, tables.md, plots (and tune/)"})
+    grid: tuple[str, ...] = field(default=(), metadata={"help": "FIELD=V1,V2,... a grid axis (repeatable); every combination is a trial"})
+    sample: tuple[str, ...] = field(default=(), metadata={"help": "FIELD=DIST sampled per trial: uniform:A:B, loguniform:A:B, randint:A:B, choice:V1,V2 (repeatable)"})
+    num_samples: int = field(default=1, metadata={"help": "trials per grid point (draws from the --sample space)"})
+    scheduler: str = field(default="fifo", metadata={"help": "fifo (run every trial to the end) or asha (stop poor trials early)"})
+    metric: str = field(default="", metadata={"help": "what asha (and the summary's best trial) compares; default by kind and dataset"})
+    mode: str = field(default="", metadata={"help": "max or min (default: by metric)"})
+    max_t: int = field(default=0, metadata={"help": "asha: most rounds / episodes / epochs (default: the trials' budget)"})
+    grace_period: int = field(default=1, metadata={"help": "asha: rounds / episodes / epochs before a trial may be stopped"})
+    max_failures: int = field(default=2, metadata={"help": "retries of a failed trial (from its last checkpoint)"})
+    cpus_per_trial: float = field(default=1.0, metadata={"help": "CPUs each trial holds"})
+    gpus_per_trial: str = field(default="auto", metadata={"help": "auto (1 where the cluster has GPUs, else 0) or a number (0.25: four trials per GPU)"})
+    concurrent: int = field(default=0, metadata={"help": "most trials at once (0: as many as the resources allow)"})
+    checkpoint_every: int = field(default=50, metadata={"help": "explore: episodes between checkpoints of a trial"})
+    storage: str = field(default="", metadata={"help": "Tune's storage (default OUTPUT/tune; on a cluster a shared folder or bucket)"})
+    experiment: str = field(default="", metadata={"help": "MLflow experiment (default dubito-sweep-KIND)"})
+    base: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- checks
+    def target(self) -> type:
+        return _config_class(self.kind)
+
+    def experiment_name(self) -> str:
+        return self.experiment or f"dubito-sweep-{self.kind}"
+
+    def base_config(self) -> Any:
+        cls = self.target()
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(self.base) - known
+        if unknown:
+            raise DubitoError(f"unknown {self.kind} settings {sorted(unknown)}")
+        return cls(**self.base)
+
+    def space(self) -> tuple[dict[str, list[Any]], dict[str, tuple[str, list[Any]]]]:
+        """(grid axes, sampled fields), values typed as the target's fields."""
+        return parse_space(self.kind, self.grid, self.sample)
+
+    def metric_and_mode(self) -> tuple[str, str]:
+        base = self.base_config()
+        if self.metric:
+            metric = self.metric
+        elif self.kind == "explore":
+            metric = "mean_return"
+        else:
+            dataset = base.dataset
+            metric = ("accuracy" if dataset == "digits" else "rms" if dataset in ("make3d", "nyuv2", "synthetic-make3d") else "mean_iou")
+            metric = ("test_" if self.kind == "label" else "val_") + metric
+        mode = self.mode or ("min" if metric.endswith(("rms", "rel", "loss", "log10", "episode", "regret", "tv_fraction")) else "max")
+        if mode not in ("min", "max"):
+            raise DubitoError(f"--mode must be min or max, got {mode!r}")
+        return metric, mode
+
+    def trial_configs(self) -> list[dict[str, Any]]:
+        """The settings of every grid point (sampled fields at their first candidate), each checked."""
+        grid, sampled = self.space()
+        points = [{}]
+        for name, values in grid.items():
+            points = [{**p, name: v} for p in points for v in values]
+        cls = self.target()
+        out = []
+        for point in points:
+            values = {**self.base, **{k: _candidate(d) for k, d in sampled.items()}, **point}
+            values.update(output="unused", experiment=self.experiment_name())
+            config = cls(**values)
+            _check(self.kind, config)
+            out.append(values)
+        return out
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise DubitoError(f"sweep kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.scheduler not in ("fifo", "asha"):
+            raise DubitoError(f"--scheduler must be fifo or asha, got {self.scheduler!r}")
+        for name in ("num_samples", "grace_period", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise DubitoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_failures < -1 or self.concurrent < 0 or self.max_t < 0:
+            raise DubitoError("--max-failures must be >= -1 (-1: retry forever); --concurrent and --max-t >= 0")
+        if self.cpus_per_trial <= 0:
+            raise DubitoError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
+        if not self.grid and not self.sample:
+            raise DubitoError("give at least one --grid FIELD=V1,V2 or --sample FIELD=DIST")
+        if self.kind == "train" and int(self.base.get("workers", 0)):
+            raise DubitoError("sweep train runs each trial in its own process (--gpus-per-trial gives it a GPU); "
+                              "--workers N (data-parallel training) is for `dubito train`")  # fmt: skip
+        if self.kind == "label" and self.base.get("oracle") == "human":
+            raise DubitoError("sweep label needs --oracle simulated (a sweep cannot wait for a person)")
+        self.metric_and_mode()
+        self.trial_configs()
+
+
+def _candidate(dist: tuple[str, list[Any]]) -> Any:
+    kind, args = dist
+    return args[0]
+
+
+def _check(kind: str, config: Any) -> None:
+    """Refuse a trial's settings before anything starts."""
+    if kind == "label":
+        config.validate()
+    elif kind == "train":
+        config.validate()
+    else:
+        settings = config.resolved()
+        runs = len(settings["agents"]) * len(settings["sizes"]) * len(settings["seeds"])
+        if runs != 1:
+            raise DubitoError(
+                f"an explore trial is one run (one agent, size and seed); this one has {runs}: sweep them with "
+                "--grid agent=...  --grid size=...  --grid seed=..."
+            )
+
+
+def _field_types(kind: str) -> dict[str, type]:
+    cls = _config_class(kind)
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        out[f.name] = args[0] if args else t
+    return out
+
+
+def _typed(kind: str, name: str, text: str, flag: str) -> Any:
+    types = _field_types(kind)
+    t = types[name]
+    text = text.strip()
+    try:
+        if t is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        return t(text)
+    except ValueError:
+        raise DubitoError(f"{flag} {name}: {text!r} is not a valid {t.__name__}") from None
+
+
+def _field(kind: str, name: str, flag: str) -> str:
+    name = name.strip().replace("-", "_")
+    name = _ALIASES.get(kind, {}).get(name, name)
+    types = _field_types(kind)
+    if name not in types:
+        raise DubitoError(f"{flag} {name}: not a {kind} setting (choose from {', '.join(sorted(types))})")
+    if name in _FORBIDDEN:
+        raise DubitoError(f"{flag} {name}: set by the sweep for each trial; it cannot be swept")
+    return name
+
+
+_DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+
+
+def parse_space(kind: str, grid: tuple[str, ...] | list[str], sample: tuple[str, ...] | list[str]):
+    """``--grid FIELD=V1,V2`` and ``--sample FIELD=DIST`` as (grid axes, sampled fields) with values
+    typed as the fields; names and values are checked (``agent``/``size``/``seed`` are accepted
+    for an exploration sweep's ``agents``/``sizes``/``seeds``)."""
+    axes: dict[str, list[Any]] = {}
+    for item in grid:
+        if "=" not in item:
+            raise DubitoError(f"--grid {item!r}: expected FIELD=V1,V2,...")
+        name, values = item.split("=", 1)
+        name = _field(kind, name, "--grid")
+        parsed = [_typed(kind, name, v, "--grid") for v in values.split(",") if v.strip()]
+        if not parsed or len(set(map(repr, parsed))) != len(parsed):
+            raise DubitoError(f"--grid {name}: give distinct values, got {values!r}")
+        if name in axes:
+            raise DubitoError(f"--grid {name} is given twice")
+        axes[name] = parsed
+    sampled: dict[str, tuple[str, list[Any]]] = {}
+    for item in sample:
+        if "=" not in item or ":" not in item:
+            raise DubitoError(f"--sample {item!r}: expected FIELD=DIST:ARGS, DIST one of {', '.join(_DISTRIBUTIONS)}")
+        name, spec = item.split("=", 1)
+        name = _field(kind, name, "--sample")
+        if name in axes or name in sampled:
+            raise DubitoError(f"--sample {name}: already swept")
+        dist, args = spec.split(":", 1)
+        if dist not in _DISTRIBUTIONS:
+            raise DubitoError(f"--sample {name}: unknown distribution {dist!r} (choose from {', '.join(_DISTRIBUTIONS)})")
+        if dist == "choice":
+            values = [_typed(kind, name, v, "--sample") for v in args.split(",") if v.strip()]
+            if not values:
+                raise DubitoError(f"--sample {name}=choice: give values")
+            sampled[name] = (dist, values)
+            continue
+        bounds = args.split(":")
+        try:
+            low, high = (float(b) for b in bounds)
+        except ValueError:
+            raise DubitoError(f"--sample {name}={dist}: expected {dist}:LOW:HIGH, got {spec!r}") from None
+        if not low < high or (dist == "loguniform" and low <= 0):
+            raise DubitoError(f"--sample {name}={dist}: need LOW < HIGH" + (" and LOW > 0" if dist == "loguniform" else ""))
+        t = _field_types(kind)[name]
+        if dist == "randint" and t is not int or dist != "randint" and t is not float:
+            raise DubitoError(f"--sample {name}: {dist} does not fit a {t.__name__} setting")
+        sampled[name] = (dist, [int(low) if dist == "randint" else low, int(high) if dist == "randint" else high])
+    return axes, sampled
+
+
+def _tune_space(grid: dict[str, list[Any]], sampled: dict[str, tuple[str, list[Any]]]) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {name: tune.grid_search(values) for name, values in grid.items()}
+    for name, (dist, args) in sampled.items():
+        space[name] = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[dist](*args) if dist != "choice" else tune.choice(args)
+    return space
+
+
+# ============================================================================ the trials
+def _trial_key(params: dict[str, Any]) -> str:
+    def show(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return ",".join(f"{k}={show(v)}" for k, v in sorted(params.items()))
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)[:120]
+
+
+def _step_of(folder: Path) -> int:
+    path = folder / "step.json"
+    return json.loads(path.read_text())["step"] if path.exists() else -1
+
+
+def _restore(folder: Path) -> None:
+    """Bring the trial's folder up to its latest Tune checkpoint when the folder is behind (a trial
+    restarted on another node, or a folder lost): the checkpoint's files replace the folder's."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as saved:
+        saved = Path(saved)
+        if _step_of(saved) > _step_of(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in saved.rglob("*"):
+                if path.is_file():
+                    target = folder / path.relative_to(saved)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, target)
+
+
+def _report(metrics: dict[str, Any], step: int, folder: Path, files: list[tuple[Path, str]] | None) -> None:
+    """``tune.report`` of a step; with ``files`` (source, name) also a checkpoint holding them
+    and the step. SQLite files are copied through SQLite's backup (a consistent copy)."""
+    from ray import tune
+
+    clean = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) else v)
+             for k, v in metrics.items() if v is not None}  # fmt: skip
+    if files is None:
+        tune.report(clean)
+        return
+    write_json(folder / "step.json", {"step": step})
+    with tempfile.TemporaryDirectory(prefix="dubito-checkpoint-") as tmp:
+        tmp = Path(tmp)
+        for source, name in [*files, (folder / "step.json", "step.json")]:
+            if not source.exists():
+                continue
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.suffix == ".sqlite":
+                with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+                    src.backup(dst)
+            else:
+                shutil.copy2(source, target)
+        tune.report(clean, checkpoint=tune.Checkpoint.from_directory(str(tmp)))
+
+
+class _InjectedFailure(RuntimeError):
+    """The failure ``DUBITO_SWEEP_FAIL_ONCE`` asks for (tests of retry and resume)."""
+
+
+def _maybe_fail(inject: dict[str, Any] | None, params: dict[str, Any], step: int) -> None:
+    if not inject or step < inject["step"]:
+        return
+    if any(str(params.get(k)) != v for k, v in inject["match"].items()):
+        return
+    marker = Path(inject["marker"])
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # once per sweep, whichever trial gets here first
+    except FileExistsError:
+        return
+    os.close(fd)
+    raise _InjectedFailure(f"injected failure after step {step} ({FAIL_ONCE_ENV})")
+
+
+def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
+    """One trial (runs in a Ray worker): the kind's run with the trial's settings, reporting and
+    checkpointing every step, resumed from the trial's folder or its last checkpoint."""
+    from ray import tune
+
+    os.environ["MLFLOW_TRACKING_URI"] = context["tracking_uri"]
+    trial = tune.get_context()
+    key = _trial_key(params)
+    folder = Path(context["root"]) / "trials" / _safe(f"{trial.get_trial_id()}-{key}")
+    folder.mkdir(parents=True, exist_ok=True)
+    _restore(folder)
+    values = {**context["base"], **params, "output": str(folder), "experiment": context["experiment"]}
+    tags = {"mlflow.parentRunId": context["parent_run_id"], "dubito.sweep": context["root"], "dubito.trial": key}
+    inject = context.get("inject")
+    write_json(folder / "trial.json", {"params": params, "key": key, "trial_id": trial.get_trial_id()})
+    {"label": _label_trial, "explore": _explore_trial, "train": _train_trial}[context["kind"]](values, params, folder, tags, inject, context)
+
+
+def _label_trial(values, params, folder, tags, inject, context) -> None:
+    from dubito.acquisition.loop import LEDGER, LoopConfig, run_loop
+
+    config = LoopConfig(**values)
+
+    def on_round(record: dict[str, Any]) -> None:
+        r = record["round"]
+        model = folder.resolve() / "rounds" / f"round-{r:03d}.pt"
+        _report(record, r, folder, [(folder / LEDGER, LEDGER), (model, f"rounds/{model.name}")])
+        _maybe_fail(inject, params, r)
+
+    run_loop(config, progress=False, tags=tags, on_round=on_round, run_name=tags["dubito.trial"])
+
+
+def _explore_trial(values, params, folder, tags, inject, context) -> None:
+    import torch
+
+    from dubito.experiments.exploration import ExploreConfig, log_run, run_one, run_specs, solve_episode
+
+    config = ExploreConfig(**values)
+    settings, specs = run_specs(config, folder)
+    spec = specs[0]
+    (folder / "runs").mkdir(exist_ok=True)
+    state_path = folder / "state.pt"
+    resume = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
+    every = context["checkpoint_every"]
+    stochastic = spec["env"] == "dubito/DeepSeaStochastic-v0"
+
+    def hook(log, state) -> None:
+        n = log.episodes
+        metrics = {"episode": n, "return": log.returns[-1], "mean_return": float(np.mean(log.returns[-20:]))}
+        if spec["env"].startswith("dubito/DeepSea"):
+            metrics["bad_fraction"] = float(np.mean(log.bad))
+            solved = solve_episode(log.bad, stochastic)
+            metrics["solve_episode"] = solved if solved is not None else None
+            metrics["solved"] = float(solved is not None)
+        else:
+            metrics["tv_fraction"] = float(np.sum(log.tv_steps) / max(1, np.sum(log.lengths)))
+            metrics["goal_rate"] = float(np.mean(log.terminated))
+        last = n >= spec["episodes"] or (spec["stop_when_solved"] and metrics.get("solved"))
+        if n % every == 0 or last:
+            from dubito.platform.files import save_torch
+
+            save_torch(state(), state_path)
+            _report(metrics, n, folder, [(state_path, "state.pt")])
+        else:
+            _report(metrics, n, folder, None)
+        _maybe_fail(inject, params, n)
+
+    record = run_one({**spec, "progress": False, "threads": 1}, hook=hook, resume=resume)
+    log_run(config, settings, record, context["parent_run_id"], Path(spec["path"]))
+
+
+def _train_trial(values, params, folder, tags, inject, context) -> None:
+    from dubito.platform.training import CHECKPOINT, TrainConfig, train
+
+    config = TrainConfig(**values)
+
+    def on_epoch(metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        epoch = metrics["epoch"]
+        _report(metrics, epoch, folder, [(folder / CHECKPOINT, CHECKPOINT), (folder / "model.pt", "model.pt")])
+        _maybe_fail(inject, params, epoch)
+
+    train(config, progress=False, tags=tags, on_epoch=on_epoch)
+
+
+# ============================================================================ the sweep
+def _inject_from_env(root: Path) -> dict[str, Any] | None:
+    text = os.environ.get(FAIL_ONCE_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        match, step = text.rsplit("@", 1)
+        pairs = dict(p.split("=", 1) for p in match.split(",") if p)
+        return {"match": {k.strip(): v.strip() for k, v in pairs.items()}, "step": int(step), "marker": str(root / "injected-failure")}
+    except ValueError:
+        raise DubitoError(f"{FAIL_ONCE_ENV}={text!r}: expected FIELD=VALUE,...@STEP") from None
+
+
+def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run a sweep (or, with ``resume=DIR``, restore the one in DIR); returns results.json's content.
+
+    Connects to Ray (``RAY_ADDRESS`` or a local instance), opens the MLflow parent run, runs the
+    trials through Tune, then writes the summary (tables.md, results.json, curves.png) and logs it
+    to the parent."""
+    from ray import tune
+
+    from dubito.platform.cluster import connect, gpu_request
+
+    # checkpoints every round are the point here, not a bottleneck worth a warning per trial
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if resume is not None:
+        root = Path(resume).resolve()
+        saved = root / SWEEP_FILE
+        if not saved.exists():
+            raise DubitoError(f"{root}: no sweep here (no {SWEEP_FILE}); give the --output folder of a sweep")
+        state = json.loads(saved.read_text())
+        values = state["config"]
+        values["grid"], values["sample"] = tuple(values["grid"]), tuple(values["sample"])
+        config = SweepConfig(**values)
+    elif config is None:
+        raise DubitoError("run_sweep needs a SweepConfig or resume=DIR")
+    config.validate()
+    root = Path(config.output).resolve()
+    if resume is None and (root / SWEEP_FILE).exists():
+        raise DubitoError(f"{root} holds a sweep already: continue it with `dubito sweep --resume {config.output}`, or use another --output")
+    root.mkdir(parents=True, exist_ok=True)
+    storage = config.storage or str(root / "tune")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    metric, mode = config.metric_and_mode()
+    grid, sampled = config.space()
+
+    connect()
+    gpus = gpu_request(config.gpus_per_trial, "--gpus-per-trial")
+    uri = default_tracking_uri()
+    state = json.loads((root / SWEEP_FILE).read_text()) if (root / SWEEP_FILE).exists() else {}
+    started = time.perf_counter()
+    params = {k: v for k, v in asdict(config).items() if k != "base"} | {f"base.{k}": v for k, v in config.base.items()}
+    with tracked_run(config.experiment_name(), run_name=f"sweep-{config.kind}-{root.name}", params=params,
+                     tags={"dubito.command": f"sweep {config.kind}"}, run_id=state.get("mlflow_parent_run_id")) as parent:  # fmt: skip
+        write_json(root / SWEEP_FILE, {"config": asdict(config), "mlflow_parent_run_id": parent.run_id, "storage": storage})
+        context = {
+            "kind": config.kind, "base": config.base, "root": str(root), "tracking_uri": uri, "parent_run_id": parent.run_id,
+            "experiment": config.experiment_name(), "checkpoint_every": config.checkpoint_every, "inject": _inject_from_env(root),
+        }  # fmt: skip
+        trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"cpu": config.cpus_per_trial, "gpu": gpus})
+        path = os.path.join(storage, "tune")
+        if resume is not None and tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            scheduler = None
+            if config.scheduler == "asha":
+                from ray.tune.schedulers import ASHAScheduler
+
+                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.max_t or _budget(config), grace_period=config.grace_period)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=_tune_space(grid, sampled),
+                tune_config=tune.TuneConfig(
+                    num_samples=config.num_samples, scheduler=scheduler, max_concurrent_trials=config.concurrent or None,
+                    **({"metric": metric, "mode": mode} if scheduler is not None else {}),
+                ),
+                run_config=tune.RunConfig(
+                    name="tune", storage_path=storage, verbose=1 if progress else 0,
+                    failure_config=tune.FailureConfig(max_failures=config.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                ),
+            )  # fmt: skip
+        grid_results = tuner.fit()
+        trials = _collect(grid_results)
+        results = summarize(config, trials, metric, mode)
+        results["seconds"] = time.perf_counter() - started
+        results["mlflow_parent_run_id"] = parent.run_id
+        results["plots"] = _plots(results, root)
+        (root / "tables.md").write_text(format_sweep(results))
+        write_json(root / "results.json", results)
+        for p in (root / "results.json", root / "tables.md", *results["plots"]):
+            parent.log_artifact(p)
+        parent.log_metrics({"trials_finished": results["finished"], "trials_errored": len(results["errors"])})
+    return results
+
+
+def _budget(config: SweepConfig) -> int:
+    """Steps a trial reports at most: rounds + 1, episodes, or epochs."""
+    base = config.base_config()
+    if config.kind == "label":
+        return base.total_rounds() + 1
+    if config.kind == "train":
+        return base.epochs
+    return base.resolved()["episodes"]
+
+
+def _collect(grid_results) -> list[dict[str, Any]]:
+    """Each trial's settings, every reported row, and its error if any."""
+    trials = []
+    for result in grid_results:
+        frame = result.metrics_dataframe
+        rows = frame.to_dict("records") if frame is not None else []
+        params = {k: v for k, v in (result.config or {}).items()}
+        trials.append({
+            "params": params, "key": _trial_key(params), "rows": rows,
+            "error": None if result.error is None else _error_text(result.error),
+            "path": result.path,
+        })  # fmt: skip
+    return trials
+
+
+def _error_text(error: BaseException) -> str:
+    """A trial's error as one line: its last line without terminal colours (Ray wraps the cause
+    in a traceback whose last line names it)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
+_X = {"label": "labels", "explore": "episode", "train": "epoch"}
+
+
+def summarize(config: SweepConfig, trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
+    """Per group of trials that differ only in their seed: the curve of ``metric`` (mean ± std),
+    its final value and (labeling) area under the learning curve, mean ± std over seeds."""
+    grid, sampled = config.space()
+    varying = [k for k in [*grid, *sampled] if k not in _SEED_FIELDS]
+    x_name = _X[config.kind]
+    groups: dict[str, list[dict]] = {}
+    for t in trials:
+        if t["error"] is None and t["rows"]:
+            name = _trial_key({k: t["params"].get(k) for k in varying}) or "all"
+            groups.setdefault(name, []).append(t)
+    per_trial = {}
+    for t in trials:
+        # a retried trial reports again the steps after its last checkpoint: keep the last row of each step
+        t["rows"] = sorted({r.get(x_name): r for r in t["rows"]}.values(), key=lambda r: (r.get(x_name) is None, r.get(x_name) or 0))
+    for t in trials:
+        rows = [r for r in t["rows"] if r.get(metric) is not None and not _nan(r.get(metric))]
+        xs = [r[x_name] for r in rows if x_name in r]
+        ys = [r[metric] for r in rows]
+        entry = {"params": t["params"], "error": t["error"], "steps": len(t["rows"]), "final": ys[-1] if ys else None,
+                 "best": (max(ys) if mode == "max" else min(ys)) if ys else None}  # fmt: skip
+        if config.kind == "label" and len(xs) == len(ys):
+            entry["alc"] = area_under_curve(xs, ys)
+        if config.kind == "explore" and t["rows"]:
+            last = t["rows"][-1]
+            for k in ("solve_episode", "tv_fraction", "goal_rate", "bad_fraction"):
+                if k in last and not _nan(last[k]):
+                    entry[k] = last[k]
+        entry["curve"] = {"x": xs, "y": ys}
+        per_trial[t["key"]] = entry
+    summary = {}
+    curves = {}
+    for name, members in groups.items():
+        entries = [per_trial[t["key"]] for t in members]
+        s: dict[str, Any] = {"trials": len(entries), "reached": [e["curve"]["x"][-1] if e["curve"]["x"] else 0 for e in entries]}
+        for k in ("final", "best", "alc", "tv_fraction", "goal_rate"):
+            vals = [e[k] for e in entries if e.get(k) is not None]
+            if vals:
+                s[f"{k}_mean"], s[f"{k}_std"] = float(np.mean(vals)), float(seed_std(np.array(vals)))
+        if config.kind == "explore" and any("bad_fraction" in e for e in entries):
+            solved = [e.get("solve_episode") for e in entries if e.get("solve_episode") is not None]
+            s["solved"] = len(solved)
+            s["median_solve_episode"] = float(np.median(solved)) if solved else None
+        summary[name] = s
+        length = min(len(e["curve"]["y"]) for e in entries)
+        if length:
+            ys = np.array([e["curve"]["y"][:length] for e in entries], dtype=float)
+            xs = entries[0]["curve"]["x"][:length]
+            if config.kind == "explore" and length > 40:  # smooth the per-episode curve
+                window = max(1, length // 40)
+                ys = np.array([np.convolve(y, np.ones(window) / window, mode="valid") for y in ys])
+                xs = xs[window - 1 :]
+            curves[name] = {"labels": list(xs), "mean": ys.mean(0).tolist(), "std": seed_std(ys).tolist()}
+    ranked = sorted((k for k, s in summary.items() if "final_mean" in s), key=lambda k: summary[k]["final_mean"], reverse=mode == "max")
+    return {
+        "config": asdict(config), "kind": config.kind, "metric": metric, "mode": mode, "x": x_name, "varying": varying,
+        "summary": summary, "best": ranked[0] if ranked else None, "curves": curves, "trials": per_trial,
+        "finished": sum(t["error"] is None for t in trials), "errors": {t["key"]: t["error"] for t in trials if t["error"]},
+    }  # fmt: skip
+
+
+def _nan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _plots(results: dict[str, Any], root: Path) -> list[str]:
+    from dubito.platform.plots import learning_curves_figure
+
+    if not results["curves"]:
+        return []
+    xlabel = {"labels": "labelled images", "episode": "episode", "epoch": "epoch"}[results["x"]]
+    path = learning_curves_figure(results["curves"], root / "curves.png", results["metric"].replace("_", " "), xlabel=xlabel,
+                                  title=f"sweep {results['kind']}: {results['metric']} (mean ± std over seeds)")  # fmt: skip
+    return [str(path)]
+
+
+def format_sweep(results: dict[str, Any]) -> str:
+    """The sweep's summary as a markdown table (one row per group of seeds)."""
+    metric, kind = results["metric"], results["kind"]
+    lines = [f"# sweep {kind}: {metric} ({'higher' if results['mode'] == 'max' else 'lower'} is better), "
+             f"{results['finished']} trials finished, {len(results['errors'])} errored", ""]  # fmt: skip
+
+    def pm(s: dict, k: str, fmt: str = ".4f") -> str:
+        if f"{k}_mean" not in s:
+            return "–"
+        return f"{s[f'{k}_mean']:{fmt}}" + (f" ± {s[f'{k}_std']:{fmt}}" if s["trials"] > 1 else "")
+
+    head = ["settings", "trials", f"{results['x']} reached", f"final {metric}", f"best {metric}"]
+    if kind == "label":
+        head.append("area under learning curve")
+    if kind == "explore":
+        head += ["solved (median episode)", "steps on the TV", "episodes reaching the goal"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in results["summary"].items():
+        reached = s["reached"]
+        cells = [name + (" **(best)**" if name == results["best"] and len(results["summary"]) > 1 else ""), str(s["trials"]),
+                 f"{min(reached):g}" + (f"–{max(reached):g}" if max(reached) != min(reached) else ""), pm(s, "final"), pm(s, "best")]  # fmt: skip
+        if kind == "label":
+            cells.append(pm(s, "alc"))
+        if kind == "explore":
+            solved = "–" if "solved" not in s else f"{s['solved']}/{s['trials']} ({'–' if s['median_solve_episode'] is None else round(s['median_solve_episode'])})"
+            cells += [solved, pm(s, "tv_fraction", ".2f"), pm(s, "goal_rate", ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "± is the sample standard deviation over the trials of each row (its seeds, or its samples); "
+              f"'{results['x']} reached' is where the trials ended (ASHA stops poor ones early)."]
+    for key, error in results["errors"].items():
+        lines.append(f"- errored: {key}: {error.splitlines()[0] if error else ''}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,77 @@
+"""Ray: attaching to a cluster or starting a local instance, and what it can give a task.
+
+``connect(address)`` attaches to ``address`` (or ``RAY_ADDRESS``) when given — a running
+cluster, no resource arguments — and otherwise starts a local instance with explicit CPUs, no
+dashboard and a small object store (DESIGN.md). A session that is already connected is reused,
+so tests share one instance. Nothing here ever asks for GPUs the cluster lacks: a request for
+one raises :class:`DubitoError` at once instead of leaving tasks pending forever.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dubito import DubitoError
+
+__all__ = ["connect", "cluster_gpus", "max_node_gpus", "gpu_request", "LOCAL_OBJECT_STORE_BYTES"]
+
+#: object store of a local instance (the default takes 30 % of RAM)
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> dict[str, Any]:
+    """Make sure this process is connected to Ray; returns the cluster's total resources.
+
+    ``address`` (else ``RAY_ADDRESS``): an existing cluster (``auto``, ``ray://host:10001``,
+    ``host:6379``). Without either, a local instance with ``num_cpus`` CPUs (default: the
+    cores this process may use). An existing connection is kept as it is."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        options: dict[str, Any] = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": "WARNING" if quiet else "INFO"}
+        try:
+            if address:
+                ray.init(address=address, **options)
+            else:
+                cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+                ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **options)
+        except ConnectionError as err:
+            raise DubitoError(f"cannot reach the Ray cluster at {address!r}: {err}") from None
+    return ray.cluster_resources()
+
+
+def cluster_gpus() -> float:
+    """GPUs in the connected cluster (0 on a CPU-only one)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def max_node_gpus() -> float:
+    """The most GPUs any one live node has (a task cannot span nodes)."""
+    import ray
+
+    return max((float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+def gpu_request(requested: str | float | None, what: str) -> float:
+    """GPUs per task: ``auto``/None gives 1 where the cluster has GPUs, else 0; a number is
+    checked against the cluster (fractions share a GPU: 0.25 packs four tasks on one)."""
+    have = max_node_gpus()
+    if requested in (None, "auto"):
+        return 1.0 if have >= 1 else 0.0
+    try:
+        value = float(requested)
+    except (TypeError, ValueError):
+        raise DubitoError(f"{what} must be 'auto' or a number of GPUs, got {requested!r}") from None
+    if value < 0:
+        raise DubitoError(f"{what} must be >= 0, got {value}")
+    if value > 0 and have == 0:
+        raise DubitoError(f"{what} {value}: the Ray cluster has no GPU (tasks asking for one would wait forever); use 0")
+    if value > have:
+        raise DubitoError(f"{what} {value}: no node of the Ray cluster has more than {have:g} GPUs")
+    if value > 1 and value != int(value):
+        raise DubitoError(f"{what} above 1 must be a whole number, got {value}")
+    return value

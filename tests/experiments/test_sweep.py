@@ -1,0 +1,220 @@
+"""Ray Tune sweeps: a 2 x 2 labeling sweep recorded as one MLflow study, a trial that fails and
+is retried from its checkpoint, an interrupted sweep restored with --resume, exploration and
+training sweeps; every trial's numbers equal the same run outside Ray. All on the one shared
+local Ray instance (``ray_session``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dubito import DubitoError
+from dubito.acquisition.loop import LoopConfig, run_loop
+from dubito.experiments.sweep import FAIL_ONCE_ENV, SweepConfig, parse_space, run_sweep
+
+LABEL = dict(dataset="synthetic-camvid", height=24, width=32, pool_images=16, test_images=4, initial=4, query=2, rounds=2,
+             epochs=1, samples=2, batch_size=4, device="cpu")  # fmt: skip
+
+
+def _runs(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def _steps(client: MlflowClient, run_id: str, metric: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+
+
+def _trial_folder(root: Path, key: str) -> Path:
+    (folder,) = [p for p in (root / "trials").iterdir() if json.loads((p / "trial.json").read_text())["key"] == key]
+    return folder
+
+
+# ----------------------------------------------------------------------------- the search space
+def test_space_parses_typed_values_aliases_and_distributions():
+    grid, sampled = parse_space("label", ["acquisition=random,bald", "seed=0,1"], ["lr=loguniform:1e-4:1e-2", "dropout=choice:0.1,0.3"])
+    assert grid == {"acquisition": ["random", "bald"], "seed": [0, 1]}
+    assert sampled == {"lr": ("loguniform", [1e-4, 1e-2]), "dropout": ("choice", [0.1, 0.3])}
+    grid, _ = parse_space("explore", ["agent=dqn,epistemic", "size=5,8"], [])
+    assert grid == {"agents": ["dqn", "epistemic"], "sizes": ["5", "8"]}  # ExploreConfig's comma-list fields
+
+
+@pytest.mark.parametrize(
+    ("grid", "sample", "message"),
+    [
+        (["acquisiton=bald"], [], "not a label setting"),
+        (["seed=0,x"], [], "not a valid int"),
+        (["seed=0,0"], [], "distinct values"),
+        (["output=a,b"], [], "cannot be swept"),
+        ([], ["lr=normal:0:1"], "unknown distribution"),
+        ([], ["lr=loguniform:0:1"], "LOW > 0"),
+        ([], ["seed=uniform:0:3"], "does not fit a int"),
+        (["seed=0,1"], ["seed=randint:0:4"], "already swept"),
+    ],
+)
+def test_space_refuses_bad_axes(grid, sample, message):
+    with pytest.raises(DubitoError, match=message):
+        parse_space("label", grid, sample)
+
+
+def test_sweep_checks_every_trial_before_starting(tmp_path):
+    bad = SweepConfig(kind="label", output=str(tmp_path / "s"), grid=("acquisition=bald,nonsense",), base=dict(LABEL))
+    with pytest.raises(DubitoError, match="--acquisition"):
+        bad.validate()
+    several = SweepConfig(kind="explore", output=str(tmp_path / "e"), grid=("agent=dqn,rnd",), base={"sizes": "5,8", "seeds": "0"})
+    with pytest.raises(DubitoError, match="one run"):
+        several.validate()
+    with pytest.raises(DubitoError, match="at least one --grid"):
+        SweepConfig(kind="train", base={}).validate()
+
+
+def test_gpus_the_cluster_lacks_are_refused(tmp_path, ray_session, mlflow_uri):
+    config = SweepConfig(kind="label", output=str(tmp_path / "g"), grid=("seed=0,1",), gpus_per_trial="1", base=dict(LABEL))
+    with pytest.raises(DubitoError, match="no GPU"):
+        run_sweep(config, progress=False)
+    assert not (tmp_path / "g" / "sweep.json").exists()  # refused before anything was recorded
+
+
+# ----------------------------------------------------------------------------- labeling sweeps
+def test_two_by_two_label_sweep_is_one_mlflow_study(tmp_path, ray_session, mlflow_uri):
+    root = tmp_path / "sweep"
+    config = SweepConfig(kind="label", output=str(root), grid=("acquisition=random,bald", "seed=0,1"), base=dict(LABEL))
+    results = run_sweep(config, progress=False)
+
+    assert results["finished"] == 4 and not results["errors"]
+    assert set(results["summary"]) == {"acquisition=random", "acquisition=bald"}
+    assert all(s["trials"] == 2 for s in results["summary"].values())
+    table = (root / "tables.md").read_text()
+    assert "acquisition=random" in table and "acquisition=bald" in table and (root / "curves.png").stat().st_size > 0
+
+    client, parents, children = _runs(mlflow_uri, "dubito-sweep-label")
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert all(c.info.status == "FINISHED" for c in [*parents, *children])
+    for child in children:  # one test metric per round, steps 0..rounds
+        assert [s for s, _ in _steps(client, child.info.run_id, "test_mean_iou")] == [0, 1, 2]
+
+    # a trial is the plain labeling loop: the same curve as run_loop with the same settings
+    direct = run_loop(LoopConfig(output=str(tmp_path / "direct"), acquisition="bald", seed=1, **LABEL), progress=False)
+    trial = results["trials"]["acquisition=bald,seed=1"]
+    assert trial["curve"]["y"] == [c["test_mean_iou"] for c in direct["curve"]]
+    assert trial["curve"]["x"] == [c["labels"] for c in direct["curve"]]
+    # the group's numbers are the mean and sample std of its two seeds
+    finals = [results["trials"][f"acquisition=bald,seed={s}"]["final"] for s in (0, 1)]
+    assert results["summary"]["acquisition=bald"]["final_mean"] == pytest.approx(np.mean(finals))
+    assert results["summary"]["acquisition=bald"]["final_std"] == pytest.approx(np.std(finals, ddof=1))
+
+
+def test_failed_trial_is_retried_from_its_checkpoint(tmp_path, ray_session, mlflow_uri, monkeypatch):
+    root = tmp_path / "sweep"
+    monkeypatch.setenv(FAIL_ONCE_ENV, "seed=1@1")  # the seed-1 trial dies right after round 1 is recorded
+    config = SweepConfig(kind="label", output=str(root), grid=("seed=0,1",), max_failures=1, experiment="retry",
+                         base=dict(LABEL, acquisition="bald"))  # fmt: skip
+    results = run_sweep(config, progress=False)
+
+    assert (root / "injected-failure").exists()  # the failure happened
+    assert results["finished"] == 2 and not results["errors"]
+    client, parents, children = _runs(mlflow_uri, "retry")
+    assert len(parents) == 1 and len(children) == 2  # the retried trial kept its one MLflow run
+    for child in children:
+        assert [s for s, _ in _steps(client, child.info.run_id, "test_mean_iou")] == [0, 1, 2]
+    folder = _trial_folder(root, "seed=1")
+    ledger_rounds = json.loads((folder / "results.json").read_text())["curve"]
+    assert [c["round"] for c in ledger_rounds] == [0, 1, 2]
+    direct = run_loop(LoopConfig(output=str(tmp_path / "direct"), acquisition="bald", seed=1, **LABEL), progress=False)
+    assert [c["test_mean_iou"] for c in ledger_rounds] == [c["test_mean_iou"] for c in direct["curve"]]
+    assert json.loads((folder / "results.json").read_text())["queried"] == json.loads(json.dumps(direct["queried"]))
+
+
+def test_interrupted_sweep_resumes_from_the_command_line(tmp_path, ray_session, mlflow_uri):
+    root = tmp_path / "sweep"
+    env = {**os.environ, "RAY_ADDRESS": ray_session, FAIL_ONCE_ENV: "acquisition=bald@1"}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in LABEL.items()]
+    command = [sys.executable, "-m", "dubito", "sweep", "label", f"--output={root}", "--grid=acquisition=random,bald",
+               "--max-failures=0", "--experiment=resumed", "--no-progress", *flags]  # fmt: skip
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "1 errored" in first.stdout and "injected failure after step 1" in first.stdout
+
+    env.pop(FAIL_ONCE_ENV)
+    again = subprocess.run([sys.executable, "-m", "dubito", "sweep", "--resume", str(root), "--no-progress"],
+                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 trials finished, 0 errored" in again.stdout
+    results = json.loads((root / "results.json").read_text())
+    assert set(results["summary"]) == {"acquisition=random", "acquisition=bald"}
+    client, parents, children = _runs(mlflow_uri, "resumed")
+    assert len(parents) == 1 and len(children) == 2  # the same parent run continued
+    bald = next(c for c in children if c.data.params["acquisition"] == "bald")
+    assert [s for s, _ in _steps(client, bald.info.run_id, "test_mean_iou")] == [0, 1, 2]
+    # a sweep already in a folder is not overwritten by a new one
+    with pytest.raises(DubitoError, match="--resume"):
+        run_sweep(SweepConfig(kind="label", output=str(root), grid=("seed=0,1",), base=dict(LABEL)), progress=False)
+
+
+# ----------------------------------------------------------------------------- exploration and training
+def test_explore_sweep_resumes_a_run_mid_way_to_the_same_episodes(tmp_path, ray_session, mlflow_uri, monkeypatch):
+    from dubito.experiments.exploration import ExploreConfig, run_one, run_specs
+
+    root = tmp_path / "sweep"
+    monkeypatch.setenv(FAIL_ONCE_ENV, "agents=bootstrapped@37")  # dies at episode 37; last checkpoint at 30
+    base = {"study": "deep-sea", "sizes": "6", "seeds": "0", "episodes": 60, "stop_when_solved": False}
+    config = SweepConfig(kind="explore", output=str(root), grid=("agent=dqn,bootstrapped",), checkpoint_every=10,
+                         max_failures=1, experiment="explore-sweep", base=base)  # fmt: skip
+    results = run_sweep(config, progress=False)
+    assert (root / "injected-failure").exists() and results["finished"] == 2 and not results["errors"]
+
+    for agent in ("dqn", "bootstrapped"):
+        folder = _trial_folder(root, f"agents={agent}")
+        (record_path,) = (folder / "runs").glob("*.json")
+        record = json.loads(record_path.read_text())
+        _, specs = run_specs(ExploreConfig(**{**base, "agents": agent}), tmp_path / f"direct-{agent}")
+        (tmp_path / f"direct-{agent}" / "runs").mkdir(parents=True)
+        direct = run_one(specs[0])
+        assert record["returns"] == direct["returns"] and record["visits"] == direct["visits"]
+        assert len(results["trials"][f"agents={agent}"]["curve"]["y"]) == 60  # each episode once, after the retry
+
+    client, parents, children = _runs(mlflow_uri, "explore-sweep")
+    assert len(parents) == 1 and len(children) == 2
+    for child in children:
+        assert [s for s, _ in _steps(client, child.info.run_id, "return")] == list(range(1, 61))
+
+
+def test_train_sweep_with_asha_records_epochs(tmp_path, ray_session, mlflow_uri):
+    from dubito.platform.training import TrainConfig, train
+
+    root = tmp_path / "sweep"
+    base = dict(model="tiny", height=24, width=32, train_images=8, val_images=4, epochs=3, batch_size=4, device="cpu")
+    config = SweepConfig(kind="train", output=str(root), grid=("dropout=0.1,0.3",), scheduler="asha", experiment="train-sweep", base=base)
+    results = run_sweep(config, progress=False)
+    assert results["finished"] == 2 and results["metric"] == "val_mean_iou" and results["mode"] == "max"
+    assert set(results["summary"]) == {"dropout=0.1", "dropout=0.3"}
+    client, parents, children = _runs(mlflow_uri, "train-sweep")
+    assert len(parents) == 1 and len(children) == 2
+    for child in children:
+        steps = [s for s, _ in _steps(client, child.info.run_id, "val_mean_iou")]
+        assert steps == list(range(1, len(steps) + 1)) and steps
+    direct = train(TrainConfig(output=str(tmp_path / "direct"), dropout=0.3, **base), progress=False)
+    trial = results["trials"]["dropout=0.3"]
+    n = len(trial["curve"]["y"])
+    assert trial["curve"]["y"] == [h["val_mean_iou"] for h in direct["history"]][:n]
+
+
+def test_sweep_config_round_trips_through_sweep_json(tmp_path, ray_session, mlflow_uri):
+    config = SweepConfig(kind="label", output=str(tmp_path / "s"), grid=("seed=0",), base=dict(LABEL, rounds=1))
+    run_sweep(config, progress=False)
+    saved = json.loads((tmp_path / "s" / "sweep.json").read_text())["config"]
+    assert SweepConfig(**{**saved, "grid": tuple(saved["grid"]), "sample": tuple(saved["sample"])}) == config
+    assert asdict(config)["base"] == saved["base"]
