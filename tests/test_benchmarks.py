@@ -24,3 +24,12 @@ def test_data_loading_benchmark_runs_on_small_data():
     rates = [float(r[52:].split()[0]) for r in rows]
     assert all(rate > 0 for rate in rates)
     assert rows[-1].rstrip().endswith("x")  # draft decode reported as a ratio against the full decode
+
+
+def test_ray_scoring_benchmark_rows_show_identical_scores(ray_session):
+    from benchmarks.ray_scoring import bench
+
+    rows = bench(8, (24, 32), "tiny", samples=2, batch_size=4, repeats=1)
+    assert [r[:34].strip() for r in rows] == ["local (this process)", "1 Ray actor", "2 Ray actors", "2 Ray actors"]
+    assert all(float(r.split()[-1]) == 0.0 for r in rows[:3])  # actors with this process's threads: bit-identical
+    assert float(rows[3].split()[-1]) < 1e-4  # one thread per actor: equal to float rounding

@@ -70,9 +70,12 @@ class _Scorer:
 class RayPoolScorer:
     """``actors`` Ray actors scoring a labeling loop's pool; use as a context manager (the actors
     are killed on exit). ``gpus``: per actor, ``auto`` (1 where the cluster has GPUs and the
-    loop's device is not ``cpu``) or a number; ``cpus``: per actor."""
+    loop's device is not ``cpu``) or a number; ``cpus``: per actor; ``threads``: PyTorch threads
+    per CPU actor (default: this process's count, which makes the scores bit-identical)."""
 
-    def __init__(self, config: Any, spec: dict[str, Any], actors: int, *, gpus: str | float = "auto", cpus: float = 1.0) -> None:
+    def __init__(
+        self, config: Any, spec: dict[str, Any], actors: int, *, gpus: str | float = "auto", cpus: float = 1.0, threads: int | None = None,
+    ) -> None:  # fmt: skip
         import ray
 
         from dubito.platform.cluster import connect, gpu_request
@@ -84,7 +87,8 @@ class RayPoolScorer:
         remote = ray.remote(num_cpus=cpus, num_gpus=want)(_Scorer)
         # on a CPU, PyTorch's sums depend on its intra-op thread count at float rounding: the
         # actors use this process's count, so their scores are bit-identical to local scoring
-        threads = torch.get_num_threads() if want == 0 else 0
+        # (``threads`` overrides it: faster where actors share cores, equal only to float rounding)
+        threads = (threads or torch.get_num_threads()) if want == 0 else 0
         self.actors = [remote.remote(dataclasses.asdict(config), spec, threads) for _ in range(actors)]
         self.gpus = want
 

@@ -44,7 +44,7 @@ __all__ = ["LoopConfig", "run_loop", "export_queries", "import_labels", "pool_da
 
 LEDGER = "ledger.sqlite"
 # settings that may change when a run is resumed (the budget may grow; where it runs may change)
-_RESUMABLE = ("output", "rounds", "budget", "device", "experiment", "scorers", "scorer_gpus")
+_RESUMABLE = ("output", "rounds", "budget", "device", "experiment", "scorers", "scorer_gpus", "scorer_threads")
 
 
 @dataclass
@@ -80,6 +80,7 @@ class LoopConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     scorers: int = field(default=0, metadata={"help": "Ray actors scoring the pool (0: score in this process); same scores either way"})
     scorer_gpus: str = field(default="auto", metadata={"help": "GPUs per scoring actor: auto (1 where the Ray cluster has GPUs) or a number"})
+    scorer_threads: int = field(default=0, metadata={"help": "PyTorch threads per CPU scoring actor; 0: this process's count (bit-identical scores), fewer: no oversubscribed cores, scores equal to float rounding"})
     experiment: str = field(default="dubito-label", metadata={"help": "MLflow experiment name"})
 
     def validate(self) -> None:
@@ -105,8 +106,8 @@ class LoopConfig:
             raise DubitoError(f"--budget {self.budget} is smaller than --initial {self.initial}")
         if self.oracle not in ("simulated", "human"):
             raise DubitoError(f"--oracle must be simulated or human, got {self.oracle!r}")
-        if self.scorers < 0:
-            raise DubitoError(f"--scorers must be >= 0, got {self.scorers}")
+        if self.scorers < 0 or self.scorer_threads < 0:
+            raise DubitoError(f"--scorers and --scorer-threads must be >= 0, got {self.scorers} and {self.scorer_threads}")
         if self.temperature <= 0:
             raise DubitoError(f"--temperature must be > 0, got {self.temperature}")
         if not self.dataset.startswith("synthetic-") and self.dataset != "digits" and not self.root:
@@ -300,7 +301,8 @@ class _Scoring:
         if self.scorer is None:
             from dubito.acquisition.distributed import RayPoolScorer
 
-            self.scorer = RayPoolScorer(self.config, spec, self.config.scorers, gpus=self.config.scorer_gpus)
+            self.scorer = RayPoolScorer(self.config, spec, self.config.scorers, gpus=self.config.scorer_gpus,
+                                        threads=self.config.scorer_threads or None)  # fmt: skip
         return self.scorer
 
     def __enter__(self) -> _Scoring:

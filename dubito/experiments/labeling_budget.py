@@ -68,6 +68,7 @@ class LabelConfig:
     device: str = _same("device")
     scorers: int = _same("scorers")
     scorer_gpus: str = _same("scorer_gpus")
+    scorer_threads: int = _same("scorer_threads")
     experiment: str = _same("experiment")
 
     def parsed(self) -> tuple[list[str], list[int]]:

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from dubito.platform.losses import gaussian_nll, laplace_nll, sampled_softmax_cr
 from dubito.platform.models import VARIANTS, build_model
 from dubito.platform.files import save_torch, write_json
 from dubito.platform.service import resolve_device
-from dubito.platform.tracking import tracked_run
+from dubito.platform.tracking import default_tracking_uri, tracked_run
 
 __all__ = ["TrainConfig", "train", "fit", "train_epoch", "validate", "make_datasets", "build_for", "model_from_spec", "load_model", "save_model", "task_loss", "base_dataset", "train_with_ray"]
 
@@ -532,6 +533,7 @@ def _ray_train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
+    os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]  # the driver's store, whatever the worker inherited
     config = dict(loop_config["config"])
     if config["workers"] > 0:  # the device Ray Train gave this worker
         config["device"] = str(ray.train.torch.get_device())
@@ -564,9 +566,13 @@ def train_with_ray(config: TrainConfig, *, progress: bool = True, tags: dict[str
         if config.gpu:
             gpu_request(1, "--gpu")  # raises on a cluster without GPUs
     out = Path(config.output).resolve()
+    import logging
+
+    for name in ("ray.train", "ray.tune"):  # the epochs' own progress bar says it; no INFO line per report
+        logging.getLogger(name).setLevel(logging.WARNING)
     trainer = TorchTrainer(
         _ray_train_worker,
-        train_loop_config={"config": asdict(config), "progress": progress, "tags": tags or {}},
+        train_loop_config={"config": asdict(config), "progress": progress, "tags": tags or {}, "tracking_uri": default_tracking_uri()},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu),
         run_config=RunConfig(name=f"train-{out.name}", storage_path=storage or str(out / "ray")),
     )  # fmt: skip

@@ -156,3 +156,53 @@ def test_bad_agent_settings_are_named():
     agent = make_agent("dqn", 3, 2)
     with pytest.raises(DubitoError, match="diverged"):
         agent._argmax(np.array([0.1, np.nan]))
+
+
+@pytest.mark.parametrize("name", AGENTS)
+@pytest.mark.parametrize("env_id", ["dubito/DeepSea-v0", "dubito/NoisyTV-v0"])
+def test_a_run_saved_mid_way_resumes_exactly(name, env_id, one_thread):
+    """run_state after episode 5, written and read back with weights_only=True, continues the run
+    as if it had never stopped: the same returns, visits and final weights."""
+    import io
+
+    from dubito.agents.loop import run_state
+
+    options = {"size": 5, "mapping_seed": 1} if "DeepSea" in env_id else {"size": 4}
+    config = AgentConfig(min_replay=16, batch_size=16)
+
+    def make():
+        env = gym.make(env_id, **options)
+        return env, make_agent(name, int(np.prod(env.observation_space.shape)), int(env.action_space.n), config, seed=5)
+
+    env, agent = make()
+    whole = run_episodes(env, agent, 12, seed=5, progress=False)
+    saved = {}
+
+    env2, agent2 = make()
+
+    def keep(log):
+        if log.episodes == 5:
+            buffer = io.BytesIO()
+            torch.save(run_state(env2, agent2, log), buffer)
+            saved["state"] = buffer.getvalue()
+
+    run_episodes(env2, agent2, 5, seed=5, progress=False, on_episode=keep)
+    env3, agent3 = make()
+    state = torch.load(io.BytesIO(saved["state"]), weights_only=True)
+    resumed = run_episodes(env3, agent3, 12, seed=5, progress=False, resume=state)
+    assert resumed.returns == whole.returns and resumed.lengths == whole.lengths
+    assert np.array_equal(resumed.visits, whole.visits)
+    for key, value in agent.state_dict().items():
+        if isinstance(value, dict) and "state" not in value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            other = agent3.state_dict()[key]
+            assert all(torch.equal(value[k], other[k]) for k in value), key
+    assert agent3.steps == agent.steps and agent3.updates == agent.updates and agent.updates > 0
+
+
+def test_a_checkpoint_of_another_agent_is_refused():
+    env = gym.make("dubito/DeepSea-v0", size=4)
+    dqn = make_agent("dqn", 16, 2, AgentConfig(), seed=0)
+    rnd = make_agent("rnd", 16, 2, AgentConfig(), seed=0)
+    with pytest.raises(DubitoError, match="does not match"):
+        rnd.load_state_dict(dqn.state_dict())
+    env.close()

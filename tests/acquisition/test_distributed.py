@@ -1,0 +1,76 @@
+"""Pool scoring on Ray actors gives exactly the scores local scoring gives, for every selection's
+extras (k-center features, BatchBALD samples), and a whole labeling loop run with two scoring
+actors buys the same labels as one that scores locally."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from dubito import DubitoError
+from dubito.acquisition.distributed import RayPoolScorer, shards
+from dubito.acquisition.loop import LoopConfig, pool_batches, pool_datasets, run_loop, score_pool
+from dubito.platform.training import fit
+
+CPU = torch.device("cpu")
+
+
+def test_shards_cover_every_batch_once_in_order():
+    batches = list(range(11))
+    for parts in (1, 2, 3, 4, 11, 20):
+        cut = shards(batches, parts)
+        assert [b for s in cut for b in s] == batches
+        assert len(cut) == min(parts, 11) and all(cut)
+        assert max(map(len, cut)) - min(map(len, cut)) <= 1
+    assert pool_batches([5, 6, 7, 8, 9], 2) == [(0, [5, 6]), (1, [7, 8]), (2, [9])]
+
+
+@pytest.mark.parametrize(
+    ("settings", "selection"),
+    [
+        (dict(dataset="synthetic-camvid", height=24, width=32, pool_images=22, acquisition="bald"), "kcenter"),
+        (dict(dataset="synthetic-make3d", height=24, width=32, pool_images=14, acquisition="epistemic"), "topk"),
+        (dict(dataset="digits", model="mlp", variant="epistemic", dropout=0.5, acquisition="random"), "batchbald"),
+    ],
+)
+def test_two_actors_score_exactly_as_local_scoring(settings, selection, ray_session):
+    config = LoopConfig(**settings, selection=selection, epochs=1, samples=3, batch_size=4, device="cpu")
+    train_set, pool, _ = pool_datasets(config)
+    model, spec, _ = fit(config.train_config(0), Subset(train_set, list(range(8))), device=CPU)
+    positions = list(range(8, min(len(pool), 60)))
+    local = score_pool(model, spec, pool, positions, config, 3, CPU, progress=False)
+    with RayPoolScorer(config, spec, 2) as scorer:
+        assert scorer.devices() == ["cpu", "cpu"]
+        remote = score_pool(model, spec, pool, positions, config, 3, CPU, progress=False, scorer=scorer)
+    assert set(remote) == set(local) and len(local["scores"]) == len(positions)
+    for key in local:
+        assert torch.equal(local[key], remote[key]), key
+    if selection == "kcenter":
+        assert "features" in local
+    if selection == "batchbald":
+        assert local["prob_samples"].shape[:2] == (3, len(positions))
+    # a different round draws different MC masks: the scores are not constant
+    other = score_pool(model, spec, pool, positions, config, 4, CPU, progress=False)
+    assert not torch.equal(other["scores"], local["scores"])
+
+
+def test_loop_with_scoring_actors_buys_the_same_labels(tmp_path, ray_session, mlflow_uri):
+    settings = dict(dataset="synthetic-camvid", height=24, width=32, pool_images=16, test_images=4, initial=4, query=2,
+                    rounds=2, epochs=1, samples=2, batch_size=4, device="cpu", acquisition="bald")  # fmt: skip
+    local = run_loop(LoopConfig(output=str(tmp_path / "local"), **settings), progress=False)
+    remote = run_loop(LoopConfig(output=str(tmp_path / "ray"), scorers=2, **settings), progress=False)
+    assert remote["queried"] == local["queried"] and remote["curve"] == local["curve"]
+    # --scorers may change when a loop resumes (it changes where scoring runs, not what it gives)
+    resumed = run_loop(LoopConfig(output=str(tmp_path / "ray"), scorers=0, **{**settings, "rounds": 3}), progress=False)
+    assert json.loads(json.dumps(resumed["queried"]))["1"] == json.loads(json.dumps(local["queried"]))["1"]
+
+
+def test_scorer_refuses_gpus_the_cluster_lacks(ray_session):
+    config = LoopConfig(device="auto", scorer_gpus="1")
+    with pytest.raises(DubitoError, match="no GPU"):
+        RayPoolScorer(config, {}, 1, gpus=config.scorer_gpus)
+    with pytest.raises(DubitoError, match="--scorers and --scorer-threads must be >= 0"):
+        LoopConfig(scorers=-1).validate()

@@ -1,0 +1,61 @@
+"""The trainer under Ray Train's TorchTrainer: local mode (num_workers=0, in this process)
+reproduces the plain trainer exactly; two data-parallel workers (DDP over gloo on the CPU) train,
+and only rank 0 writes files and MLflow; GPUs the cluster lacks are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from dubito import DubitoError
+from dubito.platform.cluster import gpu_request
+from dubito.platform.training import TrainConfig, train, train_with_ray
+
+BASE = dict(model="tiny", height=24, width=32, train_images=8, val_images=4, epochs=2, batch_size=4, device="cpu", seed=3)
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in history]
+
+
+def test_torch_trainer_local_mode_reproduces_the_plain_trainer(tmp_path, mlflow_uri):
+    plain = train(TrainConfig(output=str(tmp_path / "plain"), **BASE), progress=False)
+    ray = train_with_ray(TrainConfig(output=str(tmp_path / "ray"), **BASE), progress=False)
+    assert _without_timing(ray["history"]) == _without_timing(plain["history"])
+    a, b = _weights(tmp_path / "plain" / "model.pt"), _weights(tmp_path / "ray" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run = MlflowClient(mlflow_uri).get_run(ray["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and len(MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "val_mean_iou")) == 2
+    # a third epoch resumes from the checkpoint, under Ray Train as without it
+    more = train_with_ray(TrainConfig(output=str(tmp_path / "ray"), **{**BASE, "epochs": 3}), progress=False)
+    assert more["epochs_run"] == 3 and _without_timing(more["history"])[:2] == _without_timing(plain["history"])
+
+
+def test_two_ray_train_workers_train_data_parallel(tmp_path, ray_session, mlflow_uri):
+    config = TrainConfig(output=str(tmp_path / "ddp"), workers=2, **BASE)
+    results = train_with_ray(config, progress=False)
+    assert results["epochs_run"] == 2 and len(results["history"]) == 2
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in results["history"])
+    assert (tmp_path / "ddp" / "model.pt").exists() and (tmp_path / "ddp" / "checkpoint.pt").exists()
+    weights = _weights(tmp_path / "ddp" / "model.pt")
+    assert not any(k.startswith("module.") for k in weights)  # the model's own weights, not the DDP wrapper's
+    runs = MlflowClient(mlflow_uri).search_runs([MlflowClient(mlflow_uri).get_experiment_by_name("dubito-train").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["dubito.ray_train_workers"] == "2"  # rank 0 only
+
+
+def test_gpus_are_only_asked_of_clusters_that_have_them(ray_session):
+    assert gpu_request("auto", "--gpus-per-trial") == 0.0  # the test instance has no GPU
+    assert gpu_request("0", "--gpus-per-trial") == 0.0
+    with pytest.raises(DubitoError, match="no GPU"):
+        gpu_request("0.5", "--gpus-per-trial")
+    with pytest.raises(DubitoError, match="'auto' or a number"):
+        gpu_request("many", "--gpus-per-trial")
+    with pytest.raises(DubitoError, match="no GPU"):
+        train_with_ray(TrainConfig(output="unused", workers=2, gpu=True, **BASE), progress=False)
+    with pytest.raises(DubitoError, match="--workers N"):
+        TrainConfig(gpu=True).validate()
