@@ -5,11 +5,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from dubito import DubitoError
 
-__all__ = ["int_list", "seed_std", "area_under_curve"]
+__all__ = ["int_list", "seed_std", "area_under_curve", "record_study"]
 
 
 def int_list(flag: str, text: str, low: int = 0) -> list[int]:
@@ -35,3 +39,15 @@ def area_under_curve(x: list[float], y: list[float]) -> float | None:
         return float(y[0]) if len(y) else None
     xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     return float(np.sum((ys[1:] + ys[:-1]) / 2 * np.diff(xs)) / (xs[-1] - xs[0]))
+
+
+def record_study(parent: Any, out: Path, results: dict[str, Any], table: str, metrics: Mapping[str, float]) -> None:
+    """Write a study's ``tables.md`` and ``results.json`` into ``out`` and log them, its plots
+    (``results["plots"]``) and its headline ``metrics`` to the MLflow parent run."""
+    from dubito.platform.files import write_json
+
+    (out / "tables.md").write_text(table)
+    write_json(out / "results.json", results)
+    for path in (out / "results.json", out / "tables.md", *results.get("plots", [])):
+        parent.log_artifact(path)
+    parent.log_metrics(metrics)

@@ -33,7 +33,7 @@ import numpy as np
 
 from dubito import DubitoError
 from dubito.agents.agents import AGENTS, AgentConfig
-from dubito.experiments import int_list
+from dubito.experiments import int_list, record_study
 from dubito.platform.files import write_json
 from dubito.platform.tracking import tracked_run
 
@@ -409,12 +409,9 @@ def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str
         results["seconds"] = time.perf_counter() - started
         results["mlflow_parent_run_id"] = parent.run_id
         results["plots"] = _plots(results, records, out)
-        (out / "tables.md").write_text(format_exploration(results))
-        write_json(out / "results.json", results)
-        for path in (out / "results.json", out / "tables.md", *results["plots"]):
-            parent.log_artifact(path)
-        parent.log_metrics({f"{k}_{a}": v for a, s in results["summary"].items() for k, v in s.items()
-                            if k in ("score", "tv_fraction_mean", "epistemic_slope_mean") and v is not None})  # fmt: skip
+        record_study(parent, out, results, format_exploration(results),
+                     {f"{k}_{a}": v for a, s in results["summary"].items() for k, v in s.items()
+                      if k in ("score", "tv_fraction_mean", "epistemic_slope_mean") and v is not None})  # fmt: skip
     return results
 
 

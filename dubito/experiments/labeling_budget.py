@@ -19,7 +19,7 @@ import numpy as np
 
 from dubito import DubitoError
 from dubito.acquisition.loop import LoopConfig, headline_metric, run_loop
-from dubito.experiments import area_under_curve, int_list, seed_std
+from dubito.experiments import area_under_curve, int_list, record_study, seed_std
 from dubito.platform.files import write_json
 from dubito.platform.tracking import tracked_run
 
@@ -109,11 +109,8 @@ def run_labeling(config: LabelConfig, *, progress: bool = True) -> dict[str, Any
         results["seconds"] = time.perf_counter() - started
         results["mlflow_parent_run_id"] = parent.run_id
         results["plots"] = _plots(results, out)
-        (out / "tables.md").write_text(format_labeling(results))
-        write_json(out / "results.json", results)
-        for path in (out / "results.json", out / "tables.md", *results["plots"]):
-            parent.log_artifact(path)
-        parent.log_metrics({f"alc_{a}": s["alc_mean"] for a, s in results["summary"].items() if s["alc_mean"] is not None})
+        record_study(parent, out, results, format_labeling(results),
+                     {f"alc_{a}": s["alc_mean"] for a, s in results["summary"].items() if s["alc_mean"] is not None})  # fmt: skip
     return results
 
 

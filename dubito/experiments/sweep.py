@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from dubito import DubitoError
-from dubito.experiments import area_under_curve, seed_std
+from dubito.experiments import area_under_curve, record_study, seed_std
 from dubito.platform.files import write_json
 from dubito.platform.tracking import default_tracking_uri, tracked_run
 
@@ -406,6 +406,12 @@ def _explore_trial(values, params, folder, tags, inject, context) -> None:
     settings, specs = run_specs(config, folder)
     spec = specs[0]
     (folder / "runs").mkdir(exist_ok=True)
+    done = Path(spec["path"])
+    if done.exists():  # finished before a retry (killed while logging): log it if need be, run nothing again
+        record = json.loads(done.read_text())
+        if not record.get("mlflow_run_id"):
+            log_run(config, settings, record, context["parent_run_id"], done)
+        return
     state_path = folder / "state.pt"
     resume = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
     every = context["checkpoint_every"]
@@ -538,11 +544,8 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
         results["seconds"] = time.perf_counter() - started
         results["mlflow_parent_run_id"] = parent.run_id
         results["plots"] = _plots(results, root)
-        (root / "tables.md").write_text(format_sweep(results))
-        write_json(root / "results.json", results)
-        for p in (root / "results.json", root / "tables.md", *results["plots"]):
-            parent.log_artifact(p)
-        parent.log_metrics({"trials_finished": results["finished"], "trials_errored": len(results["errors"])})
+        record_study(parent, root, results, format_sweep(results),
+                     {"trials_finished": results["finished"], "trials_errored": len(results["errors"])})  # fmt: skip
     return results
 
 
