@@ -55,7 +55,7 @@ def main(argv=None) -> None:
         torch.cuda.reset_peak_memory_stats()
         config = training.TrainConfig(
             output=str(out / f"amp-{amp}"), model="fc_densenet103", height=360, width=480, crop=224,
-            train_images=args.train_images, val_images=4, epochs=args.epochs, batch_size=4, amp=amp, workers=args.workers,
+            train_images=args.train_images, val_images=4, epochs=args.epochs, batch_size=4, amp=amp, loader_workers=args.workers,
         )  # fmt: skip
         started = time.perf_counter()
         results = training.train(config, progress=False)

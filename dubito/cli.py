@@ -201,15 +201,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     else:
         if not args.kind:
             raise DubitoError("give a sweep kind (label, explore, train) or --resume DIR")
-        config_cls = SweepConfig().__class__
         target = SweepConfig(kind=args.kind).target()
         base = {f.name: getattr(args, f.name) for f in dataclasses.fields(target) if f.name not in _SWEEP_EXCLUDE[args.kind]}
-        sweep = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if f.name not in ("kind", "base", "grid", "sample")}
+        sweep = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepConfig) if f.name not in ("kind", "base", "grid", "sample")}
         config = SweepConfig(kind=args.kind, grid=tuple(args.grid or ()), sample=tuple(args.sample or ()), base=base, **sweep)
         results = run_sweep(config, progress=not args.no_progress)
         output = config.output
-    from dubito.experiments.sweep import format_sweep
-
     print(format_sweep(results))
     print(f"wrote {output}/results.json, tables.md{', curves.png' if results['plots'] else ''} ({results['seconds']:.0f} s); "
           f"MLflow: {default_tracking_uri()} (parent run {results['mlflow_parent_run_id']})")  # fmt: skip
@@ -240,8 +237,9 @@ def _add_sweep_command(sub) -> None:
             group.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default, metavar=name.upper(), help=f.metadata.get("help"))
         add_config_arguments(p.add_argument_group(f"shared settings of every trial (the {kind} flags)"),
                              SweepConfig(kind=kind).target(), exclude=_SWEEP_EXCLUDE[kind])  # fmt: skip
-        p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else a local instance)")
-        p.add_argument("--no-progress", action="store_true", help="hide Tune's progress table")
+        # given before or after KIND: SUPPRESS keeps the sweep parser's value when absent here
+        p.add_argument("--address", default=argparse.SUPPRESS, help="Ray cluster to attach to (default: RAY_ADDRESS, else a local instance)")
+        p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="hide Tune's progress table")
         p.set_defaults(resume=None)
 
 

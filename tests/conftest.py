@@ -61,39 +61,52 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def ray_processes() -> set[int]:
-    """Process ids of Ray's daemons and workers on this machine (raylet, GCS, ``ray::`` workers)."""
-    found = set()
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process on this machine."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if "raylet" in command or "gcs_server" in command or command.startswith("ray::") or "default_worker.py" in command:
-            found.add(int(entry.name))
-    return found
+        table[int(entry.name)] = (parent, command)
+    return table
+
+
+def ray_processes(session: str) -> set[int]:
+    """Process ids of one Ray session on this machine: its daemons (their command lines name the
+    session) and every process they started (workers)."""
+    table = _processes()
+    ours = {pid for pid, (_, command) in table.items() if session in command}
+    grown = True
+    while grown:
+        children = {pid for pid, (parent, _) in table.items() if parent in ours} - ours
+        ours |= children
+        grown = bool(children)
+    return ours
 
 
 @pytest.fixture(scope="session")
 def ray_session():
     """The one local Ray instance the tests share (2 CPUs, no dashboard, small object store);
     its address, for commands run in a subprocess (``RAY_ADDRESS``). Shut down at the end, and
-    checked: no Ray process it started is left behind."""
+    checked: no process of its session is left behind."""
     import time
 
     import ray
 
     from dubito.platform.cluster import connect
 
-    before = ray_processes()
     os.environ.pop("RAY_ADDRESS", None)
     connect(num_cpus=2)
     address = ray.get_runtime_context().gcs_address
+    session = Path(ray._private.worker._global_node.get_session_dir_path()).name
     yield address
     ray.shutdown()
     deadline = time.monotonic() + 30
-    while (left := ray_processes() - before) and time.monotonic() < deadline:
+    while (left := ray_processes(session)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not left, f"Ray processes left behind: {sorted(left)}"
+    assert not left, f"processes of Ray session {session} left behind: {sorted(left)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -186,3 +187,16 @@ def test_data_check_nyuv2_reads_depths_even_with_the_class_mapping(tmp_path, cap
 def test_data_show_rejects_a_zero_count(tmp_path, capsys):
     assert main(["data", "show", "synthetic-camvid", "--count", "0", "--output", str(tmp_path)]) == 2
     assert "--count must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("error", "status"), [(None, "FINISHED"), (RuntimeError("x"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
+                                               (SystemExit(0), "KILLED"), (SystemExit(3), "FAILED")])  # fmt: skip
+def test_tracked_run_status_says_how_the_run_ended(mlflow_uri, error, status):
+    """sys.exit(0) is how Ray Tune stops a trial early: the run was stopped (KILLED), not failed."""
+    from dubito.platform.tracking import tracked_run
+
+    with pytest.raises(type(error)) if error is not None else contextlib.nullcontext():
+        with tracked_run("status", run_name="r") as run:
+            if error is not None:
+                raise error
+    assert MlflowClient(mlflow_uri).get_run(run.run_id).info.status == status

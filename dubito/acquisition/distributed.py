@@ -78,12 +78,15 @@ class RayPoolScorer:
     ) -> None:  # fmt: skip
         import ray
 
-        from dubito.platform.cluster import connect, gpu_request
+        from dubito.platform.cluster import check_gpu_capacity, connect, gpu_request
 
         if actors < 1:
             raise DubitoError(f"--scorers must be >= 1 to score with Ray actors, got {actors}")
         connect()
-        want = 0.0 if config.device == "cpu" else gpu_request(gpus, "scoring GPUs per actor")
+        want = 0.0 if config.device == "cpu" else gpu_request(gpus, "--scorer-gpus")
+        check_gpu_capacity(want, actors, f"--scorers {actors} with --scorer-gpus {want:g}")
+        if want == 0 and config.device == "auto":  # Ray leaves a node's GPUs visible to a task granted none
+            config = dataclasses.replace(config, device="cpu")
         remote = ray.remote(num_cpus=cpus, num_gpus=want)(_Scorer)
         # on a CPU, PyTorch's sums depend on its intra-op thread count at float rounding: the
         # actors use this process's count, so their scores are bit-identical to local scoring

@@ -37,7 +37,7 @@ from dubito.experiments import int_list, record_study
 from dubito.platform.files import write_json
 from dubito.platform.tracking import tracked_run
 
-__all__ = ["ExploreConfig", "STUDIES", "run_exploration", "run_one", "run_specs", "log_run", "solve_episode", "format_exploration"]
+__all__ = ["ExploreConfig", "STUDIES", "run_exploration", "run_one", "run_specs", "log_run", "episode_series", "solve_episode", "format_exploration"]
 
 #: what each study runs unless a flag says otherwise
 STUDIES: dict[str, dict[str, Any]] = {
@@ -294,7 +294,7 @@ def run_one(
     return record
 
 
-def _series(record: dict[str, Any]) -> dict[str, list[float]]:
+def episode_series(record: dict[str, Any]) -> dict[str, list[float]]:
     """Per-episode metrics for MLflow (step = episode)."""
     series: dict[str, list[float]] = {"return": record["returns"]}
     if "bad" in record:
@@ -336,7 +336,7 @@ def log_run(config: ExploreConfig, settings: dict[str, Any], record: dict[str, A
               **{f"agent.{k}": v for k, v in settings["agent"].items()}}  # fmt: skip
     with tracked_run(config.experiment, run_name=f"{record['agent']}-N{record['size']}-seed{record['seed']}",
                      params=params, tags={"mlflow.parentRunId": parent_id}, run_id=record.get("mlflow_run_id")) as child:  # fmt: skip
-        child.log_series(_series(record), start=1)
+        child.log_series(episode_series(record), start=1)
         child.log_metrics({k: record[k] for k in ("regret", "tv_fraction", "goal_rate") if k in record})
     record["mlflow_run_id"] = child.run_id
     write_json(path, record)

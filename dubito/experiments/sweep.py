@@ -80,12 +80,12 @@ class SweepConfig:
     kind: str = "label"
     output: str = field(default="runs/sweep", metadata={"help": "folder: trials/, results.json, tables.md, plots (and tune/)"})
     grid: tuple[str, ...] = field(default=(), metadata={"help": "FIELD=V1,V2,... a grid axis (repeatable); every combination is a trial"})
-    sample: tuple[str, ...] = field(default=(), metadata={"help": "FIELD=DIST sampled per trial: uniform:A:B, loguniform:A:B, randint:A:B, choice:V1,V2 (repeatable)"})
+    sample: tuple[str, ...] = field(default=(), metadata={"help": "FIELD=DIST sampled per trial: uniform:A:B, loguniform:A:B, randint:A:B (B excluded), choice:V1,V2 (repeatable)"})
     num_samples: int = field(default=1, metadata={"help": "trials per grid point (draws from the --sample space)"})
     scheduler: str = field(default="fifo", metadata={"help": "fifo (run every trial to the end) or asha (stop poor trials early)"})
     metric: str = field(default="", metadata={"help": "what asha (and the summary's best trial) compares; default by kind and dataset"})
     mode: str = field(default="", metadata={"help": "max or min (default: by metric)"})
-    max_t: int = field(default=0, metadata={"help": "asha: most rounds / episodes / epochs (default: the trials' budget)"})
+    max_t: int = field(default=0, metadata={"help": "asha: most rounds / episodes / epochs (default: the trials' budget; they then end by themselves)"})
     grace_period: int = field(default=1, metadata={"help": "asha: rounds / episodes / epochs before a trial may be stopped"})
     max_failures: int = field(default=2, metadata={"help": "retries of a failed trial (from its last checkpoint)"})
     cpus_per_trial: float = field(default=1.0, metadata={"help": "CPUs each trial holds"})
@@ -125,13 +125,15 @@ class SweepConfig:
             dataset = base.dataset
             metric = ("accuracy" if dataset == "digits" else "rms" if dataset in ("make3d", "nyuv2", "synthetic-make3d") else "mean_iou")
             metric = ("test_" if self.kind == "label" else "val_") + metric
-        mode = self.mode or ("min" if metric.endswith(("rms", "rel", "loss", "log10", "episode", "regret", "tv_fraction")) else "max")
+        mode = self.mode or ("min" if metric.endswith(("rms", "rel", "loss", "log10", "episode", "regret", "fraction")) else "max")
         if mode not in ("min", "max"):
             raise DubitoError(f"--mode must be min or max, got {mode!r}")
         return metric, mode
 
     def trial_configs(self) -> list[dict[str, Any]]:
-        """The settings of every grid point (sampled fields at their first candidate), each checked."""
+        """The settings of every grid point with each sampled field at each of its candidates (every
+        choice, both bounds of a range), each checked; the first candidates' settings per grid point
+        are returned."""
         grid, sampled = self.space()
         points = [{}]
         for name, values in grid.items():
@@ -139,11 +141,17 @@ class SweepConfig:
         cls = self.target()
         out = []
         for point in points:
-            values = {**self.base, **{k: _candidate(d) for k, d in sampled.items()}, **point}
-            values.update(output="unused", experiment=self.experiment_name())
-            config = cls(**values)
-            _check(self.kind, config)
-            out.append(values)
+            first = {k: _candidates(d)[0] for k, d in sampled.items()}
+            variants = [first] + [{**first, k: c} for k, d in sampled.items() for c in _candidates(d)[1:]]
+            for n, variant in enumerate(variants):
+                values = {**self.base, **variant, **point, "output": "unused", "experiment": self.experiment_name()}
+                try:
+                    _check(self.kind, cls(**values))
+                except DubitoError as err:
+                    which = ", ".join(f"{k}={v}" for k, v in {**point, **variant}.items())
+                    raise DubitoError(f"trial {which}: {err}") from None
+                if n == 0:
+                    out.append(values)
         return out
 
     def validate(self) -> None:
@@ -163,15 +171,24 @@ class SweepConfig:
         if self.kind == "train" and int(self.base.get("workers", 0)):
             raise DubitoError("sweep train runs each trial in its own process (--gpus-per-trial gives it a GPU); "
                               "--workers N (data-parallel training) is for `dubito train`")  # fmt: skip
+        if self.kind == "label" and int(self.base.get("scorers", 0)):
+            raise DubitoError("sweep label trials score in their own process: --scorers N would start actors competing "
+                              "with the trials for the same CPUs / GPUs (run more trials at once instead)")  # fmt: skip
         if self.kind == "label" and self.base.get("oracle") == "human":
             raise DubitoError("sweep label needs --oracle simulated (a sweep cannot wait for a person)")
         self.metric_and_mode()
         self.trial_configs()
 
 
-def _candidate(dist: tuple[str, list[Any]]) -> Any:
+def _candidates(dist: tuple[str, list[Any]]) -> list[Any]:
+    """The values a sampled field can take that are worth checking: every choice, or both ends of a
+    range (randint's upper end is excluded, as in Ray Tune)."""
     kind, args = dist
-    return args[0]
+    if kind == "choice":
+        return list(args)
+    if kind == "randint":
+        return [args[0], args[1] - 1]
+    return [args[0], args[1]]
 
 
 def _check(kind: str, config: Any) -> None:
@@ -267,7 +284,7 @@ def parse_space(kind: str, grid: tuple[str, ...] | list[str], sample: tuple[str,
             low, high = (float(b) for b in bounds)
         except ValueError:
             raise DubitoError(f"--sample {name}={dist}: expected {dist}:LOW:HIGH, got {spec!r}") from None
-        if not low < high or (dist == "loguniform" and low <= 0):
+        if not low < high or (dist == "loguniform" and low <= 0) or (dist == "randint" and int(high) - int(low) < 1):
             raise DubitoError(f"--sample {name}={dist}: need LOW < HIGH" + (" and LOW > 0" if dist == "loguniform" else ""))
         t = _field_types(kind)[name]
         if dist == "randint" and t is not int or dist != "randint" and t is not float:
@@ -377,6 +394,8 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _restore(folder)
     values = {**context["base"], **params, "output": str(folder), "experiment": context["experiment"]}
+    if context["gpus"] == 0 and values.get("device") == "auto":  # Ray leaves the node's GPUs visible to a 0-GPU trial
+        values["device"] = "cpu"
     tags = {"mlflow.parentRunId": context["parent_run_id"], "dubito.sweep": context["root"], "dubito.trial": key}
     inject = context.get("inject")
     write_json(folder / "trial.json", {"params": params, "key": key, "trial_id": trial.get_trial_id()})
@@ -386,6 +405,8 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
 def _label_trial(values, params, folder, tags, inject, context) -> None:
     from dubito.acquisition.loop import LEDGER, LoopConfig, run_loop
 
+    from dubito.acquisition.ledger import Ledger
+
     config = LoopConfig(**values)
 
     def on_round(record: dict[str, Any]) -> None:
@@ -394,13 +415,20 @@ def _label_trial(values, params, folder, tags, inject, context) -> None:
         _report(record, r, folder, [(folder / LEDGER, LEDGER), (model, f"rounds/{model.name}")])
         _maybe_fail(inject, params, r)
 
+    if (folder / LEDGER).exists():  # rounds committed but not reported (killed in between): report them first
+        with Ledger(folder / LEDGER) as ledger:
+            missed = [r for r in ledger.rounds() if r["round"] > _step_of(folder)]
+        for r in missed:
+            on_round({"round": r["round"], "labels": r["labels"], **r["metrics"]})
+
     run_loop(config, progress=False, tags=tags, on_round=on_round, run_name=tags["dubito.trial"])
 
 
 def _explore_trial(values, params, folder, tags, inject, context) -> None:
     import torch
 
-    from dubito.experiments.exploration import ExploreConfig, log_run, run_one, run_specs, solve_episode
+    from dubito.experiments.exploration import ExploreConfig, episode_series, log_run, run_one, run_specs, solve_episode
+    from dubito.platform.files import save_torch
 
     config = ExploreConfig(**values)
     settings, specs = run_specs(config, folder)
@@ -416,34 +444,48 @@ def _explore_trial(values, params, folder, tags, inject, context) -> None:
     resume = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
     every = context["checkpoint_every"]
     stochastic = spec["env"] == "dubito/DeepSeaStochastic-v0"
+    deep_sea = spec["env"].startswith("dubito/DeepSea")
+    run_file = folder / "mlflow_run.json"  # the child run, opened now so a stopped trial still has its episodes
+    params_logged = {"agent": spec["agent"], "size": spec["size"], "seed": spec["seed"], "study": config.study,
+                     **{f"agent.{k}": v for k, v in settings["agent"].items()}}  # fmt: skip
+    run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
+    with tracked_run(config.experiment, run_name=tags["dubito.trial"], params=params_logged, tags=tags, run_id=run_id) as child:
+        write_json(run_file, {"run_id": child.run_id})
+        logged = len(resume["run"]["log"]["returns"]) if resume is not None else 0
 
-    def hook(log, state) -> None:
-        n = log.episodes
-        metrics = {"episode": n, "return": log.returns[-1], "mean_return": float(np.mean(log.returns[-20:]))}
-        if spec["env"].startswith("dubito/DeepSea"):
-            metrics["bad_fraction"] = float(np.mean(log.bad))
-            solved = solve_episode(log.bad, stochastic)
-            metrics["solve_episode"] = solved if solved is not None else None
-            metrics["solved"] = float(solved is not None)
-        else:
-            metrics["tv_fraction"] = float(np.sum(log.tv_steps) / max(1, np.sum(log.lengths)))
-            metrics["goal_rate"] = float(np.mean(log.terminated))
-        last = n >= spec["episodes"] or (spec["stop_when_solved"] and metrics.get("solved"))
-        if n % every == 0 or last:
-            from dubito.platform.files import save_torch
+        def hook(log, state) -> None:
+            nonlocal logged
+            n = log.episodes
+            metrics = {"episode": n, "return": log.returns[-1], "mean_return": float(np.mean(log.returns[-20:]))}
+            if deep_sea:
+                metrics["bad_fraction"] = float(np.mean(log.bad))
+                solved = solve_episode(log.bad, stochastic)
+                metrics["solve_episode"] = solved
+                metrics["solved"] = float(solved is not None)
+            else:
+                metrics["tv_fraction"] = float(np.sum(log.tv_steps) / max(1, np.sum(log.lengths)))
+                metrics["goal_rate"] = float(np.mean(log.terminated))
+            last = n >= spec["episodes"] or (spec["stop_when_solved"] and metrics.get("solved"))
+            if n % every == 0 or last:  # MLflow gets the episodes since the last checkpoint, then the checkpoint is taken
+                partial = {"returns": log.returns, "lengths": log.lengths, **({"bad": log.bad} if deep_sea else {"tv_steps": log.tv_steps})}
+                child.log_series({k: v[logged:] for k, v in episode_series(partial).items()}, start=logged + 1)
+                logged = n
+                save_torch(state(), state_path)
+                _report(metrics, n, folder, [(state_path, "state.pt")])
+            else:
+                _report(metrics, n, folder, None)
+            _maybe_fail(inject, params, n)
 
-            save_torch(state(), state_path)
-            _report(metrics, n, folder, [(state_path, "state.pt")])
-        else:
-            _report(metrics, n, folder, None)
-        _maybe_fail(inject, params, n)
-
-    record = run_one({**spec, "progress": False, "threads": 1}, hook=hook, resume=resume)
-    log_run(config, settings, record, context["parent_run_id"], Path(spec["path"]))
+        record = run_one({**spec, "progress": False, "threads": context["threads"]}, hook=hook, resume=resume)
+        child.log_metrics({k: record[k] for k in ("regret", "tv_fraction", "goal_rate") if k in record})
+        record["mlflow_run_id"] = child.run_id
+        write_json(done, record)
 
 
 def _train_trial(values, params, folder, tags, inject, context) -> None:
     from dubito.platform.training import CHECKPOINT, TrainConfig, train
+
+    import torch
 
     config = TrainConfig(**values)
 
@@ -451,6 +493,11 @@ def _train_trial(values, params, folder, tags, inject, context) -> None:
         epoch = metrics["epoch"]
         _report(metrics, epoch, folder, [(folder / CHECKPOINT, CHECKPOINT), (folder / "model.pt", "model.pt")])
         _maybe_fail(inject, params, epoch)
+
+    if (folder / CHECKPOINT).exists():  # epochs checkpointed but not reported (killed in between): report them first
+        history = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)["state"]["history"]
+        for entry in [h for h in history if h["epoch"] > _step_of(folder)]:
+            on_epoch(dict(entry), folder / CHECKPOINT)
 
     train(config, progress=False, tags=tags, on_epoch=on_epoch)
 
@@ -491,14 +538,19 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
         config = SweepConfig(**values)
     elif config is None:
         raise DubitoError("run_sweep needs a SweepConfig or resume=DIR")
+    if resume is not None:  # wherever it is resumed from: the folder given, not the one recorded
+        config = dataclasses.replace(config, output=str(Path(resume).resolve()))
     config.validate()
     root = Path(config.output).resolve()
+    # absolute paths: trials run in Tune's trial folders (RAY_CHDIR_TO_TRIAL_DIR), maybe on other nodes
+    config = dataclasses.replace(config, output=str(root), base=_absolute_paths(config.base))
     if resume is None and (root / SWEEP_FILE).exists():
         raise DubitoError(f"{root} holds a sweep already: continue it with `dubito sweep --resume {config.output}`, or use another --output")
     root.mkdir(parents=True, exist_ok=True)
     storage = config.storage or str(root / "tune")
     if "://" not in storage:
         storage = str(Path(storage).resolve())
+    config = dataclasses.replace(config, storage=storage)
     metric, mode = config.metric_and_mode()
     grid, sampled = config.space()
 
@@ -514,6 +566,7 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
         context = {
             "kind": config.kind, "base": config.base, "root": str(root), "tracking_uri": uri, "parent_run_id": parent.run_id,
             "experiment": config.experiment_name(), "checkpoint_every": config.checkpoint_every, "inject": _inject_from_env(root),
+            "gpus": gpus, "threads": max(1, int(config.cpus_per_trial)),
         }  # fmt: skip
         trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"cpu": config.cpus_per_trial, "gpu": gpus})
         path = os.path.join(storage, "tune")
@@ -524,7 +577,10 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
             if config.scheduler == "asha":
                 from ray.tune.schedulers import ASHAScheduler
 
-                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.max_t or _budget(config), grace_period=config.grace_period)
+                # one step past the budget by default: a trial that runs to its end finishes by itself
+                # (closing its MLflow run, writing its results) instead of being stopped at max_t
+                max_t = config.max_t or _budget(config) + 1
+                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=config.grace_period)
             tuner = tune.Tuner(
                 trainable,
                 param_space=_tune_space(grid, sampled),
@@ -539,6 +595,7 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
                 ),
             )  # fmt: skip
         grid_results = tuner.fit()
+        _end_stopped_runs(parent)
         trials = _collect(grid_results)
         results = summarize(config, trials, metric, mode)
         results["seconds"] = time.perf_counter() - started
@@ -549,28 +606,53 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
     return results
 
 
+def _end_stopped_runs(parent: Any) -> None:
+    """Child runs still RUNNING once Tune is done belong to trials it stopped (ASHA ends a trial
+    without letting it close its run) or that died: mark them KILLED."""
+    client = parent.client
+    found = client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'")
+    for run in found:
+        client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def _absolute_paths(base: dict[str, Any]) -> dict[str, Any]:
+    """``root`` (a dataset folder) as an absolute path."""
+    if base.get("root"):
+        return {**base, "root": str(Path(base["root"]).expanduser().resolve())}
+    return base
+
+
 def _budget(config: SweepConfig) -> int:
-    """Steps a trial reports at most: rounds + 1, episodes, or epochs."""
-    base = config.base_config()
-    if config.kind == "label":
-        return base.total_rounds() + 1
-    if config.kind == "train":
-        return base.epochs
-    return base.resolved()["episodes"]
+    """Steps a trial reports at most (rounds + 1, episodes, or epochs), over every grid point."""
+    cls = config.target()
+    steps = []
+    for values in config.trial_configs():
+        trial = cls(**values)
+        steps.append(trial.total_rounds() + 1 if config.kind == "label" else trial.epochs if config.kind == "train"
+                     else trial.resolved()["episodes"])  # fmt: skip
+    return max(steps)
 
 
 def _collect(grid_results) -> list[dict[str, Any]]:
-    """Each trial's settings, every reported row, and its error if any."""
+    """Each trial's settings, every reported row, and its error if any; ``key`` names the trial by
+    its settings, with its Tune trial id appended where settings repeat (``--num-samples``)."""
     trials = []
     for result in grid_results:
         frame = result.metrics_dataframe
         rows = frame.to_dict("records") if frame is not None else []
         params = {k: v for k, v in (result.config or {}).items()}
+        trial_id = (result.metrics or {}).get("trial_id") or Path(str(result.path)).name
         trials.append({
-            "params": params, "key": _trial_key(params), "rows": rows,
+            "params": params, "key": _trial_key(params), "trial_id": trial_id, "rows": rows,
             "error": None if result.error is None else _error_text(result.error),
             "path": result.path,
         })  # fmt: skip
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["key"]] = counts.get(t["key"], 0) + 1
+    for t in trials:
+        if counts[t["key"]] > 1:
+            t["key"] = f"{t['key']} [{t['trial_id']}]"
     return trials
 
 

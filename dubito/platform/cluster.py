@@ -14,7 +14,7 @@ from typing import Any
 
 from dubito import DubitoError
 
-__all__ = ["connect", "cluster_gpus", "max_node_gpus", "gpu_request", "LOCAL_OBJECT_STORE_BYTES"]
+__all__ = ["connect", "cluster_gpus", "max_node_gpus", "gpu_request", "check_gpu_capacity", "dubito_cause", "LOCAL_OBJECT_STORE_BYTES"]
 
 #: object store of a local instance (the default takes 30 % of RAM)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
@@ -75,3 +75,28 @@ def gpu_request(requested: str | float | None, what: str) -> float:
     if value > 1 and value != int(value):
         raise DubitoError(f"{what} above 1 must be a whole number, got {value}")
     return value
+
+
+def check_gpu_capacity(per_task: float, tasks: int, what: str) -> None:
+    """Refuse ``tasks`` tasks of ``per_task`` GPUs each when the cluster holds fewer GPUs in all
+    (the tasks beyond them would wait forever)."""
+    have = cluster_gpus()
+    if per_task > 0 and per_task * tasks > have + 1e-9:
+        raise DubitoError(f"{what}: {tasks} x {per_task:g} GPUs, but the Ray cluster has {have:g} GPUs in all; "
+                          "ask for fewer, or a fraction of a GPU each")  # fmt: skip
+
+
+def dubito_cause(error: BaseException) -> DubitoError | None:
+    """The :class:`DubitoError` behind an error Ray raised for a remote task or worker (Ray wraps
+    it in its own errors), if any: it names what the user has to fix."""
+    seen, todo = set(), [error]
+    while todo:
+        err = todo.pop()
+        if id(err) in seen or err is None:
+            continue
+        seen.add(id(err))
+        if isinstance(err, DubitoError):
+            return err
+        todo += [err.__cause__, err.__context__, getattr(err, "cause", None), *getattr(err, "worker_failures", {}).values()]
+        todo += [e for e in getattr(err, "args", ()) if isinstance(e, BaseException)]
+    return None

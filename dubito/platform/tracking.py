@@ -146,6 +146,9 @@ def tracked_run(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except SystemExit as err:  # sys.exit(0) is how Ray Tune stops a trial early (ASHA): stopped, not failed
+        status = "KILLED" if err.code in (0, None) else "FAILED"
+        raise
     except BaseException:
         status = "FAILED"
         raise

@@ -380,6 +380,15 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank of the torch.distributed group."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class _NoRun:
     """What ranks other than 0 log through: nothing (rank 0 holds the MLflow run)."""
 
@@ -418,9 +427,6 @@ def train(
     torch.manual_seed(config.seed)
     model, spec = build_for(config, train_set)
     model.to(device)
-    net: nn.Module = model  # what the forward / backward passes run through (DDP with several workers)
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     use_amp = config.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -444,6 +450,11 @@ def train(
         torch.set_rng_state(saved["rng"]["cpu"])
         if device.type == "cuda" and saved["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu(), device)
+    net: nn.Module = model  # what the forward / backward passes run through (DDP with several workers)
+    if world > 1:  # after loading: DDP starts every rank from rank 0's weights, and every rank from rank 0's epoch
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        state = _from_rank_zero(state)
+        optimizer.load_state_dict(_from_rank_zero(optimizer.state_dict()))
 
     started = time.perf_counter()
     run_tags = {"dubito.command": "train", **(tags or {}), **({"dubito.ray_train_workers": world} if world > 1 else {})}
@@ -487,6 +498,8 @@ def train(
             state["epoch"] = epoch + 1
             if config.patience and state["bad_epochs"] >= config.patience:
                 state["stopped_early"] = True
+            if world > 1:  # rank 0 decides (validation on other hardware may round differently)
+                state["stopped_early"] = _from_rank_zero(bool(state.get("stopped_early")))
             run.log_metrics(metrics, step=epoch + 1)
             if rank == 0:
                 save_torch(
@@ -556,16 +569,19 @@ def train_with_ray(config: TrainConfig, *, progress: bool = True, tags: dict[str
     local instance), one GPU each with ``config.gpu``. Ray Train's own checkpoints go to
     ``storage`` (default ``<output>/ray``; on a cluster a folder or bucket every node reaches)."""
     config.validate()
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from dubito.platform.cluster import connect, gpu_request
+    from dubito.platform.cluster import check_gpu_capacity, connect, dubito_cause, gpu_request
 
     if config.workers > 0:
-        connect()
+        connect(quiet=not progress)  # the workers' progress reaches this terminal
         if config.gpu:
             gpu_request(1, "--gpu")  # raises on a cluster without GPUs
+            check_gpu_capacity(1, config.workers, f"--workers {config.workers} --gpu")
     out = Path(config.output).resolve()
+    # absolute paths: Ray Train workers run in their own working folders, maybe on other nodes
+    config = dataclasses.replace(config, output=str(out), root=str(Path(config.root).expanduser().resolve()) if config.root else "")
     import logging
 
     for name in ("ray.train", "ray.tune"):  # the epochs' own progress bar says it; no INFO line per report
@@ -574,9 +590,16 @@ def train_with_ray(config: TrainConfig, *, progress: bool = True, tags: dict[str
         _ray_train_worker,
         train_loop_config={"config": asdict(config), "progress": progress, "tags": tags or {}, "tracking_uri": default_tracking_uri()},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu),
-        run_config=RunConfig(name=f"train-{out.name}", storage_path=storage or str(out / "ray")),
+        run_config=RunConfig(name=f"train-{out.name}", storage_path=storage or str(out / "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )  # fmt: skip
-    result = trainer.fit()
-    if config.workers == 0 and isinstance(getattr(result, "return_value", None), dict):
+    try:
+        result = trainer.fit()
+    except Exception as err:  # a worker's DubitoError (bad flag, missing file) is what the user must see
+        cause = dubito_cause(err)
+        if cause is not None and cause is not err:
+            raise DubitoError(str(cause)) from err
+        raise
+    if isinstance(getattr(result, "return_value", None), dict):  # rank 0's results
         return result.return_value
     return json.loads((out / "results.json").read_text())  # written by rank 0

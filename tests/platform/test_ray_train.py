@@ -46,6 +46,9 @@ def test_two_ray_train_workers_train_data_parallel(tmp_path, ray_session, mlflow
     assert not any(k.startswith("module.") for k in weights)  # the model's own weights, not the DDP wrapper's
     runs = MlflowClient(mlflow_uri).search_runs([MlflowClient(mlflow_uri).get_experiment_by_name("dubito-train").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["dubito.ray_train_workers"] == "2"  # rank 0 only
+    # a third epoch: both workers resume from rank 0's checkpoint, into the same MLflow run
+    more = train_with_ray(TrainConfig(output=str(tmp_path / "ddp"), workers=2, **{**BASE, "epochs": 3}), progress=False)
+    assert more["epochs_run"] == 3 and more["history"][:2] == results["history"] and more["mlflow_run_id"] == runs[0].info.run_id
 
 
 def test_gpus_are_only_asked_of_clusters_that_have_them(ray_session):

@@ -188,8 +188,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, mlflow_uri):
 
 def test_dataloader_workers_do_not_change_the_weights(tmp_path):
     base = dict(epochs=1, crop=24, train_images=12)
-    train(small_config(tmp_path, "w0", workers=0, **base), progress=False)
-    train(small_config(tmp_path, "w2", workers=2, **base), progress=False)
+    train(small_config(tmp_path, "w0", loader_workers=0, **base), progress=False)
+    train(small_config(tmp_path, "w2", loader_workers=2, **base), progress=False)
     a, b = _final_weights(tmp_path / "w0"), _final_weights(tmp_path / "w2")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
