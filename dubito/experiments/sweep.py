@@ -696,12 +696,13 @@ def summarize(config: SweepConfig, trials: list[dict[str, Any]], metric: str, mo
                 if k in last and not _nan(last[k]):
                     entry[k] = last[k]
         entry["curve"] = {"x": xs, "y": ys}
+        entry["reached"] = t["rows"][-1].get(x_name, 0) if t["rows"] else 0
         per_trial[t["key"]] = entry
     summary = {}
     curves = {}
     for name, members in groups.items():
         entries = [per_trial[t["key"]] for t in members]
-        s: dict[str, Any] = {"trials": len(entries), "reached": [e["curve"]["x"][-1] if e["curve"]["x"] else 0 for e in entries]}
+        s: dict[str, Any] = {"trials": len(entries), "reached": [e["reached"] for e in entries]}
         for k in ("final", "best", "alc", "tv_fraction", "goal_rate"):
             vals = [e[k] for e in entries if e.get(k) is not None]
             if vals:
@@ -721,10 +722,13 @@ def summarize(config: SweepConfig, trials: list[dict[str, Any]], metric: str, mo
                 xs = xs[window - 1 :]
             curves[name] = {"labels": list(xs), "mean": ys.mean(0).tolist(), "std": seed_std(ys).tolist()}
     ranked = sorted((k for k, s in summary.items() if "final_mean" in s), key=lambda k: summary[k]["final_mean"], reverse=mode == "max")
+    reported = sorted({k for t in trials for r in t["rows"] for k in r if not k.startswith(("config/", "time_", "iterations_"))})
     return {
         "config": asdict(config), "kind": config.kind, "metric": metric, "mode": mode, "x": x_name, "varying": varying,
         "summary": summary, "best": ranked[0] if ranked else None, "curves": curves, "trials": per_trial,
         "finished": sum(t["error"] is None for t in trials), "errors": {t["key"]: t["error"] for t in trials if t["error"]},
+        "metric_missing": bool(reported) and not any(r.get(metric) is not None for t in trials for r in t["rows"]),
+        "reported": reported,
     }  # fmt: skip
 
 
@@ -772,6 +776,8 @@ def format_sweep(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "± is the sample standard deviation over the trials of each row (its seeds, or its samples); "
               f"'{results['x']} reached' is where the trials ended (ASHA stops poor ones early)."]
+    if results.get("metric_missing"):
+        lines.append(f"- no trial reported {metric!r} (--metric); they reported: {', '.join(results['reported'])}")
     for key, error in results["errors"].items():
         lines.append(f"- errored: {key}: {error.splitlines()[0] if error else ''}")
     return "\n".join(lines) + "\n"
