@@ -22,6 +22,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.mc_chunking
 	$(BIN)/python -m benchmarks.data_loading
+	$(BIN)/python -m benchmarks.ray_scoring
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
