@@ -193,9 +193,7 @@ def _candidates(dist: tuple[str, list[Any]]) -> list[Any]:
 
 def _check(kind: str, config: Any) -> None:
     """Refuse a trial's settings before anything starts."""
-    if kind == "label":
-        config.validate()
-    elif kind == "train":
+    if kind in ("label", "train"):
         config.validate()
     else:
         settings = config.resolved()
