@@ -385,7 +385,10 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     checkpointing every step, resumed from the trial's folder or its last checkpoint."""
     from ray import tune
 
+    import torch
+
     os.environ["MLFLOW_TRACKING_URI"] = context["tracking_uri"]
+    torch.set_num_threads(context["threads"])  # --cpus-per-trial threads (CPU results depend on the count at float rounding)
     trial = tune.get_context()
     key = _trial_key(params)
     folder = Path(context["root"]) / "trials" / _safe(f"{trial.get_trial_id()}-{key}")

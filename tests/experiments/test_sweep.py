@@ -5,6 +5,7 @@ local Ray instance (``ray_session``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from dubito import DubitoError
@@ -34,6 +36,18 @@ def _runs(uri: str, experiment: str):
 
 def _steps(client: MlflowClient, run_id: str, metric: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+
+
+@contextlib.contextmanager
+def _trial_threads():
+    """The PyTorch thread count of a 1-CPU trial (Ray sets it): CPU sums depend on it at float
+    rounding, so a run outside Ray is compared with a trial at the same count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _trial_folder(root: Path, key: str) -> Path:
@@ -113,7 +127,8 @@ def test_two_by_two_label_sweep_is_one_mlflow_study(tmp_path, ray_session, mlflo
         assert [s for s, _ in _steps(client, child.info.run_id, "test_mean_iou")] == [0, 1, 2]
 
     # a trial is the plain labeling loop: the same curve as run_loop with the same settings
-    direct = run_loop(LoopConfig(output=str(tmp_path / "direct"), acquisition="bald", seed=1, **LABEL), progress=False)
+    with _trial_threads():
+        direct = run_loop(LoopConfig(output=str(tmp_path / "direct"), acquisition="bald", seed=1, **LABEL), progress=False)
     trial = results["trials"]["acquisition=bald,seed=1"]
     assert trial["curve"]["y"] == [c["test_mean_iou"] for c in direct["curve"]]
     assert trial["curve"]["x"] == [c["labels"] for c in direct["curve"]]
@@ -139,7 +154,8 @@ def test_failed_trial_is_retried_from_its_checkpoint(tmp_path, ray_session, mlfl
     folder = _trial_folder(root, "seed=1")
     ledger_rounds = json.loads((folder / "results.json").read_text())["curve"]
     assert [c["round"] for c in ledger_rounds] == [0, 1, 2]
-    direct = run_loop(LoopConfig(output=str(tmp_path / "direct"), acquisition="bald", seed=1, **LABEL), progress=False)
+    with _trial_threads():
+        direct = run_loop(LoopConfig(output=str(tmp_path / "direct"), acquisition="bald", seed=1, **LABEL), progress=False)
     assert [c["test_mean_iou"] for c in ledger_rounds] == [c["test_mean_iou"] for c in direct["curve"]]
     assert json.loads((folder / "results.json").read_text())["queried"] == json.loads(json.dumps(direct["queried"]))
 
@@ -188,7 +204,8 @@ def test_explore_sweep_resumes_a_run_mid_way_to_the_same_episodes(tmp_path, ray_
         record = json.loads(record_path.read_text())
         _, specs = run_specs(ExploreConfig(**{**base, "agents": agent}), tmp_path / f"direct-{agent}")
         (tmp_path / f"direct-{agent}" / "runs").mkdir(parents=True)
-        direct = run_one(specs[0])
+        with _trial_threads():
+            direct = run_one(specs[0])
         assert record["returns"] == direct["returns"] and record["visits"] == direct["visits"]
         assert len(results["trials"][f"agents={agent}"]["curve"]["y"]) == 60  # each episode once, after the retry
 
@@ -217,7 +234,8 @@ def test_train_sweep_with_asha_records_epochs(tmp_path, ray_session, mlflow_uri)
     for child in children:
         steps = [s for s, _ in _steps(client, child.info.run_id, "val_mean_iou")]
         assert steps == list(range(1, len(steps) + 1)) and steps
-    direct = train(TrainConfig(output=str(tmp_path / "direct"), dropout=0.3, **base), progress=False)
+    with _trial_threads():
+        direct = train(TrainConfig(output=str(tmp_path / "direct"), dropout=0.3, **base), progress=False)
     for key, trial in results["trials"].items():
         if key.startswith("dropout=0.3"):  # same seed, same settings: the plain trainer's curve, as far as ASHA let it run
             n = len(trial["curve"]["y"])
