@@ -240,7 +240,6 @@ def _add_sweep_command(sub) -> None:
         # given before or after KIND: SUPPRESS keeps the sweep parser's value when absent here
         p.add_argument("--address", default=argparse.SUPPRESS, help="Ray cluster to attach to (default: RAY_ADDRESS, else a local instance)")
         p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="hide Tune's progress table")
-        p.set_defaults(resume=None)
 
 
 def _config_command(sub, name: str, help: str, config_cls: type, func) -> argparse.ArgumentParser:

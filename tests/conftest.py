@@ -105,8 +105,13 @@ def ray_session():
     address = ray.get_runtime_context().gcs_address
     session = Path(ray._private.worker._global_node.get_session_dir_path()).name
     yield address
+    ours = ray_processes(session)  # before shutting down: workers orphaned by it would no longer look like ours
+
+    def alive() -> set[int]:
+        return {pid for pid in ours if Path(f"/proc/{pid}").exists()} | ray_processes(session)
+
     ray.shutdown()
     deadline = time.monotonic() + 30
-    while (left := ray_processes(session)) and time.monotonic() < deadline:
+    while (left := alive()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes of Ray session {session} left behind: {sorted(left)}"

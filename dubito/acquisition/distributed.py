@@ -15,6 +15,7 @@ bit-identical.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +88,8 @@ class RayPoolScorer:
         check_gpu_capacity(want, actors, f"--scorers {actors} with --scorer-gpus {want:g}")
         if want == 0 and config.device == "auto":  # Ray leaves a node's GPUs visible to a task granted none
             config = dataclasses.replace(config, device="cpu")
+        if config.root:  # actors may run on other nodes, in other folders
+            config = dataclasses.replace(config, root=str(Path(config.root).expanduser().resolve()))
         remote = ray.remote(num_cpus=cpus, num_gpus=want)(_Scorer)
         # on a CPU, PyTorch's sums depend on its intra-op thread count at float rounding: the
         # actors use this process's count, so their scores are bit-identical to local scoring

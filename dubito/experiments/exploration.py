@@ -37,7 +37,7 @@ from dubito.experiments import int_list, record_study
 from dubito.platform.files import write_json
 from dubito.platform.tracking import tracked_run
 
-__all__ = ["ExploreConfig", "STUDIES", "run_exploration", "run_one", "run_specs", "log_run", "episode_series", "solve_episode", "format_exploration"]
+__all__ = ["ExploreConfig", "STUDIES", "run_exploration", "run_one", "run_specs", "run_params", "log_run", "episode_series", "solve_episode", "format_exploration"]
 
 #: what each study runs unless a flag says otherwise
 STUDIES: dict[str, dict[str, Any]] = {
@@ -328,15 +328,25 @@ def run_specs(config: ExploreConfig, out: Path) -> tuple[dict[str, Any], list[di
     return settings, specs
 
 
-def log_run(config: ExploreConfig, settings: dict[str, Any], record: dict[str, Any], parent_id: str, path: Path) -> None:
+def run_params(config: ExploreConfig, settings: dict[str, Any], agent: str, size: int, seed: int) -> dict[str, Any]:
+    """The MLflow params of one run."""
+    return {"agent": agent, "size": size, "seed": seed, "study": config.study, **{f"agent.{k}": v for k, v in settings["agent"].items()}}
+
+
+def log_run(
+    config: ExploreConfig, settings: dict[str, Any], record: dict[str, Any], parent_id: str, path: Path,
+    run_name: str | None = None, tags: dict[str, str] | None = None,
+) -> None:  # fmt: skip
     """One MLflow child run of ``parent_id`` for a finished run (step = episode, from 1); its id is
     kept in the run's file ``path``, so a run finished but not yet logged when a study was killed
-    is logged on resume."""
-    params = {"agent": record["agent"], "size": record["size"], "seed": record["seed"], "study": config.study,
-              **{f"agent.{k}": v for k, v in settings["agent"].items()}}  # fmt: skip
-    with tracked_run(config.experiment, run_name=f"{record['agent']}-N{record['size']}-seed{record['seed']}",
-                     params=params, tags={"mlflow.parentRunId": parent_id}, run_id=record.get("mlflow_run_id")) as child:  # fmt: skip
-        child.log_series(episode_series(record), start=1)
+    is logged on resume. A run already partly logged (``record["mlflow_run_id"]``) gets only the
+    episodes it lacks."""
+    params = run_params(config, settings, record["agent"], record["size"], record["seed"])
+    with tracked_run(config.experiment, run_name=run_name or f"{record['agent']}-N{record['size']}-seed{record['seed']}",
+                     params=params, tags={"mlflow.parentRunId": parent_id, **(tags or {})},
+                     run_id=record.get("mlflow_run_id")) as child:  # fmt: skip
+        logged = child.last_step("return")
+        child.log_series({k: v[logged:] for k, v in episode_series(record).items()}, start=logged + 1)
         child.log_metrics({k: record[k] for k in ("regret", "tv_fraction", "goal_rate") if k in record})
     record["mlflow_run_id"] = child.run_id
     write_json(path, record)

@@ -130,10 +130,10 @@ class SweepConfig:
             raise DubitoError(f"--mode must be min or max, got {mode!r}")
         return metric, mode
 
-    def trial_configs(self) -> list[dict[str, Any]]:
+    def trial_configs(self, every: bool = False) -> list[dict[str, Any]]:
         """The settings of every grid point with each sampled field at each of its candidates (every
         choice, both bounds of a range), each checked; the first candidates' settings per grid point
-        are returned."""
+        are returned (``every``: all of them)."""
         grid, sampled = self.space()
         points = [{}]
         for name, values in grid.items():
@@ -150,7 +150,7 @@ class SweepConfig:
                 except DubitoError as err:
                     which = ", ".join(f"{k}={v}" for k, v in {**point, **variant}.items())
                     raise DubitoError(f"trial {which}: {err}") from None
-                if n == 0:
+                if n == 0 or every:
                     out.append(values)
         return out
 
@@ -168,14 +168,6 @@ class SweepConfig:
             raise DubitoError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
         if not self.grid and not self.sample:
             raise DubitoError("give at least one --grid FIELD=V1,V2 or --sample FIELD=DIST")
-        if self.kind == "train" and int(self.base.get("workers", 0)):
-            raise DubitoError("sweep train runs each trial in its own process (--gpus-per-trial gives it a GPU); "
-                              "--workers N (data-parallel training) is for `dubito train`")  # fmt: skip
-        if self.kind == "label" and int(self.base.get("scorers", 0)):
-            raise DubitoError("sweep label trials score in their own process: --scorers N would start actors competing "
-                              "with the trials for the same CPUs / GPUs (run more trials at once instead)")  # fmt: skip
-        if self.kind == "label" and self.base.get("oracle") == "human":
-            raise DubitoError("sweep label needs --oracle simulated (a sweep cannot wait for a person)")
         self.metric_and_mode()
         self.trial_configs()
 
@@ -193,6 +185,14 @@ def _candidates(dist: tuple[str, list[Any]]) -> list[Any]:
 
 def _check(kind: str, config: Any) -> None:
     """Refuse a trial's settings before anything starts."""
+    if kind == "train" and config.workers:
+        raise DubitoError("sweep train runs each trial in its own process (--gpus-per-trial gives it a GPU); "
+                          "--workers N (data-parallel training) is for `dubito train`")  # fmt: skip
+    if kind == "label" and config.scorers:
+        raise DubitoError("sweep label trials score in their own process: --scorers N would start actors competing "
+                          "with the trials for the same CPUs / GPUs (run more trials at once instead)")  # fmt: skip
+    if kind == "label" and config.oracle == "human":
+        raise DubitoError("sweep label needs --oracle simulated (a sweep cannot wait for a person)")
     if kind in ("label", "train"):
         config.validate()
     else:
@@ -346,10 +346,10 @@ def _report(metrics: dict[str, Any], step: int, folder: Path, files: list[tuple[
     if files is None:
         tune.report(clean)
         return
-    write_json(folder / "step.json", {"step": step})
     with tempfile.TemporaryDirectory(prefix="dubito-checkpoint-") as tmp:
         tmp = Path(tmp)
-        for source, name in [*files, (folder / "step.json", "step.json")]:
+        write_json(tmp / "step.json", {"step": step})
+        for source, name in files:
             if not source.exists():
                 continue
             target = tmp / name
@@ -360,6 +360,8 @@ def _report(metrics: dict[str, Any], step: int, folder: Path, files: list[tuple[
             else:
                 shutil.copy2(source, target)
         tune.report(clean, checkpoint=tune.Checkpoint.from_directory(str(tmp)))
+    # only once Tune has the step: a crash before this leaves the step unreported, and a restart reports it
+    write_json(folder / "step.json", {"step": step})
 
 
 class _InjectedFailure(RuntimeError):
@@ -397,7 +399,8 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     values = {**context["base"], **params, "output": str(folder), "experiment": context["experiment"]}
     if context["gpus"] == 0 and values.get("device") == "auto":  # Ray leaves the node's GPUs visible to a 0-GPU trial
         values["device"] = "cpu"
-    tags = {"mlflow.parentRunId": context["parent_run_id"], "dubito.sweep": context["root"], "dubito.trial": key}
+    tags = {"mlflow.parentRunId": context["parent_run_id"], "dubito.sweep": context["root"], "dubito.trial": key,
+            "dubito.trial_id": trial.get_trial_id()}
     inject = context.get("inject")
     write_json(folder / "trial.json", {"params": params, "key": key, "trial_id": trial.get_trial_id()})
     {"label": _label_trial, "explore": _explore_trial, "train": _train_trial}[context["kind"]](values, params, folder, tags, inject, context)
@@ -428,7 +431,7 @@ def _label_trial(values, params, folder, tags, inject, context) -> None:
 def _explore_trial(values, params, folder, tags, inject, context) -> None:
     import torch
 
-    from dubito.experiments.exploration import ExploreConfig, episode_series, log_run, run_one, run_specs, solve_episode
+    from dubito.experiments.exploration import ExploreConfig, episode_series, log_run, run_one, run_params, run_specs, solve_episode
     from dubito.platform.files import save_torch
 
     config = ExploreConfig(**values)
@@ -436,26 +439,32 @@ def _explore_trial(values, params, folder, tags, inject, context) -> None:
     spec = specs[0]
     (folder / "runs").mkdir(exist_ok=True)
     done = Path(spec["path"])
-    if done.exists():  # finished before a retry (killed while logging): log it if need be, run nothing again
+    run_file = folder / "mlflow_run.json"  # the child run, opened at the start so a stopped trial still has its episodes
+    run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
+    if done.exists():  # finished before a retry (killed while logging): log what MLflow lacks, run nothing again
         record = json.loads(done.read_text())
         if not record.get("mlflow_run_id"):
-            log_run(config, settings, record, context["parent_run_id"], done)
+            record["mlflow_run_id"] = run_id
+            log_run(config, settings, record, context["parent_run_id"], done, run_name=tags["dubito.trial"], tags=tags)
         return
     state_path = folder / "state.pt"
     resume = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
     every = context["checkpoint_every"]
     stochastic = spec["env"] == "dubito/DeepSeaStochastic-v0"
     deep_sea = spec["env"].startswith("dubito/DeepSea")
-    run_file = folder / "mlflow_run.json"  # the child run, opened now so a stopped trial still has its episodes
-    params_logged = {"agent": spec["agent"], "size": spec["size"], "seed": spec["seed"], "study": config.study,
-                     **{f"agent.{k}": v for k, v in settings["agent"].items()}}  # fmt: skip
-    run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
-    with tracked_run(config.experiment, run_name=tags["dubito.trial"], params=params_logged, tags=tags, run_id=run_id) as child:
+    with tracked_run(config.experiment, run_name=tags["dubito.trial"], params=run_params(config, settings, spec["agent"], spec["size"], spec["seed"]),
+                     tags=tags, run_id=run_id) as child:  # fmt: skip
         write_json(run_file, {"run_id": child.run_id})
-        logged = len(resume["run"]["log"]["returns"]) if resume is not None else 0
+        logged = child.last_step("return")  # MLflow's own count: a resumed run replays episodes it may already have
+
+        def flush(log) -> None:
+            nonlocal logged
+            if log.episodes > logged:
+                partial = {"returns": log.returns, "lengths": log.lengths, **({"bad": log.bad} if deep_sea else {"tv_steps": log.tv_steps})}
+                child.log_series({k: v[logged:] for k, v in episode_series(partial).items()}, start=logged + 1)
+                logged = log.episodes
 
         def hook(log, state) -> None:
-            nonlocal logged
             n = log.episodes
             metrics = {"episode": n, "return": log.returns[-1], "mean_return": float(np.mean(log.returns[-20:]))}
             if deep_sea:
@@ -467,14 +476,16 @@ def _explore_trial(values, params, folder, tags, inject, context) -> None:
                 metrics["tv_fraction"] = float(np.sum(log.tv_steps) / max(1, np.sum(log.lengths)))
                 metrics["goal_rate"] = float(np.mean(log.terminated))
             last = n >= spec["episodes"] or (spec["stop_when_solved"] and metrics.get("solved"))
-            if n % every == 0 or last:  # MLflow gets the episodes since the last checkpoint, then the checkpoint is taken
-                partial = {"returns": log.returns, "lengths": log.lengths, **({"bad": log.bad} if deep_sea else {"tv_steps": log.tv_steps})}
-                child.log_series({k: v[logged:] for k, v in episode_series(partial).items()}, start=logged + 1)
-                logged = n
-                save_torch(state(), state_path)
-                _report(metrics, n, folder, [(state_path, "state.pt")])
-            else:
-                _report(metrics, n, folder, None)
+            try:
+                if n % every == 0 or last:  # MLflow gets the episodes since the last checkpoint, then the checkpoint is taken
+                    flush(log)
+                    save_torch(state(), state_path)
+                    _report(metrics, n, folder, [(state_path, "state.pt"), (run_file, "mlflow_run.json")])
+                else:
+                    _report(metrics, n, folder, None)
+            except SystemExit:  # Tune stopping the trial (ASHA): its episodes so far still reach MLflow
+                flush(log)
+                raise
             _maybe_fail(inject, params, n)
 
         record = run_one({**spec, "progress": False, "threads": context["threads"]}, hook=hook, resume=resume)
@@ -548,10 +559,9 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
     if resume is None and (root / SWEEP_FILE).exists():
         raise DubitoError(f"{root} holds a sweep already: continue it with `dubito sweep --resume {config.output}`, or use another --output")
     root.mkdir(parents=True, exist_ok=True)
+    if config.storage and "://" not in config.storage:  # a folder given: absolute (the default follows --output)
+        config = dataclasses.replace(config, storage=str(Path(config.storage).resolve()))
     storage = config.storage or str(root / "tune")
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
-    config = dataclasses.replace(config, storage=storage)
     metric, mode = config.metric_and_mode()
     grid, sampled = config.space()
 
@@ -571,7 +581,10 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
         }  # fmt: skip
         trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"cpu": config.cpus_per_trial, "gpu": gpus})
         path = os.path.join(storage, "tune")
-        if resume is not None and tune.Tuner.can_restore(path):
+        if resume is not None:
+            if not tune.Tuner.can_restore(path):
+                raise DubitoError(f"{path}: no Tune state to restore (killed before Tune saved any, or --storage moved); "
+                                  f"start the sweep again with another --output")  # fmt: skip
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         else:
             scheduler = None
@@ -611,7 +624,8 @@ def _end_stopped_runs(parent: Any) -> None:
     """Child runs still RUNNING once Tune is done belong to trials it stopped (ASHA ends a trial
     without letting it close its run) or that died: mark them KILLED."""
     client = parent.client
-    found = client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'")
+    found = client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'",
+                               max_results=50_000)
     for run in found:
         client.set_terminated(run.info.run_id, status="KILLED")
 
@@ -627,7 +641,7 @@ def _budget(config: SweepConfig) -> int:
     """Steps a trial reports at most (rounds + 1, episodes, or epochs), over every grid point."""
     cls = config.target()
     steps = []
-    for values in config.trial_configs():
+    for values in config.trial_configs(every=True):
         trial = cls(**values)
         steps.append(trial.total_rounds() + 1 if config.kind == "label" else trial.epochs if config.kind == "train"
                      else trial.resolved()["episodes"])  # fmt: skip
@@ -723,7 +737,9 @@ def summarize(config: SweepConfig, trials: list[dict[str, Any]], metric: str, mo
                 xs = xs[window - 1 :]
             curves[name] = {"labels": list(xs), "mean": ys.mean(0).tolist(), "std": seed_std(ys).tolist()}
     ranked = sorted((k for k, s in summary.items() if "final_mean" in s), key=lambda k: summary[k]["final_mean"], reverse=mode == "max")
-    reported = sorted({k for t in trials for r in t["rows"] for k in r if not k.startswith(("config/", "time_", "iterations_"))})
+    tune_keys = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date", "pid", "hostname", "node_ip", "logdir"}
+    reported = sorted({k for t in trials for r in t["rows"] for k in r
+                       if k not in tune_keys and not k.startswith(("config/", "time_", "iterations_"))})  # fmt: skip
     return {
         "config": asdict(config), "kind": config.kind, "metric": metric, "mode": mode, "x": x_name, "varying": varying,
         "summary": summary, "best": ranked[0] if ranked else None, "curves": curves, "trials": per_trial,

@@ -89,14 +89,16 @@ def check_gpu_capacity(per_task: float, tasks: int, what: str) -> None:
 def dubito_cause(error: BaseException) -> DubitoError | None:
     """The :class:`DubitoError` behind an error Ray raised for a remote task or worker (Ray wraps
     it in its own errors), if any: it names what the user has to fix."""
-    seen, todo = set(), [error]
+    seen, todo, found = set(), [error], None
     while todo:
-        err = todo.pop()
-        if id(err) in seen or err is None:
+        err = todo.pop(0)
+        if id(err) in seen or not isinstance(err, BaseException):
             continue
         seen.add(id(err))
         if isinstance(err, DubitoError):
-            return err
-        todo += [err.__cause__, err.__context__, getattr(err, "cause", None), *getattr(err, "worker_failures", {}).values()]
+            found = err  # the innermost wins: Ray's RayTaskError(DubitoError) wrapper is a DubitoError too
+        failures = getattr(err, "worker_failures", None) or {}
+        todo += [err.__cause__, err.__context__, getattr(err, "cause", None), getattr(err, "controller_failure", None),
+                 getattr(err, "_base_exc", None), *failures.values()]  # fmt: skip
         todo += [e for e in getattr(err, "args", ()) if isinstance(e, BaseException)]
-    return None
+    return found

@@ -91,6 +91,10 @@ class TrackedRun:
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
+    def last_step(self, metric: str) -> int:
+        """The largest step logged for ``metric`` (0 when none): where a resumed series goes on."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, metric)), default=0)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 

@@ -580,8 +580,11 @@ def train_with_ray(config: TrainConfig, *, progress: bool = True, tags: dict[str
             gpu_request(1, "--gpu")  # raises on a cluster without GPUs
             check_gpu_capacity(1, config.workers, f"--workers {config.workers} --gpu")
     out = Path(config.output).resolve()
-    # absolute paths: Ray Train workers run in their own working folders, maybe on other nodes
-    config = dataclasses.replace(config, output=str(out), root=str(Path(config.root).expanduser().resolve()) if config.root else "")
+    # absolute paths: Ray Train workers run in their own working folders, maybe on other nodes (in local
+    # mode the run stays here, and --root stays as given: a checkpoint records it and must match on resume)
+    config = dataclasses.replace(config, output=str(out))
+    if config.workers > 0 and config.root:
+        config = dataclasses.replace(config, root=str(Path(config.root).expanduser().resolve()))
     import logging
 
     for name in ("ray.train", "ray.tune"):  # the epochs' own progress bar says it; no INFO line per report

@@ -98,6 +98,21 @@ def test_sweep_checks_every_trial_before_starting(tmp_path):
         SweepConfig(kind="label", grid=("seed=0",), sample=("temperature=uniform:0:1",), base=dict(LABEL)).validate()
     with pytest.raises(DubitoError, match="--scorers"):
         SweepConfig(kind="label", grid=("seed=0",), base=dict(LABEL, scorers=2)).validate()
+    # refused whether set for every trial or as an axis
+    with pytest.raises(DubitoError, match="scorers=2: sweep label trials score in their own process"):
+        SweepConfig(kind="label", grid=("scorers=0,2",), base=dict(LABEL)).validate()
+    with pytest.raises(DubitoError, match="oracle=human"):
+        SweepConfig(kind="label", grid=("oracle=simulated,human",), base=dict(LABEL)).validate()
+
+
+def test_asha_budget_covers_every_grid_and_sampled_value():
+    from dubito.experiments.sweep import _budget
+
+    base = {"epochs": 3}
+    assert _budget(SweepConfig(kind="train", grid=("seed=0",), sample=("epochs=randint:2:9",), base=base)) == 8  # 9 excluded
+    assert _budget(SweepConfig(kind="train", grid=("seed=0",), sample=("epochs=choice:2,8,4",), base=base)) == 8
+    assert _budget(SweepConfig(kind="train", grid=("epochs=5,20",), base=base)) == 20
+    assert _budget(SweepConfig(kind="label", grid=("rounds=2,6",), base=dict(LABEL))) == 7  # rounds + the initial model
 
 
 def test_gpus_the_cluster_lacks_are_refused(tmp_path, ray_session, mlflow_uri):

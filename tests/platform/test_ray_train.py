@@ -51,7 +51,28 @@ def test_two_ray_train_workers_train_data_parallel(tmp_path, ray_session, mlflow
     assert more["epochs_run"] == 3 and more["history"][:2] == results["history"] and more["mlflow_run_id"] == runs[0].info.run_id
 
 
+def test_a_dubito_error_in_a_worker_reaches_the_user_unwrapped():
+    from ray.exceptions import RayTaskError
+
+    from dubito.platform.cluster import dubito_cause
+
+    try:
+        raise DubitoError("--root /nowhere: not found")
+    except DubitoError as err:
+        wrapped = RayTaskError("train", "traceback", err).as_instanceof_cause()  # what Ray raises in the driver
+    outer = RuntimeError("training failed")
+    outer.worker_failures = {0: wrapped}  # Ray Train's WorkerGroupError carries the workers' errors so
+    cause = dubito_cause(outer)
+    assert type(cause) is DubitoError and str(cause) == "--root /nowhere: not found"
+    assert dubito_cause(RuntimeError("no dubito error here")) is None
+
+
 def test_gpus_are_only_asked_of_clusters_that_have_them(ray_session):
+    from dubito.platform.cluster import check_gpu_capacity
+
+    check_gpu_capacity(0.0, 4, "--scorers 4")  # no GPU asked: fine anywhere
+    with pytest.raises(DubitoError, match="has 0 GPUs in all"):
+        check_gpu_capacity(0.5, 2, "--scorers 2")
     assert gpu_request("auto", "--gpus-per-trial") == 0.0  # the test instance has no GPU
     assert gpu_request("0", "--gpus-per-trial") == 0.0
     with pytest.raises(DubitoError, match="no GPU"):
