@@ -123,6 +123,10 @@ def _double_q(online_q: Tensor, target_q: Tensor) -> Tensor:
     return target_q.gather(-1, online_q.argmax(dim=-1, keepdim=True)).squeeze(-1)
 
 
+#: what an agent's checkpoint saves through its own ``state_dict`` (a service: its seed stream)
+_STATEFUL = (nn.Module, torch.optim.Optimizer, ReplayBuffer, UncertaintyService)
+
+
 class Agent:
     """The shared skeleton: replay, a counter of steps and updates, target copies, tie-broken argmax."""
 
@@ -203,34 +207,38 @@ class Agent:
         ``torch.load(weights_only=True)``). An agent built with the same arguments and given this
         state acts and learns exactly as the saved one would have."""
         state: dict[str, Any] = {}
-        for name, value in vars(self).items():
-            if isinstance(value, (nn.Module, torch.optim.Optimizer, ReplayBuffer)):
+        for name, value in self._checkpointed():
+            if isinstance(value, _STATEFUL):
                 state[name] = value.state_dict()
             elif isinstance(value, np.random.Generator):
                 state[name] = value.bit_generator.state
-            elif isinstance(value, UncertaintyService):  # its network is one of the modules; its seed stream:
-                state[name] = value._rng.get_state() if value._rng is not None else None
-            elif isinstance(value, (bool, int, float, str)) or value is None:
+            else:
                 state[name] = value
-            elif not isinstance(value, AgentConfig):
-                raise DubitoError(f"{type(self).__name__}.{name} ({type(value).__name__}) cannot be checkpointed")
         return state
+
+    def _checkpointed(self) -> list[tuple[str, Any]]:
+        """(name, value) of every attribute a checkpoint holds (the config is rebuilt, not saved)."""
+        out = []
+        for name, value in vars(self).items():
+            if isinstance(value, AgentConfig):
+                continue
+            if not isinstance(value, (*_STATEFUL, np.random.Generator, bool, int, float, str, type(None))):
+                raise DubitoError(f"{type(self).__name__}.{name} ({type(value).__name__}) cannot be checkpointed")
+            out.append((name, value))
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` into an agent built with the same arguments."""
-        mine = vars(self)
-        missing = set(self.state_dict()) ^ set(state)
+        mine = dict(self._checkpointed())
+        missing = set(mine) ^ set(state)
         if missing:
             raise DubitoError(f"{type(self).__name__}: checkpoint does not match this agent (differs in {sorted(missing)})")
         for name, saved in state.items():
             value = mine[name]
-            if isinstance(value, (nn.Module, torch.optim.Optimizer, ReplayBuffer)):
+            if isinstance(value, _STATEFUL):
                 value.load_state_dict(saved)
             elif isinstance(value, np.random.Generator):
                 value.bit_generator.state = saved
-            elif isinstance(value, UncertaintyService):
-                if saved is not None:
-                    value._rng.set_state(saved)
             else:
                 setattr(self, name, saved)
 

@@ -7,6 +7,7 @@ both get the same decomposition from the same MC engine.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -114,6 +115,17 @@ class UncertaintyService:
         self.batch_size = batch_size
         self.progress = progress
         self._rng = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the service's seed stream stands (its model's weights are the model's own
+        ``state_dict``): a service restored with :meth:`load_state_dict` draws the same masks next."""
+        return {"rng": self._rng.get_state() if self._rng is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["rng"] is None) != (self._rng is None):
+            raise DubitoError("service state of a seeded service given to an unseeded one, or the other way round")
+        if self._rng is not None:
+            self._rng.set_state(state["rng"])
 
     def _next_seed(self) -> int:
         return int(torch.randint(0, 1 << 62, (1,), generator=self._rng).item())

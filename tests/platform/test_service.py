@@ -131,3 +131,18 @@ def test_predict_with_samples_returns_the_draws_it_decomposed():
     torch.testing.assert_close(u.mutual_information, again.mutual_information)
     plain = UncertaintyService(model, samples=7, seed=3, progress=False, device="cpu").predict(x)
     torch.testing.assert_close(plain.mean_probs, u.mean_probs)  # the same seeded draws as predict
+
+
+def test_service_state_restores_its_seed_stream():
+    """A service given another's state draws the same dropout masks next (agents checkpoint it)."""
+    model = MLP(4, 2, hidden=(16,), variant="epistemic", dropout=0.5)
+    x = torch.randn(3, 4)
+    a = UncertaintyService(model, "regression", 4, device="cpu", seed=1, progress=False)
+    a.predict(x)
+    saved = a.state_dict()
+    expected = a.predict(x).mean
+    b = UncertaintyService(model, "regression", 4, device="cpu", seed=99, progress=False)
+    b.load_state_dict(saved)
+    assert torch.equal(b.predict(x).mean, expected)
+    with pytest.raises(DubitoError, match="seeded"):
+        UncertaintyService(model, "regression", 4, device="cpu", progress=False).load_state_dict(saved)
