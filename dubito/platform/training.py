@@ -37,7 +37,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra itera
 from dubito import DubitoError
 from dubito.platform.data import DATASETS, get_dataset, train_transform
 from dubito.platform.losses import gaussian_nll, laplace_nll, sampled_softmax_cross_entropy
-from dubito.platform.models import VARIANTS, build_model
+from dubito.platform.models import DROPOUT_PLACEMENTS, VARIANTS, build_model
 from dubito.platform.files import save_torch, write_json
 from dubito.platform.service import resolve_device
 from dubito.platform.tracking import default_tracking_uri, tracked_run
@@ -75,6 +75,7 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "RMSProp learning rate (paper: 1e-3)"})
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay (paper: 1e-4)"})
     dropout: float = field(default=0.2, metadata={"help": "dropout p (paper: 0.2)"})
+    dropout_at: str = field(default="all", metadata={"help": "FC-DenseNet dropout placement: all (paper), decoder, last_block or head (faster MC scoring)"})
     class_weights: bool = field(default=False, metadata={"help": "median-frequency class weights (segmentation)"})
     logit_noise_samples: int = field(default=10, metadata={"help": "logit-noise samples T_a in the loss"})
     grad_clip: float = field(default=5.0, metadata={"help": "gradient-norm clipping; 0 = off"})
@@ -94,6 +95,10 @@ class TrainConfig:
             raise DubitoError(f"--dataset {self.dataset} is read from disk: give --root DIR")
         if self.variant not in VARIANTS:
             raise DubitoError(f"--variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.dropout_at not in DROPOUT_PLACEMENTS:
+            raise DubitoError(f"--dropout-at must be one of {', '.join(DROPOUT_PLACEMENTS)}, got {self.dropout_at!r}")
+        if self.dropout_at != "all" and self.model == "mlp":
+            raise DubitoError(f"--dropout-at {self.dropout_at} is an FC-DenseNet option; an MLP has dropout in every layer")
         if self.likelihood not in ("gaussian", "laplace"):
             raise DubitoError(f"--likelihood must be gaussian or laplace, got {self.likelihood!r}")
         for name in ("epochs", "batch_size", "height", "width", "train_images", "val_images", "logit_noise_samples"):
@@ -171,6 +176,7 @@ def build_for(config: TrainConfig, dataset: Dataset) -> tuple[nn.Module, dict[st
         "ignore_index": getattr(data, "ignore_index", None),
         "variant": config.variant,
         "dropout": config.dropout,
+        "dropout_at": config.dropout_at,
         "likelihood": config.likelihood,
         "dataset": config.dataset,
         "height": config.height,
@@ -185,6 +191,8 @@ def build_for(config: TrainConfig, dataset: Dataset) -> tuple[nn.Module, dict[st
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     """A fresh (untrained) model of a saved spec (:func:`build_for` makes the spec)."""
     kwargs = {"task": spec["task"], "variant": spec["variant"], "dropout": spec["dropout"]}
+    if spec.get("dropout_at", "all") != "all":  # older specs have no placement: dropout everywhere
+        kwargs["dropout_at"] = spec["dropout_at"]
     if spec["model"] == "mlp":
         kwargs.update(in_features=spec["in_features"], out_features=spec["num_classes"] or 1)
         if spec["task"] != "classification":
