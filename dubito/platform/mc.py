@@ -15,17 +15,29 @@ How sampling works
   rounding (about 1e-4 for FC-DenseNet103 on an H200), since cuDNN picks its
   convolution kernels by batch size.
 * Samples run as chunks: the batch is replicated ``k`` times (``k·N`` rows) per forward
-  pass. ``chunk_size="auto"`` picks ``k`` per device and input size: on a CPU, large
-  inputs loop (``k = 1``; measured on 2 cores, FC-DenseNet56, 4×96×128, T = 20:
-  replicating all samples ran 1.8× slower than looping) while small inputs (vectors,
-  RL states) replicate, where per-call overhead dominates; on CUDA the first sample is
-  run alone to measure its peak memory and ``k`` is sized to half the free memory.
-  The device's capacity is cached per (model, device, input shape, output options) and
-  capped by each call's T. On out-of-memory the chunk is halved and retried. Models with
-  BatchNorm layers that normalise over the batch even in eval mode (no running
+  pass. ``chunk_size="auto"`` picks ``k`` per device and input size. On a CPU, small
+  inputs (vectors, RL states: at most ``CPU_REPLICATION_ELEMENTS`` per batch) replicate
+  all samples, since per-call overhead dominates them; for larger inputs ``k`` is found
+  by measurement on the call's own samples: one untimed warm-up sample, then chunks of
+  1, 2, 4, ... while the time per sample drops by at least 5 % (on 2 cores, FC-DenseNet56,
+  4×96×128, replication is slower than looping, so this settles on 1). On CUDA the first
+  sample is run alone to measure its peak memory and ``k`` is sized to half the free
+  memory. The capacity found is cached per (model, device, input shape, output options)
+  and capped by each call's T. On out-of-memory the chunk is halved and retried. Models
+  with BatchNorm layers that normalise over the batch even in eval mode (no running
   statistics) always loop, since replicated samples would influence each other.
+* Deterministic-prefix caching: a model with ``mc_stages()`` (FC-DenseNet) lists its
+  forward as consecutive stages; the stages before the first one with an active dropout
+  layer (p > 0) run once per call and only the rest is replicated per chunk. With dropout
+  only before the 1×1 head (``FCDenseNet(dropout_at="head")``) T samples cost little
+  more than one pass. The masks are the same, so the samples are too (bit-identical on a
+  CPU).
+* Image batches run in channels-last memory format by default (``channels_last``), which
+  oneDNN and cuDNN convolutions prefer; the samples then agree with contiguous ones to
+  float rounding (about 1e-6).
 * Everything runs under :func:`torch.inference_mode`, optionally under autocast
-  (bf16 on CUDA); stored samples are float32.
+  (bf16 on CUDA) and ``torch.compile`` (compiled once per model and process); stored
+  samples are float32.
 * Classification heads with a log-variance: each dropout sample also yields
   ``p_t = E_ε softmax(f_t + σ_t ε)`` estimated with ``logit_noise_samples`` draws of ε.
 
@@ -37,9 +49,11 @@ the global RNG (their samples are then not chunk-invariant).
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
-from collections.abc import Iterator
-from typing import NamedTuple
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -63,12 +77,16 @@ _CHANNEL_DROPOUT = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 #: On a CPU, replicate the batch when one sample's input has at most this many elements.
 CPU_REPLICATION_ELEMENTS = 1 << 15
+#: On a CPU, a larger chunk is kept only if it cuts the time per sample by at least this fraction.
+CPU_REPLICATION_GAIN = 0.05
 #: Fraction of free CUDA memory the replicated chunk may use.
 CUDA_MEMORY_FRACTION = 0.5
 #: Elements of the ε-noise block drawn at once for the expected softmax.
 NOISE_BLOCK_ELEMENTS = 1 << 24
 
 _chunk_cache: dict[tuple, int] = {}
+_compile_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_clock = time.perf_counter  # what chunk measurement times with
 
 
 class MCSamples(NamedTuple):
@@ -101,18 +119,22 @@ class _MaskSource:
         self.generators: list[torch.Generator] = []
 
     def mask(self, module: nn.Module, x: Tensor) -> Tensor:
+        """The scaled keep mask (0 or 1 / (1 - p), float32) of this chunk's samples for ``x``."""
         k = len(self.generators)
-        if k == 0:  # used on its own (no engine-run chunk): torch's global RNG, like nn.Dropout
-            return torch.rand(self._shape(module, x, x.shape[0]), device=x.device) < 1.0 - module.p
-        if x.shape[0] % k:
-            raise DubitoError(
-                f"MC engine: a dropout input has batch {x.shape[0]}, not a multiple of the {k} "
-                "replicated samples; models must keep the batch axis first through dropout layers"
-            )
-        shape = self._shape(module, x, x.shape[0] // k)
         keep = 1.0 - module.p
-        blocks = [torch.rand(shape, generator=g, device=x.device) < keep for g in self.generators]
-        return torch.cat(blocks) if k > 1 else blocks[0]
+        if k == 0:  # used on its own (no engine-run chunk): torch's global RNG, like nn.Dropout
+            blocks = [torch.rand(self._shape(module, x, x.shape[0]), device=x.device)]
+        else:
+            if x.shape[0] % k:
+                raise DubitoError(
+                    f"MC engine: a dropout input has batch {x.shape[0]}, not a multiple of the {k} "
+                    "replicated samples; models must keep the batch axis first through dropout layers"
+                )
+            shape = self._shape(module, x, x.shape[0] // k)
+            blocks = [torch.rand(shape, generator=g, device=x.device) for g in self.generators]
+        mask = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        # in place: uniform -> 1.0 where kept, 0.0 where dropped -> scaled (the same value as x · m · 1/(1-p))
+        return mask.lt_(keep).mul_(1.0 / keep)
 
     @staticmethod
     def _shape(module: nn.Module, x: Tensor, n: int) -> tuple[int, ...]:
@@ -135,7 +157,10 @@ def mc_dropout_mode(model: nn.Module, stochastic: bool = True) -> Iterator[_Mask
         x = inputs[0]
         if module.p >= 1:
             return torch.zeros_like(x)
-        return x * source.mask(module, x).to(x.dtype) * (1.0 / (1.0 - module.p))
+        mask = source.mask(module, x)
+        if mask.shape == x.shape and mask.dtype == x.dtype and x.is_contiguous():
+            return mask.mul_(x)  # one pass, into the mask's own memory
+        return x * mask.to(x.dtype)  # keeps x's memory format (channels-last)
 
     try:
         model.eval()
@@ -216,12 +241,14 @@ class _ChunkPlan:
     """How many samples each forward pass replicates, and what ``"auto"`` learned about it.
 
     ``"auto"`` caches, per (model, device, input, output options), the *capacity*: the
-    largest chunk that suits this device; each call caps it by its own T.
+    largest chunk that suits this device; each call caps it by its own T. On a CPU it is
+    found by measurement (:meth:`timed`), on CUDA from the first sample's peak memory.
     """
 
     def __init__(self, model: nn.Module, x: Tensor, samples: int, chunk_size: int | str, options: tuple) -> None:
         self.auto = chunk_size == "auto"
         self.probe = False
+        self.measuring = False
         if not self.auto:
             if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
                 raise DubitoError(f"chunk_size must be a positive integer or 'auto', got {chunk_size!r}")
@@ -241,13 +268,89 @@ class _ChunkPlan:
             self.chunk = min(_chunk_cache[self.key], samples)
         elif x.device.type == "cuda":
             self.chunk, self.probe = 1, samples > 1
-        else:
+        elif x.numel() <= CPU_REPLICATION_ELEMENTS:
+            # per-call overhead dominates small inputs: replicate up to the element budget
             self.remember(max(1, CPU_REPLICATION_ELEMENTS // max(1, x.numel())), samples)
+        else:
+            # measure: one untimed warm-up sample, then chunks of 1, 2, 4, ... while the time per
+            # sample drops by at least CPU_REPLICATION_GAIN
+            self.chunk, self.measuring, self.warm, self.trial, self.best = 1, True, False, 1, None
+
+    def next_chunk(self, remaining: int) -> int:
+        return min(self.trial if self.measuring else self.chunk, remaining)
+
+    def timed(self, k: int, seconds: float, remaining: int) -> None:
+        """Record that a chunk of ``k`` samples took ``seconds`` (``remaining`` samples are left)."""
+        if not self.warm:  # the warm-up sample
+            self.warm = True
+            return
+        per_sample = seconds / k
+        if self.best is not None and per_sample > self.best[0] * (1.0 - CPU_REPLICATION_GAIN):
+            self._settle(self.best[1])
+            return
+        self.best = (per_sample, k)
+        if 2 * k > remaining:  # no room to try a larger chunk in this call
+            self._settle(k)
+        else:
+            self.trial = 2 * k
+
+    def _settle(self, capacity: int) -> None:
+        self.measuring = False
+        _chunk_cache[self.key] = capacity
+        self.chunk = capacity
 
     def remember(self, capacity: int, samples: int) -> None:
         if self.auto:
             _chunk_cache[self.key] = capacity
+        self.measuring = False
         self.chunk = min(capacity, samples)
+
+
+def _replicate(state: Any, k: int) -> Any:
+    """Each tensor of ``state`` (a tensor or nested tuples) stacked ``k`` times along the batch
+    axis (sample-major rows, keeping the memory format)."""
+    if isinstance(state, Tensor):
+        return torch.cat([state] * k) if k > 1 else state
+    if isinstance(state, tuple):
+        return tuple(_replicate(s, k) for s in state)
+    raise DubitoError(f"mc_stages state must be tensors or tuples of tensors, got {type(state).__name__}")
+
+
+class _Forward:
+    """The model's forward, split into a deterministic prefix (run once per call) and the
+    stochastic rest (run per chunk of samples), optionally compiled."""
+
+    def __init__(self, model: nn.Module, split: bool, compile: bool | str) -> None:
+        stages = model.mc_stages() if split and hasattr(model, "mc_stages") else None
+        self.first = 0
+        if stages:
+            active = [any(m.p > 0 for module in mods for m in dropout_modules(module)) for mods, _ in stages]
+            self.first = active.index(True) if any(active) else len(stages) - 1
+        if self.first == 0:
+            self.prefix, rest = (), [model]
+        else:
+            self.prefix, rest = [fn for _, fn in stages[: self.first]], [fn for _, fn in stages[self.first :]]
+
+        def suffix(state):
+            for fn in rest:
+                state = fn(state)
+            return state
+
+        self.suffix = _compiled(model, self.first, suffix, compile) if compile else suffix
+
+    def start(self, x: Tensor) -> Any:
+        state = x
+        for fn in self.prefix:
+            state = fn(state)
+        return state
+
+
+def _compiled(model: nn.Module, first: int, fn: Callable, backend: bool | str) -> Callable:
+    backend = "inductor" if backend is True else backend
+    cache = _compile_cache.setdefault(model, {})
+    if (first, backend) not in cache:
+        cache[first, backend] = torch.compile(fn, backend=backend)
+    return cache[first, backend]
 
 
 def mc_samples(
@@ -261,6 +364,9 @@ def mc_samples(
     logit_noise_samples: int = 16,
     seed: int | None = None,
     stochastic: bool = True,
+    channels_last: bool | str = "auto",
+    prefix_cache: bool = True,
+    compile: bool | str = False,
 ) -> MCSamples:
     """Run ``samples`` MC-dropout forward passes of ``model`` on the batch ``x``.
 
@@ -275,12 +381,23 @@ def mc_samples(
         logit_noise_samples: T_a, ε draws per dropout sample (0 = plain softmax).
         seed: base seed of the dropout masks and ε; ``None`` draws one from torch's global RNG.
         stochastic: ``False`` for one deterministic pass (dropout off).
+        channels_last: run image batches (N, C, H, W) in channels-last memory format;
+            ``"auto"`` does for 4-D inputs (the model's weights are left as they are).
+        prefix_cache: for models with ``mc_stages()`` (FC-DenseNet), run the stages before
+            the first active dropout layer once and replicate only the rest.
+        compile: run the (stochastic part of the) forward through ``torch.compile``, compiled
+            once per model and process (the first call pays the compilation); ``True`` for
+            the inductor backend, or a backend name.
     Returns:
         :class:`MCSamples` with a leading T axis. When dropout is off or the model has no
         dropout with p > 0, a single pass is made and T is 1.
     """
     if not isinstance(samples, int) or samples < 1:
         raise DubitoError(f"samples must be a positive integer, got {samples!r}")
+    if not isinstance(compile, (bool, str)):
+        raise DubitoError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
+    if channels_last not in (True, False, "auto"):
+        raise DubitoError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
     if seed is None:
         seed = int(torch.randint(0, 1 << 62, (1,)).item())
     active = has_active_dropout(model)
@@ -294,13 +411,18 @@ def mc_samples(
     if not stochastic or not active:
         samples = 1
         stochastic = False
-    plan = _ChunkPlan(model, x, samples, chunk_size, (probs, autocast, logit_noise_samples))
+    if x.dim() == 4 and channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    forward = _Forward(model, prefix_cache and stochastic, compile)
+    plan = _ChunkPlan(model, x, samples, chunk_size, (probs, autocast, logit_noise_samples, forward.first, compile))
 
     out_mean = out_log_var = out_probs = None
     t = 0
     with torch.inference_mode(), mc_dropout_mode(model, stochastic) as source:
+        with _autocast_context(x.device, autocast):
+            state = forward.start(x)
         while t < samples:
-            k = min(plan.chunk, samples - t)
+            k = plan.next_chunk(samples - t)
             source.generators = [
                 torch.Generator(device=x.device).manual_seed(_sample_seed(seed, t + j)) for j in range(k)
             ]
@@ -308,10 +430,10 @@ def mc_samples(
                 torch.cuda.synchronize(x.device)
                 torch.cuda.reset_peak_memory_stats(x.device)
                 before = torch.cuda.memory_allocated(x.device)
+            started = _clock()
             try:
-                xr = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
                 with _autocast_context(x.device, autocast):
-                    mean, log_var = _split_output(model(xr))
+                    mean, log_var = _split_output(forward.suffix(_replicate(state, k)))
                 mean = mean.float()
                 if log_var is not None:
                     log_var = _broadcast_log_var(log_var.float(), mean).reshape(k, x.shape[0], *mean.shape[1:])
@@ -347,4 +469,6 @@ def mc_samples(
             if p is not None:
                 out_probs[t : t + k] = p
             t += k
+            if plan.measuring:
+                plan.timed(k, _clock() - started, samples - t)
     return MCSamples(out_mean, out_log_var, out_probs)

@@ -50,7 +50,7 @@ def test_p_zero_gives_identical_samples_equal_to_eval_forward():
     model = small_net(0.0)
     x = torch.randn(2, 3, 6, 6)
     with pytest.warns(UserWarning, match="no dropout module with p > 0"):
-        out = mc_samples(model, x, 8, seed=0)
+        out = mc_samples(model, x, 8, seed=0, channels_last=False)
     assert out.mean.shape[0] == 1  # no active dropout: one deterministic pass stands for all samples
     assert torch.equal(out.mean[0], model.eval()(x))
     # the stochastic mode itself (hooks installed) is also the identity at p = 0
