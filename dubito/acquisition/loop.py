@@ -36,6 +36,7 @@ from dubito import DubitoError
 from dubito.acquisition.ledger import INITIAL, Ledger
 from dubito.platform.data import DATASETS, get_dataset, train_transform
 from dubito.platform.files import write_json
+from dubito.platform.models import DROPOUT_PLACEMENTS
 from dubito.platform.service import UncertaintyService, resolve_device
 from dubito.platform.tracking import tracked_run
 from dubito.platform.training import TrainConfig, fit, save_model, validate
@@ -68,6 +69,7 @@ class LoopConfig:
     model: str = field(default="tiny", metadata={"help": "tiny, fc_densenet56/67/103, or mlp (digits)"})
     variant: str = field(default="both", metadata={"help": "baseline, homoscedastic, aleatoric, epistemic, both"})
     dropout: float = field(default=0.2, metadata={"help": "dropout p"})
+    dropout_at: str = field(default="all", metadata={"help": "FC-DenseNet dropout placement: all (paper), decoder, last_block or head (fastest scoring)"})
     height: int = field(default=32, metadata={"help": "image height"})
     width: int = field(default=40, metadata={"help": "image width"})
     epochs: int = field(default=8, metadata={"help": "training epochs per round (from scratch)"})
@@ -110,6 +112,8 @@ class LoopConfig:
             raise DubitoError(f"--scorers and --scorer-threads must be >= 0, got {self.scorers} and {self.scorer_threads}")
         if self.temperature <= 0:
             raise DubitoError(f"--temperature must be > 0, got {self.temperature}")
+        if self.dropout_at not in DROPOUT_PLACEMENTS or (self.dropout_at != "all" and self.model == "mlp"):
+            raise DubitoError(f"--dropout-at must be one of {', '.join(DROPOUT_PLACEMENTS)} (FC-DenseNet models only), got {self.dropout_at!r}")
         if not self.dataset.startswith("synthetic-") and self.dataset != "digits" and not self.root:
             raise DubitoError(f"--dataset {self.dataset} is read from disk: give --root DIR")
 
@@ -118,12 +122,15 @@ class LoopConfig:
         return math.ceil((self.budget - self.initial) / self.query) if self.budget else self.rounds
 
     def settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in _RESUMABLE}
+        settings = {k: v for k, v in asdict(self).items() if k not in _RESUMABLE}
+        if settings["dropout_at"] == "all":  # as ledgers written before placements existed record it
+            del settings["dropout_at"]
+        return settings
 
     def train_config(self, round: int) -> TrainConfig:
         return TrainConfig(
             dataset=self.dataset, root=self.root, model=self.model, variant=self.variant, dropout=self.dropout,
-            height=self.height, width=self.width, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+            dropout_at=self.dropout_at, height=self.height, width=self.width, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
             seed=self.seed * 1000 + round, data_seed=self.data_seed, device=self.device,
         )  # fmt: skip
 

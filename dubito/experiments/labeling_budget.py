@@ -57,6 +57,7 @@ class LabelConfig:
     model: str = _same("model")
     variant: str = _same("variant")
     dropout: float = _same("dropout")
+    dropout_at: str = _same("dropout_at")
     height: int = _same("height")
     width: int = _same("width")
     epochs: int = _same("epochs")
