@@ -33,3 +33,45 @@ def test_ray_scoring_benchmark_rows_show_identical_scores(ray_session):
     assert [r[:34].strip() for r in rows] == ["local (this process)", "1 Ray actor", "2 Ray actors", "2 Ray actors"]
     assert all(float(r.split()[-1]) == 0.0 for r in rows[:3])  # actors with this process's threads: bit-identical
     assert float(rows[3].split()[-1]) < 1e-4  # one thread per actor: equal to float rounding
+
+
+def _mc_args(**overrides):
+    import argparse
+
+    args = dict(samples=4, batch=2, repeats=1, no_baal=True, no_memory=False, bf16=True, compile=False)
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def test_mc_speed_benchmark_compares_every_method_on_the_same_masks():
+    from benchmarks.mc import speed_case
+
+    rows = speed_case("tiny", (24, 32), _mc_args(), torch.device("cpu"), log=lambda line: None)
+    methods = [r.method for r in rows]
+    assert methods[0].startswith("naive loop") and "engine: default (auto chunk, measured)" in methods
+    assert [m for m in methods if m.startswith("dropout_at=")] == [
+        "dropout_at=decoder + prefix cache", "dropout_at=last_block + prefix cache",
+        "dropout_at=head, no prefix cache", "dropout_at=head + prefix cache",
+    ]  # fmt: skip
+    by = {r.method: r for r in rows}
+    # the naive loop with the engine's masks, and every exact mode, give the engine loop's uncertainties
+    assert by["naive loop (train-mode dropout, no_grad)"].deviation == 0.0
+    assert by["engine: + preallocated dense blocks"].deviation == 0.0
+    assert all(r.deviation < 1e-5 for r in rows if "bf16" not in r.method)  # channels-last: float rounding
+    assert 0 < by["engine: default + bf16 autocast"].deviation < 0.2  # bf16: visibly different, still close
+    assert all(r.rate > 0 and r.peak >= 0 for r in rows)
+
+
+def test_mc_memory_and_quality_benchmarks_run_on_small_data(capsys):
+    import argparse
+
+    from benchmarks.mc import memory, quality
+
+    results = memory(argparse.Namespace(pools="6,12", samples=2, height=24, width=32))
+    assert [r["scored"] for r in results] == [6, 12] and all(r["peak"] > r["before"] > 0 for r in results)
+    rows = quality(argparse.Namespace(epochs=1, seeds="0", samples=2, height=24, width=32, train_images=6,
+                                      test_images=3, repeats=1, threads=0))  # fmt: skip
+    assert [r["dropout_at"] for r in rows] == ["all", "decoder", "last_block", "head"]
+    assert all(0.0 <= r["ood_auroc"] <= 1.0 and 0.0 <= r["mean_iou"] <= 1.0 and r["img_per_s"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "| head | 0 |" in out and "peak / smallest pool's" in out
