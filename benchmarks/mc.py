@@ -117,6 +117,31 @@ class PeakMemory:
             self.peak = max(self.top, _rss()) - self.base
 
 
+def limit_memory(fraction: float = 0.8) -> None:
+    """On Linux, cap this process's address space at what it uses now plus ``fraction`` of the
+    available memory, so that a method that cannot fit (baal replicating T images at once) fails
+    with an allocation error the benchmark reports, instead of the kernel killing the process."""
+    import resource
+
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, StopIteration):
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (size + int(fraction * available), resource.RLIM_INFINITY))
+
+
+def _memory_note(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB GPU"
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return "capped at {:.1f} GiB of address space".format(soft / 2**30) if soft != resource.RLIM_INFINITY else "host memory"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -169,16 +194,16 @@ def naive_loop(model: nn.Module, x: Tensor, samples: int) -> Tensor:
         model.train(was)
 
 
-def baal_method(model: nn.Module):
-    """baal 2's MC inference (``replicate_in_memory=True``, its default) on its patched copy."""
+def baal_method(model: nn.Module, replicate: bool = True):
+    """baal 2's MC inference on its patched copy of the model (``replicate_in_memory=True`` is its default)."""
     from baal.bayesian.dropout import patch_module
     from baal.modelwrapper import mc_inference
 
     patched = patch_module(copy.deepcopy(model), inplace=True).eval()
 
     def run(x: Tensor, samples: int) -> Tensor:
-        with plain_blocks():
-            out = mc_inference(patched, x, samples, replicate_in_memory=True)  # (N, C, H, W, T) logits
+        with torch.no_grad(), plain_blocks():  # as baal's ModelWrapper.predict_on_batch
+            out = mc_inference(patched, x, samples, replicate_in_memory=replicate)  # (N, C, H, W, T) logits
         return torch.softmax(out.float(), 1).permute(4, 0, 1, 2, 3)
 
     return run
@@ -244,22 +269,28 @@ def speed_case(name: str, size: tuple[int, int], args, device: torch.device, log
     x = torch.randn(args.batch, 3, h, w, generator=torch.Generator().manual_seed(1)).to(device)
     T, rows = args.samples, []
 
-    def add(method: str, fn: Callable[[int], Tensor], reference: Tensor | None, label: str, check: Tensor | None = None):
+    def add(method: str, fn: Callable[[int], Tensor], reference: Tensor | None, label: str,
+            check: Callable[[], Tensor] | None = None) -> None:  # fmt: skip
         _chunk_cache.clear()
-        seconds, peak, probs = time_method(fn, T, args.repeats, device, memory=not args.no_memory)
-        compared = probs if check is None else check
-        dev = None if reference is None else max_deviation(compared, reference)
+        try:
+            seconds, peak, probs = time_method(fn, T, args.repeats, device, memory=not args.no_memory)
+            dev = None if reference is None else max_deviation(probs if check is None else check(), reference)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if "memory" not in str(err).lower():
+                raise
+            seconds, peak, dev, label = float("nan"), float("nan"), None, f"out of memory ({_memory_note(device)})"
         rows.append(Row(case, method, seconds, peak, dev, label, args.batch, {"chunk": dict(_chunk_cache)}))
         log(format_row(rows[-1], rows))
-        return probs
 
     reference = engine(model, x, T, buffered=False, chunk_size=1, channels_last=False, prefix_cache=False)
     add("naive loop (train-mode dropout, no_grad)", lambda t: naive_loop(model, x, t), reference, "engine loop, same masks",
-        check=with_engine_masks(model, x, T, replicate=False))  # fmt: skip
+        check=lambda: with_engine_masks(model, x, T, replicate=False))  # fmt: skip
     if not args.no_baal:
         run = baal_method(model)
         add("baal mc_inference, replicate_in_memory", lambda t: run(x, t), reference, "engine loop, same masks",
-            check=with_engine_masks(model, x, T, replicate=True))  # fmt: skip
+            check=lambda: with_engine_masks(model, x, T, replicate=True))  # fmt: skip
+        looped = baal_method(model, replicate=False)
+        add("baal mc_inference, replicate_in_memory=False", lambda t: looped(x, t), None, "")
     plain = {"chunk_size": 1, "channels_last": False}
     add("engine: loop, NCHW, concatenating blocks", lambda t: engine(model, x, t, buffered=False, **plain), reference, "engine loop")
     add("engine: + preallocated dense blocks", lambda t: engine(model, x, t, **plain), reference, "engine loop")
@@ -291,13 +322,14 @@ HEADER = f"| {'case':26s} | {'method':44s} | img/s | vs naive | vs baal | peak M
 def format_row(row: Row, rows: list[Row]) -> str:
     same = [r for r in rows if r.case == row.case]
     naive = next((r for r in same if r.method.startswith("naive")), None)
-    baal = next((r for r in same if r.method.startswith("baal")), None)
+    baal = next((r for r in same if r.method == "baal mc_inference, replicate_in_memory"), None)
 
     def ratio(base: Row | None) -> str:
-        return f"{row.rate / base.rate:.2f}x" if base else "-"
+        return f"{row.rate / base.rate:.2f}x" if base and base.rate == base.rate and row.rate == row.rate else "-"
 
     dev = "-" if row.deviation is None else f"{row.deviation:.1e}"
-    return (f"| {row.case:26s} | {row.method:44s} | {row.rate:5.2f} | {ratio(naive):>8s} | {ratio(baal):>7s} | "
+    rate = "-" if row.rate != row.rate else f"{row.rate:5.2f}"
+    return (f"| {row.case:26s} | {row.method:44s} | {rate:>5s} | {ratio(naive):>8s} | {ratio(baal):>7s} | "
             f"{row.peak / 2**20:8.1f} | {dev:>11s} | {row.reference} |")  # fmt: skip
 
 
@@ -310,6 +342,8 @@ def speed(args) -> list[Row]:
             import baal  # noqa: F401
         except ImportError:
             sys.exit("baal is not installed: pip install -c constraints.txt -e '.[bench]' (or pass --no-baal)")
+    if device.type == "cpu" and not args.no_memory_cap:
+        limit_memory()
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"MC-dropout speed: T = {args.samples}, batch {args.batch}, {card}, torch {torch.__version__}")
     print(HEADER)
@@ -439,6 +473,7 @@ def main(argv=None) -> None:
     p.add_argument("--bf16", action="store_true", help="add a bf16 autocast row on a CPU too")
     p.add_argument("--no-baal", action="store_true", help="leave baal out")
     p.add_argument("--no-memory", action="store_true", help="skip the untimed peak-memory runs")
+    p.add_argument("--no-memory-cap", action="store_true", help="CPU: do not cap the address space (a method that does not fit is then killed)")
     p.add_argument("--quick", action="store_true", help="tiny model, 32x40, T = 4 (smoke run)")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     m = sub.add_parser("memory", help="peak memory of streaming scoring, by pool size")

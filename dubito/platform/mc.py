@@ -31,7 +31,8 @@ How sampling works
   layer (p > 0) run once per call and only the rest is replicated per chunk. With dropout
   only before the 1×1 head (``FCDenseNet(dropout_at="head")``) T samples cost little
   more than one pass. The masks are the same, so the samples are too (bit-identical on a
-  CPU).
+  CPU). A model whose class overrides the forward its stages describe, or with hooks on the
+  model itself, runs whole.
 * Image batches run in channels-last memory format by default (``channels_last``), which
   oneDNN and cuDNN convolutions prefer; the samples then agree with contiguous ones to
   float rounding (about 1e-6).
@@ -51,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -85,7 +85,6 @@ CUDA_MEMORY_FRACTION = 0.5
 NOISE_BLOCK_ELEMENTS = 1 << 24
 
 _chunk_cache: dict[tuple, int] = {}
-_compile_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _clock = time.perf_counter  # what chunk measurement times with
 
 
@@ -119,7 +118,7 @@ class _MaskSource:
         self.generators: list[torch.Generator] = []
 
     def mask(self, module: nn.Module, x: Tensor) -> Tensor:
-        """The scaled keep mask (0 or 1 / (1 - p), float32) of this chunk's samples for ``x``."""
+        """The keep mask (1.0 kept, 0.0 dropped; float32) of this chunk's samples for ``x``."""
         k = len(self.generators)
         keep = 1.0 - module.p
         if k == 0:  # used on its own (no engine-run chunk): torch's global RNG, like nn.Dropout
@@ -133,8 +132,7 @@ class _MaskSource:
             shape = self._shape(module, x, x.shape[0] // k)
             blocks = [torch.rand(shape, generator=g, device=x.device) for g in self.generators]
         mask = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
-        # in place: uniform -> 1.0 where kept, 0.0 where dropped -> scaled (the same value as x · m · 1/(1-p))
-        return mask.lt_(keep).mul_(1.0 / keep)
+        return mask.lt_(keep)  # in place: uniform -> 1.0 where kept, 0.0 where dropped
 
     @staticmethod
     def _shape(module: nn.Module, x: Tensor, n: int) -> tuple[int, ...]:
@@ -157,10 +155,10 @@ def mc_dropout_mode(model: nn.Module, stochastic: bool = True) -> Iterator[_Mask
         x = inputs[0]
         if module.p >= 1:
             return torch.zeros_like(x)
-        mask = source.mask(module, x)
+        mask, scale = source.mask(module, x), 1.0 / (1.0 - module.p)
         if mask.shape == x.shape and mask.dtype == x.dtype and x.is_contiguous():
-            return mask.mul_(x)  # one pass, into the mask's own memory
-        return x * mask.to(x.dtype)  # keeps x's memory format (channels-last)
+            return mask.mul_(x).mul_(scale)  # x · m · 1/(1-p), in the mask's own memory
+        return (x * mask.to(x.dtype)).mul_(scale)  # keeps x's memory format (channels-last) and dtype
 
     try:
         model.eval()
@@ -273,26 +271,32 @@ class _ChunkPlan:
             self.remember(max(1, CPU_REPLICATION_ELEMENTS // max(1, x.numel())), samples)
         else:
             # measure: one untimed warm-up sample, then chunks of 1, 2, 4, ... while the time per
-            # sample drops by at least CPU_REPLICATION_GAIN
-            self.chunk, self.measuring, self.warm, self.trial, self.best = 1, True, False, 1, None
+            # sample drops by at least CPU_REPLICATION_GAIN; each new size runs once untimed first
+            # (new shapes pay one-time setup), and its second run is timed
+            self.chunk, self.measuring, self.fresh, self.trial, self.best = 1, True, True, 1, None
 
     def next_chunk(self, remaining: int) -> int:
         return min(self.trial if self.measuring else self.chunk, remaining)
 
     def timed(self, k: int, seconds: float, remaining: int) -> None:
         """Record that a chunk of ``k`` samples took ``seconds`` (``remaining`` samples are left)."""
-        if not self.warm:  # the warm-up sample
-            self.warm = True
+        if k < self.trial:  # the call's last, shorter chunk: not a measurement
+            return
+        if self.fresh:  # the first run of this size
+            self.fresh = False
+            if k > remaining:  # no room for its timed run: use the best size so far, decide later
+                self.trial = self.best[1] if self.best else 1
+                self.measuring = False
+                self.chunk = self.trial
             return
         per_sample = seconds / k
         if self.best is not None and per_sample > self.best[0] * (1.0 - CPU_REPLICATION_GAIN):
-            self._settle(self.best[1])
+            self._settle(self.best[1])  # a larger chunk does not pay: that is the answer, cached
             return
         self.best = (per_sample, k)
-        if 2 * k > remaining:  # no room to try a larger chunk in this call
-            self._settle(k)
-        else:
-            self.trial = 2 * k
+        self.trial, self.fresh = 2 * k, True
+        if 2 * k > remaining:  # no room to try a larger chunk: not cached, a call with more samples measures again
+            self.measuring, self.chunk = False, k
 
     def _settle(self, capacity: int) -> None:
         self.measuring = False
@@ -304,6 +308,17 @@ class _ChunkPlan:
             _chunk_cache[self.key] = capacity
         self.measuring = False
         self.chunk = min(capacity, samples)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the CPU allocator's failure (a plain RuntimeError)."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def _nbytes(state: Any) -> int:
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    return sum(_nbytes(s) for s in state) if isinstance(state, tuple) else 0
 
 
 def _replicate(state: Any, k: int) -> Any:
@@ -321,11 +336,13 @@ class _Forward:
     stochastic rest (run per chunk of samples), optionally compiled."""
 
     def __init__(self, model: nn.Module, split: bool, compile: bool | str) -> None:
-        stages = model.mc_stages() if split and hasattr(model, "mc_stages") else None
+        stages = model.mc_stages() if split and _stages_are_forward(model) else None
         self.first = 0
         if stages:
             active = [any(m.p > 0 for module in mods for m in dropout_modules(module)) for mods, _ in stages]
-            self.first = active.index(True) if any(active) else len(stages) - 1
+            listed = {id(m) for mods, _ in stages for module in mods for m in dropout_modules(module)}
+            if any(active) and all(id(m) in listed for m in dropout_modules(model) if m.p > 0):
+                self.first = active.index(True)
         if self.first == 0:
             self.prefix, rest = (), [model]
         else:
@@ -345,9 +362,21 @@ class _Forward:
         return state
 
 
+def _stages_are_forward(model: nn.Module) -> bool:
+    """Whether ``model.mc_stages()`` can stand for its forward: the class that defines the stages
+    also defines the forward in use, and no hook on the model itself would be bypassed."""
+    owner = next((c for c in type(model).__mro__ if "mc_stages" in c.__dict__), None)
+    return (
+        owner is not None
+        and type(model).forward is owner.__dict__.get("forward")
+        and not (model._forward_hooks or model._forward_pre_hooks)
+    )
+
+
 def _compiled(model: nn.Module, first: int, fn: Callable, backend: bool | str) -> Callable:
+    """``torch.compile(fn)``, kept on the model (a plain attribute: it goes when the model goes)."""
     backend = "inductor" if backend is True else backend
-    cache = _compile_cache.setdefault(model, {})
+    cache = model.__dict__.setdefault("_dubito_compiled", {})
     if (first, backend) not in cache:
         cache[first, backend] = torch.compile(fn, backend=backend)
     return cache[first, backend]
@@ -382,7 +411,8 @@ def mc_samples(
         seed: base seed of the dropout masks and ε; ``None`` draws one from torch's global RNG.
         stochastic: ``False`` for one deterministic pass (dropout off).
         channels_last: run image batches (N, C, H, W) in channels-last memory format;
-            ``"auto"`` does for 4-D inputs (the model's weights are left as they are).
+            ``"auto"`` does for 4-D inputs of models with ``nn.Conv2d`` layers (the model's
+            weights are left as they are).
         prefix_cache: for models with ``mc_stages()`` (FC-DenseNet), run the stages before
             the first active dropout layer once and replicate only the rest.
         compile: run the (stochastic part of the) forward through ``torch.compile``, compiled
@@ -411,10 +441,11 @@ def mc_samples(
     if not stochastic or not active:
         samples = 1
         stochastic = False
-    if x.dim() == 4 and channels_last:
+    if x.dim() == 4 and channels_last and (channels_last is True or any(isinstance(m, nn.Conv2d) for m in model.modules())):
         x = x.contiguous(memory_format=torch.channels_last)
     forward = _Forward(model, prefix_cache and stochastic, compile)
-    plan = _ChunkPlan(model, x, samples, chunk_size, (probs, autocast, logit_noise_samples, forward.first, compile))
+    layout = x.dim() == 4 and not x.is_contiguous()
+    plan = _ChunkPlan(model, x, samples, chunk_size, (probs, autocast, logit_noise_samples, forward.first, compile, layout))
 
     out_mean = out_log_var = out_probs = None
     t = 0
@@ -446,15 +477,16 @@ def mc_samples(
                             for j, g in enumerate(source.generators)
                         ]
                     )
-            except torch.OutOfMemoryError:
-                if k == 1:
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if k == 1 or not _out_of_memory(err):
                     raise
                 if x.device.type == "cuda":
                     torch.cuda.empty_cache()
                 plan.remember(max(1, k // 2), samples)
                 continue
             if plan.probe:
-                per_sample = max(1, torch.cuda.max_memory_allocated(x.device) - before)
+                # a replicated chunk also holds its copy of the cached prefix state
+                per_sample = max(1, torch.cuda.max_memory_allocated(x.device) - before) + _nbytes(state)
                 free, _ = torch.cuda.mem_get_info(x.device)
                 plan.remember(max(1, int(CUDA_MEMORY_FRACTION * free // per_sample)), samples)
                 plan.probe = False

@@ -166,7 +166,8 @@ class _DenseLayer(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         norm, relu, conv, dropout = self
-        if norm.training or norm.running_var is None or torch.is_grad_enabled() or not _DenseBlock.preallocate:
+        if (norm.training or norm.running_var is None or torch.is_grad_enabled() or not _DenseBlock.preallocate
+                or x.dtype != norm.running_var.dtype):  # fmt: skip  (autocast: BatchNorm's own mixed precision)
             return super().forward(x)
         scale = norm.running_var.add(norm.eps).rsqrt_()
         if norm.weight is not None:

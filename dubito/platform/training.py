@@ -376,6 +376,7 @@ def fit(
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """Settings that must match to resume (``epochs`` may grow; where and how it runs may change)."""
+    config = {"dropout_at": "all", **config}  # checkpoints written before placements existed: dropout everywhere
     return {k: v for k, v in config.items() if k not in ("epochs", "workers", "loader_workers", "gpu", "device", "output", "patience")}
 
 

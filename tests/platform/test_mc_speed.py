@@ -69,7 +69,7 @@ def test_training_still_concatenates_and_gets_gradients():
     assert all(p.grad is not None for p in model.head.parameters())
 
 
-@pytest.mark.parametrize("placement", ["decoder", "last_block", "head"])
+@pytest.mark.parametrize("placement", DROPOUT_PLACEMENTS)
 def test_prefix_cache_gives_the_samples_of_the_full_forward(placement):
     model = tiny(placement)
     x = torch.randn(3, 3, 20, 28)
@@ -136,8 +136,9 @@ class Costly(nn.Module):
 @pytest.mark.parametrize(
     "cost, first_batches, capacity",
     [
-        (lambda k: 1.0 + 0.1 * k, [2, 2, 4, 8, 16, 32, 16], 16),  # per-call overhead: replication pays
-        (lambda k: k**1.2, [2, 2, 4, 2, 2], 1),  # replication costs more per sample: loop
+        # per-call overhead, then memory traffic: each size runs untimed, then timed; 8 is worse than 4
+        (lambda k: 1.0 + 0.1 * k + 0.05 * k * k, [2, 2, 4, 4, 8, 8, 16, 16, 8, 8, 4], 4),
+        (lambda k: k**1.2, [2, 2, 4, 4, 2, 2], 1),  # replication costs more per sample: loop
     ],
 )
 def test_cpu_chunk_size_is_found_by_measurement(monkeypatch, cost, first_batches, capacity):
@@ -156,6 +157,9 @@ def test_cpu_chunk_size_is_found_by_measurement(monkeypatch, cost, first_batches
     model.batches.clear()
     mc_samples(model, x, 40, seed=0)  # the next call uses what was measured
     assert set(model.batches[:-1]) == {2 * capacity}
+    _chunk_cache.clear()
+    mc_samples(model, x, 4, seed=0)  # too few samples to decide: nothing is cached for later calls
+    assert _chunk_cache == {}
 
 
 def test_compile_gives_the_same_samples():
@@ -166,7 +170,7 @@ def test_compile_gives_the_same_samples():
     for _ in range(2):  # compiled once per model, reused
         out = mc_samples(model, x, 4, seed=0, compile="eager", channels_last=False)
         assert torch.equal(out.mean, ref.mean) and torch.equal(out.log_var, ref.log_var)
-    assert len(mc._compile_cache[model]) == 1
+    assert len(model._dubito_compiled) == 1
 
 
 def test_service_and_training_carry_the_options(tmp_path):
@@ -192,3 +196,52 @@ def test_service_and_training_carry_the_options(tmp_path):
     with pytest.raises(DubitoError, match="FC-DenseNet option"):
         TrainConfig(model="mlp", dropout_at="head").validate()
     assert dropout_modules(loaded)[-1] is loaded.head_dropout
+
+
+def test_models_whose_forward_is_not_their_stages_run_whole():
+    class Shifted(FCDenseNet):
+        def forward(self, x):
+            return super().forward(x + 1.0)
+
+    torch.manual_seed(0)
+    model = Shifted("tiny", variant="epistemic", dropout=0.3, dropout_at="head").eval()
+    x = torch.randn(2, 3, 16, 16)
+    out = mc_samples(model, x, 3, seed=0, **{**EXACT, "prefix_cache": True})
+    ref = mc_samples(model, x, 3, seed=0, **EXACT)
+    assert torch.equal(out.mean, ref.mean)
+    with torch.no_grad():  # and it is the subclass's forward that ran: dropout-free check on the input shift
+        plain = FCDenseNet("tiny", variant="epistemic", dropout=0.3, dropout_at="head").eval()
+        plain.load_state_dict(model.state_dict())
+    assert not torch.equal(out.mean, mc_samples(plain, x, 3, seed=0, **EXACT).mean)
+    hooked = tiny("head")
+    seen = []
+    hooked.register_forward_hook(lambda m, inp, out: seen.append(1))
+    mc_samples(hooked, x, 3, seed=0, chunk_size=1)
+    assert seen == [1, 1, 1]  # a hook on the model itself is not bypassed
+
+
+def test_cpu_allocation_failure_halves_the_chunk():
+    class Tight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            if x.shape[0] > 6:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+            return self.drop(x)
+
+    x = torch.randn(3, 4)
+    out = mc_samples(Tight(), x, 8, chunk_size=8, seed=0)
+    assert torch.equal(out.mean, mc_samples(Tight(), x, 8, chunk_size=1, seed=0).mean)
+
+
+def test_training_checkpoints_from_before_placements_still_resume():
+    from dataclasses import asdict
+
+    from dubito.platform.training import _comparable
+
+    old = asdict(TrainConfig())
+    del old["dropout_at"]
+    assert _comparable(old) == _comparable(asdict(TrainConfig()))
+    assert _comparable(old) != _comparable(asdict(TrainConfig(dropout_at="head")))
