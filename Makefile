@@ -20,6 +20,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
+	$(BIN)/python -m benchmarks.mc speed
+	$(BIN)/python -m benchmarks.mc memory
 	$(BIN)/python -m benchmarks.mc_chunking
 	$(BIN)/python -m benchmarks.data_loading
 	$(BIN)/python -m benchmarks.ray_scoring
