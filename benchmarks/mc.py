@@ -467,7 +467,7 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", default=None, help="HxW list (CPU: 96x128,180x240; CUDA: 360x480)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--samples", type=int, default=None, help="T (CPU: 20; CUDA: 50)")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per method (best kept)")
     p.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: as set)")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (compiles outside the timing)")
     p.add_argument("--bf16", action="store_true", help="add a bf16 autocast row on a CPU too")

@@ -156,9 +156,12 @@ def mc_dropout_mode(model: nn.Module, stochastic: bool = True) -> Iterator[_Mask
         if module.p >= 1:
             return torch.zeros_like(x)
         mask, scale = source.mask(module, x), 1.0 / (1.0 - module.p)
-        if mask.shape == x.shape and mask.dtype == x.dtype and x.is_contiguous():
-            return mask.mul_(x).mul_(scale)  # x · m · 1/(1-p), in the mask's own memory
-        return (x * mask.to(x.dtype)).mul_(scale)  # keeps x's memory format (channels-last) and dtype
+        if mask.dtype != x.dtype:  # autocast: x · m, then the scale in x's dtype's arithmetic
+            return (x * mask.to(x.dtype)).mul_(scale)
+        mask.mul_(scale)  # x · (m · s) is x · s or 0, the same number as (x · m) · s
+        if mask.shape == x.shape and x.is_contiguous():
+            return mask.mul_(x)  # in the mask's own memory
+        return x * mask  # keeps x's memory format (channels-last)
 
     try:
         model.eval()
