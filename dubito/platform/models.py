@@ -362,18 +362,18 @@ class FCDenseNet(_VariantModel):
 
             return run
 
-        def up(transition: nn.Module, block: nn.Module | None) -> Callable:
-            if block is None:
-                return lambda state: (transition(state[0], state[1][-1]), state[1][:-1])
+        def upsample(transition: nn.Module) -> Callable:  # joins the deepest remaining skip
+            return lambda state: (transition(state[0], state[1][-1]), state[1][:-1])
+
+        def dense(block: nn.Module) -> Callable:
             return lambda state: (block(state[0]), state[1])
 
         stages: list[tuple[tuple[nn.Module, ...], Callable]] = [((self.first,), first)]
         for block, transition in zip(self.down_blocks, self.transitions_down):
             stages.append(((block, transition), down(block, transition)))
-        stages.append(((self.bottleneck,), lambda state: (self.bottleneck(state[0]), state[1])))
+        stages.append(((self.bottleneck,), dense(self.bottleneck)))
         for transition, block in zip(self.transitions_up, self.up_blocks):
-            stages.append(((transition,), up(transition, None)))
-            stages.append(((block,), up(transition, block)))
+            stages += [((transition,), upsample(transition)), ((block,), dense(block))]
         stages.append(((self.head_dropout, self.head), lambda state: self.head(self.head_dropout(state[0]))))
         return stages
 
