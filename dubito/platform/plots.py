@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dubito.platform.files import atomic_path  # noqa: E402
+
 __all__ = ["uncertainty_figure", "training_curves", "learning_curves_figure", "scaling_figure", "visitation_figure", "epistemic_visits_figure", "uncertainty_curves_figure", "sparsification_figure", "calibration_figure", "histogram_figure", "samples_figure", "CAMVID_COLORS"]
 
 #: SegNet's CamVid palette (11 classes + void in black)
@@ -81,12 +83,12 @@ def uncertainty_figure(
 def _save(fig, path: str | Path, dpi: int = 90) -> Path:
     """Save ``fig`` atomically as PNG (never a half-written file) and close it."""
     path = Path(path)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:  # a unique name beside it: two writers never share a temporary file
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
