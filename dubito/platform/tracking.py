@@ -17,7 +17,9 @@ from typing import Any
 
 from dubito import DubitoError
 
-__all__ = ["default_tracking_uri", "artifact_location", "flatten_params", "TrackedRun", "tracked_run"]
+__all__ = ["default_tracking_uri", "artifact_location", "check_tracking", "flatten_params", "TrackedRun", "tracked_run"]
+
+CONNECT_TIMEOUT = 5.0  # seconds to reach a tracking server before giving up
 
 
 def default_tracking_uri() -> str:
@@ -26,6 +28,57 @@ def default_tracking_uri() -> str:
     if env:
         return env
     return "sqlite:///" + str(Path.cwd().resolve() / "mlflow.db")
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``None`` for an in-memory database)."""
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def check_tracking(uri: str | None = None, timeout: float = CONNECT_TIMEOUT) -> str:
+    """Check the tracking store before any work, writing nothing; returns the URI.
+
+    A SQLite store needs its folder to exist (it is never created) and to be writable; a tracking
+    server must answer within ``timeout`` seconds (later requests then fail after a few short
+    retries instead of minutes); a file store must be a writable folder. Raises
+    :class:`DubitoError` naming the URI and what to do."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    uri = uri or default_tracking_uri()
+    what = f"MLflow tracking URI {uri!r}"
+    fix = "set MLFLOW_TRACKING_URI to a usable store (e.g. sqlite:////absolute/path/mlflow.db)"
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite":
+        db = _sqlite_path(uri)
+        if db is None:
+            return uri
+        if not db.parent.is_dir():
+            raise DubitoError(f"{what}: the folder {db.parent} does not exist (dubito does not create it): create it, or {fix}")
+        if db.exists() and (not db.is_file() or not os.access(db, os.R_OK | os.W_OK)):
+            raise DubitoError(f"{what}: {db} is not a writable file: {fix}")
+        if not os.access(db.parent, os.W_OK | os.X_OK):
+            raise DubitoError(f"{what}: the folder {db.parent} is not writable (SQLite writes its journal there): {fix}")
+    elif scheme in ("http", "https"):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # MLflow's default retries for minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as answer:
+                answer.read(64)
+        except urllib.error.HTTPError as err:  # it answers: a server, maybe behind a proxy without /health
+            if err.code >= 500:
+                raise DubitoError(f"{what}: the tracking server answered {err.code} {err.reason}: {fix}") from None
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise DubitoError(f"{what}: no tracking server answered within {timeout:g} s ({reason}): start it, or {fix}") from None
+    elif scheme in ("", "file"):
+        folder = Path(urlparse(uri).path if scheme == "file" else uri)
+        probe = folder if folder.exists() else folder.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise DubitoError(f"{what}: {probe} is not a writable folder: {fix}")
+    return uri
 
 
 def artifact_location(uri: str) -> str | None:
@@ -119,7 +172,7 @@ def tracked_run(
     """
     from mlflow.tracking import MlflowClient
 
-    uri = uri or default_tracking_uri()
+    uri = check_tracking(uri)
     try:
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
