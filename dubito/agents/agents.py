@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from dubito import DubitoError
 from dubito.agents.replay import ReplayBuffer
+from dubito.platform.config import check_range, flag
 from dubito.platform.losses import gaussian_nll
 from dubito.platform.mc import mc_samples
 from dubito.platform.models import MLP, EnsembleMLP
@@ -80,22 +81,22 @@ class AgentConfig:
         self.hidden_sizes()
         for name in ("batch_size", "buffer_size", "min_replay", "train_every", "target_every", "ensemble", "samples"):
             if int(getattr(self, name)) < 1:
-                raise DubitoError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("lr", "kappa", "prior_scale", "rnd_scale"):
-            if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise DubitoError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+                raise DubitoError(f"{flag(name)} must be >= 1, got {getattr(self, name)!r}")
+        check_range("lr", self.lr, 0.0, low_open=True)
+        for name in ("kappa", "prior_scale", "rnd_scale"):
+            check_range(name, getattr(self, name), 0.0)
         if not 0.0 <= self.gamma <= 1.0:
-            raise DubitoError(f"gamma must be in [0, 1], got {self.gamma!r}")
+            raise DubitoError(f"--gamma must be in [0, 1], got {self.gamma!r}")
         if not 0.0 <= self.epsilon <= 1.0:
-            raise DubitoError(f"epsilon must be in [0, 1], got {self.epsilon!r}")
+            raise DubitoError(f"--epsilon must be in [0, 1], got {self.epsilon!r}")
         if self.source not in ("ensemble", "dropout"):
-            raise DubitoError(f"source must be 'ensemble' or 'dropout', got {self.source!r}")
+            raise DubitoError(f"--source must be 'ensemble' or 'dropout', got {self.source!r}")
         if not 0.0 < self.mask_prob <= 1.0:
-            raise DubitoError(f"mask_prob must be in (0, 1], got {self.mask_prob!r}")
+            raise DubitoError(f"--mask-prob must be in (0, 1], got {self.mask_prob!r}")
         if self.min_replay > self.buffer_size:
-            raise DubitoError(f"min_replay ({self.min_replay}) must not exceed buffer_size ({self.buffer_size}): learning would never start")
+            raise DubitoError(f"--min-replay ({self.min_replay}) must not exceed --buffer-size ({self.buffer_size}): learning would never start")
         if not 0.0 <= self.dropout < 1.0:
-            raise DubitoError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise DubitoError(f"--dropout must be in [0, 1), got {self.dropout!r}")
 
     def hidden_sizes(self) -> tuple[int, ...]:
         try:

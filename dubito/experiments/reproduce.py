@@ -31,9 +31,9 @@ from dubito import DubitoError
 from dubito.experiments import int_list
 from dubito.platform.data import DATASETS, get_dataset
 from dubito.platform.evaluation import EVALUATION_FORMAT, EvalConfig, evaluate
-from dubito.platform.files import write_json
+from dubito.platform.files import check_output, exclusive, read_json, write_json
 from dubito.platform.models import VARIANTS
-from dubito.platform.tracking import tracked_run
+from dubito.platform.tracking import check_tracking, tracked_run
 from dubito.platform.training import TrainConfig, train
 
 __all__ = ["ReproduceConfig", "run_reproduce", "format_tables"]
@@ -124,6 +124,12 @@ def _check_inputs(config: ReproduceConfig, datasets: list[str]) -> None:
         raise DubitoError(f"--datasets: unknown {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
     if len(real) > 1:
         raise DubitoError(f"--datasets: one real dataset per call (--root names one folder), got {', '.join(real)}")
+    for name in ("epochs", "train_images", "val_images", "test_images"):
+        if getattr(config, name) < 1:
+            raise DubitoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    for d in datasets:  # the settings every training and evaluation of the study shares
+        _train_config(config, d, "both", 1.0, Path(config.output)).validate()
+        _eval_config(config, d, Path(config.output) / "model.pt", Path(config.output), ood=True).validate()
     for d in real:
         if not config.root:
             raise DubitoError(f"--datasets {d} is read from disk: give --root DIR")
@@ -141,8 +147,8 @@ def _evaluate_once(eval_config: EvalConfig, trained: dict[str, Any], tags: dict[
               "format": EVALUATION_FORMAT}  # results of an older dubito lack newer measures: evaluate again
     done = folder / "results.json"
     if done.exists() and (folder / "source.json").exists():
-        if json.loads((folder / "source.json").read_text()) == json.loads(json.dumps(source)):
-            return json.loads(done.read_text())
+        if read_json(folder / "source.json") == json.loads(json.dumps(source)):
+            return read_json(done)
     results = evaluate(eval_config, progress=progress, tags=tags)
     write_json(folder / "source.json", source)
     return results
@@ -155,22 +161,30 @@ def run_reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict[str
     """
     datasets, variants, fractions = config.parsed()
     _check_inputs(config, datasets)
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output(config.output)
+    check_tracking()
+    with exclusive(out):
+        return _run_reproduce(config, out, datasets, variants, fractions, progress)
+
+
+def _run_reproduce(config: ReproduceConfig, out: Path, datasets: list[str], variants: list[str], fractions: list[float],
+                   progress: bool) -> dict[str, Any]:  # fmt: skip
     seeds = config.seed_list()
     plan = [(d, s, v, 1.0) for d in datasets for s in seeds for v in variants]
     plan += [(d, s, "both", f) for d in datasets for s in seeds for f in fractions if not (f == 1.0 and "both" in variants)]
     total, step, started = len(plan), 0, time.perf_counter()
-    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    previous = read_json(out / "results.json") if (out / "results.json").exists() else {}
     results: dict[str, Any] = {"config": asdict(config), "datasets": dict(previous.get("datasets", {}))}
     for dataset in datasets:
         folder = out / dataset
         folder.mkdir(parents=True, exist_ok=True)
         marker = folder / "reproduce.json"
-        parent_id = json.loads(marker.read_text()).get("mlflow_parent_run_id") if marker.exists() else None
+        known = read_json(marker) if marker.exists() else {}
+        here = str(folder.resolve())  # a copied or moved output gets parent runs of its own
+        parent_id = known.get("mlflow_parent_run_id") if known.get("folder", here) == here else None
         with tracked_run(config.experiment, run_name=f"reproduce-{dataset}", params=config,
                          tags={"dubito.command": "reproduce"}, run_id=parent_id) as parent:  # fmt: skip
-            write_json(marker, {"mlflow_parent_run_id": parent.run_id})
+            write_json(marker, {"mlflow_parent_run_id": parent.run_id, "folder": here})
             child = {"mlflow.parentRunId": parent.run_id}
             per_seed: dict[int, dict[tuple[str, float], dict]] = {s: {} for s in seeds}
             for _, seed, variant, fraction in [p for p in plan if p[0] == dataset]:

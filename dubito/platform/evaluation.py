@@ -21,9 +21,9 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra itera
 from dubito import DubitoError
 from dubito.platform import metrics as M
 from dubito.platform.data import get_dataset
-from dubito.platform.files import write_json
-from dubito.platform.service import UncertaintyService, resolve_device
-from dubito.platform.tracking import tracked_run
+from dubito.platform.files import check_output, exclusive, write_json
+from dubito.platform.service import UncertaintyService, check_finite_outputs, resolve_device
+from dubito.platform.tracking import check_tracking, tracked_run
 
 __all__ = ["EVALUATION_FORMAT", "EvalConfig", "evaluate", "format_evaluation", "Accumulator", "evaluation_dataset"]
 
@@ -66,6 +66,8 @@ class EvalConfig:
 
 def evaluation_dataset(name: str, split: str, root: str, spec: dict[str, Any], config: EvalConfig, ood: bool = False) -> Dataset:
     """The dataset to test on, at the model's resolution."""
+    if name == "digits":  # vectors; the split of the seed the model was trained with (its items are held out)
+        return get_dataset(name, split, seed=spec.get("data_seed", config.data_seed))
     options: dict[str, Any] = {"size": (spec["height"], spec["width"])}
     if name in ("make3d", "synthetic-make3d") and spec.get("max_depth"):
         options["max_depth"] = spec["max_depth"]  # the cap the model was trained with
@@ -79,11 +81,11 @@ class Accumulator:
 
     def __init__(self, spec: dict[str, Any], labels: bool, seed: int) -> None:
         self.spec, self.labels = spec, labels
-        self.segmentation = spec["task"] == "segmentation"
+        self.classes = spec["task"] in ("segmentation", "classification")  # per pixel, or per item (digits)
         self.sums: dict[str, float] = {}
         self.pixels = 0
         self.image_scores: list[Tensor] = []
-        if self.segmentation:
+        if self.classes:
             self.confusion = M.ConfusionMatrix(spec["num_classes"], spec["ignore_index"])
             self.calibration = M.CalibrationHistogram(15)
             self.names = {"total": "predictive_entropy", "aleatoric": "aleatoric_entropy", "epistemic": "mutual_information"}
@@ -103,7 +105,7 @@ class Accumulator:
                 value = fields[key].float().cpu()
                 value = value[:, 0] if value.dim() == 4 else value
                 self.sums[key] = self.sums.get(key, 0.0) + float(value[mask].double().sum())
-        if not self.segmentation:  # the depth scale predicted, to read variances in m² against
+        if not self.classes:  # the depth scale predicted, to read variances in m² against
             pred = u.mean[:, 0].float().cpu()
             spread = fields["epistemic_var"][:, 0].float().cpu().sqrt() / pred.clamp_min(1e-3)
             self.sums["predicted_depth"] = self.sums.get("predicted_depth", 0.0) + float(pred[mask].double().sum())
@@ -114,7 +116,7 @@ class Accumulator:
         if not self.labels:
             return
         target = batch["target"]
-        if self.segmentation:
+        if self.classes:
             pred = u.prediction.cpu()
             self.confusion.update(pred, target, mask)
             self.calibration.update(u.mean_probs.float().cpu(), target, mask=mask)
@@ -137,9 +139,11 @@ class Accumulator:
         out = {k: v / max(self.pixels, 1) for k, v in self.sums.items()}
         if not self.labels:
             return out
-        if self.segmentation:
+        if self.classes:
             per_class, miou = self.confusion.iou()
             out.update(mean_iou=miou, pixel_accuracy=self.confusion.pixel_accuracy(), ece=self.calibration.ece())
+            if self.spec["task"] == "classification":  # one label per item: the accuracy is the items'
+                out["accuracy"] = out.pop("pixel_accuracy")
             out["per_class_iou"] = [None if math.isnan(v) else float(v) for v in per_class.tolist()]
         else:
             out.update(self.depth.compute())
@@ -147,7 +151,7 @@ class Accumulator:
         for kind in self.names:
             unc, err = self.samples[kind].points()
             if len(unc):
-                out[f"ause_{kind}"] = M.ause(unc.sqrt() if not self.segmentation else unc, err)
+                out[f"ause_{kind}"] = M.ause(unc.sqrt() if not self.classes else unc, err)
         unc, noise = self.noise.points()
         if len(unc) > 2:
             from scipy.stats import spearmanr
@@ -180,9 +184,10 @@ def _run(service: UncertaintyService, data: Dataset, acc: Accumulator, config: E
     loader = DataLoader(data, batch_size=config.batch_size, generator=torch.Generator().manual_seed(0))
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         u = service.predict(batch["image"])
+        check_finite_outputs(u, batch["id"], config.model)  # never a metric computed from NaN
         acc.update(u, batch)
         for j in range(len(batch["image"])):
-            if len(shown) < keep:
+            if len(shown) < keep and batch["image"].dim() == 4:  # images (a digits vector is not shown)
                 shown.append(_figure_row(batch, j, u, acc))
     return shown
 
@@ -190,7 +195,7 @@ def _run(service: UncertaintyService, data: Dataset, acc: Accumulator, config: E
 def _figure_row(batch: dict, j: int, u, acc: Accumulator) -> dict:
     aleatoric = u.to_dict()[acc.names["aleatoric"]][j].float().cpu()
     epistemic = u.to_dict()[acc.names["epistemic"]][j].float().cpu()
-    prediction = u.prediction[j].cpu() if acc.segmentation else u.mean[j, 0].float().cpu()
+    prediction = u.prediction[j].cpu() if acc.classes else u.mean[j, 0].float().cpu()
     squeeze = (lambda t: t[0] if t.dim() == 3 else t)  # noqa: E731
     return {"image": batch["image"][j], "target": batch["target"][j], "prediction": prediction,
             "aleatoric": squeeze(aleatoric), "epistemic": squeeze(epistemic), "label": f"id {int(batch['id'][j])}"}  # fmt: skip
@@ -198,10 +203,11 @@ def _figure_row(batch: dict, j: int, u, acc: Accumulator) -> dict:
 
 def evaluate(config: EvalConfig, *, progress: bool = True, tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Evaluate ``config.model``; returns what ``results.json`` holds."""
-    from dubito.platform.plots import calibration_figure, sparsification_figure, uncertainty_curves_figure, uncertainty_figure
     from dubito.platform.training import load_model
 
     config.validate()
+    out = check_output(config.output)
+    check_tracking()
     device = resolve_device(config.device)
     model, spec = load_model(config.model, device)
     name = config.dataset or spec["dataset"]
@@ -211,8 +217,14 @@ def evaluate(config: EvalConfig, *, progress: bool = True, tags: dict[str, str] 
     ood_data = None
     if config.ood and ood_name:  # opened now, so a wrong folder is reported before any work
         ood_data = evaluation_dataset(ood_name, "test", config.ood_root, spec, config, ood=ood_name.startswith("synthetic-"))
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        return _evaluate(config, out, model, spec, name, data, ood_name, ood_data, device, progress, tags)
+
+
+def _evaluate(config: EvalConfig, out: Path, model: torch.nn.Module, spec: dict[str, Any], name: str, data: Dataset, ood_name: str,
+              ood_data: Dataset | None, device: torch.device, progress: bool, tags: dict[str, str] | None) -> dict[str, Any]:  # fmt: skip
+    from dubito.platform.plots import calibration_figure, sparsification_figure, uncertainty_curves_figure, uncertainty_figure
+
     service = UncertaintyService(model, samples=config.samples, device=device, seed=config.seed,
                                  logit_noise_samples=config.logit_noise_samples, progress=False)  # fmt: skip
     started = time.perf_counter()
@@ -223,7 +235,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, tags: dict[str, str] 
         summary = acc.summary()
         curves = acc.curves()
         results: dict[str, Any] = {"config": asdict(config), "spec": spec, "dataset": name, "summary": summary, "curves": curves}
-        if acc.segmentation:
+        if acc.classes:
             rel = acc.calibration.reliability()
             results["reliability"] = {k: v.tolist() for k, v in rel.items()}
         else:
@@ -242,10 +254,10 @@ def evaluate(config: EvalConfig, *, progress: bool = True, tags: dict[str, str] 
         if rows:
             figures.append(uncertainty_figure(rows, out / "uncertainty.png"))
         if curves:
-            ylabel = "pixel error rate" if acc.segmentation else "mean |depth error| (m)"
+            ylabel = {"segmentation": "pixel error rate", "classification": "error rate"}.get(spec["task"], "mean |depth error| (m)")
             figures.append(uncertainty_curves_figure(curves, out / "precision_uncertainty.png", ylabel))
             figures.append(sparsification_figure(curves, out / "sparsification.png"))
-        if acc.segmentation:
+        if acc.classes:
             figures.append(calibration_figure(results["reliability"], out / "calibration.png", kind="classification", ece=summary["ece"]))
         else:
             figures.append(calibration_figure(results["coverage"], out / "calibration.png", kind="regression"))
@@ -284,7 +296,10 @@ def format_evaluation(results: dict[str, Any]) -> str:
     """The headline numbers of an evaluation as text."""
     s, spec = results["summary"], results["spec"]
     lines = [f"{spec['model']}/{spec['variant']} on {results['dataset']} ({results['config']['split']})"]
-    if spec["task"] == "segmentation":
+    if spec["task"] == "classification":
+        lines.append(f"accuracy {s['accuracy']:.4f}   mean IoU {s['mean_iou']:.4f}   ECE {s['ece']:.4f}")
+        keys = ("accuracy", "aleatoric_entropy", "mutual_information", "epistemic_logit_variance")
+    elif spec["task"] == "segmentation":
         lines.append(f"mean IoU {s['mean_iou']:.4f}   pixel accuracy {s['pixel_accuracy']:.4f}   ECE {s['ece']:.4f}")
         keys = ("aleatoric_entropy", "mutual_information", "epistemic_logit_variance")
     else:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -38,9 +37,10 @@ from dubito import DubitoError
 from dubito.platform.data import DATASETS, get_dataset, train_transform
 from dubito.platform.losses import gaussian_nll, laplace_nll, sampled_softmax_cross_entropy
 from dubito.platform.models import DROPOUT_PLACEMENTS, VARIANTS, build_model
-from dubito.platform.files import save_torch, write_json
+from dubito.platform.config import check_choice, check_device, check_finite, check_model, check_range, default_model, needs_root
+from dubito.platform.files import check_output, exclusive, file_errors, load_torch, read_json, save_torch, write_json
 from dubito.platform.service import resolve_device
-from dubito.platform.tracking import default_tracking_uri, tracked_run
+from dubito.platform.tracking import check_tracking, default_tracking_uri, tracked_run
 
 __all__ = ["TrainConfig", "train", "fit", "train_epoch", "validate", "make_datasets", "build_for", "model_from_spec", "load_model", "save_model", "task_loss", "base_dataset", "train_with_ray"]
 
@@ -56,7 +56,7 @@ class TrainConfig:
     output: str = field(default="runs/train", metadata={"help": "folder for checkpoints, model.pt, results.json, plots"})
     dataset: str = field(default="synthetic-camvid", metadata={"help": f"one of {', '.join(DATASETS)}"})
     root: str = field(default="", metadata={"help": "dataset folder (real datasets)"})
-    model: str = field(default="tiny", metadata={"help": "tiny, fc_densenet56, fc_densenet67, fc_densenet103"})
+    model: str = field(default="auto", metadata={"help": "auto (mlp for digits, tiny for images), tiny, fc_densenet56, fc_densenet67, fc_densenet103, mlp"})
     variant: str = field(default="both", metadata={"help": f"one of {', '.join(VARIANTS)}"})
     likelihood: str = field(default="laplace", metadata={"help": "depth noise model: laplace (the paper's L1) or gaussian"})
     height: int = field(default=72, metadata={"help": "item height (CamVid 360, half 180)"})
@@ -88,13 +88,27 @@ class TrainConfig:
     gpu: bool = field(default=False, metadata={"help": "one GPU per Ray Train worker (with --workers N on a cluster that has GPUs)"})
     experiment: str = field(default="dubito-train", metadata={"help": "MLflow experiment name"})
 
+    def __post_init__(self) -> None:
+        if self.model == "auto":  # recorded as the model it stands for (checkpoints, MLflow)
+            self.model = default_model(self.dataset)
+
     def validate(self) -> None:
-        if self.dataset not in DATASETS:
-            raise DubitoError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        if not self.dataset.startswith("synthetic-") and not self.root:
+        """Every setting, before anything is written (:class:`DubitoError` naming the flag)."""
+        check_finite(self)
+        check_choice("dataset", self.dataset, DATASETS)
+        if needs_root(self.dataset) and not self.root:
             raise DubitoError(f"--dataset {self.dataset} is read from disk: give --root DIR")
-        if self.variant not in VARIANTS:
-            raise DubitoError(f"--variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        check_model(self.dataset, self.model)
+        check_choice("variant", self.variant, VARIANTS)
+        check_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_range("lr", self.lr, 0.0, low_open=True)
+        check_range("static_fraction", self.static_fraction, 0.0, 1.0)
+        check_range("max_depth", self.max_depth, 0.0, low_open=True)
+        for name in ("seed", "data_seed"):
+            check_range(name, getattr(self, name), 0)
+        check_device("device", self.device)
+        if not self.experiment.strip():
+            raise DubitoError("--experiment must name an MLflow experiment")
         if self.dropout_at not in DROPOUT_PLACEMENTS:
             raise DubitoError(f"--dropout-at must be one of {', '.join(DROPOUT_PLACEMENTS)}, got {self.dropout_at!r}")
         if self.dropout_at != "all" and self.model == "mlp":
@@ -144,6 +158,11 @@ def _subset(ds: Dataset, fraction: float, seed: int) -> Dataset:
 def make_datasets(config: TrainConfig, split_for_val: str = "val") -> tuple[Dataset, Dataset]:
     """Training and validation sets of ``config``: the dataset's val split when it has one, else a
     seeded ``val_fraction`` of train; the training set then reduced to ``fraction``."""
+    if config.dataset == "digits":  # vectors: no size, crops or flips; validation held out of train
+        full = get_dataset("digits", "train", seed=config.data_seed)
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(config.data_seed)).tolist()
+        n_val = max(1, round(config.val_fraction * len(full)))
+        return _subset(Subset(full, sorted(order[n_val:])), config.fraction, config.data_seed), Subset(full, sorted(order[:n_val]))
     size = (config.height, config.width)
     transform = train_transform((config.crop, config.crop) if config.crop else None, flip=config.flip)
     options: dict[str, Any] = {"size": size}
@@ -185,6 +204,8 @@ def build_for(config: TrainConfig, dataset: Dataset) -> tuple[nn.Module, dict[st
     }
     if config.model == "mlp":  # vector inputs (digits): the input size comes from the data
         spec["in_features"] = int(data[0]["image"].numel())
+    if config.dataset == "digits":  # its train/test split depends on the seed: evaluation uses the same one
+        spec["data_seed"] = config.data_seed
     return model_from_spec(spec), spec
 
 
@@ -212,10 +233,8 @@ def save_model(path: str | Path, model: nn.Module, spec: dict[str, Any]) -> Path
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model saved by :func:`save_model` (or a training ``checkpoint.pt``)."""
     path = Path(path)
-    if not path.is_file():
-        raise DubitoError(f"{path}: model file not found")
+    saved = load_torch(path, "model file", map_location=device)
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
         spec = saved["spec"]
         model = model_from_spec(spec)
         model.load_state_dict(saved["state_dict"] if "state_dict" in saved else saved["model"])
@@ -409,7 +428,7 @@ class _NoRun:
 
 def train(
     config: TrainConfig | dict[str, Any], *, progress: bool = True, tags: dict[str, str] | None = None,
-    on_epoch: Callable[[dict[str, Any], Path | None], None] | None = None,
+    on_epoch: Callable[[dict[str, Any], Path | None], None] | None = None, lock: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Train, validate each epoch, checkpoint, log to MLflow; resume from ``output/checkpoint.pt``.
 
@@ -427,8 +446,18 @@ def train(
     config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
     config.validate()
     rank, world = _world()
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output(config.output)
+    if rank == 0:
+        check_tracking()
+    # one writer per folder: rank 0 (or the driver of Ray Train workers, which then passes lock=False)
+    with exclusive(out) if lock and rank == 0 else contextlib.nullcontext():
+        return _train(config, out, rank, world, progress, tags, on_epoch)
+
+
+def _train(config: TrainConfig, out: Path, rank: int, world: int, progress: bool, tags: dict[str, str] | None,
+           on_epoch: Callable[[dict[str, Any], Path | None], None] | None) -> dict[str, Any]:  # fmt: skip
+    with file_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     train_set, val_set = make_datasets(config)
     if len(train_set) == 0 or len(val_set) == 0:
@@ -443,8 +472,8 @@ def train(
 
     state: dict[str, Any] = {"epoch": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [], "run_id": None}
     checkpoint = out / CHECKPOINT
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+    if checkpoint.exists():  # RNG states must stay on the CPU
+        saved = load_torch(checkpoint, "training checkpoint", hint="it is dubito's: delete it to train this folder from scratch")
         if _comparable(saved["config"]) != _comparable(asdict(config)):
             changed = sorted(k for k, v in _comparable(asdict(config)).items() if saved["config"].get(k) != v)
             raise DubitoError(
@@ -568,7 +597,7 @@ def _ray_train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             shutil.copy2(checkpoint, Path(folder) / CHECKPOINT)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    return train(config, progress=loop_config["progress"], tags=loop_config["tags"], on_epoch=report)
+    return train(config, progress=loop_config["progress"], tags=loop_config["tags"], on_epoch=report, lock=loop_config["lock"])
 
 
 def train_with_ray(config: TrainConfig, *, progress: bool = True, tags: dict[str, str] | None = None, storage: str | None = None) -> dict[str, Any]:
@@ -577,17 +606,27 @@ def train_with_ray(config: TrainConfig, *, progress: bool = True, tags: dict[str
     seed); with N workers as N data-parallel processes on the Ray cluster (``RAY_ADDRESS``, else a
     local instance), one GPU each with ``config.gpu``. Ray Train's own checkpoints go to
     ``storage`` (default ``<output>/ray``; on a cluster a folder or bucket every node reaches)."""
+    from dubito.platform.cluster import check_gpu_capacity, connect, gpu_request
+
     config.validate()
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from dubito.platform.cluster import check_gpu_capacity, connect, dubito_cause, gpu_request
-
-    if config.workers > 0:
+    check_output(config.output)
+    check_tracking()
+    if config.workers > 0:  # the cluster is asked before anything is written
         connect(quiet=not progress)  # the workers' progress reaches this terminal
         if config.gpu:
             gpu_request(1, "--gpu")  # raises on a cluster without GPUs
             check_gpu_capacity(1, config.workers, f"--workers {config.workers} --gpu")
+    # the driver holds the folder for the whole run; workers in other processes must not lock it again
+    with exclusive(config.output) if config.workers > 0 else contextlib.nullcontext():
+        return _train_with_ray(config, progress, tags, storage)
+
+
+def _train_with_ray(config: TrainConfig, progress: bool, tags: dict[str, str] | None, storage: str | None) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dubito.platform.cluster import dubito_cause
+
     out = Path(config.output).resolve()
     # absolute paths: Ray Train workers run in their own working folders, maybe on other nodes (in local
     # mode the run stays here, and --root stays as given: a checkpoint records it and must match on resume)
@@ -600,7 +639,8 @@ def train_with_ray(config: TrainConfig, *, progress: bool = True, tags: dict[str
         logging.getLogger(name).setLevel(logging.WARNING)
     trainer = TorchTrainer(
         _ray_train_worker,
-        train_loop_config={"config": asdict(config), "progress": progress, "tags": tags or {}, "tracking_uri": default_tracking_uri()},
+        train_loop_config={"config": asdict(config), "progress": progress, "tags": tags or {}, "tracking_uri": default_tracking_uri(),
+                           "lock": config.workers == 0},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu),
         run_config=RunConfig(name=f"train-{out.name}", storage_path=storage or str(out / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
@@ -614,4 +654,4 @@ def train_with_ray(config: TrainConfig, *, progress: bool = True, tags: dict[str
         raise
     if isinstance(getattr(result, "return_value", None), dict):  # rank 0's results
         return result.return_value
-    return json.loads((out / "results.json").read_text())  # written by rank 0
+    return read_json(out / "results.json")  # written by rank 0
