@@ -11,6 +11,14 @@ Tables:
     ``labels(id, path, imported)``: human-in-the-loop labels imported for queried ids.
 
 Each round is written in one transaction: its row and its queries land together or not at all.
+Paths (checkpoints, label files) are stored relative to the ledger's folder, so a copied or moved
+loop folder resumes in place and never reads the original's files (absolute paths written by
+earlier versions are read as the file of that name in this folder).
+
+A ledger is verified when opened, never trusted blindly: its schema, rounds contiguous from 0,
+the initial set and every round's queries present (each round's label count is the initial set
+plus the queries before it); a ledger that fails is refused with what is wrong and how to recover,
+and an empty one is never re-created over existing round checkpoints.
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from dubito import DubitoError
+from dubito.platform.files import file_errors, relative_to
 
-__all__ = ["Ledger", "INITIAL"]
+__all__ = ["Ledger", "LedgerError", "INITIAL"]
 
 INITIAL = -1  # the round number of the initial random set
 
@@ -38,27 +47,108 @@ CREATE TABLE IF NOT EXISTS queries (
     UNIQUE (round, rank));
 CREATE TABLE IF NOT EXISTS labels (id INTEGER PRIMARY KEY REFERENCES queries(id), path TEXT NOT NULL, imported REAL NOT NULL);
 """
+_COLUMNS = {
+    "meta": ["key", "value"],
+    "rounds": ["round", "labels", "metrics", "checkpoint", "seconds", "finished"],
+    "queries": ["id", "round", "rank", "score", "flags"],
+    "labels": ["id", "path", "imported"],
+}
+_RECOVER = "move the folder aside (nothing in it is deleted) and run again into a new --output, or restore the ledger from a backup"
+
+
+class LedgerError(DubitoError):
+    """A ledger file that is missing, damaged or inconsistent."""
 
 
 class Ledger:
     """Durable record of one labeling loop (one acquisition, one seed).
 
     Args:
-        path: the SQLite file (created with its folder).
+        path: the SQLite file.
         settings: the loop's settings; a ledger written with other ``settings`` (for the keys
             that must not change on resume) is refused, naming the keys that differ.
+        create: create the ledger (and its folder) when there is none; otherwise a missing or
+            empty ledger is refused. An empty ledger beside recorded round checkpoints is always
+            refused (it would train those rounds again over them).
     """
 
-    def __init__(self, path: str | Path, settings: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | Path, settings: dict[str, Any] | None = None, *, create: bool = True) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.folder = self.path.parent
+        if self.path.exists() and not self.path.is_file():
+            raise LedgerError(f"{self.path}: not a file (a ledger is a SQLite file)")
+        if not self.path.exists() and not create:
+            raise LedgerError(f"{self.path}: no ledger here; give the folder of one loop, e.g. runs/label/bald/seed-0")
+        with file_errors(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, timeout=30)
-            self._db.executescript(_SCHEMA)
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.DatabaseError as err:
-            raise DubitoError(f"{self.path}: not a dubito ledger ({err})") from None
+            raise LedgerError(f"{self.path}: not a dubito ledger ({err}); {_RECOVER}") from None
+        try:
+            if not tables:
+                self._new(create)
+            else:
+                self.verify(tables)
+        except BaseException:
+            self._db.close()
+            raise
         if settings is not None:
             self._check_settings(settings)
+
+    def _new(self, create: bool) -> None:
+        """An empty file (a ledger created, then killed before its schema was written), or none."""
+        checkpoints = sorted((self.folder / "rounds").glob("round-*.pt"))
+        if checkpoints:
+            raise LedgerError(
+                f"{self.path}: the ledger is empty, but {len(checkpoints)} round checkpoint(s) are recorded beside it "
+                f"({checkpoints[0].name}, ...): its rounds are lost; {_RECOVER}"
+            )
+        if not create:
+            raise LedgerError(f"{self.path}: an empty ledger (no round was ever recorded)")
+        try:
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise LedgerError(f"{self.path}: cannot write the ledger ({err})") from None
+
+    def verify(self, tables: set[str] | None = None) -> None:
+        """Schema, integrity, rounds contiguous from 0, the initial set and every round's queries
+        present; raises :class:`LedgerError` saying what is wrong and how to recover."""
+        try:
+            if tables is None:
+                tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            missing = sorted(set(_COLUMNS) - tables)
+            if missing:
+                raise LedgerError(f"{self.path}: damaged ledger: table(s) {', '.join(missing)} missing; {_RECOVER}")
+            for table, columns in _COLUMNS.items():
+                have = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]
+                if have != columns:
+                    raise LedgerError(f"{self.path}: damaged ledger: table {table} has columns {have}, expected {columns}; {_RECOVER}")
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise LedgerError(f"{self.path}: damaged ledger (SQLite: {check}); {_RECOVER}")
+            rounds = [tuple(r) for r in self._db.execute("SELECT round, labels FROM rounds ORDER BY round")]
+            counts = dict(self._db.execute("SELECT round, COUNT(*) FROM queries GROUP BY round").fetchall())
+        except sqlite3.DatabaseError as err:
+            raise LedgerError(f"{self.path}: damaged ledger ({err}); {_RECOVER}") from None
+        if [r for r, _ in rounds] != list(range(len(rounds))):
+            raise LedgerError(f"{self.path}: damaged ledger: rounds {[r for r, _ in rounds]} are not contiguous from 0; {_RECOVER}")
+        if rounds and not counts.get(INITIAL):
+            raise LedgerError(f"{self.path}: damaged ledger: {len(rounds)} round(s) recorded but no initial set; {_RECOVER}")
+        strays = sorted(r for r in counts if r != INITIAL and not 0 <= r < len(rounds))
+        if strays:
+            raise LedgerError(f"{self.path}: damaged ledger: queries of round(s) {strays}, which are not recorded; {_RECOVER}")
+        labels = counts.get(INITIAL, 0)
+        for r, recorded in rounds:
+            if recorded != labels:
+                raise LedgerError(
+                    f"{self.path}: damaged ledger: round {r} was trained on {recorded} labels, but the initial set and the "
+                    f"queries before it hold {labels}; {_RECOVER}"
+                )
+            if r < len(rounds) - 1 and not counts.get(r):
+                raise LedgerError(f"{self.path}: damaged ledger: round {r} has no queries, but a later round is recorded; {_RECOVER}")
+            labels += counts.get(r, 0)
 
     # ------------------------------------------------------------------ settings
     def _check_settings(self, settings: dict[str, Any]) -> None:
@@ -104,9 +194,10 @@ class Ledger:
         if round != self.next_round():
             raise DubitoError(f"{self.path}: round {round} recorded out of order (next is {self.next_round()})")
         labels = len(self.labeled_ids())
+        stored = None if checkpoint is None else relative_to(checkpoint, self.folder)
         self._insert_queries(
             round, queried, scores, flags,
-            round_row=(round, labels, json.dumps(metrics), checkpoint, seconds, time.time()),
+            round_row=(round, labels, json.dumps(metrics), stored, seconds, time.time()),
         )  # fmt: skip
 
     def _insert_queries(self, round: int, ids: Sequence[int], scores, flags, round_row: tuple | None = None) -> None:
@@ -141,7 +232,7 @@ class Ledger:
         if int(id) not in set(self.labeled_ids()):
             raise DubitoError(f"{self.path}: id {id} was never queried; no label can be imported for it")
         with self._db:
-            self._db.execute("INSERT OR REPLACE INTO labels VALUES (?, ?, ?)", (int(id), str(path), time.time()))
+            self._db.execute("INSERT OR REPLACE INTO labels VALUES (?, ?, ?)", (int(id), relative_to(path, self.folder), time.time()))
 
     # ------------------------------------------------------------------ reading
     def next_round(self) -> int:
@@ -157,15 +248,32 @@ class Ledger:
         return [{"id": i, "score": s, "flags": json.loads(f) if f else None} for i, s, f in rows]
 
     def rounds(self) -> list[dict[str, Any]]:
+        """Every recorded round; ``checkpoint`` is the path of its file in this ledger's folder."""
         rows = self._db.execute("SELECT round, labels, metrics, checkpoint, seconds, finished FROM rounds ORDER BY round")
         return [
-            {"round": r, "labels": n, "metrics": json.loads(m), "checkpoint": c, "seconds": s, "finished": f,
-             "queried": [q["id"] for q in self.queries(r)]}
+            {"round": r, "labels": n, "metrics": json.loads(m), "checkpoint": self._local(c, "rounds"), "seconds": s,
+             "finished": f, "queried": [q["id"] for q in self.queries(r)]}
             for r, n, m, c, s, f in rows
         ]  # fmt: skip
 
     def label_files(self) -> dict[int, str]:
-        return {i: p for i, p in self._db.execute("SELECT id, path FROM labels")}
+        """Imported label files by id, as paths in this ledger's folder."""
+        return {i: self._local(p, "labels") for i, p in self._db.execute("SELECT id, path FROM labels")}
+
+    def _local(self, stored: str | None, subfolder: str) -> str | None:
+        """A stored path as a file of this folder: relative paths are relative to it; an absolute
+        one (written by an earlier version, maybe in the folder this one was copied from) is read
+        as the file of that name under ``subfolder`` here, never as the original."""
+        if stored is None:
+            return None
+        path = Path(stored)
+        if not path.is_absolute():
+            return str(self.folder / path)
+        try:
+            path.relative_to(self.folder.resolve())
+            return str(path)
+        except ValueError:
+            return str(self.folder / subfolder / path.name)
 
     def pending(self, ids: Iterable[int]) -> list[int]:
         """Those of ``ids`` without an imported label."""

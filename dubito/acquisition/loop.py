@@ -17,8 +17,8 @@ continues once ``dubito label import`` has stored the returned label files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -33,15 +33,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dubito import DubitoError
-from dubito.acquisition.ledger import INITIAL, Ledger
-from dubito.platform.data import DATASETS, get_dataset, train_transform
-from dubito.platform.files import write_json
+from dubito.acquisition.ledger import INITIAL, Ledger, LedgerError
+from dubito.platform.data import DATASETS, DatasetError, get_dataset, train_transform
+from dubito.platform.config import check_device, check_finite, check_range, default_model
+from dubito.platform.files import atomic_path, check_output, exclusive, file_errors, read_json, write_json
 from dubito.platform.models import DROPOUT_PLACEMENTS
-from dubito.platform.service import UncertaintyService, resolve_device
-from dubito.platform.tracking import tracked_run
+from dubito.platform.service import UncertaintyService, check_finite_outputs, resolve_device
+from dubito.platform.tracking import check_tracking, tracked_run
 from dubito.platform.training import TrainConfig, fit, save_model, validate
 
-__all__ = ["LoopConfig", "run_loop", "export_queries", "import_labels", "pool_datasets", "loop_config", "waiting_for_labels"]
+__all__ = ["LoopConfig", "run_loop", "export_queries", "export_waiting", "import_labels", "pool_datasets", "loop_config", "waiting_for_labels"]
 
 LEDGER = "ledger.sqlite"
 # settings that may change when a run is resumed (the budget may grow; where it runs may change)
@@ -66,7 +67,7 @@ class LoopConfig:
     pool_images: int = field(default=80, metadata={"help": "synthetic datasets: scenes in the unlabelled pool"})
     test_images: int = field(default=16, metadata={"help": "synthetic datasets: test scenes"})
     static_fraction: float = field(default=0.2, metadata={"help": "synthetic datasets: pool images with TV static"})
-    model: str = field(default="tiny", metadata={"help": "tiny, fc_densenet56/67/103, or mlp (digits)"})
+    model: str = field(default="auto", metadata={"help": "auto (mlp for digits, tiny for images), tiny, fc_densenet56/67/103, or mlp"})
     variant: str = field(default="both", metadata={"help": "baseline, homoscedastic, aleatoric, epistemic, both"})
     dropout: float = field(default=0.2, metadata={"help": "dropout p"})
     dropout_at: str = field(default="all", metadata={"help": "FC-DenseNet dropout placement: all (paper), decoder, last_block or head (fastest scoring)"})
@@ -85,13 +86,27 @@ class LoopConfig:
     scorer_threads: int = field(default=0, metadata={"help": "PyTorch threads per CPU scoring actor; 0: this process's count (bit-identical scores), fewer: no oversubscribed cores, scores equal to float rounding"})
     experiment: str = field(default="dubito-label", metadata={"help": "MLflow experiment name"})
 
+    def __post_init__(self) -> None:
+        if self.model == "auto":  # recorded as the model it stands for (ledger, MLflow)
+            self.model = default_model(self.dataset)
+
     def validate(self) -> None:
+        """Every setting, before anything is written (:class:`DubitoError` naming the flag)."""
         from dubito.acquisition.functions import get_acquisition
         from dubito.acquisition.reductions import parse_reduction
         from dubito.acquisition.selection import SELECTIONS
 
+        check_finite(self)
         if self.dataset not in DATASETS:
             raise DubitoError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        self.train_config(0).validate()  # the training settings every round uses
+        check_range("static_fraction", self.static_fraction, 0.0, 1.0)
+        check_device("device", self.device)
+        if self.scorer_gpus != "auto":
+            try:
+                check_range("scorer_gpus", float(self.scorer_gpus), 0.0)
+            except ValueError:
+                raise DubitoError(f"--scorer-gpus must be auto or a number >= 0, got {self.scorer_gpus!r}") from None
         for flag, check, value in (("--acquisition", get_acquisition, self.acquisition), ("--reduction", parse_reduction, self.reduction)):
             try:
                 check(value)
@@ -110,12 +125,18 @@ class LoopConfig:
             raise DubitoError(f"--oracle must be simulated or human, got {self.oracle!r}")
         if self.scorers < 0 or self.scorer_threads < 0:
             raise DubitoError(f"--scorers and --scorer-threads must be >= 0, got {self.scorers} and {self.scorer_threads}")
-        if self.temperature <= 0:
-            raise DubitoError(f"--temperature must be > 0, got {self.temperature}")
+        check_range("temperature", self.temperature, 0.0, low_open=True)
         if self.dropout_at not in DROPOUT_PLACEMENTS or (self.dropout_at != "all" and self.model == "mlp"):
             raise DubitoError(f"--dropout-at must be one of {', '.join(DROPOUT_PLACEMENTS)} (FC-DenseNet models only), got {self.dropout_at!r}")
-        if not self.dataset.startswith("synthetic-") and self.dataset != "digits" and not self.root:
-            raise DubitoError(f"--dataset {self.dataset} is read from disk: give --root DIR")
+
+    def check_pool(self, size: int) -> None:
+        """The pool holds the initial set and every query round's labels."""
+        needed = self.initial + self.query * self.total_rounds()
+        if min(needed, self.budget or needed) > size:
+            raise DubitoError(
+                f"--initial {self.initial} + --query {self.query} x {self.total_rounds()} rounds needs "
+                f"{min(needed, self.budget or needed)} images; the pool has {size} (raise --pool-images or lower the budget)"
+            )
 
     def total_rounds(self) -> int:
         """Query rounds: ``rounds``, or as many as ``budget`` labels allow."""
@@ -207,13 +228,56 @@ class _HumanLabels(Dataset):
 
 
 def _read_label_file(path: Path, like: Tensor) -> Tensor:
+    """A human label file (checked by :func:`_check_label_file` when imported): a one-channel PNG
+    of class indices, a ``.npy`` of depths, or a ``.txt`` holding one class index."""
     if path.suffix == ".png":
         from dubito.platform.data.base import read_label
 
         return torch.from_numpy(read_label(path)).to(like.dtype)
     if path.suffix == ".npy":
         return torch.from_numpy(np.load(path, allow_pickle=False)).to(like.dtype)
-    return torch.tensor(int(path.read_text().strip()), dtype=like.dtype)
+    return torch.tensor(int(path.read_text(encoding="ascii").strip()), dtype=like.dtype)
+
+
+def _check_label_file(path: Path, folder: Path, like: Tensor) -> None:
+    """Before anything is decoded: a regular file inside ``folder`` (no link out of it), of a size
+    and (PNG, .npy) a header shape that fit ``like``; a class file holds plain ASCII digits.
+    Errors never echo the file's content."""
+    import stat
+
+    resolved = path.resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise DubitoError(f"{path}: a link to a file outside --labels {folder}; put the label file itself there")
+    info = resolved.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise DubitoError(f"{path}: not a regular file")
+    limit = 16 * max(1, like.numel()) + 65_536  # far above any honest encoding of a label of this shape
+    if info.st_size > limit:
+        raise DubitoError(f"{path}: {info.st_size} bytes, more than a label of shape {tuple(like.shape)} needs ({limit}); not read")
+    if path.suffix == ".png":
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(resolved) as img:  # reads the header only
+                size = (img.size[1], img.size[0])
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            raise DubitoError(f"{path}: not a PNG image") from None
+        if size != tuple(like.shape):
+            raise DubitoError(f"{path}: label shape {size}, expected {tuple(like.shape)}; not decoded")
+    elif path.suffix == ".npy":
+        try:
+            with open(resolved, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+                shape, _, dtype = read_header(f)  # the header only, no data
+        except (ValueError, OSError, SyntaxError, KeyError):
+            raise DubitoError(f"{path}: not a .npy array file (format 1.0 or 2.0)") from None
+        if tuple(shape) != tuple(like.shape) or dtype.hasobject or dtype.kind not in "fiu":
+            raise DubitoError(f"{path}: a {dtype} array of shape {tuple(shape)}; expected numbers of shape {tuple(like.shape)}")
+    else:
+        text = resolved.read_bytes()
+        if not re.fullmatch(rb"\s*[0-9]{1,6}\s*", text):
+            raise DubitoError(f"{path}: a class file holds one class index in plain ASCII digits (e.g. 3), nothing else")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -254,6 +318,7 @@ def score_batches(
         batch = default_collate([data[p] for p in positions])
         seed = batch_seed(config.seed, round, index)
         u, samples = service.predict_with_samples(batch["image"], seed=seed)
+        check_finite_outputs(u, batch["id"], f"round {round}'s model")
         pixel = acquisition.score(u, generator=torch.Generator().manual_seed(seed)).float().cpu()
         classes = u.prediction.cpu() if how == "class_balanced" else None  # the argmax only where it is used
         # no mask: on real data the valid pixels come from the (unbought) label itself
@@ -331,30 +396,29 @@ def run_loop(
     each round is committed to the ledger, with ``round``, ``labels`` and the round's test
     metrics (a Ray Tune trial reports and checkpoints there)."""
     config.validate()
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output(config.output)
+    check_tracking()
     device = resolve_device(config.device)
     pool_train, pool, test = pool_datasets(config)
     ids = _ids(pool)
     position = {i: p for p, i in enumerate(ids)}
-    needed = config.initial + config.query * config.total_rounds()
-    if min(needed, config.budget or needed) > len(ids):
-        raise DubitoError(
-            f"--initial {config.initial} + --query {config.query} x {config.total_rounds()} rounds needs more than the "
-            f"{len(ids)} images in the pool (raise --pool-images or lower the budget)"
-        )
-    with Ledger(out / LEDGER, config.settings()) as ledger:
+    config.check_pool(len(ids))
+    with exclusive(out), Ledger(out / LEDGER, config.settings()) as ledger:
+        _check_last_checkpoint(ledger)
         if not ledger.labeled_ids():
             order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config.seed)).tolist()
             first = [ids[p] for p in order[: config.initial]]
             ledger.record_initial(first, _flags(pool, first, position))
             if config.oracle == "human":  # a person labels the initial set too
                 export_queries(config, out / "queries" / "initial", first)
-        run_id = ledger.get_meta("mlflow_run_id")
+        # the MLflow run of this folder: a copied or moved loop gets a run of its own, never the original's
+        here = str(out.resolve())
+        run_id = ledger.get_meta("mlflow_run_id") if ledger.get_meta("mlflow_folder") in (None, here) else None
         scoring = _Scoring(config)
         with scoring, tracked_run(config.experiment, run_name=run_name or f"{config.acquisition}-seed{config.seed}", params=config,
                          tags={"dubito.command": "label", **(tags or {})}, run_id=run_id) as run:  # fmt: skip
             ledger.set_meta("mlflow_run_id", run.run_id)
+            ledger.set_meta("mlflow_folder", here)
             total = config.total_rounds()
             if ledger.next_round() > total + 1:
                 raise DubitoError(
@@ -385,7 +449,7 @@ def run_loop(
                 model, spec, _ = fit(train_cfg, Subset(data, [position[i] for i in labeled]), device=device,
                                      progress=progress, desc=f"round {r}: training on {len(labeled)} labels")  # fmt: skip
                 metrics = {f"test_{k[4:]}": v for k, v in validate(model, test, spec, device, config.batch_size).items()}
-                checkpoint = save_model(out.resolve() / "rounds" / f"round-{r:03d}.pt", model, spec)
+                checkpoint = save_model(out / "rounds" / f"round-{r:03d}.pt", model, spec)
                 queried, scores, flags = [], None, None
                 if r < total:
                     queried, scores, flags = _query(model, spec, pool, ids, position, labeled, config, r, device, progress, scoring)
@@ -407,6 +471,22 @@ def run_loop(
             write_json(out / "results.json", results)
             run.log_artifact(out / "results.json")
     return results
+
+
+def _check_last_checkpoint(ledger: Ledger) -> None:
+    """The model of the last recorded round is there and loads (a resumed or extended loop needs it)."""
+    from dubito.platform.training import load_model
+
+    rounds = ledger.rounds()
+    if not rounds or rounds[-1]["checkpoint"] is None:
+        return
+    try:
+        load_model(rounds[-1]["checkpoint"])
+    except DubitoError as err:
+        raise LedgerError(
+            f"{ledger.path}: round {rounds[-1]['round']} is recorded, but its model is not usable ({err}); restore "
+            "the file, or move the folder aside and run again into a new --output"
+        ) from None
 
 
 def _query(
@@ -490,45 +570,77 @@ def _results(config: LoopConfig, ledger: Ledger, waiting: list[int]) -> dict[str
 
 
 # ----------------------------------------------------------------------------- human in the loop
+def _export_target(loop: Path, folder: Path) -> bool:
+    """Check where an export may write; returns whether ``folder`` is one of the loop's own
+    ``queries/`` folders (which an export may replace). Anything else must be new or empty:
+    nothing dubito did not write is ever deleted, and the loop folder (or one above it) is never
+    a target."""
+    loop, target = loop.resolve(), folder.resolve()
+    if loop == target or loop.is_relative_to(target):
+        raise DubitoError(f"--to {folder}: the loop folder or a folder above it; exports go to a folder of their own "
+                          f"(default {loop / 'queries' / 'pending'})")  # fmt: skip
+    own = target.is_relative_to(loop / "queries") and target != loop / "queries"
+    if target.is_relative_to(loop) and not own:
+        raise DubitoError(f"--to {folder}: inside the loop folder but not under its queries/ folder; give a folder there or outside the loop")
+    if folder.exists() and not folder.is_dir():
+        raise DubitoError(f"--to {folder}: a file; give a folder")
+    if folder.is_dir() and not own and any(folder.iterdir()):
+        raise DubitoError(f"--to {folder}: not empty; export writes into a new or empty folder (nothing there is deleted)")
+    return own
+
+
 def export_queries(config: LoopConfig, folder: Path, ids: list[int]) -> Path:
     """Write the queried images (PNG, as a person sees them) and ``queries.json`` saying which label
-    file to return for each id and its format."""
+    file to return for each id and its format, into ``folder``: built in a uniquely named folder
+    beside it, then renamed into place."""
+    import tempfile
+
     from PIL import Image
 
+    folder = Path(folder)
+    own = _export_target(Path(config.output), folder)
     plain = pool_datasets(config)[1]
     base = getattr(plain, "normalize", None)
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    position = {i: p for p, i in enumerate(_ids(plain))}
-    task = getattr(plain, "task", "segmentation")
-    suffix = _LABEL_SUFFIX.get(task, ".txt")
-    entries = []
-    for i in ids:
-        item = plain[position[i]]
-        image = item["image"]
-        if base is not None and image.dim() == 3:  # undo the normalisation for viewing
-            mean, std = (torch.tensor(v, dtype=image.dtype).view(-1, 1, 1) for v in base)
-            image = image * std + mean
-        array = image.numpy()
-        if array.ndim == 1:  # digits: a square grey image, min-max scaled (the features are standardised)
-            side = int(round(math.sqrt(array.size)))
-            array = (array - array.min()) / max(float(np.ptp(array)), 1e-9)
-            Image.fromarray((array.reshape(side, side) * 255).astype(np.uint8)).resize((side * 8, side * 8)).save(tmp / f"{i}.png")
-        else:
-            Image.fromarray((array.clip(0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(tmp / f"{i}.png")
-        entries.append({"id": i, "image": f"{i}.png", "label": f"{i}_label{suffix}"})
-    shape = list(plain[position[ids[0]]]["target"].shape) if ids else []
-    classes = getattr(plain, "num_classes", None)
-    write_json(tmp / "queries.json", {
-        "task": task, "label_shape": shape, "classes": classes, "queries": entries,
-        "format": {".png": "single-channel PNG of class indices (0..C-1; the dataset's void index for unlabelled pixels)",
-                   ".npy": "float array of depth in metres, shape label_shape (NaN or 0 = unknown)",
-                   ".txt": "the class index as text"}[suffix],
-    })  # fmt: skip
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with file_errors(folder.parent):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        position = {i: p for p, i in enumerate(_ids(plain))}
+        task = getattr(plain, "task", "segmentation")
+        suffix = _LABEL_SUFFIX.get(task, ".txt")
+        entries = []
+        for i in ids:
+            item = plain[position[i]]
+            image = item["image"]
+            if base is not None and image.dim() == 3:  # undo the normalisation for viewing
+                mean, std = (torch.tensor(v, dtype=image.dtype).view(-1, 1, 1) for v in base)
+                image = image * std + mean
+            array = image.numpy()
+            if array.ndim == 1:  # digits: a square grey image, min-max scaled (the features are standardised)
+                side = int(round(math.sqrt(array.size)))
+                array = (array - array.min()) / max(float(np.ptp(array)), 1e-9)
+                Image.fromarray((array.reshape(side, side) * 255).astype(np.uint8)).resize((side * 8, side * 8)).save(tmp / f"{i}.png")
+            else:
+                Image.fromarray((array.clip(0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(tmp / f"{i}.png")
+            entries.append({"id": i, "image": f"{i}.png", "label": f"{i}_label{suffix}"})
+        shape = list(plain[position[ids[0]]]["target"].shape) if ids else []
+        classes = getattr(plain, "num_classes", None)
+        write_json(tmp / "queries.json", {
+            "task": task, "label_shape": shape, "classes": classes, "queries": entries,
+            "format": {".png": "single-channel PNG of class indices (0..C-1; the dataset's void index for unlabelled pixels)",
+                       ".npy": "float array of depth in metres, shape label_shape (NaN or 0 = unknown)",
+                       ".txt": "the class index as text"}[suffix],
+        })  # fmt: skip
+        with file_errors(folder):
+            if folder.is_dir():
+                if own:  # an earlier export of this loop, written by dubito
+                    shutil.rmtree(folder)
+                else:  # empty (checked): removing it loses nothing
+                    folder.rmdir()
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return folder
 
 
@@ -544,22 +656,36 @@ def loop_config(output: Path, ledger: Ledger) -> LoopConfig:
 def waiting_for_labels(output: str | Path) -> tuple[LoopConfig, list[int]]:
     """A human-oracle loop's settings and the ids it waits labels for."""
     output = Path(output)
-    if not (output / LEDGER).exists():
+    if not (output / LEDGER).is_file():
         raise DubitoError(f"{output}: no labeling run here (no {LEDGER}); give the folder of one loop, e.g. runs/label/bald/seed-0")
-    with Ledger(output / LEDGER) as ledger:
+    with Ledger(output / LEDGER, create=False) as ledger:
         config = loop_config(output, ledger)
         if config.oracle != "human":
             raise DubitoError(f"{output}: a loop with --oracle {config.oracle}; only --oracle human loops export and import labels")
         return config, ledger.pending(ledger.labeled_ids())
 
 
-def import_labels(output: str | Path, folder: str | Path) -> list[int]:
+def export_waiting(output: str | Path, to: str | Path | None = None) -> tuple[Path | None, list[int]]:
+    """``dubito label export``: write the images still waiting for labels (default
+    ``OUTPUT/queries/pending``), holding the loop folder; returns (folder or None, ids)."""
+    output = Path(output)
+    with exclusive(output):
+        config, waiting = waiting_for_labels(output)
+        if not waiting:
+            return None, []
+        return export_queries(config, Path(to) if to else output / "queries" / "pending", waiting), waiting
+
+
+def import_labels(output: str | Path, folder: str | Path) -> tuple[list[int], list[int]]:
     """Check and store the label files in ``folder`` for the queried ids still waiting for labels;
-    returns the ids imported. Files are validated (shape, class range, finite depth) before any is
+    returns (ids imported, ids still waiting). Every file is checked — a regular file inside
+    ``folder``, size and header before decoding, shape, class range, finite depth — before any is
     stored, so a bad file leaves the ledger as it was."""
     output, folder = Path(output), Path(folder)
-    config, waiting = waiting_for_labels(output)
-    with Ledger(output / LEDGER) as ledger:
+    if not folder.is_dir():
+        raise DubitoError(f"--labels {folder}: not a folder")
+    with exclusive(output):
+        config, waiting = waiting_for_labels(output)
         if not waiting:
             raise DubitoError(f"{output}: no queried image is waiting for a label")
         plain = pool_datasets(config)[1]
@@ -569,16 +695,19 @@ def import_labels(output: str | Path, folder: str | Path) -> list[int]:
         checked = {}
         for i in waiting:
             path = folder / f"{i}_label{suffix}"
-            if not path.exists():
+            if not path.exists() and not path.is_symlink():
                 others = sorted(folder.glob(f"{i}_label.*"))
                 if others:
                     raise DubitoError(f"{others[0]}: expected {path.name} (this task's labels are {suffix} files; see queries.json)")
                 continue
             like = plain[position[i]]["target"]
+            _check_label_file(path, folder, like)
             try:
-                label = _read_label_file(path, like)
-            except Exception as err:  # noqa: BLE001 - reported with the file name
-                raise DubitoError(f"{path}: cannot read the label ({type(err).__name__}: {err})") from None
+                label = _read_label_file(path.resolve(), like)
+            except DatasetError as err:  # dubito's own words about the file
+                raise DubitoError(f"{path}: cannot read the label ({err.problem})") from None
+            except Exception as err:  # noqa: BLE001 - reported with the file name, never its content
+                raise DubitoError(f"{path}: cannot read the label ({type(err).__name__})") from None
             if tuple(label.shape) != tuple(like.shape):
                 raise DubitoError(f"{path}: label shape {tuple(label.shape)}, expected {tuple(like.shape)}")
             classes = getattr(plain, "num_classes", None)
@@ -591,19 +720,20 @@ def import_labels(output: str | Path, folder: str | Path) -> list[int]:
                 raise DubitoError(f"{path}: no finite depth > 0 (NaN or 0 mark unknown pixels; depths are in metres)")
             checked[i] = path
         if not checked:
-            raise DubitoError(f"{folder}: none of the label files waited for ({', '.join(f'{i}_label.*' for i in waiting[:5])} ...)")
+            raise DubitoError(f"{folder}: none of the label files waited for ({', '.join(f'{i}_label{suffix}' for i in waiting[:5])}"
+                              f"{' ...' if len(waiting) > 5 else ''})")  # fmt: skip
         store = output / "labels"
-        store.mkdir(exist_ok=True)
-        for i, path in checked.items():
-            target = store / path.name
-            shutil.copyfile(path, target.with_suffix(target.suffix + ".tmp"))
-            target.with_suffix(target.suffix + ".tmp").replace(target)
-            ledger.record_label(i, str(target))
-    return sorted(checked)
+        with Ledger(output / LEDGER, create=False) as ledger:
+            for i, path in checked.items():
+                target = store / path.name
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(path.resolve(), tmp)
+                ledger.record_label(i, str(target))
+    return sorted(checked), [i for i in waiting if i not in checked]
 
 
 def load_results(output: str | Path) -> dict[str, Any]:
     path = Path(output) / "results.json"
     if not path.exists():
         raise DubitoError(f"{path}: not found")
-    return json.loads(path.read_text())
+    return read_json(path, "dubito wrote it: run the same dubito label command again to write it anew")

@@ -34,8 +34,8 @@ import numpy as np
 from dubito import DubitoError
 from dubito.agents.agents import AGENTS, AgentConfig
 from dubito.experiments import int_list, record_study
-from dubito.platform.files import write_json
-from dubito.platform.tracking import tracked_run
+from dubito.platform.files import check_output, exclusive, file_errors, read_json, write_json
+from dubito.platform.tracking import check_tracking, tracked_run
 
 __all__ = ["ExploreConfig", "STUDIES", "run_exploration", "run_one", "run_specs", "run_params", "log_run", "episode_series", "solve_episode", "format_exploration"]
 
@@ -353,16 +353,24 @@ def log_run(
 
 
 def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the study; returns what ``--output/results.json`` holds."""
-    out = Path(config.output)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    """Run (or resume) the study; returns what ``--output/results.json`` holds. Every setting and
+    the output folder are checked before anything is written; the folder is held for the run."""
+    out = check_output(config.output)
     settings, specs = run_specs(config, out)
+    check_tracking()
+    with exclusive(out):
+        with file_errors(out):
+            (out / "runs").mkdir(parents=True, exist_ok=True)
+        return _run_exploration(config, out, settings, specs, progress)
+
+
+def _run_exploration(config: ExploreConfig, out: Path, settings: dict[str, Any], specs: list[dict], progress: bool) -> dict[str, Any]:
     records: dict[tuple[str, int, int], dict] = {}
     todo = []
     for spec in specs:
         path = Path(spec["path"])
         if path.exists():
-            record = json.loads(path.read_text())
+            record = read_json(path, "dubito wrote it: delete it and the study runs that run again")
             if record.get("settings") != json.loads(json.dumps(spec["settings"])):
                 raise DubitoError(
                     f"{path} was run with other settings ({record.get('settings')}); use another --output or delete it"
@@ -371,7 +379,7 @@ def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str
         else:
             todo.append(spec)
     marker = out / "study.json"
-    study = json.loads(marker.read_text()) if marker.exists() else {}
+    study = read_json(marker, "dubito wrote it: delete it and run again (finished runs are kept in runs/)") if marker.exists() else {}
     if study.get("study", config.study) != config.study or study.get("experiment", config.experiment) != config.experiment:
         raise DubitoError(
             f"{out} holds the {study.get('study')!r} study (MLflow experiment {study.get('experiment')!r}); "
@@ -379,8 +387,11 @@ def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str
         )
     started = time.perf_counter()
     with tracked_run(config.experiment, run_name=f"explore-{config.study}", params=config,
-                     tags={"dubito.command": "explore"}, run_id=study.get("mlflow_parent_run_id")) as parent:  # fmt: skip
-        write_json(marker, {"mlflow_parent_run_id": parent.run_id, "study": config.study, "experiment": config.experiment})
+                     tags={"dubito.command": "explore"},
+                     run_id=study.get("mlflow_parent_run_id") if study.get("folder", str(out.resolve())) == str(out.resolve()) else None,
+                     ) as parent:  # fmt: skip
+        write_json(marker, {"mlflow_parent_run_id": parent.run_id, "study": config.study, "experiment": config.experiment,
+                            "folder": str(out.resolve())})  # fmt: skip
 
         def log_child(record: dict[str, Any]) -> None:
             log_run(config, settings, record, parent.run_id, out / "runs" / f"{record['agent']}-N{record['size']}-seed{record['seed']}.json")

@@ -9,7 +9,6 @@ labeling version of the noisy-TV problem. One MLflow parent run per study, a chi
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from dubito import DubitoError
-from dubito.acquisition.loop import LoopConfig, headline_metric, run_loop
+from dubito.acquisition.loop import LoopConfig, headline_metric, pool_datasets, run_loop
 from dubito.experiments import area_under_curve, int_list, record_study, seed_std
-from dubito.platform.files import write_json
-from dubito.platform.tracking import tracked_run
+from dubito.platform.files import check_output, exclusive, read_json, write_json
+from dubito.platform.tracking import check_tracking, tracked_run
 
 __all__ = ["LabelConfig", "run_labeling", "format_labeling"]
 
@@ -92,16 +91,25 @@ def run_labeling(config: LabelConfig, *, progress: bool = True) -> dict[str, Any
     acquisitions, seeds = config.parsed()
     loops = {(a, s): config.loop(a, s) for a in acquisitions for s in seeds}
     for loop in loops.values():
-        loop.validate()  # every setting checked before any training
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+        loop.validate()  # every setting checked before anything is written
+    out = check_output(config.output)
+    check_tracking()
+    first = next(iter(loops.values()))
+    first.check_pool(len(pool_datasets(first)[1]))  # every loop shares the pool
+    with exclusive(out):
+        return _run_labeling(config, loops, out, progress)
+
+
+def _run_labeling(config: LabelConfig, loops: dict[tuple[str, int], LoopConfig], out: Path, progress: bool) -> dict[str, Any]:
     marker = out / "study.json"
-    parent_id = json.loads(marker.read_text()).get("mlflow_parent_run_id") if marker.exists() else None
+    study = read_json(marker, "dubito wrote it: delete it and run again (the loops resume from their ledgers)") if marker.exists() else {}
+    here = str(out.resolve())  # a copied or moved study gets a parent run of its own
+    parent_id = study.get("mlflow_parent_run_id") if study.get("folder", here) == here else None
     started = time.perf_counter()
     per_loop: dict[tuple[str, int], dict] = {}
     with tracked_run(config.experiment, run_name=f"label-{config.dataset}", params=config,
                      tags={"dubito.command": "label"}, run_id=parent_id) as parent:  # fmt: skip
-        write_json(marker, {"mlflow_parent_run_id": parent.run_id})
+        write_json(marker, {"mlflow_parent_run_id": parent.run_id, "folder": here})
         for n, ((acquisition, seed), loop) in enumerate(loops.items(), 1):
             if progress:
                 print(f"[{n}/{len(loops)}] {acquisition}, seed {seed} ({time.perf_counter() - started:.0f} s so far)", flush=True)

@@ -104,8 +104,12 @@ class CamVid(FileDataset):
             if len(parts) > 2:
                 self._problem(MissingDataError(listing, f"line {number}: expected 'image label', got {line!r}"))
                 continue
-            image = self._under_root(parts[0], self.split)
-            label = self._under_root(parts[1], f"{self.split}annot") if len(parts) == 2 else self.root / f"{self.split}annot" / image.name
+            try:
+                image = self._under_root(parts[0], self.split)
+                label = self._under_root(parts[1], f"{self.split}annot") if len(parts) == 2 else self.root / f"{self.split}annot" / image.name
+            except MissingDataError as err:
+                self._problem(MissingDataError(listing, f"line {number}: {err.problem}"))
+                continue
             pairs.append((image, label))
         return pairs
 
@@ -113,7 +117,10 @@ class CamVid(FileDataset):
         """A path from a list file, relative to root: its last two components ("train/x.png"), from
         any machine (``/`` or ``\\`` separators); a bare file name is taken from ``folder``."""
         parts = [p for p in re.split(r"[\\/]", listed) if p]
-        return self.root.joinpath(*parts[-2:]) if len(parts) >= 2 else self.root / folder / parts[0]
+        kept = parts[-2:] if len(parts) >= 2 else [folder, parts[0]]
+        if any(p in (".", "..") for p in kept):  # e.g. /x/../outside.png: a file outside the root
+            raise MissingDataError(self.root, f"list entry {listed!r} resolves outside --root {self.root}; entries name files under it")
+        return self.root.joinpath(*kept)
 
     def __len__(self) -> int:
         return len(self.files)
