@@ -297,7 +297,7 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------ prediction
     def _mc(self, X: Any, samples: int | None, keep_samples: bool) -> tuple[ClassificationUncertainty, Tensor | None]:
         """The service's uncertainty of X (fields on the CPU) and, if asked, the (T, N, C) samples."""
-        from dubito.platform.service import UncertaintyService, resolve_device
+        from dubito.platform.service import UncertaintyService, check_finite_outputs, resolve_device
 
         self._check_fitted()
         T = int(self.samples) if samples is None else samples
@@ -315,9 +315,12 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         )
         parts: list[dict[str, Tensor]] = []
         prob_parts: list[Tensor] = []
+        row = 0
         for block in self._chunks(X):
             chunk = block.to(service.device)
             u, out = service.predict_with_samples(chunk)
+            check_finite_outputs(u, range(row, row + len(chunk)), "TorchEstimator's model (ids: rows of X)")
+            row += len(chunk)
             if keep_samples:
                 prob_parts.append(out.probs.float().cpu())
             parts.append({k: v.detach().cpu() for k, v in u.to_dict().items()})

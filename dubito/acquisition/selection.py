@@ -254,8 +254,10 @@ def select(
         raise DubitoError(f"k must be ≥ 1, got {k}")
     if k > P:
         raise DubitoError(f"k={k} is larger than the pool ({P} items)")
-    if bool(torch.isnan(scores).any()):
-        raise DubitoError("scores contain NaN")
+    if bool(torch.isnan(scores).any()):  # named by position: the caller maps positions to its items
+        bad = torch.nonzero(torch.isnan(scores)).flatten().tolist()
+        shown = ", ".join(map(str, bad[:20])) + (" ..." if len(bad) > 20 else "")
+        raise DubitoError(f"scores contain NaN at pool positions {shown} ({len(bad)} of {P}): the model scoring them is diverged or damaged")
     device = scores.device
     keys = scores.detach().to(torch.float64)
 

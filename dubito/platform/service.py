@@ -24,7 +24,7 @@ from dubito.platform.uncertainty import (
     regression_uncertainty,
 )
 
-__all__ = ["UncertaintyService", "default_device", "TASKS"]
+__all__ = ["UncertaintyService", "check_finite_outputs", "default_device", "TASKS"]
 
 #: accepted task names → the kind of decomposition they use
 TASKS = {
@@ -188,6 +188,7 @@ class UncertaintyService:
         for index, batch in enumerate(bar):
             x, ids, mask = _unpack(batch, index)
             unc = self.predict(x)
+            check_finite_outputs(unc, ids)
             if mask is not None:
                 mask = mask.to(self.device)
             values = unc.per_item(mask, reduce=reduce)
@@ -197,6 +198,24 @@ class UncertaintyService:
                     raise DubitoError(f"unknown fields {sorted(unknown)}; available: {sorted(values)}")
                 values = {k: v for k, v in values.items() if k in wanted}
             yield ids, {k: v.detach().float().cpu() for k, v in values.items()}
+
+
+def check_finite_outputs(u: ClassificationUncertainty | RegressionUncertainty, ids: Tensor | list[int], what: str = "the model") -> None:
+    """Raise a :class:`DubitoError` naming the items (``ids``, one per row of the batch) whose
+    uncertainty has a NaN or infinite value anywhere (a diverged or damaged model), instead of
+    letting NaN flow into scores, selections and metrics."""
+    bad = None
+    for value in u.to_dict().values():
+        if not torch.is_floating_point(value):
+            continue
+        rows = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(1)
+        bad = rows if bad is None else bad | rows
+    if bad is not None and bool(bad.any()):
+        ids = [int(i) for i in torch.as_tensor(ids).reshape(-1)]
+        named = [ids[j] for j in torch.nonzero(bad.cpu()).flatten().tolist()]
+        shown = ", ".join(map(str, named[:20])) + (" ..." if len(named) > 20 else "")
+        raise DubitoError(f"{what} gives non-finite (NaN or infinite) outputs for item ids {shown}: its weights or inputs "
+                          "hold NaN or infinities (a diverged training?); retrain it or check the data")  # fmt: skip
 
 
 def _unpack(batch, index: int) -> tuple[Tensor, Tensor, Tensor | None]:
