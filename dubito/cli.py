@@ -112,14 +112,13 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
 
 def _cmd_label_export(args: argparse.Namespace) -> int:
-    from dubito.acquisition.loop import export_queries, waiting_for_labels
+    from dubito.acquisition.loop import export_waiting
 
     output = Path(args.loop_output)
-    config, waiting = waiting_for_labels(output)
+    folder, waiting = export_waiting(output, args.to)
     if not waiting:
         print(f"{output}: no image is waiting for a label")
         return 0
-    folder = export_queries(config, Path(args.to) if args.to else output / "queries" / "pending", waiting)
     print(f"wrote {len(waiting)} images and queries.json to {folder}")
     return 0
 
@@ -127,28 +126,39 @@ def _cmd_label_export(args: argparse.Namespace) -> int:
 def _cmd_label_import(args: argparse.Namespace) -> int:
     from dubito.acquisition.loop import import_labels
 
-    ids = import_labels(args.loop_output, args.labels)
-    print(f"imported {len(ids)} labels into {args.loop_output}; run the same `dubito label` command again to continue")
+    ids, missing = import_labels(args.loop_output, args.labels)
+    print(f"imported {len(ids)} labels into {args.loop_output}")
+    if missing:
+        shown = ", ".join(str(i) for i in missing[:20]) + (" ..." if len(missing) > 20 else "")
+        print(f"{len(missing)} image(s) still wait for a label: ids {shown}; import their files to continue", file=sys.stderr)
+        return 1
+    print("every label is in: run the same `dubito label` command again to continue")
     return 0
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from dubito.platform.data.check import check_dataset
+    from dubito.platform.files import check_output, exclusive
 
+    if args.output:  # refused before the (long) check, not after it
+        check_output(args.output)
     report = check_dataset(args.dataset, args.root, task=args.task, progress=not args.no_progress)
     print(report.format())
     if args.output:
-        paths = report.save(args.output)
+        with exclusive(args.output):
+            paths = report.save(args.output)
         print("\nwrote " + ", ".join(str(p) for p in paths))
     return 0 if report.ok else 1
 
 
 def _cmd_data_show(args: argparse.Namespace) -> int:
     from dubito.platform.data import get_dataset
+    from dubito.platform.files import check_output
     from dubito.platform.plots import samples_figure
 
     if args.count < 1:
         raise DubitoError(f"--count must be >= 1, got {args.count}")
+    check_output(args.output)
     options = {"normalize": None}
     if args.size:
         options["size"] = tuple(args.size)
@@ -308,14 +318,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM ends a command like Ctrl-C: MLflow runs are marked KILLED, locks released, and the
+    same command resumes."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _error(message: str) -> int:
+    print(f"dubito: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``dubito`` command. Errors dubito raises on purpose, file-system errors, damaged
+    files and SQLite errors end with one line naming the path and what to do (exit 2);
+    ``DUBITO_DEBUG=1`` shows the traceback instead."""
+    import os
+    import signal
+    import sqlite3
+
+    from dubito.platform.files import describe_os_error
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = os.environ.get("DUBITO_DEBUG", "") not in ("", "0")
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("dubito: interrupted; what was recorded is kept: run the same command again to resume", file=sys.stderr)
+        return 130
     except DubitoError as err:
-        print(f"dubito: error: {err}", file=sys.stderr)
-        return 2
+        if debug:
+            raise
+        return _error(str(err))
+    except OSError as err:
+        if debug:
+            raise
+        return _error(describe_os_error(err))
+    except sqlite3.Error as err:
+        if debug:
+            raise
+        return _error(f"SQLite: {err} (a ledger or tracking database is damaged or locked; DUBITO_DEBUG=1 shows where)")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

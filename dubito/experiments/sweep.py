@@ -23,6 +23,8 @@ training run (:class:`~dubito.platform.training.TrainConfig`).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import math
 import os
@@ -40,15 +42,17 @@ import numpy as np
 
 from dubito import DubitoError
 from dubito.experiments import area_under_curve, record_study, seed_std
-from dubito.platform.files import write_json
-from dubito.platform.tracking import default_tracking_uri, tracked_run
+from dubito.platform.files import check_output, exclusive, read_json, write_json
+from dubito.platform.tracking import check_tracking, default_tracking_uri, tracked_run
 
 __all__ = ["SweepConfig", "KINDS", "run_sweep", "parse_space", "format_sweep", "FAIL_ONCE_ENV"]
 
 #: test hook: ``field=value,...@step`` makes the first matching trial fail once after that step
 FAIL_ONCE_ENV = "DUBITO_SWEEP_FAIL_ONCE"
 SWEEP_FILE = "sweep.json"
+CONFIG_ERROR = "config_error"  # the metric a trial refused for its settings reports (it is not retried)
 _SEED_FIELDS = ("seed", "seeds")
+_CORNERS = 1024  # sampled spaces with at most this many corners have each one checked
 _ALIASES = {"explore": {"agent": "agents", "size": "sizes", "seed": "seeds"}}
 _FORBIDDEN = ("output", "experiment")  # set by the sweep for every trial
 
@@ -131,18 +135,23 @@ class SweepConfig:
         return metric, mode
 
     def trial_configs(self, every: bool = False) -> list[dict[str, Any]]:
-        """The settings of every grid point with each sampled field at each of its candidates (every
-        choice, both bounds of a range), each checked; the first candidates' settings per grid point
-        are returned (``every``: all of them)."""
+        """The settings of every grid point with the sampled fields at every corner of their space
+        (every choice, both bounds of a range; each candidate alone where corners are too many), each
+        checked; the first candidates' settings per grid point are returned (``every``: all of them)."""
         grid, sampled = self.space()
         points = [{}]
         for name, values in grid.items():
             points = [{**p, name: v} for p in points for v in values]
         cls = self.target()
         out = []
+        candidates = {k: _candidates(d) for k, d in sampled.items()}
+        first = {k: c[0] for k, c in candidates.items()}
+        # every corner of the sampled space: settings interact (--initial and --query against the pool)
+        if math.prod(len(c) for c in candidates.values()) <= _CORNERS:
+            variants = [dict(zip(candidates, v)) for v in itertools.product(*candidates.values())]
+        else:  # too many: each candidate beside the others' first
+            variants = [first] + [{**first, k: c} for k, cs in candidates.items() for c in cs[1:]]
         for point in points:
-            first = {k: _candidates(d)[0] for k, d in sampled.items()}
-            variants = [first] + [{**first, k: c} for k, d in sampled.items() for c in _candidates(d)[1:]]
             for n, variant in enumerate(variants):
                 values = {**self.base, **variant, **point, "output": "unused", "experiment": self.experiment_name()}
                 try:
@@ -195,6 +204,8 @@ def _check(kind: str, config: Any) -> None:
         raise DubitoError("sweep label needs --oracle simulated (a sweep cannot wait for a person)")
     if kind in ("label", "train"):
         config.validate()
+        if kind == "label":  # the pool holds the initial set and every round's labels
+            config.check_pool(_pool_size(config))
     else:
         settings = config.resolved()
         runs = len(settings["agents"]) * len(settings["sizes"]) * len(settings["seeds"])
@@ -203,6 +214,19 @@ def _check(kind: str, config: Any) -> None:
                 f"an explore trial is one run (one agent, size and seed); this one has {runs}: sweep them with "
                 "--grid agent=...  --grid size=...  --grid seed=..."
             )
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_images(dataset: str, root: str, pool_images: int, data_seed: int, height: int, width: int) -> int:
+    from dubito.acquisition.loop import LoopConfig, pool_datasets
+
+    config = LoopConfig(dataset=dataset, root=root, pool_images=pool_images, data_seed=data_seed, height=height, width=width)
+    return len(pool_datasets(config)[1])  # synthetic pools are counted without rendering a scene
+
+
+def _pool_size(config: Any) -> int:
+    """Images in a label trial's pool (one look at a real dataset's folder for every trial)."""
+    return _pool_images(config.dataset, config.root, config.pool_images, config.data_seed, config.height, config.width)
 
 
 def _field_types(kind: str) -> dict[str, type]:
@@ -395,15 +419,22 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     key = _trial_key(params)
     folder = Path(context["root"]) / "trials" / _safe(f"{trial.get_trial_id()}-{key}")
     folder.mkdir(parents=True, exist_ok=True)
-    _restore(folder)
-    values = {**context["base"], **params, "output": str(folder), "experiment": context["experiment"]}
-    if context["gpus"] == 0 and values.get("device") == "auto":  # Ray leaves the node's GPUs visible to a 0-GPU trial
-        values["device"] = "cpu"
-    tags = {"mlflow.parentRunId": context["parent_run_id"], "dubito.sweep": context["root"], "dubito.trial": key,
-            "dubito.trial_id": trial.get_trial_id()}
-    inject = context.get("inject")
-    write_json(folder / "trial.json", {"params": params, "key": key, "trial_id": trial.get_trial_id()})
-    {"label": _label_trial, "explore": _explore_trial, "train": _train_trial}[context["kind"]](values, params, folder, tags, inject, context)
+    with exclusive(folder):  # one writer per trial folder
+        _restore(folder)
+        values = {**context["base"], **params, "output": str(folder), "experiment": context["experiment"]}
+        if context["gpus"] == 0 and values.get("device") == "auto":  # Ray leaves the node's GPUs visible to a 0-GPU trial
+            values["device"] = "cpu"
+        tags = {"mlflow.parentRunId": context["parent_run_id"], "dubito.sweep": context["root"], "dubito.trial": key,
+                "dubito.trial_id": trial.get_trial_id()}
+        inject = context.get("inject")
+        write_json(folder / "trial.json", {"params": params, "key": key, "trial_id": trial.get_trial_id()})
+        try:  # every value was checked before Ray started; a config error left is not worth Tune's retries
+            _check(context["kind"], _config_class(context["kind"])(**values))
+        except DubitoError as err:
+            write_json(folder / "config_error.json", {"error": str(err)})
+            _report({CONFIG_ERROR: str(err), context["metric"]: math.nan}, 0, folder, None)  # the metric: schedulers ask for it
+            return
+        {"label": _label_trial, "explore": _explore_trial, "train": _train_trial}[context["kind"]](values, params, folder, tags, inject, context)
 
 
 def _label_trial(values, params, folder, tags, inject, context) -> None:
@@ -533,10 +564,6 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
     Connects to Ray (``RAY_ADDRESS`` or a local instance), opens the MLflow parent run, runs the
     trials through Tune, then writes the summary (tables.md, results.json, curves.png) and logs it
     to the parent."""
-    from ray import tune
-
-    from dubito.platform.cluster import connect, gpu_request
-
     # checkpoints every round are the point here, not a bottleneck worth a warning per trial
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if resume is not None:
@@ -544,7 +571,7 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
         saved = root / SWEEP_FILE
         if not saved.exists():
             raise DubitoError(f"{root}: no sweep here (no {SWEEP_FILE}); give the --output folder of a sweep")
-        state = json.loads(saved.read_text())
+        state = read_json(saved, "dubito wrote it: without it the sweep cannot be resumed; start it again into another --output")
         values = state["config"]
         values["grid"], values["sample"] = tuple(values["grid"]), tuple(values["sample"])
         config = SweepConfig(**values)
@@ -558,15 +585,25 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
     config = dataclasses.replace(config, output=str(root), base=_absolute_paths(config.base))
     if resume is None and (root / SWEEP_FILE).exists():
         raise DubitoError(f"{root} holds a sweep already: continue it with `dubito sweep --resume {config.output}`, or use another --output")
-    root.mkdir(parents=True, exist_ok=True)
+    check_output(root)
+    check_tracking()
+    from dubito.platform.cluster import connect, gpu_request
+
+    connect()  # the cluster is asked before anything is written
+    gpus = gpu_request(config.gpus_per_trial, "--gpus-per-trial")
+    with exclusive(root):  # the sweep's folder; each trial holds its own trial folder
+        return _run_sweep(config, root, resume, progress, gpus)
+
+
+def _run_sweep(config: SweepConfig, root: Path, resume: str | None, progress: bool, gpus: float) -> dict[str, Any]:
+    from ray import tune
+
     if config.storage and "://" not in config.storage:  # a folder given: absolute (the default follows --output)
         config = dataclasses.replace(config, storage=str(Path(config.storage).resolve()))
     storage = config.storage or str(root / "tune")
     metric, mode = config.metric_and_mode()
     grid, sampled = config.space()
 
-    connect()
-    gpus = gpu_request(config.gpus_per_trial, "--gpus-per-trial")
     uri = default_tracking_uri()
     state = json.loads((root / SWEEP_FILE).read_text()) if (root / SWEEP_FILE).exists() else {}
     started = time.perf_counter()
@@ -577,7 +614,7 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
         context = {
             "kind": config.kind, "base": config.base, "root": str(root), "tracking_uri": uri, "parent_run_id": parent.run_id,
             "experiment": config.experiment_name(), "checkpoint_every": config.checkpoint_every, "inject": _inject_from_env(root),
-            "gpus": gpus, "threads": max(1, int(config.cpus_per_trial)),
+            "gpus": gpus, "threads": max(1, int(config.cpus_per_trial)), "metric": metric,
         }  # fmt: skip
         trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"cpu": config.cpus_per_trial, "gpu": gpus})
         path = os.path.join(storage, "tune")
@@ -659,7 +696,8 @@ def _collect(grid_results) -> list[dict[str, Any]]:
         trial_id = (result.metrics or {}).get("trial_id") or Path(str(result.path)).name
         trials.append({
             "params": params, "key": _trial_key(params), "trial_id": trial_id, "rows": rows,
-            "error": None if result.error is None else _error_text(result.error),
+            "error": _error_text(result.error) if result.error is not None else (
+                f"config error (not retried): {rows[-1][CONFIG_ERROR]}" if rows and isinstance(rows[-1].get(CONFIG_ERROR), str) else None),
             "path": result.path,
         })  # fmt: skip
     counts: dict[str, int] = {}
