@@ -1,8 +1,26 @@
 """Shared test setup: no test writes MLflow runs into the working directory; hypothesis
-runs derandomized in CI so a run is reproducible from its commit."""
+runs derandomized in CI so a run is reproducible from its commit.
+
+Perturbations that move float rounding (``docs/findings.md``): every test that asserts a finding of
+trained models (``@pytest.mark.finding``) must hold under each of them. They are read from the
+environment, so any run of the suite can be made under one:
+
+- ``DUBITO_TEST_THREADS=N``: PyTorch intra-op threads for the whole suite (also ``OMP_NUM_THREADS``
+  for the processes tests start; it overrides the ``one_thread`` fixture);
+- ``DUBITO_TEST_CHANNELS_LAST=0|1``: the MC engine's ``channels_last`` (default ``auto``: on for
+  convolutional models);
+- ``DUBITO_TEST_MC_CHUNK=K``: the MC engine's ``chunk_size`` (default ``auto``);
+- ``DUBITO_TEST_SEED_OFFSET=S``: finding tests shift their seeds by S (``finding.seed``);
+- ``DUBITO_FINDINGS_LOG=FILE``: every checked finding (test, quantity, value, threshold, the
+  perturbation) is appended to FILE as a JSON line, and a test checks all of its findings before
+  failing. ``python -m tests.findings`` runs the finding tests under each perturbation this way
+  and writes the table of ``docs/findings.md``.
+"""
 
 from __future__ import annotations
 
+import json
+import operator
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +31,83 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+PERTURBATIONS = ("DUBITO_TEST_THREADS", "DUBITO_TEST_CHANNELS_LAST", "DUBITO_TEST_MC_CHUNK", "DUBITO_TEST_SEED_OFFSET")
+
+
+def _threads() -> int | None:
+    value = os.environ.get("DUBITO_TEST_THREADS")
+    return int(value) if value else None
+
+
+def pytest_configure(config) -> None:
+    threads = _threads()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the dubito commands tests run in subprocesses
+    forced = {}
+    if os.environ.get("DUBITO_TEST_CHANNELS_LAST"):
+        forced["channels_last"] = os.environ["DUBITO_TEST_CHANNELS_LAST"] == "1"
+    if os.environ.get("DUBITO_TEST_MC_CHUNK"):
+        value = os.environ["DUBITO_TEST_MC_CHUNK"]
+        forced["chunk_size"] = value if value == "auto" else int(value)
+    if forced:  # every caller of the MC engine in this process (spawned workers keep the defaults)
+        import functools
+
+        import dubito.agents.agents
+        import dubito.platform
+        import dubito.platform.mc
+        import dubito.platform.service
+
+        original = dubito.platform.mc.mc_samples
+
+        @functools.wraps(original)
+        def perturbed(*args, **kwargs):
+            return original(*args, **{**kwargs, **forced})
+
+        for module in (dubito.platform.mc, dubito.platform.service, dubito.agents.agents, dubito.platform):
+            module.mc_samples = perturbed
+
+
+_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+
+class Findings:
+    """``check(quantity, value, op, threshold)`` asserts one finding of a trained model and records
+    it; ``seed(s)`` is a seed shifted by ``DUBITO_TEST_SEED_OFFSET``."""
+
+    def __init__(self, test: str) -> None:
+        self.test = test
+        self.log = os.environ.get("DUBITO_FINDINGS_LOG")
+        self.offset = int(os.environ.get("DUBITO_TEST_SEED_OFFSET") or 0)
+        self.failed: list[str] = []
+
+    def seed(self, seed: int) -> int:
+        return seed + self.offset
+
+    def check(self, quantity: str, value: float, op: str, threshold: float, detail: object = None) -> None:
+        ok = bool(_OPS[op](value, threshold))
+        if self.log:
+            perturbation = {k[len("DUBITO_TEST_"):].lower(): os.environ[k] for k in PERTURBATIONS if os.environ.get(k)}
+            with open(self.log, "a") as f:
+                f.write(json.dumps({"test": self.test, "quantity": quantity, "value": float(value), "op": op,
+                                    "threshold": float(threshold), "ok": ok, "perturbation": perturbation}) + "\n")  # fmt: skip
+        message = f"{quantity} = {value:.4g}, expected {op} {threshold:g}" + (f" ({detail})" if detail is not None else "")
+        if not ok:
+            if not self.log:
+                raise AssertionError(message)
+            self.failed.append(message)
+
+
+@pytest.fixture
+def finding(request):
+    """Checks of a trained model's statistics (see :class:`Findings`)."""
+    found = Findings(request.node.nodeid)
+    yield found
+    if found.failed:
+        pytest.fail("; ".join(found.failed))
 
 
 @pytest.fixture(scope="session")
@@ -52,11 +147,12 @@ def _no_stray_mlflow(tmp_path_factory, monkeypatch, _mlflow_template):
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny models: on a busy 2-core machine extra threads make
-    them several times slower. The previous count is restored afterwards."""
+    them several times slower (``DUBITO_TEST_THREADS`` overrides it). The previous count is
+    restored afterwards."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(_threads() or 1)
     yield
     torch.set_num_threads(threads)
 

@@ -77,8 +77,8 @@ def test_human_round_trip_until_finished(tmp_path, mlflow_uri):
         waiting = results["waiting_for_labels"]
         for i in waiting:
             _write_label(answers / f"step-{step}", i, truth[i])
-        got = import_labels(out, answers / f"step-{step}")
-        assert got == sorted(waiting)
+        got, missing = import_labels(out, answers / f"step-{step}")
+        assert got == sorted(waiting) and missing == []
         imported += got
         with pytest.raises(DubitoError, match="no queried image is waiting for a label"):
             import_labels(out, answers / f"step-{step}")  # all imported: nothing waits
@@ -155,7 +155,7 @@ def test_bad_label_files_are_refused_and_leave_the_ledger_unchanged(tmp_path, ml
     unreadable = tmp_path / "unreadable"
     _write_label(unreadable, first, truth[first])
     (unreadable / f"{third}_label.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing of a PNG")
-    refused(unreadable, unreadable / f"{third}_label.png", "cannot read the label")
+    refused(unreadable, unreadable / f"{third}_label.png", "not a PNG image")
 
     rgb = tmp_path / "rgb"
     rgb.mkdir()
@@ -174,7 +174,7 @@ def test_bad_label_files_are_refused_and_leave_the_ledger_unchanged(tmp_path, ml
     void = truth[first].copy()
     void[:4] = VOID
     _write_label(partial, first, void)
-    assert import_labels(out, partial) == [first]
+    assert import_labels(out, partial) == ([first], [second, third])  # the ids still waiting are named
     with Ledger(out / LEDGER) as ledger:
         assert ledger.pending(ledger.labeled_ids()) == [second, third]
     # the export is made again when a run was killed after recording the queries, before exporting

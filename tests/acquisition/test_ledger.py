@@ -47,7 +47,8 @@ def test_initial_set_and_rounds_read_back_in_order_after_reopening(tmp_path):
         assert [r["labels"] for r in rounds] == [3, 5, 7]  # labels the round's model was trained on
         assert [r["queried"] for r in rounds] == [[9, 1], [0, 8], []]
         assert [r["metrics"] for r in rounds] == [{"test_mean_iou": 0.25}, {"test_mean_iou": 0.5}, {"test_mean_iou": 0.75}]
-        assert [r["checkpoint"] for r in rounds] == ["r0.pt", "r1.pt", None]
+        folder = path.parent  # stored relative to the ledger's folder, read back as files of it
+        assert [r["checkpoint"] for r in rounds] == [str(folder / "r0.pt"), str(folder / "r1.pt"), None]
         assert [r["seconds"] for r in rounds] == [1.5, 2.0, 0.5]
         assert all(a["finished"] <= b["finished"] for a, b in zip(rounds, rounds[1:]))
         assert ledger.get_meta("mlflow_run_id") == "abc123"
@@ -154,7 +155,8 @@ def test_pending_and_record_label(tmp_path):
         ledger.record_label(5, "old.png")
         ledger.record_label(5, "5_label.png")  # a label imported again replaces the old one
     with Ledger(path) as ledger:
-        assert ledger.label_files() == {1: str(tmp_path / "1_label.png"), 42: "42_label.png", 5: "5_label.png"}
+        # paths are kept relative to the ledger's folder and read back as its files
+        assert ledger.label_files() == {1: str(tmp_path / "1_label.png"), 42: str(tmp_path / "42_label.png"), 5: str(tmp_path / "5_label.png")}
         assert ledger.pending(ledger.labeled_ids()) == [3]
     assert _count(path, "labels") == 3
 

@@ -72,10 +72,11 @@ def fitted(digits):
     return learner, np.setdiff1d(pool_ids, start).reshape(-1, 1)
 
 
-def test_active_learning_with_bald_on_digits(digits):
+@pytest.mark.finding
+def test_active_learning_with_bald_on_digits(digits, finding):
     full, pool_ids, test_ids = digits
     k, rounds = 20, 4
-    learner, picked = _run(full, pool_ids, strategy("bald"), rounds, k)
+    learner, picked = _run(full, pool_ids, strategy("bald", seed=finding.seed(0)), rounds, k, seed=finding.seed(0))
     queried = np.concatenate(picked)
     start = _start(pool_ids)
     assert len(np.unique(queried)) == k * rounds  # distinct across rounds
@@ -86,7 +87,7 @@ def test_active_learning_with_bald_on_digits(digits):
     np.testing.assert_array_equal(learner.X_training[len(start) :, 0], queried)
     # 100 labels: measured 0.86 (seed 0); chance is 0.1
     accuracy = learner.score(test_ids.reshape(-1, 1), full.targets[test_ids].numpy())
-    assert accuracy > 0.7, accuracy
+    finding.check("digits test accuracy after 4 BALD rounds (100 labels)", accuracy, ">", 0.7)
 
 
 def test_labelled_set_grows_by_n_instances_each_round_with_1d_positions(digits):
@@ -193,24 +194,25 @@ def test_same_seed_same_queries(digits):
     assert isinstance(query, Strategy) and query.calls == 1
 
 
-def test_estimator_on_feature_arrays_against_direct_computation(digits):
+@pytest.mark.finding
+def test_estimator_on_feature_arrays_against_direct_computation(digits, finding):
     full, pool_ids, test_ids = digits
-    chosen = _start(pool_ids, 200, seed=2)
+    chosen = _start(pool_ids, 200, seed=finding.seed(2))
     X, y = full.images[chosen].numpy(), full.targets[chosen].numpy()
     X_test, y_test = full.images[test_ids].numpy(), full.targets[test_ids].numpy()
-    est = TorchEstimator(epochs=20, samples=8, seed=5, hidden=(64,), dropout=0.2)
+    est = TorchEstimator(epochs=20, samples=8, seed=finding.seed(5), hidden=(64,), dropout=0.2)
     assert is_classifier(est)
     assert est.fit(X, y + 10) is est  # arbitrary labels: classes_ maps them
     np.testing.assert_array_equal(est.classes_, np.arange(10, 20))
     proba = est.predict_proba(X_test)
     assert proba.shape == (len(X_test), 10) and proba.dtype == np.float64
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
-    service = UncertaintyService(est.model_, task="classification", samples=8, device="cpu", seed=5, progress=False)
+    service = UncertaintyService(est.model_, task="classification", samples=8, device="cpu", seed=finding.seed(5), progress=False)
     direct = service.predict(torch.from_numpy(X_test)).mean_probs.double().numpy()
     np.testing.assert_allclose(proba, direct, rtol=0, atol=1e-7)
     np.testing.assert_array_equal(est.predict(X_test), np.arange(10, 20)[direct.argmax(1)])
     assert est.score(X_test, y_test + 10) == pytest.approx(accuracy_score(y_test + 10, est.predict(X_test)))
-    assert est.score(X_test, y_test + 10) > 0.75  # 200 random labels, 20 epochs: measured 0.86-0.88 (seeds 5-7)
+    finding.check("digits test accuracy, 200 random labels, 20 epochs", est.score(X_test, y_test + 10), ">", 0.75)
     np.testing.assert_array_equal(est.predict_proba(X_test), proba)  # reproducible predictions
     u = est.uncertainty(X_test[:7])
     assert u.mean_probs.shape == (7, 10) and u.mutual_information.shape == (7,)

@@ -177,5 +177,6 @@ def test_selection_errors():
         select(s, 2, "power", temperature=0.0)
     with pytest.raises(DubitoError, match="scores"):
         select(torch.rand(5, 2), 2)
-    with pytest.raises(DubitoError, match="NaN"):
-        select(torch.tensor([0.1, float("nan")]), 1)
+    for method in ("topk", "power", "kcenter"):  # named by position, whatever the method
+        with pytest.raises(DubitoError, match=r"NaN at pool positions 1, 3 \(2 of 4\)"):
+            select(torch.tensor([0.1, float("nan"), 0.2, float("nan")]), 1, method, features=torch.rand(4, 2))

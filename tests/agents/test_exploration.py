@@ -42,24 +42,28 @@ def test_within_state_slope_recovers_a_power_law():
     assert _within_state_slope(plain) == pytest.approx(-0.5, abs=1e-9)
 
 
-def test_deep_sea_10_uncertainty_agents_solve_and_dithering_does_not(tmp_path, mlflow_uri):
-    config = ExploreConfig(study="deep-sea", agents="epistemic,bootstrapped,dqn", sizes="10", seeds="0,1,2",
+@pytest.mark.finding
+def test_deep_sea_10_uncertainty_agents_solve_and_dithering_does_not(tmp_path, mlflow_uri, finding):
+    seeds = ",".join(str(finding.seed(s)) for s in (0, 1, 2))
+    config = ExploreConfig(study="deep-sea", agents="epistemic,bootstrapped,dqn", sizes="10", seeds=seeds,
                            episodes=500, output=str(tmp_path / "ds"), workers=2)  # fmt: skip
     results = run_exploration(config, progress=False)
     per = {a: results["summary"][a]["per_size"]["10"]["solve_episodes"] for a in ("epistemic", "bootstrapped", "dqn")}
     print("\nDeep Sea N=10, episode solved (seeds 0-2):", per)
-    for agent in ("epistemic", "bootstrapped"):
-        assert sum(e is not None for e in per[agent]) >= 2, (agent, per[agent])  # most seeds, within 500
+    solved = {a: sum(e is not None for e in per[a]) for a in per}
+    for agent in ("epistemic", "bootstrapped"):  # most seeds, within 500 episodes
+        finding.check(f"Deep Sea N=10: seeds {agent} solves", solved[agent], ">=", 2, per[agent])
     # dithering needs ~2^10 episodes; a lucky early walk to the reward can still teach it (seed 2: episode 87)
-    assert sum(e is not None for e in per["dqn"]) <= 1, per["dqn"]
+    finding.check("Deep Sea N=10: seeds dqn solves", solved["dqn"], "<=", 1, per["dqn"])
     for agent in ("epistemic", "bootstrapped"):
-        assert sum(e is not None for e in per[agent]) > sum(e is not None for e in per["dqn"])
+        finding.check(f"Deep Sea N=10: seeds {agent} solves minus dqn's", solved[agent] - solved["dqn"], ">", 0, per)
     out = tmp_path / "ds"
     saved = json.loads((out / "results.json").read_text())
-    assert saved["summary"]["epistemic"]["score"] == results["summary"]["epistemic"]["score"] > 0.6
+    assert saved["summary"]["epistemic"]["score"] == results["summary"]["epistemic"]["score"]
+    finding.check("Deep Sea N=10: bsuite score of epistemic", results["summary"]["epistemic"]["score"], ">", 0.6)
     for name in ("scaling.png", "visits.png", "epistemic_vs_visits.png", "tables.md"):
         assert (out / name).stat().st_size > 0
-    run = json.loads((out / "runs" / "epistemic-N10-seed0.json").read_text())
+    run = json.loads((out / "runs" / f"epistemic-N10-seed{finding.seed(0)}.json").read_text())
     if run["solve_episode"] is not None:
         assert run["episodes"] == run["solve_episode"]  # stopped once solved
         assert sum(run["bad"]) / run["episodes"] < 0.9 <= sum(run["bad"][:-1]) / max(1, run["episodes"] - 1)
@@ -85,7 +89,7 @@ def test_deep_sea_10_uncertainty_agents_solve_and_dithering_does_not(tmp_path, m
     with pytest.raises(DubitoError, match="holds the 'deep-sea' study"):
         run_exploration(ExploreConfig(**{**config.__dict__, "study": "noisy-tv", "sizes": "5"}), progress=False)
     # a run finished but never logged (the study was killed in between) is logged when the study resumes
-    path = out / "runs" / "dqn-N10-seed0.json"
+    path = out / "runs" / f"dqn-N10-seed{finding.seed(0)}.json"
     record = json.loads(path.read_text())
     del record["mlflow_run_id"]
     path.write_text(json.dumps(record))
@@ -94,8 +98,10 @@ def test_deep_sea_10_uncertainty_agents_solve_and_dithering_does_not(tmp_path, m
     assert json.loads(path.read_text())["mlflow_run_id"]
 
 
-def test_noisy_tv_noise_seekers_watch_and_the_epistemic_agent_does_not(tmp_path, mlflow_uri):
-    config = ExploreConfig(study="noisy-tv", agents="epistemic,total,rnd", seeds="0,1,2,3", episodes=300,
+@pytest.mark.finding
+def test_noisy_tv_noise_seekers_watch_and_the_epistemic_agent_does_not(tmp_path, mlflow_uri, finding):
+    seeds = ",".join(str(finding.seed(s)) for s in (0, 1, 2, 3))
+    config = ExploreConfig(study="noisy-tv", agents="epistemic,total,rnd", seeds=seeds, episodes=300,
                            output=str(tmp_path / "tv"), workers=2)  # fmt: skip
     results = run_exploration(config, progress=False)
     s = results["summary"]
@@ -105,12 +111,15 @@ def test_noisy_tv_noise_seekers_watch_and_the_epistemic_agent_does_not(tmp_path,
     effect = s["epistemic"]["epistemic_visit_effect_mean"]
     print(f"\nnoisy TV, fraction of steps on the TV (mean / median over 4 seeds): "
           f"{ {a: (round(tv[a], 3), round(median[a], 3)) for a in tv} }; epistemic agent's within-state slope {slope:.3f}, trend removed {effect:.3f}")  # fmt: skip
-    assert tv["total"] > 2.0 * tv["epistemic"] and median["total"] > 2.0 * median["epistemic"]
-    assert tv["rnd"] > 1.5 * tv["epistemic"] and median["rnd"] > 1.5 * median["epistemic"]
+    for agent, factor in (("total", 2.0), ("rnd", 1.5)):
+        for what, values in (("mean", tv), ("median", median)):
+            finding.check(f"noisy TV: TV share, {agent} over epistemic ({what} of 4 seeds)",
+                          values[agent] / max(values["epistemic"], 1e-9), ">", factor, (tv, median))  # fmt: skip
     # the split: the heteroscedastic head puts the TV's noise in aleatoric variance
-    assert s["epistemic"]["aleatoric_tv_mean"] > 3 * s["epistemic"]["aleatoric_elsewhere_mean"]
+    finding.check("noisy TV: epistemic agent's aleatoric std, TV over elsewhere",
+                  s["epistemic"]["aleatoric_tv_mean"] / s["epistemic"]["aleatoric_elsewhere_mean"], ">", 3.0)  # fmt: skip
     # a state's epistemic estimate falls as its visit count grows
-    assert slope < -0.05
+    finding.check("noisy TV: within-state slope of epistemic std vs visits", slope, "<", -0.05)
     assert (tmp_path / "tv" / "tv_time.png").stat().st_size > 0
 
 
@@ -135,6 +144,6 @@ def test_bad_settings_are_named(tmp_path):
         run_exploration(ExploreConfig(mapping_seed=-1, output=str(tmp_path)))
     with pytest.raises(DubitoError, match="--noise-scale"):
         run_exploration(ExploreConfig(study="noisy-tv", noise_scale=-1.0, output=str(tmp_path)))
-    with pytest.raises(DubitoError, match="min_replay"):
+    with pytest.raises(DubitoError, match="--min-replay"):
         run_exploration(ExploreConfig(min_replay=100, buffer_size=50, output=str(tmp_path)))
     assert not (tmp_path / "study.json").exists()  # nothing started

@@ -103,6 +103,44 @@ def test_sweep_checks_every_trial_before_starting(tmp_path):
         SweepConfig(kind="label", grid=("scorers=0,2",), base=dict(LABEL)).validate()
     with pytest.raises(DubitoError, match="oracle=human"):
         SweepConfig(kind="label", grid=("oracle=simulated,human",), base=dict(LABEL)).validate()
+    with pytest.raises(DubitoError, match="lr=-1.0: --lr must be > 0"):  # the training settings of every round
+        SweepConfig(kind="label", grid=("lr=0.001,-1",), base=dict(LABEL)).validate()
+    # the corners of a sampled space: 7 initial + 6 x 2 rounds outgrow the 16-image pool, though neither end alone does
+    with pytest.raises(DubitoError, match=r"initial=7, query=6: --initial 7 \+ --query 6 x 2 rounds needs 19 images; the pool has 16"):
+        SweepConfig(kind="label", grid=("seed=0",), sample=("initial=randint:4:8", "query=choice:2,6"), base=dict(LABEL)).validate()
+    SweepConfig(kind="label", grid=("seed=0",), sample=("initial=randint:4:8", "query=choice:2,4"), base=dict(LABEL)).validate()
+
+
+def test_a_trial_refused_for_its_settings_ends_once_without_retries(tmp_path, monkeypatch):
+    """Every value is checked before Ray starts; should a trial still meet a config error (a
+    dataset folder changed meanwhile), it ends at once, reported as an error, instead of raising
+    into Tune's retries."""
+    import math
+    import types
+
+    import pandas as pd
+    from ray import tune
+
+    from dubito.experiments import sweep
+
+    reported = []
+    monkeypatch.setattr(tune, "get_context", lambda: types.SimpleNamespace(get_trial_id=lambda: "t0001"))
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reported.append(metrics))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/unused.db")
+    context = {"kind": "label", "base": dict(LABEL, lr=-1.0), "root": str(tmp_path), "tracking_uri": f"sqlite:///{tmp_path}/unused.db",
+               "parent_run_id": "p", "experiment": "e", "checkpoint_every": 1, "inject": None, "gpus": 0, "threads": torch.get_num_threads(),
+               "metric": "test_mean_iou"}  # fmt: skip
+    sweep._trial({"seed": 0}, context)  # returns: Tune sees no failure to retry
+    (folder,) = (tmp_path / "trials").iterdir()
+    assert "--lr must be > 0" in json.loads((folder / "config_error.json").read_text())["error"]
+    assert sorted(p.name for p in folder.iterdir() if p.name != ".dubito.lock") == ["config_error.json", "trial.json"]
+    assert len(reported) == 1 and "--lr must be > 0" in reported[0]["config_error"] and math.isnan(reported[0]["test_mean_iou"])
+    result = types.SimpleNamespace(metrics_dataframe=pd.DataFrame(reported), config={"seed": 0}, metrics={"trial_id": "t0001"},
+                                   error=None, path=str(folder))  # fmt: skip
+    (trial,) = sweep._collect([result])
+    assert trial["error"].startswith("config error (not retried): ") and "--lr" in trial["error"]
+    assert not (tmp_path / "unused.db").exists()
 
 
 def test_asha_budget_covers_every_grid_and_sampled_value():
@@ -119,7 +157,7 @@ def test_gpus_the_cluster_lacks_are_refused(tmp_path, ray_session, mlflow_uri):
     config = SweepConfig(kind="label", output=str(tmp_path / "g"), grid=("seed=0,1",), gpus_per_trial="1", base=dict(LABEL))
     with pytest.raises(DubitoError, match="no GPU"):
         run_sweep(config, progress=False)
-    assert not (tmp_path / "g" / "sweep.json").exists()  # refused before anything was recorded
+    assert not (tmp_path / "g").exists()  # refused before anything was written
 
 
 # ----------------------------------------------------------------------------- labeling sweeps

@@ -194,7 +194,7 @@ def test_service_and_training_carry_the_options(tmp_path):
     with pytest.raises(DubitoError, match="--dropout-at must be one of"):
         TrainConfig(dropout_at="middle").validate()
     with pytest.raises(DubitoError, match="FC-DenseNet option"):
-        TrainConfig(model="mlp", dropout_at="head").validate()
+        TrainConfig(dataset="digits", model="mlp", dropout_at="head").validate()
     assert dropout_modules(loaded)[-1] is loaded.head_dropout
 
 

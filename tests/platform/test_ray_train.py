@@ -67,7 +67,7 @@ def test_a_dubito_error_in_a_worker_reaches_the_user_unwrapped():
     assert dubito_cause(RuntimeError("no dubito error here")) is None
 
 
-def test_gpus_are_only_asked_of_clusters_that_have_them(ray_session):
+def test_gpus_are_only_asked_of_clusters_that_have_them(ray_session, tmp_path):
     from dubito.platform.cluster import check_gpu_capacity
 
     check_gpu_capacity(0.0, 4, "--scorers 4")  # no GPU asked: fine anywhere
@@ -80,6 +80,7 @@ def test_gpus_are_only_asked_of_clusters_that_have_them(ray_session):
     with pytest.raises(DubitoError, match="'auto' or a number"):
         gpu_request("many", "--gpus-per-trial")
     with pytest.raises(DubitoError, match="no GPU"):
-        train_with_ray(TrainConfig(output="unused", workers=2, gpu=True, **BASE), progress=False)
+        train_with_ray(TrainConfig(output=str(tmp_path / "out"), workers=2, gpu=True, **BASE), progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
     with pytest.raises(DubitoError, match="--workers N"):
         TrainConfig(gpu=True).validate()
