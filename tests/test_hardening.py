@@ -87,6 +87,8 @@ def test_every_command_writing_an_output_is_refused_while_another_holds_it(tmp_p
     model, spec = build_for(TrainConfig(dataset="digits"), get_dataset("digits", "train"))
     save_model(tmp_path / "m.pt", model, spec)
     make_camvid(tmp_path)
+    folder.mkdir()
+    (folder / LEDGER).write_bytes(b"")  # label export / import look for a loop's ledger before they lock
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_HOLDER), str(folder)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -102,12 +104,41 @@ def test_every_command_writing_an_output_is_refused_while_another_holds_it(tmp_p
         holder.wait()
 
 
-def test_the_lock_is_reentrant_within_a_process(tmp_path):
+_PROBE = """
+import sys
+from dubito.platform.files import OutputInUse, exclusive
+try:
+    with exclusive(sys.argv[1]):
+        print("free")
+except OutputInUse:
+    print("busy")
+"""
+
+
+def _probe(folder: Path) -> str:
+    """What another process finds: ``busy`` or ``free``."""
+    return subprocess.run([sys.executable, "-c", _PROBE, str(folder)], capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+def test_the_lock_is_reentrant_within_a_process_and_held_until_the_outer_block_ends(tmp_path):
     with exclusive(tmp_path / "a"):
         with exclusive(tmp_path / "a"):
             pass
+        assert _probe(tmp_path / "a") == "busy"  # the inner block's end released nothing
         with exclusive(tmp_path / "a" / "inner"):
+            assert _probe(tmp_path / "a" / "inner") == "busy"
+        assert _probe(tmp_path / "a" / "inner") == "free" and _probe(tmp_path / "a") == "busy"
+    assert _probe(tmp_path / "a") == "free"
+
+
+def test_a_link_where_the_lock_file_belongs_is_never_followed(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "precious.txt").write_text("mine")
+    (tmp_path / "out" / LOCK_FILE).symlink_to(tmp_path / "precious.txt")
+    with pytest.raises(DubitoError, match="a link where dubito keeps its lock file"):
+        with exclusive(tmp_path / "out"):
             pass
+    assert (tmp_path / "precious.txt").read_text() == "mine"
 
 
 def test_two_label_commands_into_one_output_one_runs_the_other_is_refused(tmp_path, mlflow_uri):
@@ -135,6 +166,9 @@ def test_atomic_writes_use_unique_temporary_names_and_leave_nothing_behind(tmp_p
     assert read_json(target) == {"a": None}
     assert (tmp_path / "r.json.tmp").read_text() == "someone else's file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.json.tmp"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # an ordinary file's mode, not mkstemp's private 0600
 
 
 def test_damaged_json_and_torch_files_are_named_without_torch_advice(tmp_path):
@@ -293,6 +327,23 @@ def test_a_damaged_ledger_is_refused_and_nothing_is_trained_over_it(finished_loo
     assert _tree(loop, lock=False) == before
 
 
+def test_a_loop_that_cannot_go_on_is_refused_before_any_mlflow_run_is_opened(finished_loop, tmp_path, mlflow_uri):
+    from dubito.experiments.labeling_budget import LabelConfig, run_labeling
+
+    study, acquisition = tmp_path / "study", LoopConfig().acquisition  # the finished loop's
+    shutil.copytree(finished_loop[0], study / acquisition / "seed-0")
+    store = Path(mlflow_uri[len("sqlite:///"):])
+    before = store.read_bytes()
+    shrunk = {**TINY, "rounds": 0}
+    with pytest.raises(DubitoError, match="cannot shrink it"):
+        run_loop(LoopConfig(output=str(study / acquisition / "seed-0"), **shrunk), progress=False)
+    with pytest.raises(DubitoError, match="cannot shrink it"):
+        run_labeling(LabelConfig(output=str(study), acquisition=acquisition, seeds="0", **shrunk), progress=False)
+    with pytest.raises(DubitoError, match="other settings"):
+        run_labeling(LabelConfig(output=str(study), acquisition=acquisition, seeds="0", **{**TINY, "lr": 0.01}), progress=False)
+    assert store.read_bytes() == before and not (study / "study.json").exists()
+
+
 def _sql(loop: Path, statement: str) -> None:
     with sqlite3.connect(loop / LEDGER) as db:
         db.execute(statement)
@@ -313,7 +364,9 @@ def test_a_copied_loop_resumes_in_place_never_touching_the_original(finished_loo
         stored = [c for (c,) in ledger._db.execute("SELECT checkpoint FROM rounds")]
     assert stored == ["rounds/round-000.pt", "rounds/round-001.pt", "rounds/round-002.pt"]
     with Ledger(original / LEDGER, create=False) as ledger:
-        assert ledger.get_meta("mlflow_run_id") != json.loads((copy / "results.json").read_text()).get("mlflow_run_id", "")
+        original_run = ledger.get_meta("mlflow_run_id")
+    with Ledger(copy / LEDGER, create=False) as ledger:
+        assert ledger.get_meta("mlflow_run_id") not in (None, original_run)  # a run of its own
 
 
 # ----------------------------------------------------------------------------- human loop
@@ -329,7 +382,7 @@ def test_export_never_deletes_what_dubito_did_not_write(tmp_path, mlflow_uri, ca
     thesis = tmp_path / "mine"
     thesis.mkdir()
     (thesis / "thesis.txt").write_text("three years of work")
-    for target, match in ((thesis, "not empty"), (out, "the loop folder or a folder above it"),
+    for target, match in ((thesis, r"holds files an export did not write \(thesis.txt\)"), (out, "the loop folder or a folder above it"),
                           (tmp_path, "the loop folder or a folder above it"), (out / "rounds", "not under its queries")):  # fmt: skip
         before = _tree(tmp_path, lock=False)
         with pytest.raises(DubitoError, match=match):
@@ -338,6 +391,18 @@ def test_export_never_deletes_what_dubito_did_not_write(tmp_path, mlflow_uri, ca
         assert main(["label", "export", "--output", str(out), "--to", str(target)]) == 2
         assert "Traceback" not in capsys.readouterr().err and _tree(tmp_path, lock=False) == before
     assert (thesis / "thesis.txt").read_text() == "three years of work" and (out / LEDGER).exists()
+    # a person's label files kept beside the exported images stop a new export of that folder
+    pending = out / "queries" / "pending"
+    assert main(["label", "export", "--output", str(out)]) == 0
+    (pending / f"{waiting[0]}_label.png").write_bytes(b"a person's work")
+    assert main(["label", "export", "--output", str(out)]) == 2
+    assert f"holds files an export did not write ({waiting[0]}_label.png)" in capsys.readouterr().err
+    assert (pending / f"{waiting[0]}_label.png").read_bytes() == b"a person's work"
+    (pending / f"{waiting[0]}_label.png").unlink()
+    # a mistyped loop folder: refused, nothing created
+    for argv in (["label", "export", "--output", str(tmp_path / "typo")], ["label", "import", "--output", str(tmp_path / "typo"), "--labels", str(thesis)]):
+        assert main(argv) == 2 and "no labeling run here" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
     # a new or empty folder, and the loop's own queries folders, are fine (and replaced)
     assert main(["label", "export", "--output", str(out), "--to", str(tmp_path / "new")]) == 0
     assert main(["label", "export", "--output", str(out)]) == 0
@@ -354,7 +419,7 @@ def test_human_import_is_bounded_contained_and_silent_about_content(tmp_path, ml
     labels.mkdir()
     first = waiting[0]
     (labels / f"{first}_label.png").symlink_to(secret)  # a link out of the folder
-    with pytest.raises(DubitoError, match="outside --labels") as err:
+    with pytest.raises(DubitoError, match="a link; put the label file itself in --labels") as err:
         import_labels(out, labels)
     assert "hunter2" not in str(err.value)
     (labels / f"{first}_label.png").unlink()
@@ -376,15 +441,15 @@ def test_human_import_is_bounded_contained_and_silent_about_content(tmp_path, ml
 def test_class_files_hold_plain_ascii_digits(tmp_path, text):
     import torch
 
-    from dubito.acquisition.loop import _check_label_file
+    from dubito.acquisition.loop import _label_bytes
 
     path = tmp_path / "5_label.txt"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DubitoError, match="plain ASCII digits") as err:
-        _check_label_file(path, tmp_path, torch.tensor(0))
+        _label_bytes(path, torch.tensor(0))
     assert not text or text not in str(err.value).split(": ", 1)[1]  # the content is never echoed
     path.write_text(" 7\n")
-    _check_label_file(path, tmp_path, torch.tensor(0))
+    assert _label_bytes(path, torch.tensor(0)) == b" 7\n"
 
 
 def test_a_dataset_list_entry_outside_the_root_is_refused_by_name(tmp_path):
@@ -394,11 +459,12 @@ def test_a_dataset_list_entry_outside_the_root_is_refused_by_name(tmp_path):
     make_camvid(tmp_path)
     (tmp_path / "outside.png").write_bytes(b"x")
     listing = tmp_path / "CamVid" / "train.txt"
-    listing.write_text(listing.read_text() + "/x/../outside.png /x/../outside.png\n")
+    listing.write_text(listing.read_text() + "/x/../outside.png /x/../outside.png\n/ /\n")
     with pytest.raises(DubitoError, match=r"list entry '/x/\.\./outside\.png' resolves outside --root"):
         CamVid(tmp_path / "CamVid", "train")
     kept = CamVid(tmp_path / "CamVid", "train", strict=False)
     assert len(kept) == 3 and any("outside --root" in p.reason for p in kept.problems)
+    assert any("'/' names no file" in p.reason for p in kept.problems)
 
 
 # ----------------------------------------------------------------------------- defaults
@@ -491,6 +557,7 @@ BAD_INPUTS = [
     (["train", "--model", "resnet"], "--model"),
     (["train", "--max-depth", "inf"], "--max-depth"),
     (["train", "--dataset", "camvid"], "--root"),
+    (["train", "--dataset", "camvid", "--root", "{tmp}/nowhere"], "nowhere"),
     (["explore", "--agents", "dqn,ucb"], "--agents"),
     (["evaluate", "--model", "{tmp}/missing.pt"], "missing.pt"),
     (["evaluate", "--samples", "0"], "--samples"),
@@ -563,3 +630,19 @@ def test_training_stops_on_a_diverged_loss_naming_the_epoch(tmp_path, mlflow_uri
     assert code == 2 and "Traceback" not in err
     assert "epoch 1: the loss became" in err and "--lr" in err
     assert not (tmp_path / "t" / "model.pt").exists()  # no model is written from a diverged run
+
+
+def test_a_copied_training_folder_resumes_in_place_with_a_run_of_its_own(tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from dubito.platform.training import TrainConfig, train
+
+    first = train(TrainConfig(dataset="digits", epochs=1, output=str(tmp_path / "a")), progress=False)
+    before = _tree(tmp_path / "a", lock=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    extended = train(TrainConfig(dataset="digits", epochs=2, output=str(tmp_path / "b")), progress=False)
+    assert extended["epochs_run"] == 2 and extended["history"][0] == first["history"][0]  # resumed, not retrained
+    assert _tree(tmp_path / "a", lock=False) == before
+    assert extended["mlflow_run_id"] != first["mlflow_run_id"]
+    client = MlflowClient(mlflow_uri)
+    assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "train_loss")] == [1]  # the original's run untouched

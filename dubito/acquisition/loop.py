@@ -36,13 +36,13 @@ from dubito import DubitoError
 from dubito.acquisition.ledger import INITIAL, Ledger, LedgerError
 from dubito.platform.data import DATASETS, DatasetError, get_dataset, train_transform
 from dubito.platform.config import check_device, check_finite, check_range, default_model
-from dubito.platform.files import atomic_path, check_output, exclusive, file_errors, read_json, write_json
+from dubito.platform.files import atomic_path, check_output, exclusive, file_errors, private_dir, read_json, write_json
 from dubito.platform.models import DROPOUT_PLACEMENTS
 from dubito.platform.service import UncertaintyService, check_finite_outputs, resolve_device
 from dubito.platform.tracking import check_tracking, tracked_run
 from dubito.platform.training import TrainConfig, fit, save_model, validate
 
-__all__ = ["LoopConfig", "run_loop", "export_queries", "export_waiting", "import_labels", "pool_datasets", "loop_config", "waiting_for_labels"]
+__all__ = ["LoopConfig", "run_loop", "check_resume", "export_queries", "export_waiting", "import_labels", "pool_datasets", "loop_config", "waiting_for_labels"]
 
 LEDGER = "ledger.sqlite"
 # settings that may change when a run is resumed (the budget may grow; where it runs may change)
@@ -227,38 +227,54 @@ class _HumanLabels(Dataset):
         return item
 
 
-def _read_label_file(path: Path, like: Tensor) -> Tensor:
-    """A human label file (checked by :func:`_check_label_file` when imported): a one-channel PNG
-    of class indices, a ``.npy`` of depths, or a ``.txt`` holding one class index."""
+def _read_label_file(path: Path, like: Tensor, data: bytes | None = None) -> Tensor:
+    """A human label file: a one-channel PNG of class indices, a ``.npy`` of depths, or a ``.txt``
+    holding one class index; decoded from ``data`` (its bytes, already checked by
+    :func:`_label_bytes`) when given, else read from ``path`` (a label dubito stored)."""
+    import io
+
+    source = io.BytesIO(data) if data is not None else path
     if path.suffix == ".png":
         from dubito.platform.data.base import read_label
 
-        return torch.from_numpy(read_label(path)).to(like.dtype)
+        return torch.from_numpy(read_label(source)).to(like.dtype)
     if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False)).to(like.dtype)
-    return torch.tensor(int(path.read_text(encoding="ascii").strip()), dtype=like.dtype)
+        return torch.from_numpy(np.load(source, allow_pickle=False)).to(like.dtype)
+    text = data if data is not None else path.read_bytes()
+    return torch.tensor(int(text.decode("ascii").strip()), dtype=like.dtype)
 
 
-def _check_label_file(path: Path, folder: Path, like: Tensor) -> None:
-    """Before anything is decoded: a regular file inside ``folder`` (no link out of it), of a size
-    and (PNG, .npy) a header shape that fit ``like``; a class file holds plain ASCII digits.
-    Errors never echo the file's content."""
+def _label_bytes(path: Path, like: Tensor) -> bytes:
+    """The bytes of a returned label file, read once (what is checked is what is decoded and
+    stored): a regular file, not a link; of a size and (PNG, .npy) a header shape that fit
+    ``like``, checked before anything is decoded; a class file holds plain ASCII digits. Errors
+    never echo the file's content."""
+    import errno
+    import io
+    import os
     import stat
 
-    resolved = path.resolve()
-    if not resolved.is_relative_to(folder.resolve()):
-        raise DubitoError(f"{path}: a link to a file outside --labels {folder}; put the label file itself there")
-    info = resolved.stat()
-    if not stat.S_ISREG(info.st_mode):
-        raise DubitoError(f"{path}: not a regular file")
-    limit = 16 * max(1, like.numel()) + 65_536  # far above any honest encoding of a label of this shape
-    if info.st_size > limit:
-        raise DubitoError(f"{path}: {info.st_size} bytes, more than a label of shape {tuple(like.shape)} needs ({limit}); not read")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DubitoError(f"{path}: a link; put the label file itself in --labels (links are not followed)") from None
+        raise DubitoError(f"{path}: cannot open the label ({os.strerror(err.errno or 0)})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise DubitoError(f"{path}: not a regular file")
+        limit = 16 * max(1, like.numel()) + 65_536  # far above any honest encoding of a label of this shape
+        if info.st_size > limit:
+            raise DubitoError(f"{path}: {info.st_size} bytes, more than a label of shape {tuple(like.shape)} needs ({limit}); not read")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew while being read
+        raise DubitoError(f"{path}: more than {limit} bytes; not read")
     if path.suffix == ".png":
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(resolved) as img:  # reads the header only
+            with Image.open(io.BytesIO(data)) as img:  # the header only
                 size = (img.size[1], img.size[0])
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
             raise DubitoError(f"{path}: not a PNG image") from None
@@ -266,18 +282,17 @@ def _check_label_file(path: Path, folder: Path, like: Tensor) -> None:
             raise DubitoError(f"{path}: label shape {size}, expected {tuple(like.shape)}; not decoded")
     elif path.suffix == ".npy":
         try:
-            with open(resolved, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
-                shape, _, dtype = read_header(f)  # the header only, no data
+            header = io.BytesIO(data)
+            version = np.lib.format.read_magic(header)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+            shape, _, dtype = read_header(header)  # the header only, no data
         except (ValueError, OSError, SyntaxError, KeyError):
             raise DubitoError(f"{path}: not a .npy array file (format 1.0 or 2.0)") from None
         if tuple(shape) != tuple(like.shape) or dtype.hasobject or dtype.kind not in "fiu":
             raise DubitoError(f"{path}: a {dtype} array of shape {tuple(shape)}; expected numbers of shape {tuple(like.shape)}")
-    else:
-        text = resolved.read_bytes()
-        if not re.fullmatch(rb"\s*[0-9]{1,6}\s*", text):
-            raise DubitoError(f"{path}: a class file holds one class index in plain ASCII digits (e.g. 3), nothing else")
+    elif not re.fullmatch(rb"\s*[0-9]{1,6}\s*", data):
+        raise DubitoError(f"{path}: a class file holds one class index in plain ASCII digits (e.g. 3), nothing else")
+    return data
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -404,7 +419,7 @@ def run_loop(
     position = {i: p for p, i in enumerate(ids)}
     config.check_pool(len(ids))
     with exclusive(out), Ledger(out / LEDGER, config.settings()) as ledger:
-        _check_last_checkpoint(ledger)
+        _check_resumable(ledger, config)
         if not ledger.labeled_ids():
             order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config.seed)).tolist()
             first = [ids[p] for p in order[: config.initial]]
@@ -420,11 +435,6 @@ def run_loop(
             ledger.set_meta("mlflow_run_id", run.run_id)
             ledger.set_meta("mlflow_folder", here)
             total = config.total_rounds()
-            if ledger.next_round() > total + 1:
-                raise DubitoError(
-                    f"{out}: this loop already has {ledger.next_round()} rounds ({len(ledger.labeled_ids())} labels); "
-                    f"--rounds / --budget ({total} query rounds) cannot shrink it: use another --output"
-                )
             extended = _extend(ledger, config, total, pool, ids, position, device, progress, scoring)
             if extended and config.oracle == "human":
                 export_queries(config, out / "queries" / f"round-{ledger.next_round() - 1:03d}", extended)
@@ -471,6 +481,26 @@ def run_loop(
             write_json(out / "results.json", results)
             run.log_artifact(out / "results.json")
     return results
+
+
+def check_resume(config: LoopConfig) -> None:
+    """A loop folder that holds a ledger can go on with ``config`` (the ledger sound, the same
+    settings, the budget not shrunk), checked writing nothing, before any MLflow run is opened."""
+    path = Path(config.output) / LEDGER
+    if not path.is_file() or (path.stat().st_size == 0 and not any((path.parent / "rounds").glob("round-*.pt"))):
+        return  # a new loop (or one killed before its first word): nothing to check
+    with Ledger(path, config.settings(), create=False) as ledger:
+        _check_resumable(ledger, config)
+
+
+def _check_resumable(ledger: Ledger, config: LoopConfig) -> None:
+    total = config.total_rounds()
+    if ledger.next_round() > total + 1:
+        raise DubitoError(
+            f"{ledger.folder}: this loop already has {ledger.next_round()} rounds ({len(ledger.labeled_ids())} labels); "
+            f"--rounds / --budget ({total} query rounds) cannot shrink it: use another --output"
+        )
+    _check_last_checkpoint(ledger)
 
 
 def _check_last_checkpoint(ledger: Ledger) -> None:
@@ -571,39 +601,52 @@ def _results(config: LoopConfig, ledger: Ledger, waiting: list[int]) -> dict[str
 
 # ----------------------------------------------------------------------------- human in the loop
 def _export_target(loop: Path, folder: Path) -> bool:
-    """Check where an export may write; returns whether ``folder`` is one of the loop's own
-    ``queries/`` folders (which an export may replace). Anything else must be new or empty:
-    nothing dubito did not write is ever deleted, and the loop folder (or one above it) is never
-    a target."""
+    """Check where an export may write; returns whether ``folder`` holds an earlier export of
+    this loop under its ``queries/`` folder, which it replaces: every file in it is one that
+    export listed. Anything else must be new or empty: nothing dubito did not write is ever
+    deleted (a label file kept beside the images stops it), and the loop folder (or one above
+    it) is never a target."""
     loop, target = loop.resolve(), folder.resolve()
     if loop == target or loop.is_relative_to(target):
         raise DubitoError(f"--to {folder}: the loop folder or a folder above it; exports go to a folder of their own "
                           f"(default {loop / 'queries' / 'pending'})")  # fmt: skip
-    own = target.is_relative_to(loop / "queries") and target != loop / "queries"
-    if target.is_relative_to(loop) and not own:
+    under = target.is_relative_to(loop / "queries") and target != loop / "queries"
+    if target.is_relative_to(loop) and not under:
         raise DubitoError(f"--to {folder}: inside the loop folder but not under its queries/ folder; give a folder there or outside the loop")
-    if folder.exists() and not folder.is_dir():
-        raise DubitoError(f"--to {folder}: a file; give a folder")
-    if folder.is_dir() and not own and any(folder.iterdir()):
-        raise DubitoError(f"--to {folder}: not empty; export writes into a new or empty folder (nothing there is deleted)")
-    return own
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise DubitoError(f"--to {folder}: a file or a link; give a folder")
+    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if not entries:
+        return False
+    foreign = [e for e in entries if e not in _export_files(folder)] if under else entries
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise DubitoError(f"--to {folder}: holds files an export did not write ({shown}); export replaces only a folder of its "
+                          "own or writes into a new or empty one (nothing else is deleted). Keep label files in a folder of "
+                          "their own, given to `dubito label import --labels`")  # fmt: skip
+    return True
+
+
+def _export_files(folder: Path) -> set[str]:
+    """What an earlier export wrote in ``folder`` (as its ``queries.json`` lists), else nothing."""
+    try:
+        listed = read_json(folder / "queries.json")
+        return {"queries.json", *(str(q["image"]) for q in listed["queries"])}
+    except (DubitoError, KeyError, TypeError):
+        return set()
 
 
 def export_queries(config: LoopConfig, folder: Path, ids: list[int]) -> Path:
     """Write the queried images (PNG, as a person sees them) and ``queries.json`` saying which label
     file to return for each id and its format, into ``folder``: built in a uniquely named folder
     beside it, then renamed into place."""
-    import tempfile
-
     from PIL import Image
 
     folder = Path(folder)
     own = _export_target(Path(config.output), folder)
     plain = pool_datasets(config)[1]
     base = getattr(plain, "normalize", None)
-    with file_errors(folder.parent):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    tmp = private_dir(folder.parent, f".{folder.name}.")
     try:
         position = {i: p for p, i in enumerate(_ids(plain))}
         task = getattr(plain, "task", "segmentation")
@@ -633,7 +676,7 @@ def export_queries(config: LoopConfig, folder: Path, ids: list[int]) -> Path:
         })  # fmt: skip
         with file_errors(folder):
             if folder.is_dir():
-                if own:  # an earlier export of this loop, written by dubito
+                if own:  # an earlier export of this loop, every file in it written by dubito (checked)
                     shutil.rmtree(folder)
                 else:  # empty (checked): removing it loses nothing
                     folder.rmdir()
@@ -653,11 +696,17 @@ def loop_config(output: Path, ledger: Ledger) -> LoopConfig:
     return LoopConfig(output=str(output), **settings)
 
 
-def waiting_for_labels(output: str | Path) -> tuple[LoopConfig, list[int]]:
-    """A human-oracle loop's settings and the ids it waits labels for."""
+def _loop_folder(output: str | Path) -> Path:
+    """The folder of one loop (it holds a ledger), checked before anything is written there."""
     output = Path(output)
     if not (output / LEDGER).is_file():
         raise DubitoError(f"{output}: no labeling run here (no {LEDGER}); give the folder of one loop, e.g. runs/label/bald/seed-0")
+    return output
+
+
+def waiting_for_labels(output: str | Path) -> tuple[LoopConfig, list[int]]:
+    """A human-oracle loop's settings and the ids it waits labels for."""
+    output = _loop_folder(output)
     with Ledger(output / LEDGER, create=False) as ledger:
         config = loop_config(output, ledger)
         if config.oracle != "human":
@@ -668,7 +717,7 @@ def waiting_for_labels(output: str | Path) -> tuple[LoopConfig, list[int]]:
 def export_waiting(output: str | Path, to: str | Path | None = None) -> tuple[Path | None, list[int]]:
     """``dubito label export``: write the images still waiting for labels (default
     ``OUTPUT/queries/pending``), holding the loop folder; returns (folder or None, ids)."""
-    output = Path(output)
+    output = _loop_folder(output)
     with exclusive(output):
         config, waiting = waiting_for_labels(output)
         if not waiting:
@@ -684,6 +733,7 @@ def import_labels(output: str | Path, folder: str | Path) -> tuple[list[int], li
     output, folder = Path(output), Path(folder)
     if not folder.is_dir():
         raise DubitoError(f"--labels {folder}: not a folder")
+    output = _loop_folder(output)
     with exclusive(output):
         config, waiting = waiting_for_labels(output)
         if not waiting:
@@ -701,9 +751,9 @@ def import_labels(output: str | Path, folder: str | Path) -> tuple[list[int], li
                     raise DubitoError(f"{others[0]}: expected {path.name} (this task's labels are {suffix} files; see queries.json)")
                 continue
             like = plain[position[i]]["target"]
-            _check_label_file(path, folder, like)
+            data = _label_bytes(path, like)
             try:
-                label = _read_label_file(path.resolve(), like)
+                label = _read_label_file(path, like, data)
             except DatasetError as err:  # dubito's own words about the file
                 raise DubitoError(f"{path}: cannot read the label ({err.problem})") from None
             except Exception as err:  # noqa: BLE001 - reported with the file name, never its content
@@ -718,16 +768,16 @@ def import_labels(output: str | Path, folder: str | Path) -> tuple[list[int], li
                     raise DubitoError(f"{path}: class values outside 0..{classes - 1}" + (f" (void = {ignore})" if ignore is not None else ""))
             if task == "depth" and not bool((torch.isfinite(label) & (label > 0)).any()):
                 raise DubitoError(f"{path}: no finite depth > 0 (NaN or 0 mark unknown pixels; depths are in metres)")
-            checked[i] = path
+            checked[i] = (path, data)
         if not checked:
             raise DubitoError(f"{folder}: none of the label files waited for ({', '.join(f'{i}_label{suffix}' for i in waiting[:5])}"
                               f"{' ...' if len(waiting) > 5 else ''})")  # fmt: skip
         store = output / "labels"
         with Ledger(output / LEDGER, create=False) as ledger:
-            for i, path in checked.items():
+            for i, (path, data) in checked.items():
                 target = store / path.name
-                with atomic_path(target) as tmp:
-                    shutil.copyfile(path.resolve(), tmp)
+                with atomic_path(target) as tmp, file_errors(target):
+                    tmp.write_bytes(data)  # the bytes that were checked
                 ledger.record_label(i, str(target))
     return sorted(checked), [i for i in waiting if i not in checked]
 

@@ -44,9 +44,9 @@ def area_under_curve(x: list[float], y: list[float]) -> float | None:
 def record_study(parent: Any, out: Path, results: dict[str, Any], table: str, metrics: Mapping[str, float]) -> None:
     """Write a study's ``tables.md`` and ``results.json`` into ``out`` and log them, its plots
     (``results["plots"]``) and its headline ``metrics`` to the MLflow parent run."""
-    from dubito.platform.files import write_json
+    from dubito.platform.files import write_json, write_text
 
-    (out / "tables.md").write_text(table)
+    write_text(out / "tables.md", table)
     write_json(out / "results.json", results)
     for path in (out / "results.json", out / "tables.md", *results.get("plots", [])):
         parent.log_artifact(path)

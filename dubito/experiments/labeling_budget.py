@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dubito import DubitoError
-from dubito.acquisition.loop import LoopConfig, headline_metric, pool_datasets, run_loop
+from dubito.acquisition.loop import LoopConfig, check_resume, headline_metric, pool_datasets, run_loop
 from dubito.experiments import area_under_curve, int_list, record_study, seed_std
 from dubito.platform.files import check_output, exclusive, read_json, write_json
 from dubito.platform.tracking import check_tracking, tracked_run
@@ -101,6 +101,8 @@ def run_labeling(config: LabelConfig, *, progress: bool = True) -> dict[str, Any
 
 
 def _run_labeling(config: LabelConfig, loops: dict[tuple[str, int], LoopConfig], out: Path, progress: bool) -> dict[str, Any]:
+    for loop in loops.values():  # a loop that cannot go on is refused before the study's MLflow run is opened
+        check_resume(loop)
     marker = out / "study.json"
     study = read_json(marker, "dubito wrote it: delete it and run again (the loops resume from their ledgers)") if marker.exists() else {}
     here = str(out.resolve())  # a copied or moved study gets a parent run of its own

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from dubito import DubitoError
 from dubito.experiments import int_list
 from dubito.platform.data import DATASETS, get_dataset
 from dubito.platform.evaluation import EVALUATION_FORMAT, EvalConfig, evaluate
-from dubito.platform.files import check_output, exclusive, read_json, write_json
+from dubito.platform.files import check_output, copy_file, exclusive, read_json, write_json, write_text
 from dubito.platform.models import VARIANTS
 from dubito.platform.tracking import check_tracking, tracked_run
 from dubito.platform.training import TrainConfig, train
@@ -203,14 +202,14 @@ def _run_reproduce(config: ReproduceConfig, out: Path, datasets: list[str], vari
             full = (folder if len(seeds) == 1 else folder / f"seed-{seeds[0]}") / "both" / "evaluation"
             for plot in ("precision_uncertainty.png", "sparsification.png", "calibration.png", "uncertainty.png"):
                 if (full / plot).exists():
-                    shutil.copyfile(full / plot, folder / plot)
+                    copy_file(full / plot, folder / plot)
                     parent.log_artifact(folder / plot)
             entry["plots"] = [str(folder / p) for p in ("precision_uncertainty.png", "sparsification.png", "calibration.png", "uncertainty.png")]
             parent.log_metrics({f"finding_{k}": float(v) for k, v in entry["findings"].items() if isinstance(v, bool)})
             entry["mlflow_parent_run_id"] = parent.run_id
             results["datasets"][dataset] = entry
     results["seconds"] = time.perf_counter() - started
-    (out / "tables.md").write_text(format_tables(results))
+    write_text(out / "tables.md", format_tables(results))
     write_json(out / "results.json", results)
     return results
 

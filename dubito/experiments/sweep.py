@@ -42,7 +42,7 @@ import numpy as np
 
 from dubito import DubitoError
 from dubito.experiments import area_under_curve, record_study, seed_std
-from dubito.platform.files import check_output, exclusive, read_json, write_json
+from dubito.platform.files import check_free, check_output, copy_file, exclusive, load_torch, read_json, write_json
 from dubito.platform.tracking import check_tracking, default_tracking_uri, tracked_run
 
 __all__ = ["SweepConfig", "KINDS", "run_sweep", "parse_space", "format_sweep", "FAIL_ONCE_ENV"]
@@ -338,7 +338,7 @@ def _safe(text: str) -> str:
 
 def _step_of(folder: Path) -> int:
     path = folder / "step.json"
-    return json.loads(path.read_text())["step"] if path.exists() else -1
+    return read_json(path)["step"] if path.exists() else -1
 
 
 def _restore(folder: Path) -> None:
@@ -352,12 +352,9 @@ def _restore(folder: Path) -> None:
     with checkpoint.as_directory() as saved:
         saved = Path(saved)
         if _step_of(saved) > _step_of(folder):
-            folder.mkdir(parents=True, exist_ok=True)
-            for path in saved.rglob("*"):
-                if path.is_file():
-                    target = folder / path.relative_to(saved)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(path, target)
+            files = sorted((p for p in saved.rglob("*") if p.is_file()), key=lambda p: p.name == "step.json")
+            for path in files:  # each file atomically, the step last: a restore cut short is made again
+                copy_file(path, folder / path.relative_to(saved))
 
 
 def _report(metrics: dict[str, Any], step: int, folder: Path, files: list[tuple[Path, str]] | None) -> None:
@@ -460,8 +457,6 @@ def _label_trial(values, params, folder, tags, inject, context) -> None:
 
 
 def _explore_trial(values, params, folder, tags, inject, context) -> None:
-    import torch
-
     from dubito.experiments.exploration import ExploreConfig, episode_series, log_run, run_one, run_params, run_specs, solve_episode
     from dubito.platform.files import save_torch
 
@@ -471,21 +466,22 @@ def _explore_trial(values, params, folder, tags, inject, context) -> None:
     (folder / "runs").mkdir(exist_ok=True)
     done = Path(spec["path"])
     run_file = folder / "mlflow_run.json"  # the child run, opened at the start so a stopped trial still has its episodes
-    run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
+    known = read_json(run_file) if run_file.exists() else {}
+    run_id = known.get("run_id") if known.get("folder", str(folder)) == str(folder) else None  # a copied sweep: a run of its own
     if done.exists():  # finished before a retry (killed while logging): log what MLflow lacks, run nothing again
-        record = json.loads(done.read_text())
+        record = read_json(done)
         if not record.get("mlflow_run_id"):
             record["mlflow_run_id"] = run_id
             log_run(config, settings, record, context["parent_run_id"], done, run_name=tags["dubito.trial"], tags=tags)
         return
     state_path = folder / "state.pt"
-    resume = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
+    resume = load_torch(state_path, "trial state") if state_path.exists() else None
     every = context["checkpoint_every"]
     stochastic = spec["env"] == "dubito/DeepSeaStochastic-v0"
     deep_sea = spec["env"].startswith("dubito/DeepSea")
     with tracked_run(config.experiment, run_name=tags["dubito.trial"], params=run_params(config, settings, spec["agent"], spec["size"], spec["seed"]),
                      tags=tags, run_id=run_id) as child:  # fmt: skip
-        write_json(run_file, {"run_id": child.run_id})
+        write_json(run_file, {"run_id": child.run_id, "folder": str(folder)})
         logged = child.last_step("return")  # MLflow's own count: a resumed run replays episodes it may already have
 
         def flush(log) -> None:
@@ -528,8 +524,6 @@ def _explore_trial(values, params, folder, tags, inject, context) -> None:
 def _train_trial(values, params, folder, tags, inject, context) -> None:
     from dubito.platform.training import CHECKPOINT, TrainConfig, train
 
-    import torch
-
     config = TrainConfig(**values)
 
     def on_epoch(metrics: dict[str, Any], checkpoint: Path | None) -> None:
@@ -538,7 +532,7 @@ def _train_trial(values, params, folder, tags, inject, context) -> None:
         _maybe_fail(inject, params, epoch)
 
     if (folder / CHECKPOINT).exists():  # epochs checkpointed but not reported (killed in between): report them first
-        history = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)["state"]["history"]
+        history = load_torch(folder / CHECKPOINT, "training checkpoint")["state"]["history"]
         for entry in [h for h in history if h["epoch"] > _step_of(folder)]:
             on_epoch(dict(entry), folder / CHECKPOINT)
 
@@ -589,6 +583,7 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
     check_tracking()
     from dubito.platform.cluster import connect, gpu_request
 
+    check_free(root)  # a busy folder is refused before Ray starts
     connect()  # the cluster is asked before anything is written
     gpus = gpu_request(config.gpus_per_trial, "--gpus-per-trial")
     with exclusive(root):  # the sweep's folder; each trial holds its own trial folder
@@ -605,23 +600,25 @@ def _run_sweep(config: SweepConfig, root: Path, resume: str | None, progress: bo
     grid, sampled = config.space()
 
     uri = default_tracking_uri()
-    state = json.loads((root / SWEEP_FILE).read_text()) if (root / SWEEP_FILE).exists() else {}
+    state = read_json(root / SWEEP_FILE) if (root / SWEEP_FILE).exists() else {}
+    parent_id = state.get("mlflow_parent_run_id") if state.get("folder", str(root)) == str(root) else None  # a copy: a run of its own
+    path = os.path.join(storage, "tune")
+    if resume is not None and not tune.Tuner.can_restore(path):  # before the parent run is reopened
+        raise DubitoError(f"{path}: no Tune state to restore (killed before Tune saved any, or --storage moved); "
+                          f"start the sweep again with another --output")  # fmt: skip
     started = time.perf_counter()
     params = {k: v for k, v in asdict(config).items() if k != "base"} | {f"base.{k}": v for k, v in config.base.items()}
     with tracked_run(config.experiment_name(), run_name=f"sweep-{config.kind}-{root.name}", params=params,
-                     tags={"dubito.command": f"sweep {config.kind}"}, run_id=state.get("mlflow_parent_run_id")) as parent:  # fmt: skip
-        write_json(root / SWEEP_FILE, {"config": asdict(config), "mlflow_parent_run_id": parent.run_id, "storage": storage})
+                     tags={"dubito.command": f"sweep {config.kind}"}, run_id=parent_id) as parent:  # fmt: skip
+        write_json(root / SWEEP_FILE, {"config": asdict(config), "mlflow_parent_run_id": parent.run_id, "storage": storage,
+                                       "folder": str(root)})  # fmt: skip
         context = {
             "kind": config.kind, "base": config.base, "root": str(root), "tracking_uri": uri, "parent_run_id": parent.run_id,
             "experiment": config.experiment_name(), "checkpoint_every": config.checkpoint_every, "inject": _inject_from_env(root),
             "gpus": gpus, "threads": max(1, int(config.cpus_per_trial)), "metric": metric,
         }  # fmt: skip
         trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"cpu": config.cpus_per_trial, "gpu": gpus})
-        path = os.path.join(storage, "tune")
         if resume is not None:
-            if not tune.Tuner.can_restore(path):
-                raise DubitoError(f"{path}: no Tune state to restore (killed before Tune saved any, or --storage moved); "
-                                  f"start the sweep again with another --output")  # fmt: skip
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         else:
             scheduler = None

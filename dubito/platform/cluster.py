@@ -29,17 +29,31 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        options: dict[str, Any] = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": "WARNING" if quiet else "INFO"}
+        import signal
+        import threading
+
+        # ray.init replaces the SIGTERM handler with a bare exit: a handler set before (the dubito
+        # command's: end like Ctrl-C, runs marked KILLED, locks released) is put back
+        previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         try:
-            if address:
-                ray.init(address=address, **options)
-            else:
-                cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-                ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **options)
-        except ConnectionError as err:
-            raise DubitoError(f"cannot reach the Ray cluster at {address!r}: {err}") from None
+            _init(ray, address, num_cpus, quiet)
+        finally:
+            if callable(previous):
+                signal.signal(signal.SIGTERM, previous)
     return ray.cluster_resources()
+
+
+def _init(ray: Any, address: str | None, num_cpus: int | None, quiet: bool) -> None:
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    options: dict[str, Any] = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": "WARNING" if quiet else "INFO"}
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+            ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **options)
+    except ConnectionError as err:
+        raise DubitoError(f"cannot reach the Ray cluster at {address!r}: {err}") from None
 
 
 def cluster_gpus() -> float:

@@ -30,7 +30,8 @@ from dubito import DubitoError
 
 __all__ = [
     "write_json", "read_json", "save_torch", "load_torch", "atomic_path", "file_errors", "describe_os_error",
-    "check_output", "exclusive", "OutputInUse", "LOCK_FILE", "relative_to", "resolve_in",
+    "check_output", "exclusive", "check_free", "OutputInUse", "LOCK_FILE", "relative_to", "resolve_in", "write_text",
+    "copy_file", "private_dir",
 ]  # fmt: skip
 
 LOCK_FILE = ".dubito.lock"
@@ -81,7 +82,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     with file_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        try:  # mkstemp's file is private (0600): give it the mode an ordinary file would have
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
@@ -93,6 +97,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def private_dir(parent: Path, prefix: str) -> Path:
+    """A uniquely named new folder in ``parent`` (to be renamed into place), with the mode an
+    ordinary folder would have (``mkdtemp`` makes it private)."""
+    with file_errors(parent):
+        parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp"))
+        os.chmod(folder, 0o777 & ~_umask())
+    return folder
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` at ``path``, atomically (tables, reports)."""
+    path = Path(path)
+    with atomic_path(path) as tmp, file_errors(path):
+        tmp.write_text(text)
+    return path
+
+
+def copy_file(source: str | Path, target: str | Path) -> Path:
+    """A copy of ``source`` at ``target``, atomically (never a half-copied file)."""
+    import shutil
+
+    with atomic_path(target) as tmp, file_errors(source):
+        shutil.copyfile(source, tmp)
+    return Path(target)
 
 
 def _plain(value: Any) -> Any:
@@ -219,6 +256,44 @@ def _owner(fd: int) -> str:
     return "another process"
 
 
+def _lock(folder: Path, create: bool) -> int:
+    """The lock file of ``folder``, opened and locked (a descriptor), or :class:`OutputInUse`. The
+    file is opened without following a link (a link there could make dubito overwrite its target)."""
+    path = folder / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0), 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DubitoError(f"{path}: a link where dubito keeps its lock file; remove it") from None
+        raise DubitoError(describe_os_error(err, path)) from None
+    import stat
+
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DubitoError(f"{path}: not a regular file where dubito keeps its lock file; remove it")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        owner = _owner(fd) if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+        os.close(fd)
+        if owner is None:
+            raise DubitoError(describe_os_error(err, path)) from None
+        raise OutputInUse(f"{folder} is in use by {owner}: wait for it to end, or give another folder") from None
+    return fd
+
+
+def check_free(folder: str | Path) -> None:
+    """Raise :class:`OutputInUse` when another process holds ``folder``, writing nothing (for a
+    command that must do slow work, such as starting Ray, before it takes the lock)."""
+    folder = Path(folder)
+    if folder.resolve() in _HELD or not (folder / LOCK_FILE).is_file():
+        return
+    fd = _lock(folder, create=False)
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 @contextlib.contextmanager
 def exclusive(folder: str | Path) -> Iterator[Path]:
     """Hold an exclusive OS advisory lock on ``folder`` (created if missing) while the block runs.
@@ -237,15 +312,7 @@ def exclusive(folder: str | Path) -> Iterator[Path]:
         return
     with file_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        owner = _owner(fd) if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
-        os.close(fd)
-        if owner is None:
-            raise DubitoError(describe_os_error(err, folder / LOCK_FILE)) from None
-        raise OutputInUse(f"{folder} is in use by {owner}: wait for it to end, or give another folder") from None
+    fd = _lock(folder, create=True)
     try:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         os.ftruncate(fd, 0)

@@ -323,6 +323,19 @@ def _class_weights(train_set: Dataset, spec: dict[str, Any], progress: bool) -> 
         return median_frequency_weights(counts)
 
 
+def _finite_everywhere(loss: Tensor) -> bool:
+    """Whether the loss is finite on this process and, under DDP, on every rank (all ranks then
+    stop together instead of one raising while the others wait in the gradients' all-reduce)."""
+    finite = bool(torch.isfinite(loss.detach()))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([1.0 if finite else 0.0], device=loss.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
+    return finite
+
+
 def train_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -345,7 +358,7 @@ def train_epoch(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             output = model(batch["image"])
         loss = task_loss(model, output, batch, weight=weight, logit_noise_samples=config.logit_noise_samples)
-        if not torch.isfinite(loss):
+        if not _finite_everywhere(loss):
             raise DubitoError(f"{desc}: the loss became {loss.item()} (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
@@ -449,19 +462,25 @@ def train(
     out = check_output(config.output)
     if rank == 0:
         check_tracking()
+    datasets = _datasets(config)  # a missing or damaged dataset is named before anything is written
     # one writer per folder: rank 0 (or the driver of Ray Train workers, which then passes lock=False)
     with exclusive(out) if lock and rank == 0 else contextlib.nullcontext():
-        return _train(config, out, rank, world, progress, tags, on_epoch)
+        return _train(config, out, datasets, rank, world, progress, tags, on_epoch)
 
 
-def _train(config: TrainConfig, out: Path, rank: int, world: int, progress: bool, tags: dict[str, str] | None,
-           on_epoch: Callable[[dict[str, Any], Path | None], None] | None) -> dict[str, Any]:  # fmt: skip
-    with file_errors(out):
-        out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
+def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     train_set, val_set = make_datasets(config)
     if len(train_set) == 0 or len(val_set) == 0:
         raise DubitoError(f"{config.dataset}: empty training ({len(train_set)}) or validation ({len(val_set)}) set")
+    return train_set, val_set
+
+
+def _train(config: TrainConfig, out: Path, datasets: tuple[Dataset, Dataset], rank: int, world: int, progress: bool,
+           tags: dict[str, str] | None, on_epoch: Callable[[dict[str, Any], Path | None], None] | None) -> dict[str, Any]:  # fmt: skip
+    with file_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    train_set, val_set = datasets
     torch.manual_seed(config.seed)
     model, spec = build_for(config, train_set)
     model.to(device)
@@ -496,11 +515,14 @@ def _train(config: TrainConfig, out: Path, rank: int, world: int, progress: bool
 
     started = time.perf_counter()
     run_tags = {"dubito.command": "train", **(tags or {}), **({"dubito.ray_train_workers": world} if world > 1 else {})}
-    tracking = (tracked_run(config.experiment, run_name=out.name, params=config, tags=run_tags, run_id=state["run_id"])
+    here = str(out.resolve())  # a copied or moved folder gets an MLflow run of its own, never the original's
+    run_id = state["run_id"] if state.get("folder", here) == here else None
+    tracking = (tracked_run(config.experiment, run_name=out.name, params=config, tags=run_tags, run_id=run_id)
                 if rank == 0 else contextlib.nullcontext(_NoRun()))  # fmt: skip
     progress = progress and rank == 0
     with tracking as run:
         state["run_id"] = run.run_id if rank == 0 else state["run_id"]
+        state["folder"] = here
         run.set_tags(run_tags)
         segmentation = spec["task"] == "segmentation"
         weight = _class_weights(train_set, spec, progress).to(device) if config.class_weights and segmentation else None
@@ -611,6 +633,7 @@ def train_with_ray(config: TrainConfig, *, progress: bool = True, tags: dict[str
     config.validate()
     check_output(config.output)
     check_tracking()
+    _datasets(config)  # opened here too: a missing --root is named before anything is written
     if config.workers > 0:  # the cluster is asked before anything is written
         connect(quiet=not progress)  # the workers' progress reaches this terminal
         if config.gpu:

@@ -111,6 +111,38 @@ def test_sweep_checks_every_trial_before_starting(tmp_path):
     SweepConfig(kind="label", grid=("seed=0",), sample=("initial=randint:4:8", "query=choice:2,4"), base=dict(LABEL)).validate()
 
 
+def test_a_busy_sweep_folder_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    import textwrap
+
+    from dubito.platform.files import OutputInUse
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from dubito.platform.files import exclusive
+        with exclusive(sys.argv[1]):
+            print("locked", flush=True)
+            time.sleep(60)
+    """), str(tmp_path / "s")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr("dubito.platform.cluster.connect", lambda *a, **k: pytest.fail("Ray started for a busy folder"))
+        with pytest.raises(OutputInUse, match=f"is in use by process {holder.pid}"):
+            run_sweep(SweepConfig(kind="label", output=str(tmp_path / "s"), grid=("seed=0,1",), base=dict(LABEL)), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_ray_keeps_the_command_s_sigterm_handler(ray_session):
+    """ray.init installs a SIGTERM handler of its own (a bare exit); dubito's (end like Ctrl-C:
+    runs KILLED, locks released) is put back, so `dubito sweep` and `--scorers` end cleanly."""
+    code = ("import signal\nfrom dubito.cli import _terminate\nsignal.signal(signal.SIGTERM, _terminate)\n"
+            "from dubito.platform.cluster import connect\nconnect()\nprint(signal.getsignal(signal.SIGTERM) is _terminate)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "RAY_ADDRESS": ray_session})  # fmt: skip
+    assert done.stdout.strip().splitlines()[-1] == "True", done.stderr[-2000:]
+
+
 def test_a_trial_refused_for_its_settings_ends_once_without_retries(tmp_path, monkeypatch):
     """Every value is checked before Ray starts; should a trial still meet a config error (a
     dataset folder changed meanwhile), it ends at once, reported as an error, instead of raising

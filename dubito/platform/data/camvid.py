@@ -117,6 +117,8 @@ class CamVid(FileDataset):
         """A path from a list file, relative to root: its last two components ("train/x.png"), from
         any machine (``/`` or ``\\`` separators); a bare file name is taken from ``folder``."""
         parts = [p for p in re.split(r"[\\/]", listed) if p]
+        if not parts:
+            raise MissingDataError(self.root, f"list entry {listed!r} names no file")
         kept = parts[-2:] if len(parts) >= 2 else [folder, parts[0]]
         if any(p in (".", "..") for p in kept):  # e.g. /x/../outside.png: a file outside the root
             raise MissingDataError(self.root, f"list entry {listed!r} resolves outside --root {self.root}; entries name files under it")
