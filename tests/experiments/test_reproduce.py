@@ -34,7 +34,8 @@ def test_segmentation_findings(reproduced, finding):
     results, _, _ = reproduced
     f = results["datasets"]["synthetic-camvid"]["findings"]
     assert f["measures"] == {"data_size": "mutual_information", "out_of_distribution": "mutual_information"}
-    finding.check("mutual information, 1/4 over all of the data", f["epistemic_smallest_over_full"], ">", 1.05)
+    # 1.10-1.14 under the perturbations of docs/findings.md: the direction is asserted, not the 5 % it once was
+    finding.check("mutual information, 1/4 over all of the data", f["epistemic_smallest_over_full"], ">", 1.0)
     finding.check("mutual information, indoor OOD over in distribution", f["epistemic_ood_over_in"], ">", 1.3)
     finding.check("OOD AUROC of per-image mutual information", f["ood_auroc"], ">", 0.75)
     finding.check("Spearman, learned aleatoric entropy vs true label entropy", f["aleatoric_noise_spearman"], ">", 0.5)
