@@ -336,6 +336,39 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)[:120]
 
 
+ROWS = "reported.jsonl"
+
+
+def _trial_dir(root: Path, trial_id: str, key: str) -> Path:
+    return Path(root) / "trials" / _safe(f"{trial_id}-{key}")
+
+
+def _append_row(folder: Path, row: dict[str, Any]) -> None:
+    """Append one reported row to the trial's own record (one write of one line). Tune's result
+    files are not a record to trust across a retry: a restarted trial's history is restored from
+    the last sync of storage, which can be behind the checkpoint, so rows reported in between are
+    lost there. Rows are appended before Tune gets them; a torn last line is skipped on read."""
+    fd = os.open(folder / ROWS, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
+    try:
+        os.write(fd, (json.dumps(row, allow_nan=True) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def _read_rows(folder: Path) -> list[dict[str, Any]] | None:
+    """The rows a trial recorded itself, in order (None where it recorded none)."""
+    path = folder / ROWS
+    if not path.is_file():
+        return None
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return rows
+
+
 def _step_of(folder: Path) -> int:
     path = folder / "step.json"
     return read_json(path)["step"] if path.exists() else -1
@@ -364,6 +397,7 @@ def _report(metrics: dict[str, Any], step: int, folder: Path, files: list[tuple[
 
     clean = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) else v)
              for k, v in metrics.items() if v is not None}  # fmt: skip
+    _append_row(folder, clean)
     if files is None:
         tune.report(clean)
         return
@@ -414,7 +448,7 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     torch.set_num_threads(context["threads"])  # --cpus-per-trial threads (CPU results depend on the count at float rounding)
     trial = tune.get_context()
     key = _trial_key(params)
-    folder = Path(context["root"]) / "trials" / _safe(f"{trial.get_trial_id()}-{key}")
+    folder = _trial_dir(context["root"], trial.get_trial_id(), key)
     folder.mkdir(parents=True, exist_ok=True)
     with exclusive(folder):  # one writer per trial folder
         _restore(folder)
@@ -644,7 +678,7 @@ def _run_sweep(config: SweepConfig, root: Path, resume: str | None, progress: bo
             )  # fmt: skip
         grid_results = tuner.fit()
         _end_stopped_runs(parent)
-        trials = _collect(grid_results)
+        trials = _collect(grid_results, root)
         results = summarize(config, trials, metric, mode)
         results["seconds"] = time.perf_counter() - started
         results["mlflow_parent_run_id"] = parent.run_id
@@ -682,15 +716,18 @@ def _budget(config: SweepConfig) -> int:
     return max(steps)
 
 
-def _collect(grid_results) -> list[dict[str, Any]]:
-    """Each trial's settings, every reported row, and its error if any; ``key`` names the trial by
-    its settings, with its Tune trial id appended where settings repeat (``--num-samples``)."""
+def _collect(grid_results, root: Path) -> list[dict[str, Any]]:
+    """Each trial's settings, every reported row (from the trial's own record; Tune's where it has
+    none), and its error if any; ``key`` names the trial by its settings, with its Tune trial id
+    appended where settings repeat (``--num-samples``)."""
     trials = []
     for result in grid_results:
-        frame = result.metrics_dataframe
-        rows = frame.to_dict("records") if frame is not None else []
         params = {k: v for k, v in (result.config or {}).items()}
         trial_id = (result.metrics or {}).get("trial_id") or Path(str(result.path)).name
+        rows = _read_rows(_trial_dir(root, trial_id, _trial_key(params)))
+        if rows is None:
+            frame = result.metrics_dataframe
+            rows = frame.to_dict("records") if frame is not None else []
         trials.append({
             "params": params, "key": _trial_key(params), "trial_id": trial_id, "rows": rows,
             "error": _error_text(result.error) if result.error is not None else (

@@ -55,6 +55,28 @@ def _trial_folder(root: Path, key: str) -> Path:
     return folder
 
 
+def test_a_trials_own_record_survives_a_torn_line_and_wins_over_tunes(tmp_path):
+    from dubito.experiments.sweep import _append_row, _collect, _read_rows, _trial_dir
+
+    folder = _trial_dir(tmp_path, "abc_00000", "seed=0")
+    folder.mkdir(parents=True)
+    assert _read_rows(folder) is None
+    for step in (1, 2, 1):
+        _append_row(folder, {"episode": step, "return": float(step)})
+    with open(folder / "reported.jsonl", "a") as f:
+        f.write('{"episode": 3, "ret')  # killed mid-write
+    assert [r["episode"] for r in _read_rows(folder)] == [1, 2, 1]
+
+    class Result:  # what Tune hands back: its own history has lost a row
+        config, metrics, error, path = {"seed": 0}, {"trial_id": "abc_00000"}, None, str(tmp_path / "tune" / "x")
+        metrics_dataframe = None
+
+    (trial,) = _collect([Result()], tmp_path)
+    assert [r["episode"] for r in trial["rows"]] == [1, 2, 1] and trial["error"] is None
+    Result.metrics = {"trial_id": "other"}  # no record of its own: Tune's rows (none here)
+    assert _collect([Result()], tmp_path)[0]["rows"] == []
+
+
 # ----------------------------------------------------------------------------- the search space
 def test_space_parses_typed_values_aliases_and_distributions():
     grid, sampled = parse_space("label", ["acquisition=random,bald", "seed=0,1"], ["lr=loguniform:1e-4:1e-2", "dropout=choice:0.1,0.3"])
@@ -293,6 +315,9 @@ def test_explore_sweep_resumes_a_run_mid_way_to_the_same_episodes(tmp_path, ray_
             direct = run_one(specs[0])
         assert record["returns"] == direct["returns"] and record["visits"] == direct["visits"]
         assert len(results["trials"][f"agents={agent}"]["curve"]["y"]) == 60  # each episode once, after the retry
+        # the trial's own record holds every row it reported, the retried ones again (Tune's may have lost some)
+        reported = [row["episode"] for row in map(json.loads, (folder / "reported.jsonl").read_text().splitlines())]
+        assert reported == (list(range(1, 38)) + list(range(31, 61)) if agent == "bootstrapped" else list(range(1, 61)))
 
     client, parents, children = _runs(mlflow_uri, "explore-sweep")
     assert len(parents) == 1 and len(children) == 2
