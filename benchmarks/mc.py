@@ -364,16 +364,18 @@ def memory_child(pool: int, samples: int, height: int, width: int) -> dict:
     """Score a synthetic pool with the labeling loop's scoring; the process's peak memory."""
     import resource
 
-    from dubito.acquisition.loop import LoopConfig, pool_datasets, score_pool
+    from dubito.acquisition.config import LoopConfig
+    from dubito.acquisition.pool import pool_datasets
+    from dubito.acquisition.scoring import score_pool
     from dubito.platform.training import build_for
 
     config = LoopConfig(pool_images=pool, samples=samples, height=height, width=width, test_images=1, device="cpu")
     _, data, _ = pool_datasets(config)
     model, spec = build_for(config.train_config(0), data)
-    score_pool(model, spec, data, list(range(4)), config, 0, torch.device("cpu"), progress=False)  # warm-up
+    score_pool(model, spec, data, list(range(4)), config.scoring(), 0, torch.device("cpu"), progress=False)  # warm-up
     before = _rss()
     start = time.perf_counter()
-    scores = score_pool(model, spec, data, list(range(pool)), config, 0, torch.device("cpu"), progress=False)["scores"]
+    scores = score_pool(model, spec, data, list(range(pool)), config.scoring(), 0, torch.device("cpu"), progress=False).scores
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"pool": pool, "scored": int(scores.numel()), "seconds": seconds, "peak": peak, "before": before}

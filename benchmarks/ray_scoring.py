@@ -22,7 +22,9 @@ from torch.utils.data import Subset
 
 def bench(pool_images: int, size: tuple[int, int], model_name: str, samples: int, batch_size: int, repeats: int) -> list[str]:
     from dubito.acquisition.distributed import RayPoolScorer
-    from dubito.acquisition.loop import LoopConfig, pool_datasets, score_pool
+    from dubito.acquisition.config import LoopConfig
+    from dubito.acquisition.pool import pool_datasets
+    from dubito.acquisition.scoring import score_pool
     from dubito.platform.cluster import connect
     from dubito.platform.training import fit
 
@@ -38,7 +40,7 @@ def bench(pool_images: int, size: tuple[int, int], model_name: str, samples: int
         best, scores = float("inf"), None
         for _ in range(repeats):
             start = time.perf_counter()
-            scores = score_pool(model, spec, pool, positions, config, 1, cpu, progress=False, scorer=scorer)["scores"]
+            scores = score_pool(model, spec, pool, positions, config.scoring(), 1, cpu, progress=False, scorer=scorer).scores
             best = min(best, time.perf_counter() - start)
         return best, scores
 
@@ -46,7 +48,7 @@ def bench(pool_images: int, size: tuple[int, int], model_name: str, samples: int
     threads = torch.get_num_threads()
     rows = [f"{'local (this process)':34s} {threads:7d} {pool_images / local_s:10.2f} {1.0:9.2f}x {0.0:12.2e}"]
     for actors, per_actor in ((1, None), (2, None), (2, 1)):
-        with RayPoolScorer(config, spec, actors, threads=per_actor) as scorer:
+        with RayPoolScorer(config.pool(), config.scoring(), spec, actors, device=config.device, threads=per_actor) as scorer:
             scorer.devices()  # started and holding the pool before the clock runs
             seconds, scores = timed(scorer)
         name = f"{actors} Ray actor{'s' if actors > 1 else ''}"

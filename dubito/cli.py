@@ -112,7 +112,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
 
 def _cmd_label_export(args: argparse.Namespace) -> int:
-    from dubito.acquisition.loop import export_waiting
+    from dubito.acquisition.human import export_waiting
 
     output = Path(args.loop_output)
     folder, waiting = export_waiting(output, args.to)
@@ -124,7 +124,7 @@ def _cmd_label_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_label_import(args: argparse.Namespace) -> int:
-    from dubito.acquisition.loop import import_labels
+    from dubito.acquisition.human import import_labels
 
     ids, missing = import_labels(args.loop_output, args.labels)
     print(f"imported {len(ids)} labels into {args.loop_output}")
@@ -152,7 +152,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_show(args: argparse.Namespace) -> int:
-    from dubito.platform.data import get_dataset
+    from dubito.platform.data import dataset_info, get_dataset
     from dubito.platform.files import check_output
     from dubito.platform.plots import samples_figure
 
@@ -162,7 +162,7 @@ def _cmd_data_show(args: argparse.Namespace) -> int:
     options = {"normalize": None}
     if args.size:
         options["size"] = tuple(args.size)
-    if args.dataset.startswith("synthetic-"):
+    if dataset_info(args.dataset).synthetic:
         options.update(seed=args.seed, n=max(args.count, 1), ood=args.ood)
     dataset = get_dataset(args.dataset, args.split, args.root, **options)
     if len(dataset) == 0:

@@ -21,7 +21,7 @@ def test_demo_end_to_end(tmp_path, mlflow_uri, capsys, finding):
     stray_before = stray.exists()
     rc = main(
         ["demo", "--output", str(out), "--steps", "120", "--height", "32", "--width", "48",
-         "--train-images", "24", "--test-images", "6", "--samples", "10", "--seed", str(finding.seed(0)), "--no-progress"]
+         "--train-images", "24", "--test-images", "12", "--samples", "10", "--seed", str(finding.seed(0)), "--no-progress"]
     )
     assert rc == 0
     printed = capsys.readouterr().out
@@ -202,3 +202,22 @@ def test_tracked_run_status_says_how_the_run_ended(mlflow_uri, error, status):
             if error is not None:
                 raise error
     assert MlflowClient(mlflow_uri).get_run(run.run_id).info.status == status
+
+
+def test_experiments_are_tagged_as_model_training(mlflow_uri):
+    """MLflow 3 opens an experiment of unknown kind on its GenAI traces page: dubito's say they hold
+    model training (new ones at creation; one created before, without the tag, when next used)."""
+    from dubito.platform.tracking import EXPERIMENT_KIND, tracked_run
+
+    client = MlflowClient(mlflow_uri)
+    with tracked_run("kind-new", run_name="r"):
+        pass
+    older = client.create_experiment("kind-older")
+    assert EXPERIMENT_KIND not in client.get_experiment(older).tags
+    with tracked_run("kind-older", run_name="r"):
+        pass
+    theirs = client.create_experiment("kind-theirs", tags={EXPERIMENT_KIND: "genai_development"})
+    with tracked_run("kind-theirs", run_name="r"):
+        pass
+    kinds = {name: client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND) for name in ("kind-new", "kind-older", "kind-theirs")}
+    assert kinds == {"kind-new": "custom_model_development", "kind-older": "custom_model_development", "kind-theirs": "genai_development"}

@@ -21,7 +21,9 @@ from PIL import Image
 
 from dubito import DubitoError
 from dubito.acquisition.ledger import Ledger, LedgerError
-from dubito.acquisition.loop import LEDGER, LoopConfig, export_queries, import_labels, run_loop
+from dubito.acquisition.config import LEDGER, LoopConfig
+from dubito.acquisition.human import export_queries, import_labels
+from dubito.acquisition.loop import run_loop
 from dubito.cli import main
 from dubito.platform.files import LOCK_FILE, OutputInUse, check_output, exclusive, load_torch, read_json, write_json
 from dubito.platform.tracking import check_tracking
@@ -441,15 +443,15 @@ def test_human_import_is_bounded_contained_and_silent_about_content(tmp_path, ml
 def test_class_files_hold_plain_ascii_digits(tmp_path, text):
     import torch
 
-    from dubito.acquisition.loop import _label_bytes
+    from dubito.acquisition.human import label_bytes
 
     path = tmp_path / "5_label.txt"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DubitoError, match="plain ASCII digits") as err:
-        _label_bytes(path, torch.tensor(0))
+        label_bytes(path, torch.tensor(0))
     assert not text or text not in str(err.value).split(": ", 1)[1]  # the content is never echoed
     path.write_text(" 7\n")
-    assert _label_bytes(path, torch.tensor(0)) == b" 7\n"
+    assert label_bytes(path, torch.tensor(0)) == b" 7\n"
 
 
 def test_a_dataset_list_entry_outside_the_root_is_refused_by_name(tmp_path):

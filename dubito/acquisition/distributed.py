@@ -4,12 +4,16 @@ Each actor builds the loop's pool itself (synthetic scenes are regenerated from 
 datasets are read from ``--root``, which must then be visible to every node) and holds a model
 replica. Once per round the driver puts the new weights in Ray's object store once and every
 actor loads them; then each actor scores a contiguous shard of the round's batches with
-:func:`dubito.acquisition.loop.score_batches`. A batch's MC masks and random draws are seeded by
-its index (:func:`~dubito.acquisition.loop.batch_seed`), so the scores are exactly the ones local
+:func:`dubito.acquisition.scoring.score_batches`. A batch's MC masks and random draws are seeded by
+its index (:func:`~dubito.acquisition.scoring.batch_seed`), so the scores are exactly the ones local
 scoring gives. Actors get a GPU each where the cluster has GPUs (and the loop's ``--device`` is
 not ``cpu``), else one CPU each. On a CPU an actor runs with the driver's intra-op thread
 count: PyTorch's CPU sums depend on it at float rounding, and the same count makes the scores
 bit-identical.
+
+Actors are given two small picklable specs — the pool's (:class:`~dubito.acquisition.pool.PoolSpec`)
+and the scoring's (:class:`~dubito.acquisition.scoring.ScoringSpec`) — and the acquisitions,
+reductions and selections users registered in this process (:func:`dubito.platform.registry.plugins`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dubito import DubitoError
+from dubito.acquisition.pool import PoolSpec
+from dubito.acquisition.scoring import Scored, ScoringSpec, score_batches
+from dubito.platform.cluster import check_gpu_capacity, connect, gpu_request
+from dubito.platform.registry import install_plugins, plugins
+from dubito.platform.service import resolve_device
+from dubito.platform.training import model_from_spec
 
 __all__ = ["RayPoolScorer", "shards"]
 
@@ -42,60 +52,56 @@ def shards(batches: list, parts: int) -> list[list]:
 class _Scorer:
     """The actor: a model replica and the loop's pool."""
 
-    def __init__(self, config: dict[str, Any], spec: dict[str, Any], threads: int) -> None:
-        from dubito.acquisition.loop import LoopConfig, pool_datasets
-        from dubito.platform.service import resolve_device
-        from dubito.platform.training import model_from_spec
-
+    def __init__(self, pool: PoolSpec, scoring: ScoringSpec, spec: dict[str, Any], device: str, threads: int,
+                 found: dict[str, Any]) -> None:  # fmt: skip
         if threads:
             torch.set_num_threads(threads)
-        self.config = LoopConfig(**config)
-        self.spec = spec
-        self.device = resolve_device(self.config.device)
-        self.pool = pool_datasets(self.config)[1]
+        install_plugins(found)  # what users registered in the driver
+        self.scoring, self.spec = scoring, spec
+        self.device = resolve_device(device)
+        self.pool = pool.datasets()[1]
         self.model = model_from_spec(spec).to(self.device).eval()
 
     def set_weights(self, state: dict[str, Tensor]) -> None:
         self.model.load_state_dict(state)
         self.model.eval()
 
-    def score(self, batches: list[tuple[int, list[int]]], round: int) -> list[dict[str, Tensor]]:
-        from dubito.acquisition.loop import score_batches
-
-        return score_batches(self.model, self.spec, self.pool, batches, self.config, round, self.device)
+    def score(self, batches: list[tuple[int, list[int]]], round: int) -> list[Scored]:
+        return score_batches(self.model, self.spec, self.pool, batches, self.scoring, round, self.device)
 
     def where(self) -> str:
         return str(self.device)
 
 
 class RayPoolScorer:
-    """``actors`` Ray actors scoring a labeling loop's pool; use as a context manager (the actors
-    are killed on exit). ``gpus``: per actor, ``auto`` (1 where the cluster has GPUs and the
-    loop's device is not ``cpu``) or a number; ``cpus``: per actor; ``threads``: PyTorch threads
-    per CPU actor (default: this process's count, which makes the scores bit-identical)."""
+    """``actors`` Ray actors scoring a labeling loop's pool (``pool``) as ``scoring`` says, with
+    models of ``spec``; use as a context manager (the actors are killed on exit). ``device``: the
+    loop's; ``gpus``: per actor, ``auto`` (1 where the cluster has GPUs and ``device`` is not
+    ``cpu``) or a number; ``cpus``: per actor; ``threads``: PyTorch threads per CPU actor
+    (default: this process's count, which makes the scores bit-identical)."""
 
     def __init__(
-        self, config: Any, spec: dict[str, Any], actors: int, *, gpus: str | float = "auto", cpus: float = 1.0, threads: int | None = None,
+        self, pool: PoolSpec, scoring: ScoringSpec, spec: dict[str, Any], actors: int, *, device: str = "auto", gpus: str | float = "auto",
+        cpus: float = 1.0, threads: int | None = None,
     ) -> None:  # fmt: skip
         import ray
-
-        from dubito.platform.cluster import check_gpu_capacity, connect, gpu_request
 
         if actors < 1:
             raise DubitoError(f"--scorers must be >= 1 to score with Ray actors, got {actors}")
         connect()
-        want = 0.0 if config.device == "cpu" else gpu_request(gpus, "--scorer-gpus")
+        want = 0.0 if device == "cpu" else gpu_request(gpus, "--scorer-gpus")
         check_gpu_capacity(want, actors, f"--scorers {actors} with --scorer-gpus {want:g}")
-        if want == 0 and config.device == "auto":  # Ray leaves a node's GPUs visible to a task granted none
-            config = dataclasses.replace(config, device="cpu")
-        if config.root:  # actors may run on other nodes, in other folders
-            config = dataclasses.replace(config, root=str(Path(config.root).expanduser().resolve()))
+        if want == 0 and device == "auto":  # Ray leaves a node's GPUs visible to a task granted none
+            device = "cpu"
+        if pool.root:  # actors may run on other nodes, in other folders
+            pool = dataclasses.replace(pool, root=str(Path(pool.root).expanduser().resolve()))
         remote = ray.remote(num_cpus=cpus, num_gpus=want)(_Scorer)
         # on a CPU, PyTorch's sums depend on its intra-op thread count at float rounding: the
         # actors use this process's count, so their scores are bit-identical to local scoring
         # (``threads`` overrides it: faster where actors share cores, equal only to float rounding)
         threads = (threads or torch.get_num_threads()) if want == 0 else 0
-        self.actors = [remote.remote(dataclasses.asdict(config), spec, threads) for _ in range(actors)]
+        found = plugins()
+        self.actors = [remote.remote(pool, scoring, spec, device, threads, found) for _ in range(actors)]
         self.gpus = want
 
     def __enter__(self) -> RayPoolScorer:
@@ -124,8 +130,8 @@ class RayPoolScorer:
         ref = ray.put(state)
         ray.get([a.set_weights.remote(ref) for a in self.actors])
 
-    def score(self, model: nn.Module, batches: list[tuple[int, list[int]]], round: int, progress: bool = False) -> list[dict[str, Tensor]]:
-        """The per-batch results of :func:`~dubito.acquisition.loop.score_batches`, in ``batches``' order."""
+    def score(self, model: nn.Module, batches: list[tuple[int, list[int]]], round: int, progress: bool = False) -> list[Scored]:
+        """The per-batch results of :func:`~dubito.acquisition.scoring.score_batches`, in ``batches``' order."""
         import ray
 
         if not self.actors:

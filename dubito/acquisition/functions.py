@@ -10,6 +10,13 @@ object's per-element fields; a higher score means more worth labelling:
 
 Pixel maps are reduced to one score per image by :mod:`dubito.acquisition.reductions`.
 Natural logarithms throughout.
+
+An acquisition declares what it needs beyond the decomposition: ``needs=("samples",)`` gives
+its function the raw Monte-Carlo samples too (the service's
+:class:`~dubito.platform.mc.MCSamples`: ``mean`` (T, N, ...), ``log_var``, ``probs`` (T, N, C,
+...)), e.g. for a mean-std score. Add your own with :func:`register_acquisition` or an entry
+point of the ``dubito.acquisitions`` group naming an :class:`Acquisition`; it then appears in
+``--acquisition``, sweeps and ``strategy()``.
 """
 
 from __future__ import annotations
@@ -22,15 +29,18 @@ import torch
 from torch import Tensor
 
 from dubito import DubitoError
+from dubito.platform.mc import MCSamples
+from dubito.platform.registry import Registry
 from dubito.platform.uncertainty import ClassificationUncertainty, RegressionUncertainty
 
-__all__ = ["Acquisition", "ACQUISITIONS", "KINDS", "get_acquisition", "uncertainty_kind"]
+__all__ = ["Acquisition", "ACQUISITIONS", "KINDS", "NEEDS", "get_acquisition", "register_acquisition", "uncertainty_kind"]
 
 KINDS = ("classification", "regression")
+NEEDS = ("samples",)  # what an acquisition may ask for beyond the decomposition
 VAR_FLOOR = 1e-12  # variances are clamped to this before a log
 
 Uncertainty = Union[ClassificationUncertainty, RegressionUncertainty]
-ScoreFn = Callable[[Uncertainty, "torch.Generator | None"], Tensor]
+ScoreFn = Callable[..., Tensor]  # (u, generator) → scores; (u, generator, samples) when it needs the samples
 
 
 def uncertainty_kind(u: object) -> str:
@@ -65,20 +75,37 @@ class Acquisition:
         name: registry name (``"epistemic(logit_variance)"`` for the option variant).
         kinds: uncertainty kinds it supports, a subset of ``("classification", "regression")``.
         doc: what the score is, per kind.
+        fn: ``fn(u, generator)`` → scores; ``fn(u, generator, samples)`` when ``needs`` has
+            ``"samples"``.
+        needs: what it reads beyond the decomposition, a subset of :data:`NEEDS`.
     """
 
     name: str
     kinds: tuple[str, ...]
     doc: str
     fn: ScoreFn = field(repr=False, compare=False)
+    needs: tuple[str, ...] = ()
 
-    def score(self, u: Uncertainty, *, generator: torch.Generator | None = None) -> Tensor:
-        """Per-element scores, (N,) / (N, H, W) (see the module docstring); higher = label first."""
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise DubitoError(f"acquisition {self.name!r}: fn must be callable, got {self.fn!r}")
+        if not self.kinds or set(self.kinds) - set(KINDS):
+            raise DubitoError(f"acquisition {self.name!r}: kinds must be among {KINDS}, got {self.kinds!r}")
+        if set(self.needs) - set(NEEDS):
+            raise DubitoError(f"acquisition {self.name!r}: needs must be among {NEEDS}, got {self.needs!r}")
+
+    def score(self, u: Uncertainty, *, generator: torch.Generator | None = None, samples: MCSamples | None = None) -> Tensor:
+        """Per-element scores, (N,) / (N, H, W) (see the module docstring); higher = label first.
+        ``samples``: the MC samples ``u`` was computed from (required when the acquisition needs them)."""
         kind = uncertainty_kind(u)
         if kind not in self.kinds:
             raise DubitoError(
                 f"acquisition {self.name!r} does not support {kind} uncertainty (it supports: {', '.join(self.kinds)})"
             )
+        if "samples" in self.needs:
+            if samples is None:
+                raise DubitoError(f"acquisition {self.name!r} needs the MC samples: pass score(u, samples=...)")
+            return self.fn(u, generator, samples)
         return self.fn(u, generator)
 
 
@@ -158,9 +185,15 @@ BOTH = ("classification", "regression")
 CLS = ("classification",)
 REG = ("regression",)
 
-ACQUISITIONS: dict[str, Acquisition] = {
-    a.name: a
-    for a in (
+def _check_entry(entry: object) -> None:
+    if not isinstance(entry, Acquisition):
+        raise DubitoError(f"an acquisition entry must be a dubito.acquisition.Acquisition, got {type(entry).__name__}")
+
+
+#: every acquisition by name: dubito's own, those registered, and those of installed entry points
+ACQUISITIONS: Registry[Acquisition] = Registry("acquisition", "dubito.acquisitions", _check_entry, __name__)
+
+for _acquisition in (
         Acquisition("random", BOTH, "Uniform [0, 1) per element from the given torch.Generator (required).", _random),
         Acquisition(
             "entropy",
@@ -192,8 +225,22 @@ ACQUISITIONS: dict[str, Acquisition] = {
             _epistemic,
         ),
         Acquisition("total_variance", REG, "total_var = aleatoric_var + epistemic_var.", _total_variance),
-    )
-}
+):
+    ACQUISITIONS.register(_acquisition, builtin=True)
+
+
+def register_acquisition(
+    name: str, fn: ScoreFn, *, kinds: tuple[str, ...] = KINDS, needs: tuple[str, ...] = (), doc: str | None = None, replace: bool = False,
+) -> Acquisition:  # fmt: skip
+    """Add an acquisition function under ``name`` (for ``--acquisition``, sweeps and ``strategy()``).
+
+    ``fn(u, generator)`` returns per-element scores shaped like ``u``'s per-element fields (see the
+    module docstring), higher = label first; with ``needs=("samples",)`` it is called as
+    ``fn(u, generator, samples)`` with the raw :class:`~dubito.platform.mc.MCSamples`. ``kinds``:
+    the uncertainty kinds it supports. Returns the :class:`Acquisition`.
+    """
+    entry = Acquisition(name, tuple(kinds), doc if doc is not None else (fn.__doc__ or "").strip(), fn, tuple(needs))
+    return ACQUISITIONS.register(entry, replace=replace)
 
 EPISTEMIC_LOGIT_VARIANCE = Acquisition(
     "epistemic(logit_variance)",
@@ -213,8 +260,7 @@ def get_acquisition(name: str, **options: object) -> Acquisition:
     """
     if name == EPISTEMIC_LOGIT_VARIANCE.name and not options:
         return EPISTEMIC_LOGIT_VARIANCE
-    if name not in ACQUISITIONS:
-        raise DubitoError(f"unknown acquisition {name!r}; known: {', '.join(ACQUISITIONS)}")
+    ACQUISITIONS.get_entry(name)  # unknown names are refused with the known ones
     allowed = _OPTIONS.get(name, ())
     unknown = sorted(set(options) - set(allowed))
     if unknown:

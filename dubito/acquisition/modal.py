@@ -44,6 +44,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dubito import DubitoError
+from dubito.acquisition.functions import get_acquisition
+from dubito.acquisition.scoring import Scored, choose, score_items
+from dubito.acquisition.selection import SELECTIONS
+from dubito.platform.mc import MCSamples
 from dubito.platform.uncertainty import ClassificationUncertainty
 
 __all__ = ["TorchEstimator", "Strategy", "strategy", "OPTIMIZERS"]
@@ -295,8 +299,9 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         return self
 
     # ------------------------------------------------------------------ prediction
-    def _mc(self, X: Any, samples: int | None, keep_samples: bool) -> tuple[ClassificationUncertainty, Tensor | None]:
-        """The service's uncertainty of X (fields on the CPU) and, if asked, the (T, N, C) samples."""
+    def _mc(self, X: Any, samples: int | None, keep_samples: bool) -> tuple[ClassificationUncertainty, MCSamples | None]:
+        """The service's uncertainty of X (fields on the CPU) and, if asked, the MC samples it was
+        computed from (on the CPU; ``probs`` (T, N, C))."""
         from dubito.platform.service import UncertaintyService, check_finite_outputs, resolve_device
 
         self._check_fitted()
@@ -314,7 +319,7 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
             progress=False,
         )
         parts: list[dict[str, Tensor]] = []
-        prob_parts: list[Tensor] = []
+        kept: list[MCSamples] = []
         row = 0
         for block in self._chunks(X):
             chunk = block.to(service.device)
@@ -322,10 +327,13 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
             check_finite_outputs(u, range(row, row + len(chunk)), "TorchEstimator's model (ids: rows of X)")
             row += len(chunk)
             if keep_samples:
-                prob_parts.append(out.probs.float().cpu())
+                kept.append(MCSamples(*(None if t is None else t.detach().float().cpu() for t in out)))
             parts.append({k: v.detach().cpu() for k, v in u.to_dict().items()})
         merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return ClassificationUncertainty(**merged), (torch.cat(prob_parts, 1) if keep_samples else None)
+        if not keep_samples:
+            return ClassificationUncertainty(**merged), None
+        joined = MCSamples(*(None if kept[0][f] is None else torch.cat([k[f] for k in kept], 1) for f in range(len(MCSamples._fields))))
+        return ClassificationUncertainty(**merged), joined
 
     def uncertainty(self, X: Any, *, samples: int | None = None) -> ClassificationUncertainty:
         """The UncertaintyService's decomposition for X: fields (N,), ``mean_probs`` (N, C), on the CPU.
@@ -334,11 +342,17 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         """
         return self._mc(X, samples, keep_samples=False)[0]
 
+    def uncertainty_with_samples(self, X: Any, *, samples: int | None = None) -> tuple[ClassificationUncertainty, MCSamples]:
+        """:meth:`uncertainty` and the MC samples it was computed from (logits ``mean`` (T, N, C),
+        ``probs`` (T, N, C)), on the CPU."""
+        u, mc = self._mc(X, samples, keep_samples=True)
+        assert mc is not None
+        return u, mc
+
     def uncertainty_and_samples(self, X: Any, *, samples: int | None = None) -> tuple[ClassificationUncertainty, Tensor]:
         """:meth:`uncertainty` and the per-sample class probabilities it was computed from, (T, N, C)."""
-        u, probs = self._mc(X, samples, keep_samples=True)
-        assert probs is not None
-        return u, probs
+        u, mc = self.uncertainty_with_samples(X, samples=samples)
+        return u, mc.probs
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """MC-dropout mean class probabilities, (N, C) float64, columns in ``classes_`` order."""
@@ -404,9 +418,6 @@ class Strategy:
         temperature: float = 1.0,
         **options: Any,
     ) -> None:
-        from dubito.acquisition.functions import get_acquisition
-        from dubito.acquisition.selection import SELECTIONS
-
         if not isinstance(name, str):
             raise DubitoError(f"strategy: name must be an acquisition name (str), got {name!r}")
         self.acquisition = get_acquisition(name, **options)
@@ -436,8 +447,6 @@ class Strategy:
 
     def __call__(self, classifier: Any, X_pool: Any, n_instances: int = 1, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         """Positions of the ``n_instances`` pool rows to label and their scores, both (k,) ndarrays."""
-        from dubito.acquisition.selection import select
-
         if kwargs:
             raise DubitoError(
                 f"strategy {self.name!r}: unexpected query argument(s) {', '.join(sorted(kwargs))}; "
@@ -455,33 +464,28 @@ class Strategy:
         call_seed = _mix(self.seed, self.calls)
         self.calls += 1
 
-        probs = None
-        if self.selection == "batchbald":
-            u, probs = estimator.uncertainty_and_samples(X_pool, samples=self.samples)
+        # what the acquisition and the selection declared they need, and nothing more
+        needs = SELECTIONS[self.selection].needs
+        mc = None
+        if "prob_samples" in needs or "samples" in self.acquisition.needs:
+            u, mc = estimator.uncertainty_with_samples(X_pool, samples=self.samples)
         else:
             u = estimator.uncertainty(X_pool, samples=self.samples)
         pool_size = u.predictive_entropy.shape[0]
         if n_instances > pool_size:
             raise DubitoError(f"strategy {self.name!r}: n_instances={n_instances} is larger than the pool ({pool_size} rows)")
-        generator = torch.Generator().manual_seed(call_seed)
-        scores = self.acquisition.score(u, generator=generator).detach().float().cpu()
-        features = labeled = None
-        if self.selection == "kcenter":
-            features = estimator.features(X_pool)
+        scored = Scored(
+            score_items(self.acquisition, u, mc, torch.Generator().manual_seed(call_seed)),
+            features=estimator.features(X_pool) if "features" in needs else None,
+            prob_samples=mc.probs if "prob_samples" in needs and mc is not None else None,
+        )
+        labeled = None
+        if "features" in needs:  # k-center's first centres: the learner's training set
             known = getattr(classifier, "X_training", None) if classifier is not estimator else None
             if known is not None and len(known) > 0:
                 labeled = estimator.features(known)
-        picked = select(
-            scores,
-            int(n_instances),
-            self.selection,
-            seed=call_seed,
-            temperature=self.temperature,
-            features=features,
-            labeled_features=labeled,
-            prob_samples=probs,
-        ).cpu()
-        return picked.numpy().astype(np.int64), scores[picked].double().numpy()
+        picked = choose(scored, int(n_instances), self.selection, seed=call_seed, temperature=self.temperature, labeled=labeled).cpu()
+        return picked.numpy().astype(np.int64), scored.scores[picked].double().numpy()
 
 
 def strategy(

@@ -3,21 +3,70 @@
 :func:`reduce_scores` maps (N, ...) score maps to one score per image, (N,), over the valid
 pixels only: masked (void) pixels never count, and an image without a valid pixel scores 0.
 Everything is vectorised over the batch and the pixels.
+
+Each reduction is declared once as a :class:`Reduction` in :data:`REDUCTIONS`, with its one
+option (``topq:Q``, ``grid:G``) and what it needs (``class_balanced`` reads the predicted class
+of each pixel). Add your own with :func:`register_reduction` or an entry point of the
+``dubito.reductions`` group; it then appears in ``--reduction`` and sweeps.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from dubito import DubitoError
+from dubito.platform.registry import Registry
 from dubito.platform.uncertainty import _reduce_per_item
 
-__all__ = ["REDUCTIONS", "reduce_scores", "parse_reduction"]
+__all__ = ["REDUCTIONS", "Reduction", "reduce_scores", "parse_reduction", "register_reduction"]
 
-REDUCTIONS = ("mean", "max", "topq", "class_balanced", "grid")
+NEEDS = ("classes",)  # what a reduction may ask for beyond the scores and the mask
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A named pixel → image reduction.
+
+    Attributes:
+        name: registry name (``--reduction NAME`` or ``NAME:VALUE``).
+        fn: ``fn(scores (N, ...), mask (bool, broadcastable) or None, **options)`` → (N,);
+            with ``needs=("classes",)`` also ``classes=`` (N, ...) long predicted class per
+            pixel and ``num_classes=``.
+        doc: what it computes.
+        option: the name of its one option, given as ``NAME:VALUE`` (None: it takes none).
+        parse: the option's text → its value (raise ``ValueError`` or :class:`DubitoError`).
+        needs: a subset of :data:`NEEDS`.
+    """
+
+    name: str
+    fn: Callable[..., Tensor] = field(repr=False, compare=False)
+    doc: str = ""
+    option: str | None = None
+    parse: Callable[[str], Any] | None = field(default=None, repr=False, compare=False)
+    needs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise DubitoError(f"reduction {self.name!r}: fn must be callable, got {self.fn!r}")
+        if set(self.needs) - set(NEEDS):
+            raise DubitoError(f"reduction {self.name!r}: needs must be among {NEEDS}, got {self.needs!r}")
+        if self.option is not None and self.parse is None:
+            raise DubitoError(f"reduction {self.name!r}: an option needs parse (its text → value)")
+
+
+def _check_entry(entry: object) -> None:
+    if not isinstance(entry, Reduction):
+        raise DubitoError(f"a reduction entry must be a dubito.acquisition.reductions.Reduction, got {type(entry).__name__}")
+
+
+#: every reduction by name: dubito's own, those registered, and those of installed entry points
+REDUCTIONS: Registry[Reduction] = Registry("reduction", "dubito.reductions", _check_entry, __name__)
 
 
 def _valid(scores: Tensor, mask: Tensor | None) -> Tensor:
@@ -67,88 +116,151 @@ def _grid_cells(height: int, width: int, grid: int, device: torch.device) -> Ten
     return (rows[:, None] * grid + cols[None, :]).reshape(-1)
 
 
+def _check_q(q: float) -> float:
+    if not 0.0 < q <= 1.0:
+        raise DubitoError(f"q must be in (0, 1] for 'topq', got {q}")
+    return q
+
+
+def _flat(scores: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    valid = _valid(scores, mask)
+    N = scores.shape[0]
+    return scores.reshape(N, -1), valid.reshape(N, -1)
+
+
+def _mean(scores: Tensor, mask: Tensor | None) -> Tensor:
+    return _reduce_per_item(scores, mask, "mean")
+
+
+def _max(scores: Tensor, mask: Tensor | None) -> Tensor:
+    return _reduce_per_item(scores, mask, "max")
+
+
+def _top_fraction(scores: Tensor, mask: Tensor | None, q: float = 0.1) -> Tensor:
+    return _topq(*_flat(scores, mask), _check_q(q))
+
+
+def _class_balanced(scores: Tensor, mask: Tensor | None, classes: Tensor | None = None, num_classes: int | None = None) -> Tensor:
+    if classes is None:
+        raise DubitoError("how='class_balanced' needs classes (the predicted class per pixel, shaped like scores)")
+    if classes.shape != scores.shape:
+        raise DubitoError(f"classes of shape {tuple(classes.shape)} must match scores of shape {tuple(scores.shape)}")
+    if classes.dtype.is_floating_point or classes.dtype == torch.bool:
+        raise DubitoError(f"classes must be an integer tensor, got {classes.dtype}")
+    flat, flat_valid = _flat(scores, mask)
+    groups = classes.to(device=scores.device, dtype=torch.long).reshape(scores.shape[0], -1)
+    used = groups[flat_valid]
+    if used.numel() and int(used.min()) < 0:
+        raise DubitoError(f"classes must be ≥ 0 at valid pixels, found {int(used.min())}")
+    top = int(used.max()) + 1 if used.numel() else 1
+    if num_classes is None:
+        num_classes = top
+    elif top > num_classes:
+        raise DubitoError(f"classes has class {top - 1} at a valid pixel but num_classes is {num_classes}")
+    means, present = _group_mean_table(flat, flat_valid, groups, num_classes)
+    count = present.sum(1)
+    total = torch.where(present, means, torch.zeros_like(means)).sum(1)
+    return torch.where(count > 0, total / count.clamp_min(1).to(means.dtype), torch.zeros_like(total))
+
+
+def _grid(scores: Tensor, mask: Tensor | None, grid: int = 4) -> Tensor:
+    if scores.dim() != 3:
+        raise DubitoError(f"how='grid' needs (N, H, W) score maps, got shape {tuple(scores.shape)}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise DubitoError(f"grid must be an integer ≥ 1, got {grid!r}")
+    flat, flat_valid = _flat(scores, mask)
+    cells = _grid_cells(scores.shape[1], scores.shape[2], grid, scores.device).expand(scores.shape[0], -1)
+    means, present = _group_mean_table(flat, flat_valid, cells, grid * grid)
+    best = torch.where(present, means, torch.full_like(means, float("-inf"))).amax(1)
+    return torch.where(present.any(1), best, torch.zeros_like(best))
+
+
+def _parse_q(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise DubitoError(f"q must be in (0, 1], got {text}")
+    return value
+
+
+def _parse_grid(text: str) -> int:
+    cells = int(text)
+    if cells < 1:
+        raise DubitoError(f"grid must be an integer ≥ 1, got {text}")
+    return cells
+
+
+for _reduction in (
+    Reduction("mean", _mean, "mean of the valid pixels' scores"),
+    Reduction("max", _max, "max of the valid pixels' scores"),
+    Reduction("topq", _top_fraction, "mean of the top max(1, ceil(q·n)) of the n valid pixels (topq:Q, default 0.1)", "q", _parse_q),
+    Reduction("class_balanced", _class_balanced, "mean score per predicted class, then the unweighted mean over the classes "
+              "present in the image", needs=("classes",)),
+    Reduction("grid", _grid, "(N, H, W) maps in G×G cells (row cell ⌊h·G/H⌋): mean per cell, then the max over cells with a "
+              "valid pixel (grid:G, default 4)", "grid", _parse_grid),
+):  # fmt: skip
+    REDUCTIONS.register(_reduction, builtin=True)
+
+
+def register_reduction(
+    name: str, fn: Callable[..., Tensor], *, option: str | None = None, parse: Callable[[str], Any] | None = None,
+    needs: tuple[str, ...] = (), doc: str | None = None, replace: bool = False,
+) -> Reduction:  # fmt: skip
+    """Add a pixel → image reduction under ``name`` (for ``--reduction`` and sweeps).
+
+    ``fn(scores, mask, **options)`` maps (N, ...) score maps to (N,) over the valid pixels
+    (``mask`` True, or None for all); ``option``/``parse`` declare its one option
+    (``--reduction NAME:VALUE`` calls it with ``option=parse(VALUE)``); ``needs=("classes",)``
+    adds ``classes=`` and ``num_classes=``. Returns the :class:`Reduction`.
+    """
+    entry = Reduction(name, fn, doc if doc is not None else (fn.__doc__ or "").strip(), option, parse, tuple(needs))
+    return REDUCTIONS.register(entry, replace=replace)
+
+
 def reduce_scores(
     scores: Tensor,
     mask: Tensor | None = None,
     how: str = "mean",
     *,
-    q: float = 0.1,
-    grid: int = 4,
     classes: Tensor | None = None,
     num_classes: int | None = None,
+    **options: Any,
 ) -> Tensor:
     """Reduce score maps (N, ...) to per-image scores (N,) over the valid pixels.
 
     Args:
         scores: (N,) (returned as is) or (N, ...) maps, e.g. (N, H, W).
         mask: bool, broadcastable to ``scores``; True marks valid pixels. None: all valid.
-        how: ``"mean"``; ``"max"``; ``"topq"``: mean of the top ``max(1, ceil(q·n))`` of the
-            n valid pixels; ``"class_balanced"``: mean score per predicted class (``classes``,
-            shaped like ``scores``, long), then the unweighted mean over the classes present in
-            the image; ``"grid"``: (N, H, W) only, split into ``grid``×``grid`` cells (row cell
-            ⌊h·grid/H⌋, so uneven edges are spread out), mean per cell, then the max over cells
-            with a valid pixel.
-        q: fraction in (0, 1] for ``"topq"``.
-        grid: cells per side (≥ 1) for ``"grid"``.
-        classes: (N, ...) long predicted class per pixel for ``"class_balanced"``.
+        how: a name in :data:`REDUCTIONS`: ``"mean"``; ``"max"``; ``"topq"``: mean of the top
+            ``max(1, ceil(q·n))`` of the n valid pixels; ``"class_balanced"``: mean score per
+            predicted class (``classes``, shaped like ``scores``, long), then the unweighted mean
+            over the classes present in the image; ``"grid"``: (N, H, W) only, split into
+            ``grid``×``grid`` cells (row cell ⌊h·grid/H⌋, so uneven edges are spread out), mean
+            per cell, then the max over cells with a valid pixel; or one a user registered.
+        classes: (N, ...) long predicted class per pixel, for reductions that need it.
         num_classes: number of classes (default: 1 + the largest valid class).
+        options: the reduction's option, e.g. ``q=0.05`` (``topq``) or ``grid=8`` (``grid``).
     Returns:
         (N,) scores; 0 for an image without valid pixels.
     """
     if how not in REDUCTIONS:
-        raise DubitoError(f"how must be one of {REDUCTIONS}, got {how!r}")
+        raise DubitoError(f"how must be one of {tuple(REDUCTIONS)}, got {how!r}")
+    entry = REDUCTIONS[how]
+    # each reduction gets its own option; q and grid are accepted for any (a topq / grid setting alongside)
+    unknown = set(options) - {entry.option, "q", "grid"}
+    if unknown:
+        raise DubitoError(f"reduction {how!r} takes {'option ' + entry.option if entry.option else 'no option'}, got {', '.join(sorted(unknown))}")
+    options = {k: v for k, v in options.items() if k == entry.option}
     if scores.dim() == 0:
         raise DubitoError("scores must be (N,) or (N, ...), got a scalar")
     if scores.dim() == 1:
         return scores
-    if how in ("mean", "max"):
-        return _reduce_per_item(scores, mask, how)
-
-    valid = _valid(scores, mask)
-    N = scores.shape[0]
-    flat = scores.reshape(N, -1)
-    flat_valid = valid.reshape(N, -1)
-
-    if how == "topq":
-        if not 0.0 < q <= 1.0:
-            raise DubitoError(f"q must be in (0, 1] for 'topq', got {q}")
-        return _topq(flat, flat_valid, q)
-
-    if how == "class_balanced":
-        if classes is None:
-            raise DubitoError("how='class_balanced' needs classes (the predicted class per pixel, shaped like scores)")
-        if classes.shape != scores.shape:
-            raise DubitoError(f"classes of shape {tuple(classes.shape)} must match scores of shape {tuple(scores.shape)}")
-        if classes.dtype.is_floating_point or classes.dtype == torch.bool:
-            raise DubitoError(f"classes must be an integer tensor, got {classes.dtype}")
-        groups = classes.to(device=scores.device, dtype=torch.long).reshape(N, -1)
-        used = groups[flat_valid]
-        if used.numel() and int(used.min()) < 0:
-            raise DubitoError(f"classes must be ≥ 0 at valid pixels, found {int(used.min())}")
-        top = int(used.max()) + 1 if used.numel() else 1
-        if num_classes is None:
-            num_classes = top
-        elif top > num_classes:
-            raise DubitoError(f"classes has class {top - 1} at a valid pixel but num_classes is {num_classes}")
-        means, present = _group_mean_table(flat, flat_valid, groups, num_classes)
-    else:  # grid
-        if scores.dim() != 3:
-            raise DubitoError(f"how='grid' needs (N, H, W) score maps, got shape {tuple(scores.shape)}")
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-            raise DubitoError(f"grid must be an integer ≥ 1, got {grid!r}")
-        cells = _grid_cells(scores.shape[1], scores.shape[2], grid, scores.device).expand(N, -1)
-        means, present = _group_mean_table(flat, flat_valid, cells, grid * grid)
-
-    if how == "class_balanced":
-        count = present.sum(1)
-        total = torch.where(present, means, torch.zeros_like(means)).sum(1)
-        return torch.where(count > 0, total / count.clamp_min(1).to(means.dtype), torch.zeros_like(total))
-    best = torch.where(present, means, torch.full_like(means, float("-inf"))).amax(1)
-    return torch.where(present.any(1), best, torch.zeros_like(best))
+    if "classes" in entry.needs:
+        options = {**options, "classes": classes, "num_classes": num_classes}
+    return entry.fn(scores, mask, **options)
 
 
-def parse_reduction(spec: str) -> tuple[str, dict[str, float | int]]:
-    """Parse ``"mean"``, ``"max"``, ``"class_balanced"``, ``"topq[:Q]"`` or ``"grid[:G]"``.
+def parse_reduction(spec: str) -> tuple[str, dict[str, Any]]:
+    """Parse ``NAME`` or ``NAME:VALUE`` (``"mean"``, ``"topq:0.05"``, ``"grid:8"``, ...).
 
     Returns ``(how, kwargs)`` for :func:`reduce_scores`, e.g. ``"topq:0.05"`` →
     ``("topq", {"q": 0.05})`` and ``"grid:8"`` → ``("grid", {"grid": 8})``.
@@ -159,22 +271,14 @@ def parse_reduction(spec: str) -> tuple[str, dict[str, float | int]]:
     how, arg = how.strip(), arg.strip()
     if how not in REDUCTIONS:
         raise DubitoError(f"unknown reduction {how!r} in {spec!r}; known: {', '.join(REDUCTIONS)}")
+    entry = REDUCTIONS[how]
     if not sep:
         return how, {}
-    if how not in ("topq", "grid"):
+    if entry.option is None:
         raise DubitoError(f"reduction {how!r} takes no parameter, got {spec!r}")
-    if how == "topq":
-        try:
-            value = float(arg)
-        except ValueError:
-            raise DubitoError(f"reduction {spec!r}: q must be a number in (0, 1]") from None
-        if not (math.isfinite(value) and 0.0 < value <= 1.0):
-            raise DubitoError(f"reduction {spec!r}: q must be in (0, 1], got {arg}")
-        return how, {"q": value}
     try:
-        cells = int(arg)
-    except ValueError:
-        raise DubitoError(f"reduction {spec!r}: grid must be an integer ≥ 1") from None
-    if cells < 1:
-        raise DubitoError(f"reduction {spec!r}: grid must be an integer ≥ 1, got {arg}")
-    return how, {"grid": cells}
+        return how, {entry.option: entry.parse(arg)}
+    except DubitoError as err:
+        raise DubitoError(f"reduction {spec!r}: {err}") from None
+    except (ValueError, TypeError):
+        raise DubitoError(f"reduction {spec!r}: {entry.option} {arg!r} is not valid ({entry.doc})") from None

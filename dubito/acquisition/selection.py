@@ -10,18 +10,64 @@ is reproducible: the stochastic ones draw from a CPU ``torch.Generator`` seeded 
 - ``softmax``: as ``power`` with p ∝ exp(score/temperature).
 - ``kcenter``: greedy k-center / core-set (Sener & Savarese 2018) on ``features``.
 - ``batchbald``: greedy BatchBALD (Kirsch et al. 2019) on ``prob_samples``.
+
+Each method is declared once as a :class:`Selection` in :data:`SELECTIONS` with the inputs it
+needs (``features`` for k-center, ``prob_samples`` for BatchBALD); the labeling loop and the modAL
+strategy compute those inputs only for a selection that declares them. Add your own with
+:func:`register_selection` or an entry point of the ``dubito.selections`` group.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from dubito import DubitoError
+from dubito.platform.registry import Registry
 
-__all__ = ["SELECTIONS", "select", "joint_mutual_information", "MAX_EXACT_CONFIGS", "MC_CONFIGS"]
+__all__ = ["SELECTIONS", "Selection", "select", "register_selection", "joint_mutual_information", "MAX_EXACT_CONFIGS", "MC_CONFIGS"]
 
-SELECTIONS = ("topk", "power", "softmax", "kcenter", "batchbald")
+NEEDS = ("features", "prob_samples")  # what a selection may ask for beyond the scores
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A named batch-selection method.
+
+    Attributes:
+        name: registry name (``--selection NAME``).
+        fn: ``fn(scores (P,) float64, k, *, seed, temperature, **inputs)`` → k distinct
+            positions (a (k,) long tensor or a list), where ``inputs`` are what it needs:
+            ``features`` (P, F) with ``labeled_features`` (L, F) or None, and/or
+            ``prob_samples`` (T, P, C).
+        doc: what it does.
+        needs: a subset of :data:`NEEDS`. ``features``: the model's deterministic features of
+            each pool image (the head's input, pooled over pixels); ``prob_samples``: the MC
+            class probabilities the scores came from (image classification only).
+    """
+
+    name: str
+    fn: Callable[..., Tensor | list[int]] = field(repr=False, compare=False)
+    doc: str = ""
+    needs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise DubitoError(f"selection {self.name!r}: fn must be callable, got {self.fn!r}")
+        if set(self.needs) - set(NEEDS):
+            raise DubitoError(f"selection {self.name!r}: needs must be among {NEEDS}, got {self.needs!r}")
+
+
+def _check_entry(entry: object) -> None:
+    if not isinstance(entry, Selection):
+        raise DubitoError(f"a selection entry must be a dubito.acquisition.selection.Selection, got {type(entry).__name__}")
+
+
+#: every selection by name: dubito's own, those registered, and those of installed entry points
+SELECTIONS: Registry[Selection] = Registry("selection", "dubito.selections", _check_entry, __name__)
 SCORE_FLOOR = 1e-12
 MAX_EXACT_CONFIGS = 4096  # BatchBALD: enumerate the selected set's labelings while C^|set| ≤ this
 MC_CONFIGS = 4096  # BatchBALD: labelings sampled per step beyond that
@@ -211,6 +257,60 @@ def joint_mutual_information(
 # --- select ------------------------------------------------------------------------------
 
 
+def _topk(keys: Tensor, k: int, **_: object) -> Tensor:
+    return _descending(keys, k)
+
+
+def _power(keys: Tensor, k: int, *, seed: int, temperature: float, **_: object) -> Tensor:
+    if not temperature > 0:
+        raise DubitoError(f"temperature must be > 0 for 'power', got {temperature}")
+    return _gumbel_top_k(torch.log(keys.clamp_min(SCORE_FLOOR)) / temperature, k, seed)
+
+
+def _softmax(keys: Tensor, k: int, *, seed: int, temperature: float, **_: object) -> Tensor:
+    if not temperature > 0:
+        raise DubitoError(f"temperature must be > 0 for 'softmax', got {temperature}")
+    return _gumbel_top_k(keys / temperature, k, seed)
+
+
+def _kcenter_select(keys: Tensor, k: int, *, features: Tensor, labeled_features: Tensor | None = None, **_: object) -> Tensor:
+    P = keys.shape[0]
+    if features.dim() != 2 or features.shape[0] != P:
+        raise DubitoError(f"features must be (P={P}, F), got shape {tuple(features.shape)}")
+    if labeled_features is not None and (labeled_features.dim() != 2 or labeled_features.shape[1] != features.shape[1]):
+        raise DubitoError(f"labeled_features must be (L, F={features.shape[1]}), got shape {tuple(labeled_features.shape)}")
+    return torch.tensor(_kcenter(keys.to(features.device), k, features.detach(), labeled_features))
+
+
+def _batchbald_select(keys: Tensor, k: int, *, seed: int, prob_samples: Tensor, **_: object) -> Tensor:
+    probs = _check_prob_samples(prob_samples.detach(), keys.shape[0])
+    return torch.tensor(_batchbald(k, probs, MAX_EXACT_CONFIGS, MC_CONFIGS, seed))
+
+
+for _selection in (
+    Selection("topk", _topk, "the k highest scores, ties to the lower position"),
+    Selection("power", _power, "k draws without replacement, p ∝ score^(1/temperature) (Kirsch et al. 2023)"),
+    Selection("softmax", _softmax, "k draws without replacement, p ∝ exp(score/temperature)"),
+    Selection("kcenter", _kcenter_select, "greedy k-center / core-set on the model's features (Sener & Savarese 2018)", ("features",)),
+    Selection("batchbald", _batchbald_select, "greedy BatchBALD on the MC class probabilities (Kirsch et al. 2019)", ("prob_samples",)),
+):
+    SELECTIONS.register(_selection, builtin=True)
+
+
+def register_selection(
+    name: str, fn: Callable[..., Tensor | list[int]], *, needs: tuple[str, ...] = (), doc: str | None = None, replace: bool = False,
+) -> Selection:  # fmt: skip
+    """Add a batch-selection method under ``name`` (for ``--selection``, sweeps and ``strategy()``).
+
+    ``fn(scores, k, *, seed, temperature, **inputs)`` returns k distinct positions into the
+    (P,) float64 ``scores``; ``needs`` names the inputs it is given (see :class:`Selection`).
+    Draws must come from ``seed`` (a CPU ``torch.Generator(...).manual_seed(seed)``), so a run is
+    reproducible and resumable. Returns the :class:`Selection`.
+    """
+    entry = Selection(name, fn, doc if doc is not None else (fn.__doc__ or "").strip(), tuple(needs))
+    return SELECTIONS.register(entry, replace=replace)
+
+
 def select(
     scores: Tensor,
     k: int,
@@ -227,7 +327,7 @@ def select(
     Args:
         scores: (P,) per-image acquisition scores (higher = more worth labelling).
         k: batch size, 1 ≤ k ≤ P.
-        method: one of :data:`SELECTIONS` (see the module docstring).
+        method: a name in :data:`SELECTIONS` (see the module docstring).
         seed: seeds the draws of ``power``, ``softmax`` and BatchBALD's Monte-Carlo labelings.
         temperature: > 0, for ``power`` (p ∝ score^(1/temperature)) and ``softmax``
             (p ∝ exp(score/temperature)).
@@ -244,6 +344,7 @@ def select(
     """
     if method not in SELECTIONS:
         raise DubitoError(f"unknown selection method {method!r}; known: {', '.join(SELECTIONS)}")
+    entry = SELECTIONS[method]
     if not isinstance(scores, Tensor) or scores.dim() != 1:
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise DubitoError(f"scores must be a 1-D (P,) tensor, got {shape}")
@@ -258,29 +359,19 @@ def select(
         bad = torch.nonzero(torch.isnan(scores)).flatten().tolist()
         shown = ", ".join(map(str, bad[:20])) + (" ..." if len(bad) > 20 else "")
         raise DubitoError(f"scores contain NaN at pool positions {shown} ({len(bad)} of {P}): the model scoring them is diverged or damaged")
-    device = scores.device
-    keys = scores.detach().to(torch.float64)
-
-    if method == "topk":
-        picked = _descending(keys, k)
-    elif method in ("power", "softmax"):
-        if not temperature > 0:
-            raise DubitoError(f"temperature must be > 0 for {method!r}, got {temperature}")
-        logits = torch.log(keys.clamp_min(SCORE_FLOOR)) if method == "power" else keys
-        picked = _gumbel_top_k(logits / temperature, k, seed)
-    elif method == "kcenter":
+    inputs: dict[str, Tensor | None] = {}
+    if "features" in entry.needs:
         if features is None:
-            raise DubitoError("method 'kcenter' needs features: the (P, F) pool features")
-        if features.dim() != 2 or features.shape[0] != P:
-            raise DubitoError(f"features must be (P={P}, F), got shape {tuple(features.shape)}")
-        if labeled_features is not None and (labeled_features.dim() != 2 or labeled_features.shape[1] != features.shape[1]):
-            raise DubitoError(
-                f"labeled_features must be (L, F={features.shape[1]}), got shape {tuple(labeled_features.shape)}"
-            )
-        picked = torch.tensor(_kcenter(keys.to(features.device), k, features.detach(), labeled_features))
-    else:  # batchbald
+            raise DubitoError(f"method {method!r} needs features: the (P, F) pool features")
+        inputs.update(features=features, labeled_features=labeled_features)
+    if "prob_samples" in entry.needs:
         if prob_samples is None:
-            raise DubitoError("method 'batchbald' needs prob_samples: the (T, P, C) MC class probabilities of the pool")
-        probs = _check_prob_samples(prob_samples.detach(), P)
-        picked = torch.tensor(_batchbald(k, probs, MAX_EXACT_CONFIGS, MC_CONFIGS, seed))
-    return picked.to(device=device, dtype=torch.long)
+            raise DubitoError(f"method {method!r} needs prob_samples: the (T, P, C) MC class probabilities of the pool")
+        inputs["prob_samples"] = prob_samples
+    keys = scores.detach().to(torch.float64)
+    picked = torch.as_tensor(entry.fn(keys, k, seed=seed, temperature=temperature, **inputs)).flatten()
+    if picked.dtype.is_floating_point or picked.dtype == torch.bool:
+        raise DubitoError(f"selection {method!r} returned {picked.dtype} values; positions are integers")
+    if picked.numel() != k or picked.unique().numel() != k or (k and (int(picked.min()) < 0 or int(picked.max()) >= P)):
+        raise DubitoError(f"selection {method!r} returned {picked.tolist()[:20]}: not {k} distinct positions in 0..{P - 1}")
+    return picked.to(device=scores.device, dtype=torch.long)

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from dubito import DubitoError
-from dubito.acquisition.loop import LoopConfig, check_resume, headline_metric, pool_datasets, run_loop
+from dubito.acquisition.config import LoopConfig
+from dubito.acquisition.loop import check_resume, headline_metric, run_loop
+from dubito.acquisition.pool import pool_datasets
 from dubito.experiments import area_under_curve, int_list, record_study, seed_std
 from dubito.platform.files import check_output, exclusive, read_json, write_json
 from dubito.platform.tracking import check_tracking, tracked_run

@@ -1,4 +1,4 @@
-"""``dubito reproduce``: the paper's studies on any dataset (Kendall & Gal 2017, PAPER.md).
+"""``dubito reproduce``: the paper's studies on any dataset (Kendall & Gal 2017; docs/formulas.md).
 
 For each dataset:
 
@@ -89,9 +89,14 @@ class ReproduceConfig:
         return datasets, variants, fractions
 
 
+def _synthetic(dataset: str) -> bool:
+    """Generated from a seed (with an indoor out-of-distribution variant), not read from ``--root``."""
+    return dataset in DATASETS and DATASETS[dataset].synthetic
+
+
 def _train_config(config: ReproduceConfig, dataset: str, variant: str, fraction: float, output: Path, seed: int = 0) -> TrainConfig:
     return TrainConfig(
-        output=str(output), dataset=dataset, root=config.root if not dataset.startswith("synthetic-") else "",
+        output=str(output), dataset=dataset, root=config.root if not _synthetic(dataset) else "",
         model=config.model, variant=variant, height=config.height, width=config.width,
         train_images=config.train_images, val_images=config.val_images, fraction=fraction,
         epochs=max(1, math.ceil(config.epochs / fraction)), batch_size=config.batch_size, lr=config.lr,
@@ -100,7 +105,7 @@ def _train_config(config: ReproduceConfig, dataset: str, variant: str, fraction:
 
 
 def _eval_config(config: ReproduceConfig, dataset: str, model: Path, output: Path, ood: bool, seed: int = 0) -> EvalConfig:
-    real = not dataset.startswith("synthetic-")  # synthetic data are tested OOD on their indoor variant
+    real = not _synthetic(dataset)  # synthetic data are tested OOD on their indoor variant
     return EvalConfig(
         model=str(model), output=str(output), root=config.root if real else "", images=config.test_images, ood=ood,
         ood_dataset=config.ood_dataset if real else "", ood_root=config.ood_root if real else "", samples=config.samples,
@@ -117,7 +122,7 @@ def _fraction_label(dataset: str, fraction: float) -> str:
 
 def _check_inputs(config: ReproduceConfig, datasets: list[str]) -> None:
     """Every dataset, folder and OOD set is checked before any training starts."""
-    real = [d for d in datasets if not d.startswith("synthetic-")]
+    real = [d for d in datasets if not _synthetic(d)]
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
         raise DubitoError(f"--datasets: unknown {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
@@ -134,7 +139,7 @@ def _check_inputs(config: ReproduceConfig, datasets: list[str]) -> None:
             raise DubitoError(f"--datasets {d} is read from disk: give --root DIR")
         get_dataset(d, "train", config.root, size=(config.height, config.width))  # raises naming the bad file
     if config.ood_dataset:
-        if not config.ood_root and not config.ood_dataset.startswith("synthetic-"):
+        if not config.ood_root and not _synthetic(config.ood_dataset):
             raise DubitoError(f"--ood-dataset {config.ood_dataset} is read from disk: give --ood-root DIR")
         get_dataset(config.ood_dataset, "test", config.ood_root or None, size=(config.height, config.width))
 

@@ -43,6 +43,7 @@ import numpy as np
 from dubito import DubitoError
 from dubito.experiments import area_under_curve, record_study, seed_std
 from dubito.platform.files import check_free, check_output, copy_file, exclusive, load_torch, read_json, write_json
+from dubito.platform.registry import install_plugins, plugins
 from dubito.platform.tracking import check_tracking, default_tracking_uri, tracked_run
 
 __all__ = ["SweepConfig", "KINDS", "run_sweep", "parse_space", "format_sweep", "FAIL_ONCE_ENV"]
@@ -59,7 +60,7 @@ _FORBIDDEN = ("output", "experiment")  # set by the sweep for every trial
 
 def _config_class(kind: str) -> type:
     if kind == "label":
-        from dubito.acquisition.loop import LoopConfig
+        from dubito.acquisition.config import LoopConfig
 
         return LoopConfig
     if kind == "explore":
@@ -126,9 +127,9 @@ class SweepConfig:
         elif self.kind == "explore":
             metric = "mean_return"
         else:
-            dataset = base.dataset
-            metric = ("accuracy" if dataset == "digits" else "rms" if dataset in ("make3d", "nyuv2", "synthetic-make3d") else "mean_iou")
-            metric = ("test_" if self.kind == "label" else "val_") + metric
+            from dubito.platform.data import dataset_info
+
+            metric = ("test_" if self.kind == "label" else "val_") + dataset_info(base.dataset).headline
         mode = self.mode or ("min" if metric.endswith(("rms", "rel", "loss", "log10", "episode", "regret", "fraction")) else "max")
         if mode not in ("min", "max"):
             raise DubitoError(f"--mode must be min or max, got {mode!r}")
@@ -218,10 +219,10 @@ def _check(kind: str, config: Any) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _pool_images(dataset: str, root: str, pool_images: int, data_seed: int, height: int, width: int) -> int:
-    from dubito.acquisition.loop import LoopConfig, pool_datasets
+    from dubito.acquisition.pool import PoolSpec
 
-    config = LoopConfig(dataset=dataset, root=root, pool_images=pool_images, data_seed=data_seed, height=height, width=width)
-    return len(pool_datasets(config)[1])  # synthetic pools are counted without rendering a scene
+    spec = PoolSpec(dataset=dataset, root=root, pool_images=pool_images, data_seed=data_seed, height=height, width=width)
+    return len(spec.datasets()[1])  # synthetic pools are counted without rendering a scene
 
 
 def _pool_size(config: Any) -> int:
@@ -445,6 +446,7 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     import torch
 
     os.environ["MLFLOW_TRACKING_URI"] = context["tracking_uri"]
+    install_plugins(context.get("plugins") or {})
     torch.set_num_threads(context["threads"])  # --cpus-per-trial threads (CPU results depend on the count at float rounding)
     trial = tune.get_context()
     key = _trial_key(params)
@@ -650,6 +652,7 @@ def _run_sweep(config: SweepConfig, root: Path, resume: str | None, progress: bo
             "kind": config.kind, "base": config.base, "root": str(root), "tracking_uri": uri, "parent_run_id": parent.run_id,
             "experiment": config.experiment_name(), "checkpoint_every": config.checkpoint_every, "inject": _inject_from_env(root),
             "gpus": gpus, "threads": max(1, int(config.cpus_per_trial)), "metric": metric,
+            "plugins": plugins(),  # the acquisitions, reductions, selections users registered here
         }  # fmt: skip
         trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"cpu": config.cpus_per_trial, "gpu": gpus})
         if resume is not None:

@@ -63,8 +63,11 @@ def check_device(name: str, value: str) -> None:
 
 
 def default_model(dataset: str) -> str:
-    """``--model auto``: the MLP for vector data (digits), the tiny FC-DenseNet for images."""
-    return "mlp" if dataset == "digits" else "tiny"
+    """``--model auto``: the MLP for vector data (digits), the tiny FC-DenseNet for images (an
+    unknown dataset gets the image model here; its name is refused where it is checked)."""
+    from dubito.platform.data import DATASETS
+
+    return DATASETS[dataset].default_model if dataset in DATASETS else "tiny"
 
 
 def check_model(dataset: str, model: str, task: str | None = None) -> None:
@@ -72,12 +75,17 @@ def check_model(dataset: str, model: str, task: str | None = None) -> None:
     known = (*IMAGE_MODELS, "mlp")
     if model not in known:
         raise DubitoError(f"--model must be auto or one of {', '.join(known)}, got {model!r}")
-    if dataset == "digits" and model != "mlp":
-        raise DubitoError(f"--model {model} is an image model; --dataset digits holds vectors: use --model mlp (or auto)")
-    if dataset != "digits" and model == "mlp":
+    from dubito.platform.data import DATASETS
+
+    vectors = dataset in DATASETS and DATASETS[dataset].inputs == "vectors"
+    if vectors and model != "mlp":
+        raise DubitoError(f"--model {model} is an image model; --dataset {dataset} holds vectors: use --model mlp (or auto)")
+    if not vectors and model == "mlp":
         raise DubitoError(f"--model mlp takes vectors; --dataset {dataset} holds images: use an FC-DenseNet (tiny, fc_densenet56/67/103) or auto")
 
 
 def needs_root(dataset: str) -> bool:
     """Whether a dataset is read from disk (``--root``): not the synthetic scenes, not digits."""
-    return not dataset.startswith("synthetic-") and dataset != "digits"
+    from dubito.platform.data import DATASETS
+
+    return DATASETS[dataset].needs_root if dataset in DATASETS else True

@@ -20,7 +20,8 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra itera
 
 from dubito import DubitoError
 from dubito.platform import metrics as M
-from dubito.platform.data import get_dataset
+from dubito.platform.config import needs_root
+from dubito.platform.data import DATASETS, dataset_info, get_dataset
 from dubito.platform.files import check_output, exclusive, write_json
 from dubito.platform.service import UncertaintyService, check_finite_outputs, resolve_device
 from dubito.platform.tracking import check_tracking, tracked_run
@@ -60,18 +61,19 @@ class EvalConfig:
                 raise DubitoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.figures < 0:
             raise DubitoError(f"--figures must be >= 0, got {self.figures}")
-        if self.ood_dataset and not self.ood_dataset.startswith("synthetic-") and not self.ood_root:
+        if self.ood_dataset and needs_root(self.ood_dataset) and not self.ood_root:
             raise DubitoError(f"--ood-dataset {self.ood_dataset} is read from disk: give --ood-root DIR")
 
 
 def evaluation_dataset(name: str, split: str, root: str, spec: dict[str, Any], config: EvalConfig, ood: bool = False) -> Dataset:
     """The dataset to test on, at the model's resolution."""
-    if name == "digits":  # vectors; the split of the seed the model was trained with (its items are held out)
+    info = dataset_info(name)
+    if info.source == "bundled":  # digits: the split of the seed the model was trained with (its items are held out)
         return get_dataset(name, split, seed=spec.get("data_seed", config.data_seed))
     options: dict[str, Any] = {"size": (spec["height"], spec["width"])}
     if name in ("make3d", "synthetic-make3d") and spec.get("max_depth"):
         options["max_depth"] = spec["max_depth"]  # the cap the model was trained with
-    if name.startswith("synthetic-"):
+    if info.synthetic:
         options.update(n=config.images, seed=config.data_seed, static_fraction=0.0 if ood else config.static_fraction, ood=ood)
     return get_dataset(name, split, root or None, **options)
 
@@ -213,10 +215,10 @@ def evaluate(config: EvalConfig, *, progress: bool = True, tags: dict[str, str] 
     name = config.dataset or spec["dataset"]
     data = evaluation_dataset(name, config.split, config.root, spec, config)
     _check_fits(data, spec, name, config.model)
-    ood_name = config.ood_dataset or (name if name.startswith("synthetic-") else "")
+    ood_name = config.ood_dataset or (name if DATASETS[name].synthetic else "")
     ood_data = None
     if config.ood and ood_name:  # opened now, so a wrong folder is reported before any work
-        ood_data = evaluation_dataset(ood_name, "test", config.ood_root, spec, config, ood=ood_name.startswith("synthetic-"))
+        ood_data = evaluation_dataset(ood_name, "test", config.ood_root, spec, config, ood=DATASETS[ood_name].synthetic)
     with exclusive(out):
         return _evaluate(config, out, model, spec, name, data, ood_name, ood_data, device, progress, tags)
 
@@ -248,7 +250,7 @@ def _evaluate(config: EvalConfig, out: Path, model: torch.nn.Module, spec: dict[
             ood_summary = ood_acc.summary()
             summary.update({f"ood_{k}": v for k, v in ood_summary.items()})
             summary["ood_auroc"] = M.auroc(torch.cat(acc.image_scores), torch.cat(ood_acc.image_scores))
-            results["ood_dataset"] = f"{ood_name} (indoor OOD)" if ood_name.startswith("synthetic-") else ood_name
+            results["ood_dataset"] = f"{ood_name} (indoor OOD)" if DATASETS[ood_name].synthetic else ood_name
         summary["seconds"] = time.perf_counter() - started
         figures = []
         if rows:

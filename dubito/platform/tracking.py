@@ -1,6 +1,6 @@
 """MLflow tracking: where runs go, and a small run object every command logs through.
 
-Default tracking URI (DESIGN.md): ``MLFLOW_TRACKING_URI`` when set, else an *absolute*
+Default tracking URI (docs/architecture.md): ``MLFLOW_TRACKING_URI`` when set, else an *absolute*
 ``sqlite:///<cwd>/mlflow.db`` (Ray trials change directory, so relative URIs break).
 Artifacts of a SQLite store go to an absolute ``mlartifacts/`` folder beside the database.
 See the runs with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
@@ -156,6 +156,11 @@ class TrackedRun:
             self.client.set_tag(self.run_id, k, str(v))
 
 
+#: MLflow 3's experiment-kind tag: with it ``mlflow ui`` opens dubito's experiments on their runs and
+#: charts (model training), not on the GenAI traces page it shows an experiment of unknown kind
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 @contextlib.contextmanager
 def tracked_run(
     experiment: str,
@@ -177,8 +182,11 @@ def tracked_run(
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         experiment_id = (
-            found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifact_location(uri))
+            found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifact_location(uri),
+                                                                       tags={EXPERIMENT_KIND: MODEL_TRAINING})  # fmt: skip
         )
+        if found is not None and EXPERIMENT_KIND not in found.tags:  # an older store: say what kind it is, once
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         run = None
         if run_id is not None:
             with contextlib.suppress(Exception):  # gone (another store, deleted): start a new run

@@ -8,7 +8,7 @@ the same command with the same ``--output`` continues from it and, on a CPU, rea
 weights as an uninterrupted run. ``model.pt`` holds the weights of the best validation epoch and
 the model's spec, so :func:`load_model` can rebuild it.
 
-Losses (PAPER.md): segmentation with a log-variance head → sampled softmax cross-entropy with
+Losses (docs/formulas.md): segmentation with a log-variance head → sampled softmax cross-entropy with
 ``logit_noise_samples`` draws; without → cross-entropy. Depth with a head → Gaussian or Laplace
 NLL; without → L2 or L1. Void / invalid pixels never count. Optimiser RMSProp (lr 1e-3, weight
 decay 1e-4); gradient clipping; AMP on CUDA (bf16 where supported, else fp16 with a scaler).
@@ -158,24 +158,25 @@ def _subset(ds: Dataset, fraction: float, seed: int) -> Dataset:
 def make_datasets(config: TrainConfig, split_for_val: str = "val") -> tuple[Dataset, Dataset]:
     """Training and validation sets of ``config``: the dataset's val split when it has one, else a
     seeded ``val_fraction`` of train; the training set then reduced to ``fraction``."""
-    if config.dataset == "digits":  # vectors: no size, crops or flips; validation held out of train
-        full = get_dataset("digits", "train", seed=config.data_seed)
+    info = DATASETS[config.dataset]
+    if info.inputs == "vectors":  # digits: no size, crops or flips; validation held out of train
+        full = get_dataset(config.dataset, "train", seed=config.data_seed)
         order = torch.randperm(len(full), generator=torch.Generator().manual_seed(config.data_seed)).tolist()
         n_val = max(1, round(config.val_fraction * len(full)))
         return _subset(Subset(full, sorted(order[n_val:])), config.fraction, config.data_seed), Subset(full, sorted(order[:n_val]))
     size = (config.height, config.width)
     transform = train_transform((config.crop, config.crop) if config.crop else None, flip=config.flip)
     options: dict[str, Any] = {"size": size}
-    if config.dataset.startswith("synthetic-"):
+    if info.synthetic:
         options.update(seed=config.data_seed, static_fraction=config.static_fraction)
         train_set = get_dataset(config.dataset, "train", n=config.train_images, transform=transform, **options)
         val_set = get_dataset(config.dataset, split_for_val, n=config.val_images, **options)
     else:
         if config.dataset in ("make3d", "nyuv2"):
             options["max_depth"] = config.max_depth
-        if config.dataset == "camvid":
-            train_set = get_dataset("camvid", "train", config.root, transform=transform, **options)
-            val_set = get_dataset("camvid", "val", config.root, **options)
+        if "val" in info.splits:  # CamVid: its own validation split
+            train_set = get_dataset(config.dataset, "train", config.root, transform=transform, **options)
+            val_set = get_dataset(config.dataset, "val", config.root, **options)
         else:
             full = get_dataset(config.dataset, "train", config.root, transform=transform, **options)
             plain = get_dataset(config.dataset, "train", config.root, **options)
@@ -204,7 +205,7 @@ def build_for(config: TrainConfig, dataset: Dataset) -> tuple[nn.Module, dict[st
     }
     if config.model == "mlp":  # vector inputs (digits): the input size comes from the data
         spec["in_features"] = int(data[0]["image"].numel())
-    if config.dataset == "digits":  # its train/test split depends on the seed: evaluation uses the same one
+    if DATASETS[config.dataset].source == "bundled":  # digits: its train/test split depends on the seed, evaluation uses the same one
         spec["data_seed"] = config.data_seed
     return model_from_spec(spec), spec
 

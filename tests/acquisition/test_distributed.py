@@ -10,7 +10,10 @@ from torch.utils.data import Subset
 
 from dubito import DubitoError
 from dubito.acquisition.distributed import RayPoolScorer, shards
-from dubito.acquisition.loop import LoopConfig, pool_batches, pool_datasets, run_loop, score_pool
+from dubito.acquisition.config import LoopConfig
+from dubito.acquisition.loop import run_loop
+from dubito.acquisition.pool import pool_datasets
+from dubito.acquisition.scoring import pool_batches, score_pool
 from dubito.platform.training import fit
 
 CPU = torch.device("cpu")
@@ -39,20 +42,22 @@ def test_two_actors_score_exactly_as_local_scoring(settings, selection, ray_sess
     train_set, pool, _ = pool_datasets(config)
     model, spec, _ = fit(config.train_config(0), Subset(train_set, list(range(8))), device=CPU)
     positions = list(range(8, min(len(pool), 60)))
-    local = score_pool(model, spec, pool, positions, config, 3, CPU, progress=False)
-    with RayPoolScorer(config, spec, 2) as scorer:
+    local = score_pool(model, spec, pool, positions, config.scoring(), 3, CPU, progress=False)
+    with RayPoolScorer(config.pool(), config.scoring(), spec, 2, device=config.device) as scorer:
         assert scorer.devices() == ["cpu", "cpu"]
-        remote = score_pool(model, spec, pool, positions, config, 3, CPU, progress=False, scorer=scorer)
-    assert set(remote) == set(local) and len(local["scores"]) == len(positions)
-    for key in local:
-        assert torch.equal(local[key], remote[key]), key
-    if selection == "kcenter":
-        assert "features" in local
+        remote = score_pool(model, spec, pool, positions, config.scoring(), 3, CPU, progress=False, scorer=scorer)
+    assert len(local.scores) == len(positions)
+    for key in ("scores", "features", "prob_samples"):
+        mine, theirs = getattr(local, key), getattr(remote, key)
+        assert (mine is None) == (theirs is None) and (mine is None or torch.equal(mine, theirs)), key
+    # only what the selection declared is computed
+    assert (local.features is not None) == (selection == "kcenter")
+    assert (local.prob_samples is not None) == (selection == "batchbald")
     if selection == "batchbald":
-        assert local["prob_samples"].shape[:2] == (3, len(positions))
+        assert local.prob_samples.shape[:2] == (3, len(positions))
     # a different round draws different MC masks: the scores are not constant
-    other = score_pool(model, spec, pool, positions, config, 4, CPU, progress=False)
-    assert not torch.equal(other["scores"], local["scores"])
+    other = score_pool(model, spec, pool, positions, config.scoring(), 4, CPU, progress=False)
+    assert not torch.equal(other.scores, local.scores)
 
 
 def test_loop_with_scoring_actors_buys_the_same_labels(tmp_path, ray_session, mlflow_uri):
@@ -73,6 +78,6 @@ def test_loop_with_scoring_actors_buys_the_same_labels(tmp_path, ray_session, ml
 def test_scorer_refuses_gpus_the_cluster_lacks(ray_session):
     config = LoopConfig(device="auto", scorer_gpus="1")
     with pytest.raises(DubitoError, match="no GPU"):
-        RayPoolScorer(config, {}, 1, gpus=config.scorer_gpus)
+        RayPoolScorer(config.pool(), config.scoring(), {}, 1, device=config.device, gpus=config.scorer_gpus)
     with pytest.raises(DubitoError, match="--scorers and --scorer-threads must be >= 0"):
         LoopConfig(scorers=-1).validate()

@@ -14,7 +14,10 @@ from PIL import Image
 
 from dubito import DubitoError
 from dubito.acquisition.ledger import Ledger
-from dubito.acquisition.loop import LEDGER, LoopConfig, _HumanLabels, import_labels, pool_datasets, run_loop
+from dubito.acquisition.config import LEDGER, LoopConfig
+from dubito.acquisition.human import HumanLabels, import_labels
+from dubito.acquisition.loop import run_loop
+from dubito.acquisition.pool import pool_datasets
 
 TINY = dict(dataset="synthetic-camvid", height=16, width=20, pool_images=12, test_images=4, initial=3, query=2,
             rounds=2, epochs=1, samples=2, batch_size=4, device="cpu")  # fmt: skip
@@ -202,7 +205,7 @@ def test_imported_labels_replace_the_targets_before_the_training_flips(tmp_path)
     honest = {i: _write_label(labels / "honest", i, pool[position[i]]["target"].numpy()) for i in ids[:4]}
     void = {i: _write_label(labels / "void", i, np.full((16, 20), VOID)) for i in ids[4:]}
     files = {i: str(p) for i, p in {**honest, **void}.items()}
-    data = _HumanLabels(pool_train, pool, files, position)
+    data = HumanLabels(pool_train, pool, files)
     assert (data.task, data.num_classes, data.ignore_index) == ("segmentation", 11, VOID)  # the pool's
     assert len(data) == len(pool_train)
     flipped = 0
@@ -233,7 +236,7 @@ def test_imported_depth_with_unknown_pixels_is_masked(tmp_path):
     unknown = int((~np.isfinite(depth) | (depth <= 0)).sum())
     assert unknown >= 8
     np.save(tmp_path / "0_label.npy", depth)
-    data = _HumanLabels(pool_train, pool, {0: str(tmp_path / "0_label.npy")}, {0: 0})
+    data = HumanLabels(pool_train, pool, {0: str(tmp_path / "0_label.npy")})
     assert data.task == "depth"
     for epoch in range(3):
         data.set_epoch(epoch)

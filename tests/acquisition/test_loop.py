@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from dubito import DubitoError
 from dubito.acquisition.ledger import Ledger
-from dubito.acquisition.loop import LEDGER, LoopConfig, run_loop
+from dubito.acquisition.config import LEDGER, LoopConfig
+from dubito.acquisition.loop import run_loop
 from dubito.cli import main
 from dubito.experiments.labeling_budget import LabelConfig, run_labeling
 
@@ -207,7 +208,7 @@ def test_a_finished_loop_given_a_larger_budget_continues_as_one_long_run(tmp_pat
 
 
 def test_labels_are_imported_only_into_human_loops(tmp_path, mlflow_uri, capsys):
-    from dubito.acquisition.loop import import_labels
+    from dubito.acquisition.human import import_labels
 
     run_loop(LoopConfig(output=str(tmp_path / "sim"), **{**TINY, "rounds": 1}), progress=False)
     with pytest.raises(DubitoError, match="--oracle simulated"):

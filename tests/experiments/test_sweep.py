@@ -18,7 +18,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from dubito import DubitoError
-from dubito.acquisition.loop import LoopConfig, run_loop
+from dubito.acquisition.config import LoopConfig
+from dubito.acquisition.loop import run_loop
 from dubito.experiments.sweep import FAIL_ONCE_ENV, SweepConfig, parse_space, run_sweep
 
 LABEL = dict(dataset="synthetic-camvid", height=24, width=32, pool_images=16, test_images=4, initial=4, query=2, rounds=2,
@@ -188,11 +189,11 @@ def test_a_trial_refused_for_its_settings_ends_once_without_retries(tmp_path, mo
     sweep._trial({"seed": 0}, context)  # returns: Tune sees no failure to retry
     (folder,) = (tmp_path / "trials").iterdir()
     assert "--lr must be > 0" in json.loads((folder / "config_error.json").read_text())["error"]
-    assert sorted(p.name for p in folder.iterdir() if p.name != ".dubito.lock") == ["config_error.json", "trial.json"]
+    assert sorted(p.name for p in folder.iterdir() if p.name != ".dubito.lock") == ["config_error.json", "reported.jsonl", "trial.json"]
     assert len(reported) == 1 and "--lr must be > 0" in reported[0]["config_error"] and math.isnan(reported[0]["test_mean_iou"])
     result = types.SimpleNamespace(metrics_dataframe=pd.DataFrame(reported), config={"seed": 0}, metrics={"trial_id": "t0001"},
                                    error=None, path=str(folder))  # fmt: skip
-    (trial,) = sweep._collect([result])
+    (trial,) = sweep._collect([result], tmp_path)
     assert trial["error"].startswith("config error (not retried): ") and "--lr" in trial["error"]
     assert not (tmp_path / "unused.db").exists()
 

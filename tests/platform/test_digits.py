@@ -78,7 +78,7 @@ def test_same_seed_same_split_other_seed_other_split():
 
 
 def test_registry_and_errors():
-    assert DATASETS["digits"] is Digits
+    assert DATASETS["digits"].cls is Digits and DATASETS["digits"].default_model == "mlp"
     ds = get_dataset("digits", "test", seed=2)
     assert isinstance(ds, Digits) and ds.ids == Digits("test", seed=2).ids
     assert len(get_dataset("digits", "train", root=None, test_fraction=0.5)) == 1797 - round(0.5 * 1797)

@@ -49,7 +49,7 @@ def np_log_softmax(x, axis):
 
 
 def np_sampled_ce(logits, s, target, noise, ignore_index=None, weight=None):
-    """Straight transcription of PAPER.md: −[logsumexp_t(x̂_tc − logsumexp_c' x̂_tc') − log T]."""
+    """Straight transcription of the paper's form (docs/formulas.md): −[logsumexp_t(x̂_tc − logsumexp_c' x̂_tc') − log T]."""
     sigma = np.exp(0.5 * s)
     xhat = logits[None] + sigma[None] * noise  # (T, N, C, ...)
     logp = np_log_softmax(xhat, axis=2)

@@ -87,7 +87,7 @@ def test_regression_identities_and_numpy(T, shape, likelihood, data):
     np.testing.assert_allclose(u.aleatoric_var.numpy(), aleatoric.mean(0), rtol=1e-12)
     np.testing.assert_allclose(u.total_var.numpy(), u.aleatoric_var.numpy() + u.epistemic_var.numpy(), rtol=1e-12)
     assert (u.epistemic_var.numpy() >= 0).all()
-    # PAPER.md's form: Var[y] = 1/T Σ ŷ² − (1/T Σ ŷ)² + 1/T Σ σ̂²
+    # The paper's form (docs/formulas.md): Var[y] = 1/T Σ ŷ² − (1/T Σ ŷ)² + 1/T Σ σ̂²
     paper = (means**2).mean(0) - means.mean(0) ** 2 + aleatoric.mean(0)
     np.testing.assert_allclose(u.total_var.numpy(), paper, rtol=1e-6, atol=1e-3)
 

@@ -9,9 +9,11 @@ digits (vectors, for the MLP), and synthetic scenes with known noise. Items are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from dubito import DubitoError
+from dubito.platform.registry import Registry
 from dubito.platform.data.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -42,6 +44,9 @@ from dubito.platform.data.transforms import (
 
 __all__ = [
     "DATASETS",
+    "DatasetInfo",
+    "HEADLINE",
+    "dataset_info",
     "get_dataset",
     "CamVid",
     "Make3D",
@@ -74,15 +79,90 @@ __all__ = [
     "FileDataset",
 ]
 
-#: dataset names accepted by ``get_dataset`` (and the commands' ``--dataset``)
-DATASETS = {
-    "camvid": CamVid,
-    "make3d": Make3D,
-    "nyuv2": NYUv2,
-    "synthetic-camvid": SyntheticCamVid,
-    "synthetic-make3d": SyntheticMake3D,
-    "digits": Digits,
-}
+#: the headline metric of each task and whether higher is better (loops, sweeps, studies)
+HEADLINE = {"segmentation": ("mean_iou", True), "depth": ("rms", False), "classification": ("accuracy", True)}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What dubito knows of a dataset before opening it: the one place a dataset's kind is read.
+
+    Attributes:
+        name: ``--dataset`` name.
+        cls: the dataset class (``cls(root, split, **options)`` for data read from disk, else
+            ``cls(split=split, **options)``).
+        task: ``segmentation``, ``depth`` or ``classification``.
+        source: ``disk`` (read from ``--root``), ``synthetic`` (scenes generated from a seed, with an
+            indoor out-of-distribution variant) or ``bundled`` (shipped with a library: digits).
+        splits: the splits it has (``val`` where it has its own validation split).
+        inputs: ``images`` (FC-DenseNet) or ``vectors`` (the MLP).
+    """
+
+    name: str
+    cls: type
+    task: str
+    source: str
+    splits: tuple[str, ...] = ("train", "test")
+    inputs: str = "images"
+
+    def __post_init__(self) -> None:
+        if self.task not in HEADLINE or self.source not in ("disk", "synthetic", "bundled") or self.inputs not in ("images", "vectors"):
+            raise DubitoError(f"dataset {self.name!r}: task, source or inputs not one dubito knows ({self.task}, {self.source}, {self.inputs})")
+
+    @property
+    def needs_root(self) -> bool:
+        """Read from disk: commands need ``--root``."""
+        return self.source == "disk"
+
+    @property
+    def synthetic(self) -> bool:
+        return self.source == "synthetic"
+
+    @property
+    def headline(self) -> str:
+        """The task's headline metric (``mean_iou``, ``rms``, ``accuracy``)."""
+        return HEADLINE[self.task][0]
+
+    @property
+    def higher_is_better(self) -> bool:
+        return HEADLINE[self.task][1]
+
+    @property
+    def default_model(self) -> str:
+        """``--model auto``: the MLP for vectors, the tiny FC-DenseNet for images."""
+        return "mlp" if self.inputs == "vectors" else "tiny"
+
+    def open(self, split: str = "train", root: str | Path | None = None, **options):
+        if not self.needs_root:
+            return self.cls(split=split, **options)
+        if root is None:
+            raise DubitoError(f"dataset {self.name!r} is read from disk: give its root folder (--root DIR)")
+        return self.cls(root, split, **options)
+
+
+def _check_entry(entry: object) -> None:
+    if not isinstance(entry, DatasetInfo):
+        raise DubitoError(f"a dataset entry must be a dubito.platform.data.DatasetInfo, got {type(entry).__name__}")
+
+
+#: dataset names accepted by ``get_dataset`` (and the commands' ``--dataset``), each with its descriptor
+DATASETS: Registry[DatasetInfo] = Registry("dataset", "dubito.datasets", _check_entry, __name__)
+for _info in (
+    DatasetInfo("camvid", CamVid, "segmentation", "disk", ("train", "val", "test")),
+    DatasetInfo("make3d", Make3D, "depth", "disk"),
+    DatasetInfo("nyuv2", NYUv2, "depth", "disk"),
+    DatasetInfo("synthetic-camvid", SyntheticCamVid, "segmentation", "synthetic", ("train", "val", "test")),
+    DatasetInfo("synthetic-make3d", SyntheticMake3D, "depth", "synthetic", ("train", "val", "test")),
+    DatasetInfo("digits", Digits, "classification", "bundled", inputs="vectors"),
+):
+    DATASETS.register(_info, builtin=True)
+
+
+def dataset_info(name: str, flag: str = "--dataset") -> DatasetInfo:
+    """The descriptor of dataset ``name``; a :class:`DubitoError` naming ``flag`` and the known ones otherwise."""
+    if name not in DATASETS:
+        raise DubitoError(f"{flag} must be one of {', '.join(DATASETS)}, got {name!r}")
+    return DATASETS[name]
 
 
 def get_dataset(name: str, split: str = "train", root: str | Path | None = None, **options):
@@ -92,9 +172,4 @@ def get_dataset(name: str, split: str = "train", root: str | Path | None = None,
     ``normalize``)."""
     if name not in DATASETS:
         raise DubitoError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    cls = DATASETS[name]
-    if name.startswith("synthetic-") or name == "digits":
-        return cls(split=split, **options)
-    if root is None:
-        raise DubitoError(f"dataset {name!r} is read from disk: give its root folder (--root DIR)")
-    return cls(root, split, **options)
+    return DATASETS[name].open(split, root, **options)
