@@ -1,6 +1,6 @@
 """dubito: Bayesian deep learning uncertainties turned into decisions.
 
-The package has four parts (see DESIGN.md): ``dubito.platform`` (the uncertainty
+The package has four parts (see docs/architecture.md): ``dubito.platform`` (the uncertainty
 service), ``dubito.acquisition`` (what to label next), ``dubito.agents`` (where to
 explore) and ``dubito.experiments`` (the studies users run).
 """

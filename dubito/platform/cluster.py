@@ -2,7 +2,7 @@
 
 ``connect(address)`` attaches to ``address`` (or ``RAY_ADDRESS``) when given — a running
 cluster, no resource arguments — and otherwise starts a local instance with explicit CPUs, no
-dashboard and a small object store (DESIGN.md). A session that is already connected is reused,
+dashboard and a small object store (docs/architecture.md, "MLflow and Ray"). A session that is already connected is reused,
 so tests share one instance. Nothing here ever asks for GPUs the cluster lacks: a request for
 one raises :class:`DubitoError` at once instead of leaving tasks pending forever.
 """

@@ -1,4 +1,4 @@
-"""The paper's losses (Kendall & Gal 2017, PAPER.md), as pure tensor functions.
+"""The paper's losses (Kendall & Gal 2017; docs/formulas.md, "Losses"), as pure tensor functions.
 
 All losses take the network's *log* noise parameter and are averaged over the valid
 elements (``mask`` true / target not ``ignore_index``). No ``log 2π`` constant is added.
@@ -8,7 +8,7 @@ Numerical range: log-variances are clamped to ``[LOG_VAR_MIN, LOG_VAR_MAX]`` = [
 [-10, 10] (the same range for the variance 2b²); the decomposition applies the same
 range. The clamp lets gradients through towards the range: a head that drifts outside
 is pulled back instead of being stuck with a zero gradient, and is never pushed further
-out. Inside the range the losses are exactly PAPER.md's forms.
+out. Inside the range the losses are exactly the paper's forms.
 
 Homoscedastic models use the same losses with a learned parameter in place of a
 per-pixel prediction: see :class:`LearnedLogVariance`.
@@ -112,7 +112,7 @@ def _broadcast_noise(noise_param: Tensor, pred: Tensor, name: str, arg: str) -> 
 
 
 def gaussian_nll(mean: Tensor, log_var: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Heteroscedastic (or homoscedastic) Gaussian loss, PAPER.md form.
+    """Heteroscedastic (or homoscedastic) Gaussian loss, the paper's form.
 
     ``L = 1/D Σ_i [½ exp(−s_i) (y_i − ŷ_i)² + ½ s_i]`` with ``s = log σ²``.
 

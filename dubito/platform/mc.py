@@ -1,6 +1,6 @@
 """The Monte Carlo dropout engine: T stochastic forward passes, replicated in the batch.
 
-One engine serves acquisition, agents and experiments alike (DESIGN.md).
+One engine serves acquisition, agents and experiments alike (docs/architecture.md, "Conventions").
 
 How sampling works
 ------------------

@@ -1,4 +1,4 @@
-"""Evaluation metrics (PAPER.md, "Evaluation conventions"), as pure tensor functions
+"""Evaluation metrics (docs/formulas.md, "Evaluation conventions"), as pure tensor functions
 and small streaming accumulators.
 
 Every accumulator keeps only sufficient statistics on the CPU (float64 / int64), so a
@@ -204,7 +204,7 @@ _DEPTH_KEYS = ("rel", "rms", "log10", "delta1", "delta2", "delta3")
 
 
 class DepthMetrics:
-    """Streaming depth metrics, pixel-pooled (PAPER.md):
+    """Streaming depth metrics, pixel-pooled (docs/formulas.md):
 
     ``rel = mean |d̂−d|/d``, ``rms = sqrt(mean (d̂−d)²)``, ``log10 = mean |log10 d̂ − log10 d|``,
     ``delta_k`` = fraction with ``max(d̂/d, d/d̂) < 1.25^k`` (k = 1, 2, 3).

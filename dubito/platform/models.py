@@ -12,7 +12,7 @@ epistemic      mean / logits                         yes
 both           + per-input log-variance              yes
 ============== ===================================== ===========================
 
-Every model follows DESIGN.md's forward contract: it returns a tensor, or a pair
+Every model follows the forward contract (docs/architecture.md): it returns a tensor, or a pair
 ``(mean_or_logits, log_var)``. For regression with ``likelihood="laplace"`` the second
 output is ``log b`` instead of ``log σ²``. Models carry ``variant``, ``task``,
 ``likelihood`` and ``mc_dropout`` attributes which the UncertaintyService reads; a

@@ -58,7 +58,7 @@ class UncertaintyService:
     """Uncertainty estimates of ``model`` for a batch or a whole dataset.
 
     Args:
-        model: any module following DESIGN.md's forward contract (a tensor, or
+        model: any module following the forward contract of docs/architecture.md (a tensor, or
             ``(mean_or_logits, log_var)``). It is moved to ``device``.
         task: ``classification``/``segmentation`` or ``regression``/``depth``; defaults to
             ``model.task`` for dubito models.

@@ -1,4 +1,5 @@
-"""Decomposition of predictive uncertainty into aleatoric and epistemic parts (PAPER.md).
+"""Decomposition of predictive uncertainty into aleatoric and epistemic parts (Kendall & Gal 2017;
+docs/formulas.md).
 
 Pure tensor functions over Monte Carlo samples with a leading T axis. Natural
 logarithms; variances with ddof 0. Any trailing spatial dimensions are carried through.

@@ -148,5 +148,5 @@ class CamVid(FileDataset):
         return item, image.shape[:2]
 
     def class_weights(self) -> torch.Tensor:
-        """SegNet's median-frequency weights for the 11 classes (PAPER.md)."""
+        """SegNet's median-frequency weights for the 11 classes (docs/formulas.md, "Dataset formats")."""
         return torch.tensor(CAMVID_CLASS_WEIGHTS)
