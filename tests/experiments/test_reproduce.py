@@ -53,9 +53,10 @@ def test_depth_findings(reproduced, finding):
     f = results["datasets"]["synthetic-make3d"]["findings"]
     assert f["measures"] == {"data_size": "epistemic_var", "out_of_distribution": "epistemic_var"}
     # One seed does not settle the direction: 1.32 where this was written, 1.095 on an AMD EPYC, 1.02 on a
-    # third machine (the mean over 3 seeds is 1.35, README). Asserted is the weaker claim that holds there with
-    # a margin: a quarter of the data does not make the epistemic variance smaller (docs/findings.md).
-    finding.check("depth epistemic variance, 1/4 over all of the data", f["epistemic_smallest_over_full"], ">", 0.9)
+    # third machine, 0.96 at one thread, 1.21 on seed 1 (the mean over 3 seeds is 1.35, README). Asserted is
+    # the weaker claim that holds under every perturbation with a margin of about half the spread: a quarter
+    # of the data does not make the epistemic variance much smaller (docs/findings.md).
+    finding.check("depth epistemic variance, 1/4 over all of the data", f["epistemic_smallest_over_full"], ">", 0.75)
     finding.check("Spearman, learned aleatoric std vs true depth noise std", f["aleatoric_noise_spearman"], ">", 0.5)
     finding.check("error curve: monotone fraction as uncertain pixels are removed", f["error_curve_monotone_fraction"], ">", 0.8)
     assert f["error_falls_as_uncertain_pixels_are_removed"], f
