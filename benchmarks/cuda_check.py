@@ -49,8 +49,10 @@ def main() -> int:
     chosen = next(iter(_chunk_cache.values()))
     auto2, t_auto2 = timed(chunk_size="auto")  # cached choice
     dev = max((a - b).abs().max().item() for a, b in zip(loop, auto2))
-    print(f"loop: {x.shape[0] * samples / t_loop:.1f} img-samples/s; auto chose chunk {chosen}: "
-          f"{x.shape[0] * samples / t_auto2:.1f} img-samples/s ({t_loop / t_auto2:.2f}x); max |dev| {dev:.2e}")
+    print(
+        f"loop: {x.shape[0] * samples / t_loop:.1f} img-samples/s; auto chose chunk {chosen}: "
+        f"{x.shape[0] * samples / t_auto2:.1f} img-samples/s ({t_loop / t_auto2:.2f}x); max |dev| {dev:.2e}"
+    )
     if chosen <= 1:
         failures.append(f"auto chunk on CUDA chose {chosen}")
     if dev > 1e-3:
@@ -67,7 +69,9 @@ def main() -> int:
         hook = model.register_forward_pre_hook(lambda m, inp: sizes.append(inp[0].shape[0]))
         torch.cuda.synchronize()
         start = time.perf_counter()
-        halved = mc_samples(model, xl, 8, seed=2, chunk_size=8)  # 256 images at once: OOM expected, then halving
+        halved = mc_samples(
+            model, xl, 8, seed=2, chunk_size=8
+        )  # 256 images at once: OOM expected, then halving
         torch.cuda.synchronize()
         halving_time = time.perf_counter() - start
         hook.remove()
@@ -100,9 +104,11 @@ def main() -> int:
     u16 = classification_uncertainty(bf16.probs, bf16.mean)
     agree = (u32.prediction == u16.prediction).float().mean().item()
     dev_pe = (u32.predictive_entropy - u16.predictive_entropy).abs().mean().item()
-    print(f"bf16 autocast: {x.shape[0] * samples / t_bf16:.1f} img-samples/s; mean predictive entropy "
-          f"{u32.predictive_entropy.mean().item():.3f} (fp32); prediction agreement {agree:.4f}; "
-          f"mean |Δ predictive entropy| {dev_pe:.4f}")
+    print(
+        f"bf16 autocast: {x.shape[0] * samples / t_bf16:.1f} img-samples/s; mean predictive entropy "
+        f"{u32.predictive_entropy.mean().item():.3f} (fp32); prediction agreement {agree:.4f}; "
+        f"mean |Δ predictive entropy| {dev_pe:.4f}"
+    )
     if agree < 0.98:
         failures.append(f"bf16 predictions agree with fp32 on only {agree:.3f} of pixels")
 

@@ -39,11 +39,15 @@ def _untracked(*args, **kwargs):
 def main(argv=None) -> None:
     from dubito.platform import evaluation, training
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", default="runs/cuda_train_check")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train-images", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=12, help="DataLoader workers rendering the synthetic scenes")
+    parser.add_argument(
+        "--workers", type=int, default=12, help="DataLoader workers rendering the synthetic scenes"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs CUDA")
@@ -54,9 +58,18 @@ def main(argv=None) -> None:
     for amp in (False, True):
         torch.cuda.reset_peak_memory_stats()
         config = training.TrainConfig(
-            output=str(out / f"amp-{amp}"), model="fc_densenet103", height=360, width=480, crop=224,
-            train_images=args.train_images, val_images=4, epochs=args.epochs, batch_size=4, amp=amp, loader_workers=args.workers,
-        )  # fmt: skip
+            output=str(out / f"amp-{amp}"),
+            model="fc_densenet103",
+            height=360,
+            width=480,
+            crop=224,
+            train_images=args.train_images,
+            val_images=4,
+            epochs=args.epochs,
+            batch_size=4,
+            amp=amp,
+            loader_workers=args.workers,
+        )
         started = time.perf_counter()
         results = training.train(config, progress=False)
         history = results["history"]
@@ -69,17 +82,31 @@ def main(argv=None) -> None:
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         }
         print(f"amp={amp}: {report[f'amp={amp}']}", flush=True)
-    report["amp_speedup"] = report["amp=False"]["last_epoch_seconds"] / report["amp=True"]["last_epoch_seconds"]
+    report["amp_speedup"] = (
+        report["amp=False"]["last_epoch_seconds"] / report["amp=True"]["last_epoch_seconds"]
+    )
     # resuming on CUDA: one more epoch from the AMP run's checkpoint (RNG states, scaler, optimizer)
     resumed = training.train(dataclasses.replace(config, epochs=args.epochs + 1), progress=False)
-    report["resumed"] = {"epochs_run": resumed["epochs_run"], "history_epochs": [h["epoch"] for h in resumed["history"]]}
+    report["resumed"] = {
+        "epochs_run": resumed["epochs_run"],
+        "history_epochs": [h["epoch"] for h in resumed["history"]],
+    }
     print(f"resumed on CUDA: {report['resumed']}", flush=True)
     started = time.perf_counter()
     evaluated = evaluation.evaluate(
-        evaluation.EvalConfig(model=str(out / "amp-True" / "model.pt"), output=str(out / "evaluation"), images=8, samples=10, figures=2),
+        evaluation.EvalConfig(
+            model=str(out / "amp-True" / "model.pt"),
+            output=str(out / "evaluation"),
+            images=8,
+            samples=10,
+            figures=2,
+        ),
         progress=False,
     )
-    report["evaluation"] = {"seconds": time.perf_counter() - started, **{k: v for k, v in evaluated["summary"].items() if not isinstance(v, list)}}
+    report["evaluation"] = {
+        "seconds": time.perf_counter() - started,
+        **{k: v for k, v in evaluated["summary"].items() if not isinstance(v, list)},
+    }
     print(json.dumps(report, indent=2, default=float))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
 

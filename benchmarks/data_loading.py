@@ -44,7 +44,11 @@ def row(name: str, rate: float, ratio: str = "") -> str:
 
 def bench_synthetic(n: int, sizes: dict) -> list[str]:
     rows = []
-    for cls, size in ((SyntheticCamVid, sizes["camvid"]), (SyntheticCamVid, sizes["camvid_half"]), (SyntheticMake3D, sizes["make3d"])):
+    for cls, size in (
+        (SyntheticCamVid, sizes["camvid"]),
+        (SyntheticCamVid, sizes["camvid_half"]),
+        (SyntheticMake3D, sizes["make3d"]),
+    ):
         for ood in (False, True):
             ds = cls(n=n, size=size, ood=ood)
             rate = items_per_second(lambda: [ds[i] for i in range(n)], n)
@@ -67,7 +71,11 @@ def bench_camvid(n: int, size: tuple[int, int], workers: int) -> list[str]:
         pooled = items_per_second(lambda: [b for b in loader], n)
         return [
             row(f"CamVid loader {size[0]}x{size[1]} PNG, 1 process", single),
-            row(f"CamVid loader {size[0]}x{size[1]} PNG, DataLoader {workers} workers", pooled, f"{pooled / single:.2f}x"),
+            row(
+                f"CamVid loader {size[0]}x{size[1]} PNG, DataLoader {workers} workers",
+                pooled,
+                f"{pooled / single:.2f}x",
+            ),
         ]
 
 
@@ -80,7 +88,11 @@ def bench_make3d_decode(n: int, native: tuple[int, int], size: tuple[int, int]) 
         for i in range(n):
             base = SyntheticMake3D(n=n, size=(native[0] // 8, native[1] // 8), normalize=None)[i]["image"]
             big = resize_map(base, native, image=True)  # smooth photo-like content at full size
-            pixels = (big.permute(1, 2, 0).numpy() * 255 + rng.normal(0, 2, (*native, 3))).clip(0, 255).astype(np.uint8)
+            pixels = (
+                (big.permute(1, 2, 0).numpy() * 255 + rng.normal(0, 2, (*native, 3)))
+                .clip(0, 255)
+                .astype(np.uint8)
+            )
             path = Path(tmp) / f"img-{i}.jpg"
             Image.fromarray(pixels).save(path, quality=90)
             paths.append(path)
@@ -94,12 +106,18 @@ def bench_make3d_decode(n: int, native: tuple[int, int], size: tuple[int, int]) 
         drafted = items_per_second(lambda: load(True), n)
         return [
             row(f"Make3D JPEG {native[0]}x{native[1]} -> {size[0]}x{size[1]}, full decode", full),
-            row(f"Make3D JPEG {native[0]}x{native[1]} -> {size[0]}x{size[1]}, draft decode", drafted, f"{drafted / full:.2f}x"),
+            row(
+                f"Make3D JPEG {native[0]}x{native[1]} -> {size[0]}x{size[1]}, draft decode",
+                drafted,
+                f"{drafted / full:.2f}x",
+            ),
         ]
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes and counts (CI smoke run)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)

@@ -139,7 +139,11 @@ def _memory_note(device: torch.device) -> str:
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    return "capped at {:.1f} GiB of address space".format(soft / 2**30) if soft != resource.RLIM_INFINITY else "host memory"
+    return (
+        "capped at {:.1f} GiB of address space".format(soft / 2**30)
+        if soft != resource.RLIM_INFINITY
+        else "host memory"
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -147,7 +151,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_method(fn: Callable[[int], Tensor], samples: int, repeats: int, device: torch.device, memory: bool = True) -> tuple[float, float, Tensor]:
+def time_method(
+    fn: Callable[[int], Tensor], samples: int, repeats: int, device: torch.device, memory: bool = True
+) -> tuple[float, float, Tensor]:
     """(best seconds, peak bytes, probabilities (T, N, C, ...)) of ``fn(samples)`` after a warm-up.
 
     The peak memory comes from one more, untimed run (NaN with ``memory=False``): on a CPU the
@@ -216,7 +222,9 @@ def with_engine_masks(model: nn.Module, x: Tensor, samples: int, replicate: bool
         if replicate:
             from baal.modelwrapper import mc_inference
 
-            source.generators = [torch.Generator(device=x.device).manual_seed(_sample_seed(seed, t)) for t in range(samples)]
+            source.generators = [
+                torch.Generator(device=x.device).manual_seed(_sample_seed(seed, t)) for t in range(samples)
+            ]
             out = mc_inference(model, x, samples, replicate_in_memory=True)
             return torch.softmax(out.float(), 1).permute(4, 0, 1, 2, 3)
         outs = []
@@ -269,8 +277,13 @@ def speed_case(name: str, size: tuple[int, int], args, device: torch.device, log
     x = torch.randn(args.batch, 3, h, w, generator=torch.Generator().manual_seed(1)).to(device)
     T, rows = args.samples, []
 
-    def add(method: str, fn: Callable[[int], Tensor], reference: Tensor | None, label: str,
-            check: Callable[[], Tensor] | None = None) -> None:  # fmt: skip
+    def add(
+        method: str,
+        fn: Callable[[int], Tensor],
+        reference: Tensor | None,
+        label: str,
+        check: Callable[[], Tensor] | None = None,
+    ) -> None:
         _chunk_cache.clear()
         try:
             seconds, peak, probs = time_method(fn, T, args.repeats, device, memory=not args.no_memory)
@@ -278,45 +291,100 @@ def speed_case(name: str, size: tuple[int, int], args, device: torch.device, log
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if "memory" not in str(err).lower():
                 raise
-            seconds, peak, dev, label = float("nan"), float("nan"), None, f"out of memory ({_memory_note(device)})"
+            seconds, peak, dev, label = (
+                float("nan"),
+                float("nan"),
+                None,
+                f"out of memory ({_memory_note(device)})",
+            )
         rows.append(Row(case, method, seconds, peak, dev, label, args.batch, {"chunk": dict(_chunk_cache)}))
         log(format_row(rows[-1], rows))
 
     reference = engine(model, x, T, buffered=False, chunk_size=1, channels_last=False, prefix_cache=False)
-    add("naive loop (train-mode dropout, no_grad)", lambda t: naive_loop(model, x, t), reference, "engine loop, same masks",
-        check=lambda: with_engine_masks(model, x, T, replicate=False))  # fmt: skip
+    add(
+        "naive loop (train-mode dropout, no_grad)",
+        lambda t: naive_loop(model, x, t),
+        reference,
+        "engine loop, same masks",
+        check=lambda: with_engine_masks(model, x, T, replicate=False),
+    )
     if not args.no_baal:
         run = baal_method(model)
-        add("baal mc_inference, replicate_in_memory", lambda t: run(x, t), reference, "engine loop, same masks",
-            check=lambda: with_engine_masks(model, x, T, replicate=True))  # fmt: skip
+        add(
+            "baal mc_inference, replicate_in_memory",
+            lambda t: run(x, t),
+            reference,
+            "engine loop, same masks",
+            check=lambda: with_engine_masks(model, x, T, replicate=True),
+        )
         looped = baal_method(model, replicate=False)
         add("baal mc_inference, replicate_in_memory=False", lambda t: looped(x, t), None, "")
     plain = {"chunk_size": 1, "channels_last": False}
-    add("engine: loop, NCHW, concatenating blocks", lambda t: engine(model, x, t, buffered=False, **plain), reference, "engine loop")
-    add("engine: + preallocated dense blocks", lambda t: engine(model, x, t, **plain), reference, "engine loop")
+    add(
+        "engine: loop, NCHW, concatenating blocks",
+        lambda t: engine(model, x, t, buffered=False, **plain),
+        reference,
+        "engine loop",
+    )
+    add(
+        "engine: + preallocated dense blocks",
+        lambda t: engine(model, x, t, **plain),
+        reference,
+        "engine loop",
+    )
     add("engine: + channels-last", lambda t: engine(model, x, t, chunk_size=1), reference, "engine loop")
-    add(f"engine: replicate all T (chunk {T})", lambda t: engine(model, x, t, chunk_size=t), reference, "engine loop")
+    add(
+        f"engine: replicate all T (chunk {T})",
+        lambda t: engine(model, x, t, chunk_size=t),
+        reference,
+        "engine loop",
+    )
     add("engine: default (auto chunk, measured)", lambda t: engine(model, x, t), reference, "engine loop")
     if device.type == "cuda" or args.bf16:
-        add("engine: default + bf16 autocast", lambda t: engine(model, x, t, autocast=True), reference, "engine loop")
+        add(
+            "engine: default + bf16 autocast",
+            lambda t: engine(model, x, t, autocast=True),
+            reference,
+            "engine loop",
+        )
     if args.compile:
         compiled_options = {"autocast": True} if device.type == "cuda" else {}
         engine(model, x, WARMUP_SAMPLES, compile=True, **compiled_options)  # compile outside the timing
-        add("engine: default + torch.compile" + (" + bf16" if compiled_options else ""),
-            lambda t: engine(model, x, t, compile=True, **compiled_options), reference, "engine loop")  # fmt: skip
+        add(
+            "engine: default + torch.compile" + (" + bf16" if compiled_options else ""),
+            lambda t: engine(model, x, t, compile=True, **compiled_options),
+            reference,
+            "engine loop",
+        )
     for placement in DROPOUT_PLACEMENTS[1:]:
         placed = _model(name, placement, state, device)
         ref = engine(placed, x, T, buffered=False, chunk_size=1, channels_last=False, prefix_cache=False)
         if placement == "head":
-            add("dropout_at=head, no prefix cache", lambda t: engine(placed, x, t, prefix_cache=False), ref, "same placement, engine loop")
-        add(f"dropout_at={placement} + prefix cache", lambda t: engine(placed, x, t), ref, "same placement, engine loop")
+            add(
+                "dropout_at=head, no prefix cache",
+                lambda t: engine(placed, x, t, prefix_cache=False),
+                ref,
+                "same placement, engine loop",
+            )
+        add(
+            f"dropout_at={placement} + prefix cache",
+            lambda t: engine(placed, x, t),
+            ref,
+            "same placement, engine loop",
+        )
         if device.type == "cuda":
-            add(f"dropout_at={placement} + prefix cache + bf16", lambda t: engine(placed, x, t, autocast=True), ref,
-                "same placement, engine loop")  # fmt: skip
+            add(
+                f"dropout_at={placement} + prefix cache + bf16",
+                lambda t: engine(placed, x, t, autocast=True),
+                ref,
+                "same placement, engine loop",
+            )
     return rows
 
 
-HEADER = f"| {'case':26s} | {'method':44s} | img/s | vs naive | vs baal | peak MiB | max abs dev | reference |"
+HEADER = (
+    f"| {'case':26s} | {'method':44s} | img/s | vs naive | vs baal | peak MiB | max abs dev | reference |"
+)
 
 
 def format_row(row: Row, rows: list[Row]) -> str:
@@ -325,12 +393,18 @@ def format_row(row: Row, rows: list[Row]) -> str:
     baal = next((r for r in same if r.method == "baal mc_inference, replicate_in_memory"), None)
 
     def ratio(base: Row | None) -> str:
-        return f"{row.rate / base.rate:.2f}x" if base and base.rate == base.rate and row.rate == row.rate else "-"
+        return (
+            f"{row.rate / base.rate:.2f}x"
+            if base and base.rate == base.rate and row.rate == row.rate
+            else "-"
+        )
 
     dev = "-" if row.deviation is None else f"{row.deviation:.1e}"
     rate = "-" if row.rate != row.rate else f"{row.rate:5.2f}"
-    return (f"| {row.case:26s} | {row.method:44s} | {rate:>5s} | {ratio(naive):>8s} | {ratio(baal):>7s} | "
-            f"{row.peak / 2**20:8.1f} | {dev:>11s} | {row.reference} |")  # fmt: skip
+    return (
+        f"| {row.case:26s} | {row.method:44s} | {rate:>5s} | {ratio(naive):>8s} | {ratio(baal):>7s} | "
+        f"{row.peak / 2**20:8.1f} | {dev:>11s} | {row.reference} |"
+    )
 
 
 def speed(args) -> list[Row]:
@@ -341,10 +415,16 @@ def speed(args) -> list[Row]:
         try:
             import baal  # noqa: F401
         except ImportError:
-            sys.exit("baal is not installed: pip install -c constraints.txt -e '.[bench]' (or pass --no-baal)")
+            sys.exit(
+                "baal is not installed: pip install -c constraints.txt -e '.[bench]' (or pass --no-baal)"
+            )
     if device.type == "cpu" and not args.no_memory_cap:
         limit_memory()
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    card = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     print(f"MC-dropout speed: T = {args.samples}, batch {args.batch}, {card}, torch {torch.__version__}")
     print(HEADER)
     print("|" + "|".join("-" * (len(c) + 2) for c in HEADER.strip("|").split("|")) + "|")
@@ -369,13 +449,19 @@ def memory_child(pool: int, samples: int, height: int, width: int) -> dict:
     from dubito.acquisition.scoring import score_pool
     from dubito.platform.training import build_for
 
-    config = LoopConfig(pool_images=pool, samples=samples, height=height, width=width, test_images=1, device="cpu")
+    config = LoopConfig(
+        pool_images=pool, samples=samples, height=height, width=width, test_images=1, device="cpu"
+    )
     _, data, _ = pool_datasets(config)
     model, spec = build_for(config.train_config(0), data)
-    score_pool(model, spec, data, list(range(4)), config.scoring(), 0, torch.device("cpu"), progress=False)  # warm-up
+    score_pool(
+        model, spec, data, list(range(4)), config.scoring(), 0, torch.device("cpu"), progress=False
+    )  # warm-up
     before = _rss()
     start = time.perf_counter()
-    scores = score_pool(model, spec, data, list(range(pool)), config.scoring(), 0, torch.device("cpu"), progress=False).scores
+    scores = score_pool(
+        model, spec, data, list(range(pool)), config.scoring(), 0, torch.device("cpu"), progress=False
+    ).scores
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"pool": pool, "scored": int(scores.numel()), "seconds": seconds, "peak": peak, "before": before}
@@ -383,18 +469,36 @@ def memory_child(pool: int, samples: int, height: int, width: int) -> dict:
 
 def memory(args) -> list[dict]:
     results = []
-    print(f"Streaming memory: synthetic CamVid {args.height}x{args.width}, tiny FC-DenseNet, T = {args.samples}, "
-          f"batch 8, the labeling loop's score_pool, one fresh process per pool")  # fmt: skip
-    print("| pool images | seconds | img/s | peak RSS MiB | RSS before scoring MiB | peak / smallest pool's |")
+    print(
+        f"Streaming memory: synthetic CamVid {args.height}x{args.width}, tiny FC-DenseNet, T = {args.samples}, "
+        f"batch 8, the labeling loop's score_pool, one fresh process per pool"
+    )
+    print(
+        "| pool images | seconds | img/s | peak RSS MiB | RSS before scoring MiB | peak / smallest pool's |"
+    )
     print("|---|---|---|---|---|---|")
     for pool in (int(p) for p in args.pools.split(",")):
-        cmd = [sys.executable, "-m", "benchmarks.mc", "memory-child", "--pool", str(pool), "--samples", str(args.samples),
-               "--height", str(args.height), "--width", str(args.width)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.mc",
+            "memory-child",
+            "--pool",
+            str(pool),
+            "--samples",
+            str(args.samples),
+            "--height",
+            str(args.height),
+            "--width",
+            str(args.width),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         results.append(r)
-        print(f"| {r['pool']} | {r['seconds']:.1f} | {r['pool'] / r['seconds']:.1f} | {r['peak'] / 2**20:.1f} | "
-              f"{r['before'] / 2**20:.1f} | {r['peak'] / results[0]['peak']:.3f} |")  # fmt: skip
+        print(
+            f"| {r['pool']} | {r['seconds']:.1f} | {r['pool'] / r['seconds']:.1f} | {r['peak'] / 2**20:.1f} | "
+            f"{r['before'] / 2**20:.1f} | {r['peak'] / results[0]['peak']:.3f} |"
+        )
     return results
 
 
@@ -406,8 +510,10 @@ def quality(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     results: list[dict] = []
-    print(f"Dropout placement quality: tiny FC-DenseNet (variant both), synthetic CamVid {args.height}x{args.width}, "
-          f"{args.train_images} training scenes, {args.epochs} epochs, T = {args.samples}; OOD = synthetic indoor rooms")  # fmt: skip
+    print(
+        f"Dropout placement quality: tiny FC-DenseNet (variant both), synthetic CamVid {args.height}x{args.width}, "
+        f"{args.train_images} training scenes, {args.epochs} epochs, T = {args.samples}; OOD = synthetic indoor rooms"
+    )
     print("| dropout_at | seed | test mean IoU | OOD AUROC (epistemic) | scoring img/s | speed-up vs all |")
     print("|---|---|---|---|---|---|")
     previous = os.environ.get("MLFLOW_TRACKING_URI")
@@ -419,8 +525,10 @@ def quality(args) -> list[dict]:
                     results.append(_train_and_score(args, f"{tmp}/{placement}-{seed}", placement, seed))
                     r = results[-1]
                     base = next(b for b in results if b["seed"] == seed and b["dropout_at"] == "all")
-                    print(f"| {placement} | {seed} | {r['mean_iou']:.4f} | {r['ood_auroc']:.3f} | {r['img_per_s']:.1f} | "
-                          f"{r['img_per_s'] / base['img_per_s']:.2f}x |")  # fmt: skip
+                    print(
+                        f"| {placement} | {seed} | {r['mean_iou']:.4f} | {r['ood_auroc']:.3f} | {r['img_per_s']:.1f} | "
+                        f"{r['img_per_s'] / base['img_per_s']:.2f}x |"
+                    )
         finally:
             if previous is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -433,13 +541,36 @@ def _train_and_score(args, out: str, placement: str, seed: int) -> dict:
     from dubito.platform.evaluation import EvalConfig, evaluate
     from dubito.platform.training import TrainConfig, train
 
-    config = TrainConfig(output=out, dropout_at=placement, epochs=args.epochs, seed=seed, height=args.height,
-                         width=args.width, train_images=args.train_images, device="cpu")  # fmt: skip
+    config = TrainConfig(
+        output=out,
+        dropout_at=placement,
+        epochs=args.epochs,
+        seed=seed,
+        height=args.height,
+        width=args.width,
+        train_images=args.train_images,
+        device="cpu",
+    )
     train(config, progress=False)
-    summary = evaluate(EvalConfig(model=f"{out}/model.pt", output=f"{out}/eval", samples=args.samples,
-                                  images=args.test_images, figures=0, device="cpu"), progress=False)["summary"]  # fmt: skip
+    summary = evaluate(
+        EvalConfig(
+            model=f"{out}/model.pt",
+            output=f"{out}/eval",
+            samples=args.samples,
+            images=args.test_images,
+            figures=0,
+            device="cpu",
+        ),
+        progress=False,
+    )["summary"]
     rate = _placement_rate(f"{out}/model.pt", args)
-    return {"dropout_at": placement, "seed": seed, "mean_iou": summary["mean_iou"], "ood_auroc": summary["ood_auroc"], "img_per_s": rate}
+    return {
+        "dropout_at": placement,
+        "seed": seed,
+        "mean_iou": summary["mean_iou"],
+        "ood_auroc": summary["ood_auroc"],
+        "img_per_s": rate,
+    }
 
 
 def _placement_rate(path: str, args) -> float:
@@ -461,21 +592,31 @@ def _placement_rate(path: str, args) -> float:
 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("speed", help="img/s of the naive loop, baal and the engine's modes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--models", default=None, help="FC-DenseNet configs (CPU: tiny,fc_densenet56; CUDA: fc_densenet103)")
+    p.add_argument(
+        "--models", default=None, help="FC-DenseNet configs (CPU: tiny,fc_densenet56; CUDA: fc_densenet103)"
+    )
     p.add_argument("--sizes", default=None, help="HxW list (CPU: 96x128,180x240; CUDA: 360x480)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--samples", type=int, default=None, help="T (CPU: 20; CUDA: 50)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per method (best kept)")
     p.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: as set)")
-    p.add_argument("--compile", action="store_true", help="add torch.compile rows (compiles outside the timing)")
+    p.add_argument(
+        "--compile", action="store_true", help="add torch.compile rows (compiles outside the timing)"
+    )
     p.add_argument("--bf16", action="store_true", help="add a bf16 autocast row on a CPU too")
     p.add_argument("--no-baal", action="store_true", help="leave baal out")
     p.add_argument("--no-memory", action="store_true", help="skip the untimed peak-memory runs")
-    p.add_argument("--no-memory-cap", action="store_true", help="CPU: do not cap the address space (a method that does not fit is then killed)")
+    p.add_argument(
+        "--no-memory-cap",
+        action="store_true",
+        help="CPU: do not cap the address space (a method that does not fit is then killed)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, 32x40, T = 4 (smoke run)")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     m = sub.add_parser("memory", help="peak memory of streaming scoring, by pool size")
@@ -502,7 +643,11 @@ def main(argv=None) -> None:
     if args.command == "speed":
         cuda = args.device.startswith("cuda")
         if args.quick:
-            args.models, args.sizes, args.samples = args.models or "tiny", args.sizes or "32x40", args.samples or 4
+            args.models, args.sizes, args.samples = (
+                args.models or "tiny",
+                args.sizes or "32x40",
+                args.samples or 4,
+            )
         args.models = args.models or ("fc_densenet103" if cuda else "tiny,fc_densenet56")
         args.sizes = args.sizes or ("360x480" if cuda else "96x128,180x240")
         args.samples = args.samples or (50 if cuda else 20)

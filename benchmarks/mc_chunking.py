@@ -52,7 +52,9 @@ def bench_case(name: str, model: torch.nn.Module, x: torch.Tensor, samples: int,
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
@@ -65,10 +67,24 @@ def main(argv=None) -> None:
         ("tiny 4 x 3 x 96 x 128", FCDenseNet("tiny", variant="both"), torch.randn(4, 3, 96, 128)),
     ]
     if not args.quick:
-        cases.append(("fc_densenet56 4 x 3 x 96 x 128", FCDenseNet("fc_densenet56", variant="both"), torch.randn(4, 3, 96, 128)))
+        cases.append(
+            (
+                "fc_densenet56 4 x 3 x 96 x 128",
+                FCDenseNet("fc_densenet56", variant="both"),
+                torch.randn(4, 3, 96, 128),
+            )
+        )
     if device.type == "cuda" and not args.quick:
-        cases.append(("fc_densenet103 4 x 3 x 360 x 480", FCDenseNet("fc_densenet103", variant="both"), torch.randn(4, 3, 360, 480)))
-    print(f"device {device}, T = {args.samples}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+        cases.append(
+            (
+                "fc_densenet103 4 x 3 x 360 x 480",
+                FCDenseNet("fc_densenet103", variant="both"),
+                torch.randn(4, 3, 360, 480),
+            )
+        )
+    print(
+        f"device {device}, T = {args.samples}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
     print(f"{'case':34s} {'chunk':>6s} {'items/s':>12s} {'vs loop':>11s} {'max |dev|':>12s}")
     for name, model, x in cases:
         for row in bench_case(name, model, x.to(device), args.samples, args.repeats):

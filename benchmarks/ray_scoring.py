@@ -20,9 +20,11 @@ import torch
 from torch.utils.data import Subset
 
 
-def bench(pool_images: int, size: tuple[int, int], model_name: str, samples: int, batch_size: int, repeats: int) -> list[str]:
-    from dubito.acquisition.distributed import RayPoolScorer
+def bench(
+    pool_images: int, size: tuple[int, int], model_name: str, samples: int, batch_size: int, repeats: int
+) -> list[str]:
     from dubito.acquisition.config import LoopConfig
+    from dubito.acquisition.distributed import RayPoolScorer
     from dubito.acquisition.pool import pool_datasets
     from dubito.acquisition.scoring import score_pool
     from dubito.platform.cluster import connect
@@ -30,8 +32,18 @@ def bench(pool_images: int, size: tuple[int, int], model_name: str, samples: int
 
     cpu = torch.device("cpu")
     connect()
-    config = LoopConfig(dataset="synthetic-camvid", model=model_name, height=size[0], width=size[1], pool_images=pool_images,
-                        epochs=1, samples=samples, batch_size=batch_size, acquisition="bald", device="cpu")  # fmt: skip
+    config = LoopConfig(
+        dataset="synthetic-camvid",
+        model=model_name,
+        height=size[0],
+        width=size[1],
+        pool_images=pool_images,
+        epochs=1,
+        samples=samples,
+        batch_size=batch_size,
+        acquisition="bald",
+        device="cpu",
+    )
     train_set, pool, _ = pool_datasets(config)
     model, spec, _ = fit(config.train_config(0), Subset(train_set, list(range(4))), device=cpu)
     positions = list(range(pool_images))
@@ -40,25 +52,35 @@ def bench(pool_images: int, size: tuple[int, int], model_name: str, samples: int
         best, scores = float("inf"), None
         for _ in range(repeats):
             start = time.perf_counter()
-            scores = score_pool(model, spec, pool, positions, config.scoring(), 1, cpu, progress=False, scorer=scorer).scores
+            scores = score_pool(
+                model, spec, pool, positions, config.scoring(), 1, cpu, progress=False, scorer=scorer
+            ).scores
             best = min(best, time.perf_counter() - start)
         return best, scores
 
     local_s, local = timed()
     threads = torch.get_num_threads()
-    rows = [f"{'local (this process)':34s} {threads:7d} {pool_images / local_s:10.2f} {1.0:9.2f}x {0.0:12.2e}"]
+    rows = [
+        f"{'local (this process)':34s} {threads:7d} {pool_images / local_s:10.2f} {1.0:9.2f}x {0.0:12.2e}"
+    ]
     for actors, per_actor in ((1, None), (2, None), (2, 1)):
-        with RayPoolScorer(config.pool(), config.scoring(), spec, actors, device=config.device, threads=per_actor) as scorer:
+        with RayPoolScorer(
+            config.pool(), config.scoring(), spec, actors, device=config.device, threads=per_actor
+        ) as scorer:
             scorer.devices()  # started and holding the pool before the clock runs
             seconds, scores = timed(scorer)
         name = f"{actors} Ray actor{'s' if actors > 1 else ''}"
-        rows.append(f"{name:34s} {per_actor or threads:7d} {pool_images / seconds:10.2f} {local_s / seconds:9.2f}x "
-                    f"{(scores - local).abs().max().item():12.2e}")  # fmt: skip
+        rows.append(
+            f"{name:34s} {per_actor or threads:7d} {pool_images / seconds:10.2f} {local_s / seconds:9.2f}x "
+            f"{(scores - local).abs().max().item():12.2e}"
+        )
     return rows
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pool", type=int, default=32, help="pool images")
     parser.add_argument("--size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"))
     parser.add_argument("--model", default="fc_densenet56")
@@ -66,8 +88,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
-    print(f"pool scoring: {args.pool} synthetic-camvid images {args.size[0]}x{args.size[1]}, {args.model}, T={args.samples}, "
-          f"batch {args.batch_size}; best of {args.repeats} rounds")  # fmt: skip
+    print(
+        f"pool scoring: {args.pool} synthetic-camvid images {args.size[0]}x{args.size[1]}, {args.model}, T={args.samples}, "
+        f"batch {args.batch_size}; best of {args.repeats} rounds"
+    )
     print(f"{'scorer':34s} {'threads':>7s} {'img/s':>10s} {'vs local':>10s} {'max |Δscore|':>12s}")
     for row in bench(args.pool, tuple(args.size), args.model, args.samples, args.batch_size, args.repeats):
         print(row, flush=True)

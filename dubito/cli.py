@@ -15,22 +15,34 @@ from dubito import DubitoError, __version__
 __all__ = ["main", "add_config_arguments", "config_from_args"]
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, exclude: Sequence[str] = ()) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, config_cls: type, exclude: Sequence[str] = ()
+) -> None:
     """One ``--flag`` per field of a config dataclass (but ``exclude``), typed and defaulted from it."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         if field.name in exclude:
             continue
         kind = hints[field.name]
-        optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
+        optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(
+            None
+        ) in typing.get_args(kind)
         if optional:  # "X | None": a flag of type X whose absence keeps None
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=field.metadata.get("help"))
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=field.metadata.get("help")
+            )
         else:
-            parser.add_argument(flag, type=kind, default=default, metavar=field.name.upper(), help=field.metadata.get("help", " "))
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=default,
+                metavar=field.name.upper(),
+                help=field.metadata.get("help", " "),
+            )
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace):
@@ -43,7 +55,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     config = config_from_args(DemoConfig, args)
     results = run_demo(config, progress=not args.no_progress)
     print(format_summary(results["summary"]))
-    print(f"\nwrote {config.output}/results.json and {config.output}/uncertainty.png; MLflow run {results['mlflow_run_id']}")
+    print(
+        f"\nwrote {config.output}/results.json and {config.output}/uncertainty.png; MLflow run {results['mlflow_run_id']}"
+    )
     return 0
 
 
@@ -64,7 +78,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     last = results["history"][-1] if results["history"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_"))
     print(f"{results['epochs_run']} epochs; best epoch {results['best_epoch']}; last epoch: {shown}")
-    print(f"wrote {results['model']}, {config.output}/results.json, {config.output}/training.png; MLflow run {results['mlflow_run_id']}")
+    print(
+        f"wrote {results['model']}, {config.output}/results.json, {config.output}/training.png; "
+        f"MLflow run {results['mlflow_run_id']}"
+    )
     return 0
 
 
@@ -84,7 +101,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     config = config_from_args(ReproduceConfig, args)
     results = run_reproduce(config, progress=not args.no_progress)
     print(format_tables(results))
-    print(f"wrote {config.output}/tables.md, {config.output}/results.json and the plots ({results['seconds']:.0f} s)")
+    print(
+        f"wrote {config.output}/tables.md, {config.output}/results.json and the plots ({results['seconds']:.0f} s)"
+    )
     return 0
 
 
@@ -103,11 +122,15 @@ def _cmd_label(args: argparse.Namespace) -> int:
     waiting = [k for k, v in results["loops"].items() if not v["finished"]]
     if waiting and config.oracle == "human":
         loop = results["loops"][waiting[0]]["output"]
-        print(f"waiting for labels: label the images in {loop}/queries/, then `dubito label import --output {loop} "
-              "--labels FOLDER` and run this command again")  # fmt: skip
+        print(
+            f"waiting for labels: label the images in {loop}/queries/, then `dubito label import --output {loop} "
+            "--labels FOLDER` and run this command again"
+        )
     plots = ", ".join(results.get("plots", []))
-    print(f"wrote {config.output}/results.json, {config.output}/tables.md{', ' + plots if plots else ''} "
-          f"({results['seconds']:.0f} s); MLflow: {default_tracking_uri()} (parent run {results['mlflow_parent_run_id']})")  # fmt: skip
+    print(
+        f"wrote {config.output}/results.json, {config.output}/tables.md{', ' + plots if plots else ''} "
+        f"({results['seconds']:.0f} s); MLflow: {default_tracking_uri()} (parent run {results['mlflow_parent_run_id']})"
+    )
     return 0
 
 
@@ -130,7 +153,10 @@ def _cmd_label_import(args: argparse.Namespace) -> int:
     print(f"imported {len(ids)} labels into {args.loop_output}")
     if missing:
         shown = ", ".join(str(i) for i in missing[:20]) + (" ..." if len(missing) > 20 else "")
-        print(f"{len(missing)} image(s) still wait for a label: ids {shown}; import their files to continue", file=sys.stderr)
+        print(
+            f"{len(missing)} image(s) still wait for a label: ids {shown}; import their files to continue",
+            file=sys.stderr,
+        )
         return 1
     print("every label is in: run the same `dubito label` command again to continue")
     return 0
@@ -168,7 +194,9 @@ def _cmd_data_show(args: argparse.Namespace) -> int:
     if len(dataset) == 0:
         raise DubitoError(f"{args.dataset} {args.split}: no items to show")
     items = [dataset[i] for i in range(min(args.count, len(dataset)))]
-    path = samples_figure(items, Path(args.output) / f"{args.dataset}-{args.split}{'-ood' if args.ood else ''}.png")
+    path = samples_figure(
+        items, Path(args.output) / f"{args.dataset}-{args.split}{'-ood' if args.ood else ''}.png"
+    )
     print(f"wrote {path}")
     return 0
 
@@ -191,11 +219,18 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     config = config_from_args(ExploreConfig, args)
     results = run_exploration(config, progress=not args.no_progress)
     print(format_exploration(results))
-    print(f"wrote {config.output}/results.json, tables.md and the plots ({results['seconds']:.0f} s); MLflow run {results['mlflow_parent_run_id']}")
+    print(
+        f"wrote {config.output}/results.json, tables.md and the plots ({results['seconds']:.0f} s); "
+        f"MLflow run {results['mlflow_parent_run_id']}"
+    )
     return 0
 
 
-_SWEEP_EXCLUDE = {"label": ("output", "experiment"), "explore": ("output", "experiment", "workers"), "train": ("output", "experiment")}
+_SWEEP_EXCLUDE = {
+    "label": ("output", "experiment"),
+    "explore": ("output", "experiment", "workers"),
+    "train": ("output", "experiment"),
+}
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -205,51 +240,96 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     _use_address(args)
     if args.resume:
         if args.kind:
-            raise DubitoError("--resume DIR continues the sweep in DIR with its own settings: give no KIND or flags")
+            raise DubitoError(
+                "--resume DIR continues the sweep in DIR with its own settings: give no KIND or flags"
+            )
         results = run_sweep(resume=args.resume, progress=not args.no_progress)
         output = args.resume
     else:
         if not args.kind:
             raise DubitoError("give a sweep kind (label, explore, train) or --resume DIR")
         target = SweepConfig(kind=args.kind).target()
-        base = {f.name: getattr(args, f.name) for f in dataclasses.fields(target) if f.name not in _SWEEP_EXCLUDE[args.kind]}
-        sweep = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepConfig) if f.name not in ("kind", "base", "grid", "sample")}
-        config = SweepConfig(kind=args.kind, grid=tuple(args.grid or ()), sample=tuple(args.sample or ()), base=base, **sweep)
+        base = {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(target)
+            if f.name not in _SWEEP_EXCLUDE[args.kind]
+        }
+        sweep = {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(SweepConfig)
+            if f.name not in ("kind", "base", "grid", "sample")
+        }
+        config = SweepConfig(
+            kind=args.kind, grid=tuple(args.grid or ()), sample=tuple(args.sample or ()), base=base, **sweep
+        )
         results = run_sweep(config, progress=not args.no_progress)
         output = config.output
     print(format_sweep(results))
-    print(f"wrote {output}/results.json, tables.md{', curves.png' if results['plots'] else ''} ({results['seconds']:.0f} s); "
-          f"MLflow: {default_tracking_uri()} (parent run {results['mlflow_parent_run_id']})")  # fmt: skip
+    print(
+        f"wrote {output}/results.json, tables.md{', curves.png' if results['plots'] else ''} ({results['seconds']:.0f} s); "
+        f"MLflow: {default_tracking_uri()} (parent run {results['mlflow_parent_run_id']})"
+    )
     return 1 if results["errors"] else 0
 
 
 def _add_sweep_command(sub) -> None:
     from dubito.experiments.sweep import KINDS, SweepConfig
 
-    sweep = sub.add_parser("sweep", help="Ray Tune sweep over labeling loops, exploration runs or training runs (MLflow parent + child per trial)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    sweep.add_argument("--resume", metavar="DIR", help="restore the interrupted sweep in DIR (its unfinished and errored trials continue)")
-    sweep.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else a local instance)")
+    sweep = sub.add_parser(
+        "sweep",
+        help="Ray Tune sweep over labeling loops, exploration runs or training runs (MLflow parent + child per trial)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sweep.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="restore the interrupted sweep in DIR (its unfinished and errored trials continue)",
+    )
+    sweep.add_argument(
+        "--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else a local instance)"
+    )
     sweep.add_argument("--no-progress", action="store_true", help="hide Tune's progress table")
     sweep.set_defaults(func=_cmd_sweep, kind=None)
     kinds = sweep.add_subparsers(dest="kind", required=False, metavar="{" + ",".join(KINDS) + "}")
-    helps = {"label": "labeling loops (one acquisition x seed x ... per trial)", "explore": "exploration runs (one agent x size x seed per trial)",
-             "train": "training runs (learning rate x dropout x ...)"}  # fmt: skip
+    helps = {
+        "label": "labeling loops (one acquisition x seed x ... per trial)",
+        "explore": "exploration runs (one agent x size x seed per trial)",
+        "train": "training runs (learning rate x dropout x ...)",
+    }
     for kind in KINDS:
         p = kinds.add_parser(kind, help=helps[kind], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         group = p.add_argument_group("sweep")
         fields = {f.name: f for f in dataclasses.fields(SweepConfig)}
-        group.add_argument("--grid", action="append", metavar="FIELD=V1,V2", help=fields["grid"].metadata["help"])
-        group.add_argument("--sample", action="append", metavar="FIELD=DIST", help=fields["sample"].metadata["help"])
+        group.add_argument(
+            "--grid", action="append", metavar="FIELD=V1,V2", help=fields["grid"].metadata["help"]
+        )
+        group.add_argument(
+            "--sample", action="append", metavar="FIELD=DIST", help=fields["sample"].metadata["help"]
+        )
         for name, f in fields.items():
             if name in ("kind", "base", "grid", "sample"):
                 continue
-            group.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default, metavar=name.upper(), help=f.metadata.get("help"))
-        add_config_arguments(p.add_argument_group(f"shared settings of every trial (the {kind} flags)"),
-                             SweepConfig(kind=kind).target(), exclude=_SWEEP_EXCLUDE[kind])  # fmt: skip
+            group.add_argument(
+                "--" + name.replace("_", "-"),
+                type=type(f.default),
+                default=f.default,
+                metavar=name.upper(),
+                help=f.metadata.get("help"),
+            )
+        add_config_arguments(
+            p.add_argument_group(f"shared settings of every trial (the {kind} flags)"),
+            SweepConfig(kind=kind).target(),
+            exclude=_SWEEP_EXCLUDE[kind],
+        )
         # given before or after KIND: SUPPRESS keeps the sweep parser's value when absent here
-        p.add_argument("--address", default=argparse.SUPPRESS, help="Ray cluster to attach to (default: RAY_ADDRESS, else a local instance)")
-        p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="hide Tune's progress table")
+        p.add_argument(
+            "--address",
+            default=argparse.SUPPRESS,
+            help="Ray cluster to attach to (default: RAY_ADDRESS, else a local instance)",
+        )
+        p.add_argument(
+            "--no-progress", action="store_true", default=argparse.SUPPRESS, help="hide Tune's progress table"
+        )
 
 
 def _config_command(sub, name: str, help: str, config_cls: type, func) -> argparse.ArgumentParser:
@@ -272,24 +352,76 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dubito", description=__doc__)
     parser.add_argument("--version", action="version", version=f"dubito {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _config_command(sub, "demo", "train the tiny FC-DenseNet on synthetic scenes and print aleatoric/epistemic summaries", DemoConfig, _cmd_demo)
-    train = _config_command(sub, "train", "train a model under Ray Train (resumes from --output/checkpoint.pt); MLflow-tracked", TrainConfig, _cmd_train)
-    train.add_argument("--address", help="with --workers N: the Ray cluster (default: RAY_ADDRESS, else a local instance)")
-    _config_command(sub, "evaluate", "metrics, calibration, uncertainty quality and OOD detection of a trained model", EvalConfig, _cmd_evaluate)
-    _config_command(sub, "reproduce", "the paper's studies (variants, training-set size, OOD, calibration) on any dataset", ReproduceConfig, _cmd_reproduce)
-    label = _config_command(sub, "label", "labeling-budget experiment: acquisitions x seeds of the pool-based loop (resumable)", LabelConfig, _cmd_label)
-    label.add_argument("--address", help="with --scorers N: the Ray cluster (default: RAY_ADDRESS, else a local instance)")
-    human = label.add_subparsers(dest="label_command", required=False, metavar="{export,import}",
-                                 title="human in the loop (--oracle human)")  # fmt: skip
+    _config_command(
+        sub,
+        "demo",
+        "train the tiny FC-DenseNet on synthetic scenes and print aleatoric/epistemic summaries",
+        DemoConfig,
+        _cmd_demo,
+    )
+    train = _config_command(
+        sub,
+        "train",
+        "train a model under Ray Train (resumes from --output/checkpoint.pt); MLflow-tracked",
+        TrainConfig,
+        _cmd_train,
+    )
+    train.add_argument(
+        "--address", help="with --workers N: the Ray cluster (default: RAY_ADDRESS, else a local instance)"
+    )
+    _config_command(
+        sub,
+        "evaluate",
+        "metrics, calibration, uncertainty quality and OOD detection of a trained model",
+        EvalConfig,
+        _cmd_evaluate,
+    )
+    _config_command(
+        sub,
+        "reproduce",
+        "the paper's studies (variants, training-set size, OOD, calibration) on any dataset",
+        ReproduceConfig,
+        _cmd_reproduce,
+    )
+    label = _config_command(
+        sub,
+        "label",
+        "labeling-budget experiment: acquisitions x seeds of the pool-based loop (resumable)",
+        LabelConfig,
+        _cmd_label,
+    )
+    label.add_argument(
+        "--address", help="with --scorers N: the Ray cluster (default: RAY_ADDRESS, else a local instance)"
+    )
+    human = label.add_subparsers(
+        dest="label_command",
+        required=False,
+        metavar="{export,import}",
+        title="human in the loop (--oracle human)",
+    )
     export = human.add_parser("export", help="write the images waiting for labels, with queries.json")
-    export.add_argument("--output", dest="loop_output", required=True, help="the loop's folder (holds ledger.sqlite)")
+    export.add_argument(
+        "--output", dest="loop_output", required=True, help="the loop's folder (holds ledger.sqlite)"
+    )
     export.add_argument("--to", help="folder to write (default: OUTPUT/queries/pending)")
-    imp = human.add_parser("import", help="check and store returned label files (<id>_label.png / .npy / .txt)")
-    imp.add_argument("--output", dest="loop_output", required=True, help="the loop's folder (holds ledger.sqlite)")
+    imp = human.add_parser(
+        "import", help="check and store returned label files (<id>_label.png / .npy / .txt)"
+    )
+    imp.add_argument(
+        "--output", dest="loop_output", required=True, help="the loop's folder (holds ledger.sqlite)"
+    )
     imp.add_argument("--labels", required=True, help="folder with the label files")
-    _config_command(sub, "explore", "exploration study: agents x sizes x seeds on Deep Sea or the noisy TV (resumable)", ExploreConfig, _cmd_explore)
+    _config_command(
+        sub,
+        "explore",
+        "exploration study: agents x sizes x seeds on Deep Sea or the noisy TV (resumable)",
+        ExploreConfig,
+        _cmd_explore,
+    )
     _add_sweep_command(sub)
-    data = sub.add_parser("data", help="check or look at a dataset").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="check or look at a dataset").add_subparsers(
+        dest="data_command", required=True
+    )
     check = data.add_parser(
         "check",
         help="read every file of a real dataset, print a summary, list bad files (exit 1 if any)",
@@ -297,20 +429,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("dataset", choices=("camvid", "make3d", "nyuv2"))
     check.add_argument("--root", required=True, help="folder that holds the dataset in its published layout")
-    check.add_argument("--task", choices=("depth", "segmentation"), help="NYUv2 only (default: segmentation when classMapping40.mat is present)")
+    check.add_argument(
+        "--task",
+        choices=("depth", "segmentation"),
+        help="NYUv2 only (default: segmentation when classMapping40.mat is present)",
+    )
     check.add_argument("--output", help="also write results.json and a histogram PNG here")
     check.add_argument("--no-progress", action="store_true", help="hide progress bars")
     check.set_defaults(func=_cmd_data_check)
     show = data.add_parser(
-        "show", help="plot a few items (image, target, mask, known noise)", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        "show",
+        help="plot a few items (image, target, mask, known noise)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    show.add_argument("dataset", choices=("camvid", "make3d", "nyuv2", "synthetic-camvid", "synthetic-make3d"))
+    show.add_argument(
+        "dataset", choices=("camvid", "make3d", "nyuv2", "synthetic-camvid", "synthetic-make3d")
+    )
     show.add_argument("--root", help="dataset folder (real datasets)")
     show.add_argument("--split", default="train")
     show.add_argument("--count", type=int, default=4, help="items to show")
     show.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize to H W")
     show.add_argument("--seed", type=int, default=0, help="synthetic datasets: seed")
-    show.add_argument("--ood", action="store_true", help="synthetic datasets: the out-of-distribution (indoor) variant")
+    show.add_argument(
+        "--ood", action="store_true", help="synthetic datasets: the out-of-distribution (indoor) variant"
+    )
     show.add_argument("--output", default="runs/data", help="folder for the PNG")
     show.set_defaults(func=_cmd_data_show)
     info = sub.add_parser("info", help="versions, default device and tracking URI")
@@ -348,7 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("dubito: interrupted; what was recorded is kept: run the same command again to resume", file=sys.stderr)
+        print(
+            "dubito: interrupted; what was recorded is kept: run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
     except DubitoError as err:
         if debug:
@@ -361,7 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sqlite3.Error as err:
         if debug:
             raise
-        return _error(f"SQLite: {err} (a ledger or tracking database is damaged or locked; DUBITO_DEBUG=1 shows where)")
+        return _error(
+            f"SQLite: {err} (a ledger or tracking database is damaged or locked; DUBITO_DEBUG=1 shows where)"
+        )
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

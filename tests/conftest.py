@@ -32,7 +32,12 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-PERTURBATIONS = ("DUBITO_TEST_THREADS", "DUBITO_TEST_CHANNELS_LAST", "DUBITO_TEST_MC_CHUNK", "DUBITO_TEST_SEED_OFFSET")
+PERTURBATIONS = (
+    "DUBITO_TEST_THREADS",
+    "DUBITO_TEST_CHANNELS_LAST",
+    "DUBITO_TEST_MC_CHUNK",
+    "DUBITO_TEST_SEED_OFFSET",
+)
 
 
 def _threads() -> int | None:
@@ -90,11 +95,27 @@ class Findings:
     def check(self, quantity: str, value: float, op: str, threshold: float, detail: object = None) -> None:
         ok = bool(_OPS[op](value, threshold))
         if self.log:
-            perturbation = {k[len("DUBITO_TEST_"):].lower(): os.environ[k] for k in PERTURBATIONS if os.environ.get(k)}
+            perturbation = {
+                k[len("DUBITO_TEST_") :].lower(): os.environ[k] for k in PERTURBATIONS if os.environ.get(k)
+            }
             with open(self.log, "a") as f:
-                f.write(json.dumps({"test": self.test, "quantity": quantity, "value": float(value), "op": op,
-                                    "threshold": float(threshold), "ok": ok, "perturbation": perturbation}) + "\n")  # fmt: skip
-        message = f"{quantity} = {value:.4g}, expected {op} {threshold:g}" + (f" ({detail})" if detail is not None else "")
+                f.write(
+                    json.dumps(
+                        {
+                            "test": self.test,
+                            "quantity": quantity,
+                            "value": float(value),
+                            "op": op,
+                            "threshold": float(threshold),
+                            "ok": ok,
+                            "perturbation": perturbation,
+                        }
+                    )
+                    + "\n"
+                )
+        message = f"{quantity} = {value:.4g}, expected {op} {threshold:g}" + (
+            f" ({detail})" if detail is not None else ""
+        )
         if not ok:
             if not self.log:
                 raise AssertionError(message)
@@ -201,7 +222,9 @@ def ray_session():
     address = ray.get_runtime_context().gcs_address
     session = Path(ray._private.worker._global_node.get_session_dir_path()).name
     yield address
-    ours = ray_processes(session)  # before shutting down: workers orphaned by it would no longer look like ours
+    ours = ray_processes(
+        session
+    )  # before shutting down: workers orphaned by it would no longer look like ours
 
     def alive() -> set[int]:
         return {pid for pid in ours if Path(f"/proc/{pid}").exists()} | ray_processes(session)

@@ -35,14 +35,28 @@ RUNS = {
 
 def _label(perturbation: dict) -> str:
     env = {f"DUBITO_TEST_{k.upper()}": v for k, v in perturbation.items()}
-    return next((name for name, values in RUNS.items() if values == env), ", ".join(f"{k}={v}" for k, v in perturbation.items()) or "default")
+    return next(
+        (name for name, values in RUNS.items() if values == env),
+        ", ".join(f"{k}={v}" for k, v in perturbation.items()) or "default",
+    )
 
 
 def run(names: list[str], log: Path, select: str | None) -> None:
     for name in names:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DUBITO_TEST_")}
         env.update(RUNS[name], DUBITO_FINDINGS_LOG=str(log.resolve()))
-        command = [sys.executable, "-m", "pytest", "-m", "finding", "-q", "-p", "no:cacheprovider", "--no-header", "-rN"]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "finding",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--no-header",
+            "-rN",
+        ]
         if select:
             command += ["-k", select]
         started = time.perf_counter()
@@ -69,9 +83,19 @@ def table(log: Path) -> str:
         if column not in columns:
             columns.append(column)
         test = r["test"].split("::", 1)[-1]
-        rows[(r["test"].split("::")[0].rsplit("/", 1)[-1], test, f"{r['quantity']}", r["op"] + " " + f"{r['threshold']:g}")][column].append(r["value"])
+        rows[
+            (
+                r["test"].split("::")[0].rsplit("/", 1)[-1],
+                test,
+                f"{r['quantity']}",
+                r["op"] + " " + f"{r['threshold']:g}",
+            )
+        ][column].append(r["value"])
     order = [c for c in RUNS if c in columns] + [c for c in columns if c not in RUNS]
-    lines = ["| test | quantity | asserted | " + " | ".join(order) + " | smallest margin |", "|---" * (len(order) + 4) + "|"]
+    lines = [
+        "| test | quantity | asserted | " + " | ".join(order) + " | smallest margin |",
+        "|---" * (len(order) + 4) + "|",
+    ]
     for (file, test, quantity, asserted), values in rows.items():
         op, threshold = asserted.split(" ")
         cells, margins = [], []
@@ -82,12 +106,16 @@ def table(log: Path) -> str:
         worst = min(margins) if margins else float("nan")
         mark = " **fails**" if worst < 0 or (worst == 0 and op in (">", "<")) else ""
         shown = f"{worst:+.0%}" if float(threshold) else f"{worst:+.3g} (absolute)"
-        lines.append(f"| `{file}::{test}` | {quantity} | {asserted} | " + " | ".join(cells) + f" | {shown}{mark} |")
+        lines.append(
+            f"| `{file}::{test}` | {quantity} | {asserted} | " + " | ".join(cells) + f" | {shown}{mark} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
     parser.add_argument("--log", default="findings.jsonl", help="JSON-lines file the runs append to")
     parser.add_argument("-k", dest="select", help="pytest -k expression (a subset of the finding tests)")

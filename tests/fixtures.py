@@ -31,7 +31,9 @@ def make_make3d(root: Path, counts=(2, 2), seed: int = 0, image_hw=(64, 48), gri
     for split, n in zip(("train", "test"), counts):
         images = [rng.integers(0, 256, (*image_hw, 3), dtype=np.uint8) for _ in range(n)]
         depths = [rng.uniform(1.0, 80.0, grid) for _ in range(n)]
-        paths = write_make3d_split(root, split, images, depths, names=[f"10.21op2-p-{split}{i:03d}t000" for i in range(n)])
+        paths = write_make3d_split(
+            root, split, images, depths, names=[f"10.21op2-p-{split}{i:03d}t000" for i in range(n)]
+        )
         written[split] = {"images": images, "depths": depths, "paths": paths}
     return written
 
@@ -45,4 +47,11 @@ def make_nyuv2(root: Path, n: int = 6, hw=(12, 16), seed: int = 0) -> dict:
     class_map = [1, 2, 2, 3, 40, 1, 5, 5]  # raw 1..8 → 40-class ids 1..40
     train, test = [0, 2, 4], [1, 3, 5][: max(0, n - 3)]
     write_nyuv2(root, images, depths, labels, train=train, test=test, class_map=class_map)
-    return {"images": images, "depths": depths, "labels": labels, "class_map": class_map, "train": train, "test": test}
+    return {
+        "images": images,
+        "depths": depths,
+        "labels": labels,
+        "class_map": class_map,
+        "train": train,
+        "test": test,
+    }

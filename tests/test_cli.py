@@ -14,14 +14,33 @@ from mlflow.tracking import MlflowClient
 from dubito.cli import main
 
 
+@pytest.mark.slow
 @pytest.mark.finding
 def test_demo_end_to_end(tmp_path, mlflow_uri, capsys, finding):
     out = tmp_path / "demo"
     stray = Path.cwd() / "mlruns"
     stray_before = stray.exists()
     rc = main(
-        ["demo", "--output", str(out), "--steps", "120", "--height", "32", "--width", "48",
-         "--train-images", "24", "--test-images", "12", "--samples", "10", "--seed", str(finding.seed(0)), "--no-progress"]
+        [
+            "demo",
+            "--output",
+            str(out),
+            "--steps",
+            "120",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--train-images",
+            "24",
+            "--test-images",
+            "12",
+            "--samples",
+            "10",
+            "--seed",
+            str(finding.seed(0)),
+            "--no-progress",
+        ]
     )
     assert rc == 0
     printed = capsys.readouterr().out
@@ -29,9 +48,18 @@ def test_demo_end_to_end(tmp_path, mlflow_uri, capsys, finding):
     results = json.loads((out / "results.json").read_text())
     s = results["summary"]
     # the demo's findings: static noise is aleatoric, unseen scenes are epistemic
-    finding.check("demo: aleatoric entropy, static over clean pixels", s["aleatoric_entropy_static"] / s["aleatoric_entropy_clean"], ">", 5.0)
-    finding.check("demo: mutual information, OOD over in distribution",
-                  s["mutual_information_out_of_distribution"] / s["mutual_information_in_distribution"], ">", 2.0)  # fmt: skip
+    finding.check(
+        "demo: aleatoric entropy, static over clean pixels",
+        s["aleatoric_entropy_static"] / s["aleatoric_entropy_clean"],
+        ">",
+        5.0,
+    )
+    finding.check(
+        "demo: mutual information, OOD over in distribution",
+        s["mutual_information_out_of_distribution"] / s["mutual_information_in_distribution"],
+        ">",
+        2.0,
+    )
     finding.check("demo: pixel accuracy on clean pixels", s["pixel_accuracy_clean"], ">", 0.9)
     assert (out / "uncertainty.png").stat().st_size > 10_000
     # the same numbers are in MLflow
@@ -61,7 +89,9 @@ def test_unusable_tracking_uri_is_reported_at_start(tmp_path, monkeypatch, capsy
 
 
 def test_console_script_runs():
-    done = subprocess.run([sys.executable, "-m", "dubito", "info"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dubito", "info"], capture_output=True, text=True, check=True
+    )
     assert "dubito 0.1.0" in done.stdout and "sqlite:///" in done.stdout
 
 
@@ -69,10 +99,28 @@ def test_data_check_camvid_prints_the_summary(tmp_path, capsys):
     from tests.fixtures import make_camvid
 
     make_camvid(tmp_path)
-    assert main(["data", "check", "camvid", "--root", str(tmp_path / "CamVid"), "--no-progress", "--output", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "check",
+                "camvid",
+                "--root",
+                str(tmp_path / "CamVid"),
+                "--no-progress",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "no problems found" in printed
-    lines = {line.split()[0]: line.split() for line in printed.splitlines() if line.split()[:1] in (["train"], ["val"], ["test"])}
+    lines = {
+        line.split()[0]: line.split()
+        for line in printed.splitlines()
+        if line.split()[:1] in (["train"], ["val"], ["test"])
+    }
     assert lines["train"][1:4] == ["3", "367", "36x48"] and lines["val"][1] == "2" and lines["test"][1] == "2"
     assert "label values 0-11" in printed and "Bicyclist" in printed
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -102,7 +150,12 @@ def test_data_check_on_a_broken_camvid_lists_every_bad_file(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "4 problem(s):" in printed
     problems = printed.split("problem(s):")[1]
-    for path, reason in ((corrupt, "cannot decode"), (unlabelled, "without its label"), (out_of_range, "outside 0-11"), (mismatched, "label is 20x20")):
+    for path, reason in (
+        (corrupt, "cannot decode"),
+        (unlabelled, "without its label"),
+        (out_of_range, "outside 0-11"),
+        (mismatched, "label is 20x20"),
+    ):
         assert f"{path}: " in problems and reason in problems
     train_row = next(line.split() for line in printed.splitlines() if line.startswith("train "))
     assert train_row[1] == "2/4"  # 4 images listed, 2 read without a problem
@@ -124,7 +177,23 @@ def test_data_check_make3d_and_nyuv2(tmp_path, capsys):
 
 
 def test_data_show_writes_a_figure(tmp_path, capsys):
-    assert main(["data", "show", "synthetic-make3d", "--count", "2", "--size", "40", "30", "--output", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "show",
+                "synthetic-make3d",
+                "--count",
+                "2",
+                "--size",
+                "40",
+                "30",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "synthetic-make3d-train.png").stat().st_size > 5_000
     assert main(["data", "show", "camvid", "--output", str(tmp_path)]) == 2
     assert "--root" in capsys.readouterr().err
@@ -156,7 +225,21 @@ def test_data_check_class_weights_come_from_the_train_split(tmp_path, capsys):
     from tests.fixtures import make_camvid
 
     written = make_camvid(tmp_path)
-    assert main(["data", "check", "camvid", "--root", str(tmp_path / "CamVid"), "--no-progress", "--output", str(tmp_path / "o")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "check",
+                "camvid",
+                "--root",
+                str(tmp_path / "CamVid"),
+                "--no-progress",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["class_statistics_split"] == "train"
     labels = np.stack(written["train"]["labels"])
@@ -179,7 +262,9 @@ def test_data_check_nyuv2_reads_depths_even_with_the_class_mapping(tmp_path, cap
         depths[1, 2, 3] = np.nan
         depths[2, 0, 0] = -1.0
         f["depths"][...] = depths
-    assert main(["data", "check", "nyuv2", "--root", str(tmp_path), "--no-progress"]) == 1  # the parent folder
+    assert (
+        main(["data", "check", "nyuv2", "--root", str(tmp_path), "--no-progress"]) == 1
+    )  # the parent folder
     printed = capsys.readouterr().out
     assert "(segmentation)" in printed and "2 problem(s):" in printed
     assert "nyu_depth_v2_labeled.mat[1]: 1 NaN depth values" in printed
@@ -191,8 +276,16 @@ def test_data_show_rejects_a_zero_count(tmp_path, capsys):
     assert "--count must be >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("error", "status"), [(None, "FINISHED"), (RuntimeError("x"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
-                                               (SystemExit(0), "KILLED"), (SystemExit(3), "FAILED")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (None, "FINISHED"),
+        (RuntimeError("x"), "FAILED"),
+        (KeyboardInterrupt(), "KILLED"),
+        (SystemExit(0), "KILLED"),
+        (SystemExit(3), "FAILED"),
+    ],
+)
 def test_tracked_run_status_says_how_the_run_ended(mlflow_uri, error, status):
     """sys.exit(0) is how Ray Tune stops a trial early: the run was stopped (KILLED), not failed."""
     from dubito.platform.tracking import tracked_run
@@ -216,8 +309,15 @@ def test_experiments_are_tagged_as_model_training(mlflow_uri):
     assert EXPERIMENT_KIND not in client.get_experiment(older).tags
     with tracked_run("kind-older", run_name="r"):
         pass
-    theirs = client.create_experiment("kind-theirs", tags={EXPERIMENT_KIND: "genai_development"})
+    client.create_experiment("kind-theirs", tags={EXPERIMENT_KIND: "genai_development"})
     with tracked_run("kind-theirs", run_name="r"):
         pass
-    kinds = {name: client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND) for name in ("kind-new", "kind-older", "kind-theirs")}
-    assert kinds == {"kind-new": "custom_model_development", "kind-older": "custom_model_development", "kind-theirs": "genai_development"}
+    kinds = {
+        name: client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND)
+        for name in ("kind-new", "kind-older", "kind-theirs")
+    }
+    assert kinds == {
+        "kind-new": "custom_model_development",
+        "kind-older": "custom_model_development",
+        "kind-theirs": "genai_development",
+    }

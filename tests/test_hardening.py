@@ -20,18 +20,38 @@ import pytest
 from PIL import Image
 
 from dubito import DubitoError
-from dubito.acquisition.ledger import Ledger, LedgerError
 from dubito.acquisition.config import LEDGER, LoopConfig
 from dubito.acquisition.human import export_queries, import_labels
+from dubito.acquisition.ledger import Ledger, LedgerError
 from dubito.acquisition.loop import run_loop
 from dubito.cli import main
-from dubito.platform.files import LOCK_FILE, OutputInUse, check_output, exclusive, load_torch, read_json, write_json
+from dubito.platform.files import (
+    LOCK_FILE,
+    OutputInUse,
+    check_output,
+    exclusive,
+    load_torch,
+    read_json,
+    write_json,
+)
 from dubito.platform.tracking import check_tracking
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(dataset="synthetic-camvid", height=16, width=20, pool_images=12, test_images=3, initial=3, query=2, rounds=1,
-            epochs=1, samples=2, batch_size=4, device="cpu")  # fmt: skip
+TINY = dict(
+    dataset="synthetic-camvid",
+    height=16,
+    width=20,
+    pool_images=12,
+    test_images=3,
+    initial=3,
+    query=2,
+    rounds=1,
+    epochs=1,
+    samples=2,
+    batch_size=4,
+    device="cpu",
+)
 
 
 def _tree(folder: Path, lock: bool = True) -> dict[str, bytes]:
@@ -51,21 +71,34 @@ with exclusive(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_at_once_and_a_dead_holder_never_blocks(tmp_path):
     folder = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_HOLDER), str(folder)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_HOLDER), str(folder)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         started = time.monotonic()
-        with pytest.raises(OutputInUse, match=rf"{folder} is in use by process {holder.pid} since \d{{4}}-\d\d-\d\d"):
+        with pytest.raises(
+            OutputInUse, match=rf"{folder} is in use by process {holder.pid} since \d{{4}}-\d\d-\d\d"
+        ):
             with exclusive(folder):
                 pass
         assert time.monotonic() - started < 2  # at once, not after a wait
         # the dubito command says the same, writing nothing
         before = _tree(folder)
-        done = subprocess.run([sys.executable, "-m", "dubito", "label", "--output", str(folder), "--no-progress"],
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert done.returncode == 2 and f"in use by process {holder.pid}" in done.stderr and "Traceback" not in done.stderr
+        done = subprocess.run(
+            [sys.executable, "-m", "dubito", "label", "--output", str(folder), "--no-progress"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (
+            done.returncode == 2
+            and f"in use by process {holder.pid}" in done.stderr
+            and "Traceback" not in done.stderr
+        )
         assert _tree(folder) == before
     finally:
         holder.kill()
@@ -74,15 +107,24 @@ def test_a_second_process_is_refused_at_once_and_a_dead_holder_never_blocks(tmp_
         assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
-@pytest.mark.parametrize("argv", [
-    ["train", "--no-progress"], ["explore", "--no-progress"], ["reproduce", "--no-progress"], ["label", "--no-progress"],
-    ["evaluate", "--model", "{model}", "--no-progress"], ["label", "export"], ["label", "import", "--labels", "{tmp}"],
-    ["data", "check", "camvid", "--root", "{tmp}/CamVid", "--no-progress"],
-], ids=lambda a: " ".join(a[:2]))  # fmt: skip
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--no-progress"],
+        ["explore", "--no-progress"],
+        ["reproduce", "--no-progress"],
+        ["label", "--no-progress"],
+        ["evaluate", "--model", "{model}", "--no-progress"],
+        ["label", "export"],
+        ["label", "import", "--labels", "{tmp}"],
+        ["data", "check", "camvid", "--root", "{tmp}/CamVid", "--no-progress"],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+@pytest.mark.slow
 def test_every_command_writing_an_output_is_refused_while_another_holds_it(tmp_path, argv):
-    from dubito.platform.training import TrainConfig, build_for, save_model
     from dubito.platform.data import get_dataset
-
+    from dubito.platform.training import TrainConfig, build_for, save_model
     from tests.fixtures import make_camvid
 
     folder = tmp_path / "out"
@@ -91,13 +133,20 @@ def test_every_command_writing_an_output_is_refused_while_another_holds_it(tmp_p
     make_camvid(tmp_path)
     folder.mkdir()
     (folder / LEDGER).write_bytes(b"")  # label export / import look for a loop's ledger before they lock
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_HOLDER), str(folder)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_HOLDER), str(folder)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = _tree(folder)
         argv = [a.replace("{model}", str(tmp_path / "m.pt")).replace("{tmp}", str(tmp_path)) for a in argv]
-        done = subprocess.run([sys.executable, "-m", "dubito", *argv, "--output", str(folder)],
-                              capture_output=True, text=True, timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "dubito", *argv, "--output", str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+        )
         assert done.returncode == 2, done.stderr
         assert f"{folder} is in use by process {holder.pid}" in done.stderr and "Traceback" not in done.stderr
         assert _tree(folder) == before
@@ -119,9 +168,12 @@ except OutputInUse:
 
 def _probe(folder: Path) -> str:
     """What another process finds: ``busy`` or ``free``."""
-    return subprocess.run([sys.executable, "-c", _PROBE, str(folder)], capture_output=True, text=True, timeout=60).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", _PROBE, str(folder)], capture_output=True, text=True, timeout=60
+    ).stdout.strip()
 
 
+@pytest.mark.slow
 def test_the_lock_is_reentrant_within_a_process_and_held_until_the_outer_block_ends(tmp_path):
     with exclusive(tmp_path / "a"):
         with exclusive(tmp_path / "a"):
@@ -143,9 +195,20 @@ def test_a_link_where_the_lock_file_belongs_is_never_followed(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_two_label_commands_into_one_output_one_runs_the_other_is_refused(tmp_path, mlflow_uri):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    command = [sys.executable, "-m", "dubito", "label", f"--output={tmp_path / 'out'}", "--acquisition=random", "--seeds=0", *flags, "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "dubito",
+        "label",
+        f"--output={tmp_path / 'out'}",
+        "--acquisition=random",
+        "--seeds=0",
+        *flags,
+        "--no-progress",
+    ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -155,7 +218,11 @@ def test_two_label_commands_into_one_output_one_runs_the_other_is_refused(tmp_pa
     time.sleep(0.5)
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert first.wait(timeout=300) == 0, first.stderr.read()
-    assert second.returncode == 2 and "is in use by process" in second.stderr and "Traceback" not in second.stderr
+    assert (
+        second.returncode == 2
+        and "is in use by process" in second.stderr
+        and "Traceback" not in second.stderr
+    )
     with Ledger(tmp_path / "out" / "random" / "seed-0" / LEDGER, create=False) as ledger:
         assert [r["round"] for r in ledger.rounds()] == [0, 1]
 
@@ -170,7 +237,9 @@ def test_atomic_writes_use_unique_temporary_names_and_leave_nothing_behind(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.json.tmp"]
     mask = os.umask(0o022)
     os.umask(mask)
-    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # an ordinary file's mode, not mkstemp's private 0600
+    assert (
+        target.stat().st_mode & 0o777 == 0o666 & ~mask
+    )  # an ordinary file's mode, not mkstemp's private 0600
 
 
 def test_damaged_json_and_torch_files_are_named_without_torch_advice(tmp_path):
@@ -217,20 +286,45 @@ def test_damaged_files_in_an_output_are_named_by_the_command(tmp_path, mlflow_ur
     train_out = tmp_path / "train"
     train_out.mkdir()
     (train_out / "checkpoint.pt").write_bytes(b"PK\x03\x04 a truncated zip")
-    assert main(["train", "--dataset", "digits", "--epochs", "1", "--output", str(train_out), "--no-progress"]) == 2
+    assert (
+        main(["train", "--dataset", "digits", "--epochs", "1", "--output", str(train_out), "--no-progress"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"{train_out / 'checkpoint.pt'}: not a readable training checkpoint" in err and "delete it" in err
     assert "weights_only" not in err and "Traceback" not in err
-    assert sorted(p.name for p in train_out.iterdir() if p.name != LOCK_FILE) == ["checkpoint.pt"]  # nothing else written
+    assert sorted(p.name for p in train_out.iterdir() if p.name != LOCK_FILE) == [
+        "checkpoint.pt"
+    ]  # nothing else written
     explore_out = tmp_path / "explore"
     explore_out.mkdir()
     (explore_out / "study.json").write_text('{"mlflow_parent_run_id": "ab')
-    assert main(["explore", "--agents", "dqn", "--sizes", "4", "--seeds", "0", "--episodes", "2", "--output", str(explore_out), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "explore",
+                "--agents",
+                "dqn",
+                "--sizes",
+                "4",
+                "--seeds",
+                "0",
+                "--episodes",
+                "2",
+                "--output",
+                str(explore_out),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"{explore_out / 'study.json'}: damaged or truncated JSON" in err and "Traceback" not in err
 
 
-def test_a_folder_turning_read_only_mid_run_ends_with_the_path_not_a_traceback(tmp_path, mlflow_uri, monkeypatch, capsys):
+def test_a_folder_turning_read_only_mid_run_ends_with_the_path_not_a_traceback(
+    tmp_path, mlflow_uri, monkeypatch, capsys
+):
     """The tests run as root, which no permission bit stops: the file system's refusal is
     injected where dubito renames a finished file into place."""
     import errno
@@ -245,11 +339,15 @@ def test_a_folder_turning_read_only_mid_run_ends_with_the_path_not_a_traceback(t
         return real(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "replace", read_only)
-    code = main(["train", "--dataset", "digits", "--epochs", "3", "--output", str(tmp_path / "t"), "--no-progress"])
+    code = main(
+        ["train", "--dataset", "digits", "--epochs", "3", "--output", str(tmp_path / "t"), "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"{calls[-1]}: on a read-only file system" in err
-    assert not [p for p in (tmp_path / "t").iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
+    assert not [
+        p for p in (tmp_path / "t").iterdir() if p.name.endswith(".tmp")
+    ]  # no temporary file left behind
 
 
 def test_data_commands_refuse_an_output_that_is_a_file(tmp_path, capsys):
@@ -257,7 +355,10 @@ def test_data_commands_refuse_an_output_that_is_a_file(tmp_path, capsys):
 
     make_camvid(tmp_path)
     (tmp_path / "a-file").write_text("mine")
-    for argv in (["data", "check", "camvid", "--root", str(tmp_path / "CamVid")], ["data", "show", "synthetic-camvid"]):
+    for argv in (
+        ["data", "check", "camvid", "--root", str(tmp_path / "CamVid")],
+        ["data", "show", "synthetic-camvid"],
+    ):
         assert main([*argv, "--output", str(tmp_path / "a-file")]) == 2
         err = capsys.readouterr().err
         assert "--output" in err and "names a file" in err and "Traceback" not in err
@@ -312,15 +413,38 @@ def _damaged(finished_loop, tmp_path, how) -> Path:
         (lambda loop: sqlite3.connect(loop / LEDGER).execute("DROP TABLE queries"), "table.*queries missing"),
         (lambda loop: sqlite3.connect(loop / LEDGER).execute("DROP TABLE rounds"), "table.*rounds missing"),
         (lambda loop: (loop / LEDGER).write_bytes(b""), "the ledger is empty, but 2 round checkpoint"),
-        (lambda loop: _sql(loop, "DELETE FROM queries WHERE round = 0"), "round 0 has no queries, but a later round is recorded"),
-        (lambda loop: _sql(loop, "DELETE FROM queries WHERE round = 0 AND rank = 0"), "round 1 was trained on 5 labels"),
+        (
+            lambda loop: _sql(loop, "DELETE FROM queries WHERE round = 0"),
+            "round 0 has no queries, but a later round is recorded",
+        ),
+        (
+            lambda loop: _sql(loop, "DELETE FROM queries WHERE round = 0 AND rank = 0"),
+            "round 1 was trained on 5 labels",
+        ),
         (lambda loop: _sql(loop, "DELETE FROM rounds WHERE round = 0"), "not contiguous from 0"),
-        (lambda loop: (loop / "rounds" / "round-001.pt").unlink(), "round 1 is recorded, but its model is not usable"),
-        (lambda loop: (loop / "rounds" / "round-001.pt").write_bytes(b"garbage"), "round 1 is recorded, but its model"),
+        (
+            lambda loop: (loop / "rounds" / "round-001.pt").unlink(),
+            "round 1 is recorded, but its model is not usable",
+        ),
+        (
+            lambda loop: (loop / "rounds" / "round-001.pt").write_bytes(b"garbage"),
+            "round 1 is recorded, but its model",
+        ),
     ],
-    ids=["no-queries", "no-rounds", "zero-bytes", "queries-deleted", "one-query-deleted", "round-deleted", "checkpoint-gone", "checkpoint-garbage"],
+    ids=[
+        "no-queries",
+        "no-rounds",
+        "zero-bytes",
+        "queries-deleted",
+        "one-query-deleted",
+        "round-deleted",
+        "checkpoint-gone",
+        "checkpoint-garbage",
+    ],
 )
-def test_a_damaged_ledger_is_refused_and_nothing_is_trained_over_it(finished_loop, tmp_path, mlflow_uri, damage, match):
+def test_a_damaged_ledger_is_refused_and_nothing_is_trained_over_it(
+    finished_loop, tmp_path, mlflow_uri, damage, match
+):
     loop = _damaged(finished_loop, tmp_path, damage)
     before = _tree(loop, lock=False)
     with pytest.raises(LedgerError, match=match) as err:
@@ -329,20 +453,27 @@ def test_a_damaged_ledger_is_refused_and_nothing_is_trained_over_it(finished_loo
     assert _tree(loop, lock=False) == before
 
 
-def test_a_loop_that_cannot_go_on_is_refused_before_any_mlflow_run_is_opened(finished_loop, tmp_path, mlflow_uri):
+def test_a_loop_that_cannot_go_on_is_refused_before_any_mlflow_run_is_opened(
+    finished_loop, tmp_path, mlflow_uri
+):
     from dubito.experiments.labeling_budget import LabelConfig, run_labeling
 
     study, acquisition = tmp_path / "study", LoopConfig().acquisition  # the finished loop's
     shutil.copytree(finished_loop[0], study / acquisition / "seed-0")
-    store = Path(mlflow_uri[len("sqlite:///"):])
+    store = Path(mlflow_uri[len("sqlite:///") :])
     before = store.read_bytes()
     shrunk = {**TINY, "rounds": 0}
     with pytest.raises(DubitoError, match="cannot shrink it"):
         run_loop(LoopConfig(output=str(study / acquisition / "seed-0"), **shrunk), progress=False)
     with pytest.raises(DubitoError, match="cannot shrink it"):
-        run_labeling(LabelConfig(output=str(study), acquisition=acquisition, seeds="0", **shrunk), progress=False)
+        run_labeling(
+            LabelConfig(output=str(study), acquisition=acquisition, seeds="0", **shrunk), progress=False
+        )
     with pytest.raises(DubitoError, match="other settings"):
-        run_labeling(LabelConfig(output=str(study), acquisition=acquisition, seeds="0", **{**TINY, "lr": 0.01}), progress=False)
+        run_labeling(
+            LabelConfig(output=str(study), acquisition=acquisition, seeds="0", **{**TINY, "lr": 0.01}),
+            progress=False,
+        )
     assert store.read_bytes() == before and not (study / "study.json").exists()
 
 
@@ -384,8 +515,12 @@ def test_export_never_deletes_what_dubito_did_not_write(tmp_path, mlflow_uri, ca
     thesis = tmp_path / "mine"
     thesis.mkdir()
     (thesis / "thesis.txt").write_text("three years of work")
-    for target, match in ((thesis, r"holds files an export did not write \(thesis.txt\)"), (out, "the loop folder or a folder above it"),
-                          (tmp_path, "the loop folder or a folder above it"), (out / "rounds", "not under its queries")):  # fmt: skip
+    for target, match in (
+        (thesis, r"holds files an export did not write \(thesis.txt\)"),
+        (out, "the loop folder or a folder above it"),
+        (tmp_path, "the loop folder or a folder above it"),
+        (out / "rounds", "not under its queries"),
+    ):
         before = _tree(tmp_path, lock=False)
         with pytest.raises(DubitoError, match=match):
             export_queries(config, target, waiting)
@@ -402,14 +537,20 @@ def test_export_never_deletes_what_dubito_did_not_write(tmp_path, mlflow_uri, ca
     assert (pending / f"{waiting[0]}_label.png").read_bytes() == b"a person's work"
     (pending / f"{waiting[0]}_label.png").unlink()
     # a mistyped loop folder: refused, nothing created
-    for argv in (["label", "export", "--output", str(tmp_path / "typo")], ["label", "import", "--output", str(tmp_path / "typo"), "--labels", str(thesis)]):
+    for argv in (
+        ["label", "export", "--output", str(tmp_path / "typo")],
+        ["label", "import", "--output", str(tmp_path / "typo"), "--labels", str(thesis)],
+    ):
         assert main(argv) == 2 and "no labeling run here" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
     # a new or empty folder, and the loop's own queries folders, are fine (and replaced)
     assert main(["label", "export", "--output", str(out), "--to", str(tmp_path / "new")]) == 0
     assert main(["label", "export", "--output", str(out)]) == 0
     assert main(["label", "export", "--output", str(out)]) == 0
-    assert json.loads((out / "queries" / "pending" / "queries.json").read_text())["queries"][0]["id"] == waiting[0]
+    assert (
+        json.loads((out / "queries" / "pending" / "queries.json").read_text())["queries"][0]["id"]
+        == waiting[0]
+    )
     assert not [p for p in (out / "queries").iterdir() if p.name.endswith(".tmp")]
 
 
@@ -425,7 +566,9 @@ def test_human_import_is_bounded_contained_and_silent_about_content(tmp_path, ml
         import_labels(out, labels)
     assert "hunter2" not in str(err.value)
     (labels / f"{first}_label.png").unlink()
-    Image.fromarray(np.zeros((4000, 4000), np.uint8)).save(labels / f"{first}_label.png")  # small file, huge image
+    Image.fromarray(np.zeros((4000, 4000), np.uint8)).save(
+        labels / f"{first}_label.png"
+    )  # small file, huge image
     with pytest.raises(DubitoError, match=r"label shape \(4000, 4000\), expected \(16, 20\); not decoded"):
         import_labels(out, labels)
     (labels / f"{first}_label.png").write_bytes(b"\x00" * 10_000_000)  # larger than any label of 16x20
@@ -433,7 +576,9 @@ def test_human_import_is_bounded_contained_and_silent_about_content(tmp_path, ml
         import_labels(out, labels)
     (labels / f"{first}_label.png").unlink()
     Image.fromarray(np.zeros((16, 20), np.uint8)).save(labels / f"{first}_label.png")
-    assert main(["label", "import", "--output", str(out), "--labels", str(labels)]) == 1  # partial: not done yet
+    assert (
+        main(["label", "import", "--output", str(out), "--labels", str(labels)]) == 1
+    )  # partial: not done yet
     err = capsys.readouterr().err
     rest = [i for i in waiting if i != first]
     assert f"{len(rest)} image(s) still wait for a label: ids {', '.join(map(str, rest))}" in err
@@ -491,15 +636,48 @@ def test_dubito_evaluate_takes_a_digits_model(tmp_path, mlflow_uri, capsys):
     from dubito.platform.service import UncertaintyService
     from dubito.platform.training import load_model
 
-    assert main(["train", "--dataset", "digits", "--epochs", "2", "--data-seed", "3", "--output", str(tmp_path / "t"), "--no-progress"]) == 0
-    assert main(["evaluate", "--model", str(tmp_path / "t" / "model.pt"), "--output", str(tmp_path / "e"), "--samples", "5",
-                 "--batch-size", "64", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "digits",
+                "--epochs",
+                "2",
+                "--data-seed",
+                "3",
+                "--output",
+                str(tmp_path / "t"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "t" / "model.pt"),
+                "--output",
+                str(tmp_path / "e"),
+                "--samples",
+                "5",
+                "--batch-size",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     s = results["summary"]
     model, _ = load_model(tmp_path / "t" / "model.pt")
     test = get_dataset("digits", "test", seed=3)  # the split the model was trained beside (data seed 3)
-    service = UncertaintyService(model, samples=5, device="cpu", seed=0, logit_noise_samples=10, progress=False)  # evaluate's
+    service = UncertaintyService(
+        model, samples=5, device="cpu", seed=0, logit_noise_samples=10, progress=False
+    )  # evaluate's
     hits, mi, ece = [], [], CalibrationHistogram(15)
     for start in range(0, len(test), 64):  # the batches evaluate makes, in its order
         batch = torch.utils.data.default_collate([test[i] for i in range(start, min(start + 64, len(test)))])
@@ -530,14 +708,29 @@ def test_a_model_with_one_nan_weight_is_named_not_scored(finished_loop, tmp_path
         list(UncertaintyService(model, samples=2, device="cpu", progress=False).stream(data))
     from dubito.acquisition.modal import TorchEstimator
 
-    est = TorchEstimator(epochs=1, samples=2, seed=0, hidden=(8,)).fit(np.random.default_rng(0).normal(size=(20, 4)), np.arange(20) % 2)
+    est = TorchEstimator(epochs=1, samples=2, seed=0, hidden=(8,)).fit(
+        np.random.default_rng(0).normal(size=(20, 4)), np.arange(20) % 2
+    )
     with torch.no_grad():
         next(p for p in est.model_.parameters() if p.dim() == 2)[0, 0] = float("nan")
     with pytest.raises(DubitoError, match=r"TorchEstimator's model .* item ids 0, 1, 2"):
         est.uncertainty(np.ones((3, 4)))
     save_model(tmp_path / "nan.pt", model, spec)
-    code = main(["evaluate", "--model", str(tmp_path / "nan.pt"), "--output", str(tmp_path / "eval"), "--no-ood",
-                 "--images", "3", "--samples", "2", "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tmp_path / "nan.pt"),
+            "--output",
+            str(tmp_path / "eval"),
+            "--no-ood",
+            "--images",
+            "3",
+            "--samples",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "non-finite" in capsys.readouterr().err
     assert not (tmp_path / "eval" / "results.json").exists()
 
@@ -579,7 +772,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("argv, named", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_every_bad_input_is_refused_before_anything_is_written(tmp_path, mlflow_uri, capsys, argv, named):
-    store = Path(mlflow_uri[len("sqlite:///"):])
+    store = Path(mlflow_uri[len("sqlite:///") :])
     before = store.read_bytes()
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     code = main([*argv, "--output", str(tmp_path / "out"), "--no-progress"])
@@ -596,6 +789,7 @@ def test_a_missing_sqlite_folder_is_refused_not_created(tmp_path, monkeypatch, c
     assert not (tmp_path / "no").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_ends_like_ctrl_c_and_the_run_resumes(tmp_path, mlflow_uri):
     import signal
 
@@ -603,7 +797,17 @@ def test_sigterm_ends_like_ctrl_c_and_the_run_resumes(tmp_path, mlflow_uri):
 
     out = tmp_path / "out"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "rounds": 3}.items()]
-    command = [sys.executable, "-m", "dubito", "label", f"--output={out}", "--acquisition=random", "--seeds=0", *flags, "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "dubito",
+        "label",
+        f"--output={out}",
+        "--acquisition=random",
+        "--seeds=0",
+        *flags,
+        "--no-progress",
+    ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ledger, deadline = out / "random" / "seed-0" / LEDGER, time.time() + 180
@@ -620,14 +824,31 @@ def test_sigterm_ends_like_ctrl_c_and_the_run_resumes(tmp_path, mlflow_uri):
     assert "Traceback" not in process.stderr.read()
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("dubito-label").experiment_id])
-    assert runs and {r.info.status for r in runs} == {"KILLED"}  # the loop's run and the study's, none left RUNNING
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)  # the lock was released
+    assert runs and {r.info.status for r in runs} == {
+        "KILLED"
+    }  # the loop's run and the study's, none left RUNNING
+    again = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300
+    )  # the lock was released
     assert again.returncode == 0, again.stderr
     assert json.loads((out / "random" / "seed-0" / "results.json").read_text())["finished"]
 
 
 def test_training_stops_on_a_diverged_loss_naming_the_epoch(tmp_path, mlflow_uri, capsys):
-    code = main(["train", "--dataset", "digits", "--epochs", "3", "--lr", "1e30", "--output", str(tmp_path / "t"), "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "3",
+            "--lr",
+            "1e30",
+            "--output",
+            str(tmp_path / "t"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "epoch 1: the loss became" in err and "--lr" in err
@@ -643,8 +864,12 @@ def test_a_copied_training_folder_resumes_in_place_with_a_run_of_its_own(tmp_pat
     before = _tree(tmp_path / "a", lock=False)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     extended = train(TrainConfig(dataset="digits", epochs=2, output=str(tmp_path / "b")), progress=False)
-    assert extended["epochs_run"] == 2 and extended["history"][0] == first["history"][0]  # resumed, not retrained
+    assert (
+        extended["epochs_run"] == 2 and extended["history"][0] == first["history"][0]
+    )  # resumed, not retrained
     assert _tree(tmp_path / "a", lock=False) == before
     assert extended["mlflow_run_id"] != first["mlflow_run_id"]
     client = MlflowClient(mlflow_uri)
-    assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "train_loss")] == [1]  # the original's run untouched
+    assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "train_loss")] == [
+        1
+    ]  # the original's run untouched

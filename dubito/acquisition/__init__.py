@@ -24,10 +24,30 @@ from dubito.acquisition.config import LoopConfig
 from dubito.acquisition.functions import ACQUISITIONS, Acquisition, get_acquisition, register_acquisition
 from dubito.acquisition.ledger import Ledger
 from dubito.acquisition.loop import run_loop
-from dubito.acquisition.reductions import REDUCTIONS, Reduction, parse_reduction, reduce_scores, register_reduction
+from dubito.acquisition.reductions import (
+    REDUCTIONS,
+    Reduction,
+    parse_reduction,
+    reduce_scores,
+    register_reduction,
+)
 from dubito.acquisition.selection import SELECTIONS, Selection, register_selection, select
 
 __all__ = [
-    "ACQUISITIONS", "Acquisition", "get_acquisition", "register_acquisition", "REDUCTIONS", "Reduction", "parse_reduction",
-    "reduce_scores", "register_reduction", "SELECTIONS", "Selection", "register_selection", "select", "Ledger", "LoopConfig", "run_loop",
-]  # fmt: skip
+    "ACQUISITIONS",
+    "Acquisition",
+    "get_acquisition",
+    "register_acquisition",
+    "REDUCTIONS",
+    "Reduction",
+    "parse_reduction",
+    "reduce_scores",
+    "register_reduction",
+    "SELECTIONS",
+    "Selection",
+    "register_selection",
+    "select",
+    "Ledger",
+    "LoopConfig",
+    "run_loop",
+]

@@ -52,8 +52,15 @@ def shards(batches: list, parts: int) -> list[list]:
 class _Scorer:
     """The actor: a model replica and the loop's pool."""
 
-    def __init__(self, pool: PoolSpec, scoring: ScoringSpec, spec: dict[str, Any], device: str, threads: int,
-                 found: dict[str, Any]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pool: PoolSpec,
+        scoring: ScoringSpec,
+        spec: dict[str, Any],
+        device: str,
+        threads: int,
+        found: dict[str, Any],
+    ) -> None:
         if threads:
             torch.set_num_threads(threads)
         install_plugins(found)  # what users registered in the driver
@@ -81,9 +88,17 @@ class RayPoolScorer:
     (default: this process's count, which makes the scores bit-identical)."""
 
     def __init__(
-        self, pool: PoolSpec, scoring: ScoringSpec, spec: dict[str, Any], actors: int, *, device: str = "auto", gpus: str | float = "auto",
-        cpus: float = 1.0, threads: int | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        pool: PoolSpec,
+        scoring: ScoringSpec,
+        spec: dict[str, Any],
+        actors: int,
+        *,
+        device: str = "auto",
+        gpus: str | float = "auto",
+        cpus: float = 1.0,
+        threads: int | None = None,
+    ) -> None:
         import ray
 
         if actors < 1:
@@ -130,7 +145,9 @@ class RayPoolScorer:
         ref = ray.put(state)
         ray.get([a.set_weights.remote(ref) for a in self.actors])
 
-    def score(self, model: nn.Module, batches: list[tuple[int, list[int]]], round: int, progress: bool = False) -> list[Scored]:
+    def score(
+        self, model: nn.Module, batches: list[tuple[int, list[int]]], round: int, progress: bool = False
+    ) -> list[Scored]:
         """The per-batch results of :func:`~dubito.acquisition.scoring.score_batches`, in ``batches``' order."""
         import ray
 
@@ -141,8 +158,13 @@ class RayPoolScorer:
         pending = {self.actors[k].score.remote(part, round): k for k, part in enumerate(parts)}
         done: dict[int, list] = {}
         total = sum(len(p) for _, p in batches)
-        with tqdm(total=len(batches), desc=f"round {round}: scoring {total} pool images on {len(parts)} Ray actors",
-                  unit="batch", leave=False, disable=not progress) as bar:  # fmt: skip
+        with tqdm(
+            total=len(batches),
+            desc=f"round {round}: scoring {total} pool images on {len(parts)} Ray actors",
+            unit="batch",
+            leave=False,
+            disable=not progress,
+        ) as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 k = pending.pop(ready[0])

@@ -33,7 +33,15 @@ from dubito.platform.mc import MCSamples
 from dubito.platform.registry import Registry
 from dubito.platform.uncertainty import ClassificationUncertainty, RegressionUncertainty
 
-__all__ = ["Acquisition", "ACQUISITIONS", "KINDS", "NEEDS", "get_acquisition", "register_acquisition", "uncertainty_kind"]
+__all__ = [
+    "Acquisition",
+    "ACQUISITIONS",
+    "KINDS",
+    "NEEDS",
+    "get_acquisition",
+    "register_acquisition",
+    "uncertainty_kind",
+]
 
 KINDS = ("classification", "regression")
 NEEDS = ("samples",)  # what an acquisition may ask for beyond the decomposition
@@ -94,7 +102,9 @@ class Acquisition:
         if set(self.needs) - set(NEEDS):
             raise DubitoError(f"acquisition {self.name!r}: needs must be among {NEEDS}, got {self.needs!r}")
 
-    def score(self, u: Uncertainty, *, generator: torch.Generator | None = None, samples: MCSamples | None = None) -> Tensor:
+    def score(
+        self, u: Uncertainty, *, generator: torch.Generator | None = None, samples: MCSamples | None = None
+    ) -> Tensor:
         """Per-element scores, (N,) / (N, H, W) (see the module docstring); higher = label first.
         ``samples``: the MC samples ``u`` was computed from (required when the acquisition needs them)."""
         kind = uncertainty_kind(u)
@@ -104,7 +114,9 @@ class Acquisition:
             )
         if "samples" in self.needs:
             if samples is None:
-                raise DubitoError(f"acquisition {self.name!r} needs the MC samples: pass score(u, samples=...)")
+                raise DubitoError(
+                    f"acquisition {self.name!r} needs the MC samples: pass score(u, samples=...)"
+                )
             return self.fn(u, generator, samples)
         return self.fn(u, generator)
 
@@ -143,7 +155,9 @@ def _variation_ratio(u: Uncertainty, generator: torch.Generator | None) -> Tenso
 
 def _top2(u: ClassificationUncertainty) -> Tensor:
     if u.mean_probs.shape[1] < 2:
-        raise DubitoError(f"margin needs at least 2 classes, mean_probs has shape {tuple(u.mean_probs.shape)}")
+        raise DubitoError(
+            f"margin needs at least 2 classes, mean_probs has shape {tuple(u.mean_probs.shape)}"
+        )
     return u.mean_probs.topk(2, dim=1).values
 
 
@@ -185,53 +199,69 @@ BOTH = ("classification", "regression")
 CLS = ("classification",)
 REG = ("regression",)
 
+
 def _check_entry(entry: object) -> None:
     if not isinstance(entry, Acquisition):
-        raise DubitoError(f"an acquisition entry must be a dubito.acquisition.Acquisition, got {type(entry).__name__}")
+        raise DubitoError(
+            f"an acquisition entry must be a dubito.acquisition.Acquisition, got {type(entry).__name__}"
+        )
 
 
 #: every acquisition by name: dubito's own, those registered, and those of installed entry points
 ACQUISITIONS: Registry[Acquisition] = Registry("acquisition", "dubito.acquisitions", _check_entry, __name__)
 
 for _acquisition in (
-        Acquisition("random", BOTH, "Uniform [0, 1) per element from the given torch.Generator (required).", _random),
-        Acquisition(
-            "entropy",
-            BOTH,
-            "Classification: predictive entropy H[p̄]. Regression: Gaussian predictive entropy "
-            "0.5·log(2πe·total_var), total_var clamped ≥ 1e-12.",
-            _entropy,
-        ),
-        Acquisition(
-            "bald",
-            BOTH,
-            "Classification: mutual information H[p̄] − mean_t H[p_t] (BALD). Regression: "
-            "0.5·log(total_var / aleatoric_var), aleatoric clamped ≥ 1e-12 (Gaussian approximation, "
-            "Depeweg et al. 2018); when aleatoric_var is all zeros (no aleatoric head) the score falls "
-            "back to epistemic_var.",
-            _bald,
-        ),
-        Acquisition("variation_ratio", CLS, "1 − (votes for the modal class)/T over the MC samples.", _variation_ratio),
-        Acquisition("margin", CLS, "1 − (p̄_top1 − p̄_top2) from mean_probs along the class axis.", _margin),
-        Acquisition("least_confidence", CLS, "1 − max_c p̄_c.", _least_confidence),
-        Acquisition(
-            "aleatoric", BOTH, "Classification: aleatoric entropy mean_t H[p_t]. Regression: aleatoric_var.", _aleatoric
-        ),
-        Acquisition(
-            "epistemic",
-            BOTH,
-            "Classification: mutual information. Regression: epistemic_var. Option logit_variance=True: "
-            "epistemic_logit_variance (classification with logit samples).",
-            _epistemic,
-        ),
-        Acquisition("total_variance", REG, "total_var = aleatoric_var + epistemic_var.", _total_variance),
+    Acquisition(
+        "random", BOTH, "Uniform [0, 1) per element from the given torch.Generator (required).", _random
+    ),
+    Acquisition(
+        "entropy",
+        BOTH,
+        "Classification: predictive entropy H[p̄]. Regression: Gaussian predictive entropy "
+        "0.5·log(2πe·total_var), total_var clamped ≥ 1e-12.",
+        _entropy,
+    ),
+    Acquisition(
+        "bald",
+        BOTH,
+        "Classification: mutual information H[p̄] − mean_t H[p_t] (BALD). Regression: "
+        "0.5·log(total_var / aleatoric_var), aleatoric clamped ≥ 1e-12 (Gaussian approximation, "
+        "Depeweg et al. 2018); when aleatoric_var is all zeros (no aleatoric head) the score falls "
+        "back to epistemic_var.",
+        _bald,
+    ),
+    Acquisition(
+        "variation_ratio", CLS, "1 − (votes for the modal class)/T over the MC samples.", _variation_ratio
+    ),
+    Acquisition("margin", CLS, "1 − (p̄_top1 − p̄_top2) from mean_probs along the class axis.", _margin),
+    Acquisition("least_confidence", CLS, "1 − max_c p̄_c.", _least_confidence),
+    Acquisition(
+        "aleatoric",
+        BOTH,
+        "Classification: aleatoric entropy mean_t H[p_t]. Regression: aleatoric_var.",
+        _aleatoric,
+    ),
+    Acquisition(
+        "epistemic",
+        BOTH,
+        "Classification: mutual information. Regression: epistemic_var. Option logit_variance=True: "
+        "epistemic_logit_variance (classification with logit samples).",
+        _epistemic,
+    ),
+    Acquisition("total_variance", REG, "total_var = aleatoric_var + epistemic_var.", _total_variance),
 ):
     ACQUISITIONS.register(_acquisition, builtin=True)
 
 
 def register_acquisition(
-    name: str, fn: ScoreFn, *, kinds: tuple[str, ...] = KINDS, needs: tuple[str, ...] = (), doc: str | None = None, replace: bool = False,
-) -> Acquisition:  # fmt: skip
+    name: str,
+    fn: ScoreFn,
+    *,
+    kinds: tuple[str, ...] = KINDS,
+    needs: tuple[str, ...] = (),
+    doc: str | None = None,
+    replace: bool = False,
+) -> Acquisition:
     """Add an acquisition function under ``name`` (for ``--acquisition``, sweeps and ``strategy()``).
 
     ``fn(u, generator)`` returns per-element scores shaped like ``u``'s per-element fields (see the
@@ -239,8 +269,11 @@ def register_acquisition(
     ``fn(u, generator, samples)`` with the raw :class:`~dubito.platform.mc.MCSamples`. ``kinds``:
     the uncertainty kinds it supports. Returns the :class:`Acquisition`.
     """
-    entry = Acquisition(name, tuple(kinds), doc if doc is not None else (fn.__doc__ or "").strip(), fn, tuple(needs))
+    entry = Acquisition(
+        name, tuple(kinds), doc if doc is not None else (fn.__doc__ or "").strip(), fn, tuple(needs)
+    )
     return ACQUISITIONS.register(entry, replace=replace)
+
 
 EPISTEMIC_LOGIT_VARIANCE = Acquisition(
     "epistemic(logit_variance)",

@@ -34,7 +34,14 @@ from dubito.platform.data import DatasetError
 from dubito.platform.data.base import item_generator, read_label
 from dubito.platform.files import atomic_path, exclusive, file_errors, private_dir, read_json, write_json
 
-__all__ = ["HumanLabels", "export_queries", "export_waiting", "import_labels", "waiting_for_labels", "LABEL_SUFFIX"]
+__all__ = [
+    "HumanLabels",
+    "export_queries",
+    "export_waiting",
+    "import_labels",
+    "waiting_for_labels",
+    "LABEL_SUFFIX",
+]
 
 LABEL_SUFFIX = {"segmentation": ".png", "depth": ".npy"}  # else (image classification) .txt
 
@@ -101,7 +108,9 @@ def label_bytes(path: Path, like: Tensor) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise DubitoError(f"{path}: a link; put the label file itself in --labels (links are not followed)") from None
+            raise DubitoError(
+                f"{path}: a link; put the label file itself in --labels (links are not followed)"
+            ) from None
         raise DubitoError(f"{path}: cannot open the label ({os.strerror(err.errno or 0)})") from None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
@@ -109,7 +118,9 @@ def label_bytes(path: Path, like: Tensor) -> bytes:
             raise DubitoError(f"{path}: not a regular file")
         limit = 16 * max(1, like.numel()) + 65_536  # far above any honest encoding of a label of this shape
         if info.st_size > limit:
-            raise DubitoError(f"{path}: {info.st_size} bytes, more than a label of shape {tuple(like.shape)} needs ({limit}); not read")
+            raise DubitoError(
+                f"{path}: {info.st_size} bytes, more than a label of shape {tuple(like.shape)} needs ({limit}); not read"
+            )
         data = f.read(limit + 1)
     if len(data) > limit:  # grew while being read
         raise DubitoError(f"{path}: more than {limit} bytes; not read")
@@ -127,14 +138,21 @@ def label_bytes(path: Path, like: Tensor) -> bytes:
         try:
             header = io.BytesIO(data)
             version = np.lib.format.read_magic(header)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }[version]
             shape, _, dtype = read_header(header)  # the header only, no data
         except (ValueError, OSError, SyntaxError, KeyError):
             raise DubitoError(f"{path}: not a .npy array file (format 1.0 or 2.0)") from None
         if tuple(shape) != tuple(like.shape) or dtype.hasobject or dtype.kind not in "fiu":
-            raise DubitoError(f"{path}: a {dtype} array of shape {tuple(shape)}; expected numbers of shape {tuple(like.shape)}")
+            raise DubitoError(
+                f"{path}: a {dtype} array of shape {tuple(shape)}; expected numbers of shape {tuple(like.shape)}"
+            )
     elif not re.fullmatch(rb"\s*[0-9]{1,6}\s*", data):
-        raise DubitoError(f"{path}: a class file holds one class index in plain ASCII digits (e.g. 3), nothing else")
+        raise DubitoError(
+            f"{path}: a class file holds one class index in plain ASCII digits (e.g. 3), nothing else"
+        )
     return data
 
 
@@ -146,11 +164,15 @@ def _export_target(loop: Path, folder: Path) -> bool:
     it) is never a target."""
     loop, target = loop.resolve(), folder.resolve()
     if loop == target or loop.is_relative_to(target):
-        raise DubitoError(f"--to {folder}: the loop folder or a folder above it; exports go to a folder of their own "
-                          f"(default {loop / 'queries' / 'pending'})")  # fmt: skip
+        raise DubitoError(
+            f"--to {folder}: the loop folder or a folder above it; exports go to a folder of their own "
+            f"(default {loop / 'queries' / 'pending'})"
+        )
     under = target.is_relative_to(loop / "queries") and target != loop / "queries"
     if target.is_relative_to(loop) and not under:
-        raise DubitoError(f"--to {folder}: inside the loop folder but not under its queries/ folder; give a folder there or outside the loop")
+        raise DubitoError(
+            f"--to {folder}: inside the loop folder but not under its queries/ folder; give a folder there or outside the loop"
+        )
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise DubitoError(f"--to {folder}: a file or a link; give a folder")
     entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -159,9 +181,11 @@ def _export_target(loop: Path, folder: Path) -> bool:
     foreign = [e for e in entries if e not in _export_files(folder)] if under else entries
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise DubitoError(f"--to {folder}: holds files an export did not write ({shown}); export replaces only a folder of its "
-                          "own or writes into a new or empty one (nothing else is deleted). Keep label files in a folder of "
-                          "their own, given to `dubito label import --labels`")  # fmt: skip
+        raise DubitoError(
+            f"--to {folder}: holds files an export did not write ({shown}); export replaces only a folder of its "
+            "own or writes into a new or empty one (nothing else is deleted). Keep label files in a folder of "
+            "their own, given to `dubito label import --labels`"
+        )
     return True
 
 
@@ -200,18 +224,30 @@ def export_queries(config: LoopConfig, folder: Path, ids: list[int]) -> Path:
             if array.ndim == 1:  # digits: a square grey image, min-max scaled (the features are standardised)
                 side = int(round(math.sqrt(array.size)))
                 array = (array - array.min()) / max(float(np.ptp(array)), 1e-9)
-                Image.fromarray((array.reshape(side, side) * 255).astype(np.uint8)).resize((side * 8, side * 8)).save(tmp / f"{i}.png")
+                Image.fromarray((array.reshape(side, side) * 255).astype(np.uint8)).resize(
+                    (side * 8, side * 8)
+                ).save(tmp / f"{i}.png")
             else:
-                Image.fromarray((array.clip(0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(tmp / f"{i}.png")
+                Image.fromarray((array.clip(0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(
+                    tmp / f"{i}.png"
+                )
             entries.append({"id": i, "image": f"{i}.png", "label": f"{i}_label{suffix}"})
         shape = list(plain[position[ids[0]]]["target"].shape) if ids else []
         classes = getattr(plain, "num_classes", None)
-        write_json(tmp / "queries.json", {
-            "task": task, "label_shape": shape, "classes": classes, "queries": entries,
-            "format": {".png": "single-channel PNG of class indices (0..C-1; the dataset's void index for unlabelled pixels)",
-                       ".npy": "float array of depth in metres, shape label_shape (NaN or 0 = unknown)",
-                       ".txt": "the class index as text"}[suffix],
-        })  # fmt: skip
+        write_json(
+            tmp / "queries.json",
+            {
+                "task": task,
+                "label_shape": shape,
+                "classes": classes,
+                "queries": entries,
+                "format": {
+                    ".png": "single-channel PNG of class indices (0..C-1; the dataset's void index for unlabelled pixels)",
+                    ".npy": "float array of depth in metres, shape label_shape (NaN or 0 = unknown)",
+                    ".txt": "the class index as text",
+                }[suffix],
+            },
+        )
         with file_errors(folder):
             if folder.is_dir():
                 if own:  # an earlier export of this loop, every file in it written by dubito (checked)
@@ -231,7 +267,9 @@ def waiting_for_labels(output: str | Path) -> tuple[LoopConfig, list[int]]:
     with Ledger(output / LEDGER, create=False) as ledger:
         config = loop_config(output, ledger)
         if config.oracle != "human":
-            raise DubitoError(f"{output}: a loop with --oracle {config.oracle}; only --oracle human loops export and import labels")
+            raise DubitoError(
+                f"{output}: a loop with --oracle {config.oracle}; only --oracle human loops export and import labels"
+            )
         return config, ledger.pending(ledger.labeled_ids())
 
 
@@ -269,7 +307,9 @@ def import_labels(output: str | Path, folder: str | Path) -> tuple[list[int], li
             if not path.exists() and not path.is_symlink():
                 others = sorted(folder.glob(f"{i}_label.*"))
                 if others:
-                    raise DubitoError(f"{others[0]}: expected {path.name} (this task's labels are {suffix} files; see queries.json)")
+                    raise DubitoError(
+                        f"{others[0]}: expected {path.name} (this task's labels are {suffix} files; see queries.json)"
+                    )
                 continue
             like = plain[position[i]]["target"]
             data = label_bytes(path, like)
@@ -286,13 +326,20 @@ def import_labels(output: str | Path, folder: str | Path) -> tuple[list[int], li
             if classes is not None:
                 bad = (label < 0) | ((label >= classes) & (label != (ignore if ignore is not None else -1)))
                 if bool(bad.any()):
-                    raise DubitoError(f"{path}: class values outside 0..{classes - 1}" + (f" (void = {ignore})" if ignore is not None else ""))
+                    raise DubitoError(
+                        f"{path}: class values outside 0..{classes - 1}"
+                        + (f" (void = {ignore})" if ignore is not None else "")
+                    )
             if task == "depth" and not bool((torch.isfinite(label) & (label > 0)).any()):
-                raise DubitoError(f"{path}: no finite depth > 0 (NaN or 0 mark unknown pixels; depths are in metres)")
+                raise DubitoError(
+                    f"{path}: no finite depth > 0 (NaN or 0 mark unknown pixels; depths are in metres)"
+                )
             checked[i] = (path, data)
         if not checked:
-            raise DubitoError(f"{folder}: none of the label files waited for ({', '.join(f'{i}_label{suffix}' for i in waiting[:5])}"
-                              f"{' ...' if len(waiting) > 5 else ''})")  # fmt: skip
+            raise DubitoError(
+                f"{folder}: none of the label files waited for ({', '.join(f'{i}_label{suffix}' for i in waiting[:5])}"
+                f"{' ...' if len(waiting) > 5 else ''})"
+            )
         store = output / "labels"
         with Ledger(output / LEDGER, create=False) as ledger:
             for i, (path, data) in checked.items():

@@ -53,7 +53,10 @@ _COLUMNS = {
     "queries": ["id", "round", "rank", "score", "flags"],
     "labels": ["id", "path", "imported"],
 }
-_RECOVER = "move the folder aside (nothing in it is deleted) and run again into a new --output, or restore the ledger from a backup"
+_RECOVER = (
+    "move the folder aside (nothing in it is deleted) and run again into a new --output, or "
+    "restore the ledger from a backup"
+)
 
 
 class LedgerError(DubitoError):
@@ -72,13 +75,17 @@ class Ledger:
             refused (it would train those rounds again over them).
     """
 
-    def __init__(self, path: str | Path, settings: dict[str, Any] | None = None, *, create: bool = True) -> None:
+    def __init__(
+        self, path: str | Path, settings: dict[str, Any] | None = None, *, create: bool = True
+    ) -> None:
         self.path = Path(path)
         self.folder = self.path.parent
         if self.path.exists() and not self.path.is_file():
             raise LedgerError(f"{self.path}: not a file (a ledger is a SQLite file)")
         if not self.path.exists() and not create:
-            raise LedgerError(f"{self.path}: no ledger here; give the folder of one loop, e.g. runs/label/bald/seed-0")
+            raise LedgerError(
+                f"{self.path}: no ledger here; give the folder of one loop, e.g. runs/label/bald/seed-0"
+            )
         with file_errors(self.folder):
             self.folder.mkdir(parents=True, exist_ok=True)
         try:
@@ -117,14 +124,20 @@ class Ledger:
         present; raises :class:`LedgerError` saying what is wrong and how to recover."""
         try:
             if tables is None:
-                tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                tables = {
+                    r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                }
             missing = sorted(set(_COLUMNS) - tables)
             if missing:
-                raise LedgerError(f"{self.path}: damaged ledger: table(s) {', '.join(missing)} missing; {_RECOVER}")
+                raise LedgerError(
+                    f"{self.path}: damaged ledger: table(s) {', '.join(missing)} missing; {_RECOVER}"
+                )
             for table, columns in _COLUMNS.items():
                 have = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]
                 if have != columns:
-                    raise LedgerError(f"{self.path}: damaged ledger: table {table} has columns {have}, expected {columns}; {_RECOVER}")
+                    raise LedgerError(
+                        f"{self.path}: damaged ledger: table {table} has columns {have}, expected {columns}; {_RECOVER}"
+                    )
             check = self._db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise LedgerError(f"{self.path}: damaged ledger (SQLite: {check}); {_RECOVER}")
@@ -133,12 +146,18 @@ class Ledger:
         except sqlite3.DatabaseError as err:
             raise LedgerError(f"{self.path}: damaged ledger ({err}); {_RECOVER}") from None
         if [r for r, _ in rounds] != list(range(len(rounds))):
-            raise LedgerError(f"{self.path}: damaged ledger: rounds {[r for r, _ in rounds]} are not contiguous from 0; {_RECOVER}")
+            raise LedgerError(
+                f"{self.path}: damaged ledger: rounds {[r for r, _ in rounds]} are not contiguous from 0; {_RECOVER}"
+            )
         if rounds and not counts.get(INITIAL):
-            raise LedgerError(f"{self.path}: damaged ledger: {len(rounds)} round(s) recorded but no initial set; {_RECOVER}")
+            raise LedgerError(
+                f"{self.path}: damaged ledger: {len(rounds)} round(s) recorded but no initial set; {_RECOVER}"
+            )
         strays = sorted(r for r in counts if r != INITIAL and not 0 <= r < len(rounds))
         if strays:
-            raise LedgerError(f"{self.path}: damaged ledger: queries of round(s) {strays}, which are not recorded; {_RECOVER}")
+            raise LedgerError(
+                f"{self.path}: damaged ledger: queries of round(s) {strays}, which are not recorded; {_RECOVER}"
+            )
         labels = counts.get(INITIAL, 0)
         for r, recorded in rounds:
             if recorded != labels:
@@ -147,7 +166,9 @@ class Ledger:
                     f"queries before it hold {labels}; {_RECOVER}"
                 )
             if r < len(rounds) - 1 and not counts.get(r):
-                raise LedgerError(f"{self.path}: damaged ledger: round {r} has no queries, but a later round is recorded; {_RECOVER}")
+                raise LedgerError(
+                    f"{self.path}: damaged ledger: round {r} has no queries, but a later round is recorded; {_RECOVER}"
+                )
             labels += counts.get(r, 0)
 
     # ------------------------------------------------------------------ settings
@@ -155,7 +176,9 @@ class Ledger:
         stored = self.get_meta("settings")
         if stored is None:
             with self._db:
-                self._db.execute("INSERT INTO meta VALUES ('settings', ?)", (json.dumps(settings, sort_keys=True),))
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('settings', ?)", (json.dumps(settings, sort_keys=True),)
+                )
             return
         if stored != json.loads(json.dumps(settings)):
             changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
@@ -192,15 +215,22 @@ class Ledger:
     ) -> None:
         """Round ``round``: its model's metrics and checkpoint, and the ids it queried, atomically."""
         if round != self.next_round():
-            raise DubitoError(f"{self.path}: round {round} recorded out of order (next is {self.next_round()})")
+            raise DubitoError(
+                f"{self.path}: round {round} recorded out of order (next is {self.next_round()})"
+            )
         labels = len(self.labeled_ids())
         stored = None if checkpoint is None else relative_to(checkpoint, self.folder)
         self._insert_queries(
-            round, queried, scores, flags,
+            round,
+            queried,
+            scores,
+            flags,
             round_row=(round, labels, json.dumps(metrics), stored, seconds, time.time()),
-        )  # fmt: skip
+        )
 
-    def _insert_queries(self, round: int, ids: Sequence[int], scores, flags, round_row: tuple | None = None) -> None:
+    def _insert_queries(
+        self, round: int, ids: Sequence[int], scores, flags, round_row: tuple | None = None
+    ) -> None:
         ids = [int(i) for i in ids]
         if len(set(ids)) != len(ids):
             raise DubitoError(f"round {round}: the same id was queried twice in one batch")
@@ -216,12 +246,21 @@ class Ledger:
                 )
         except sqlite3.IntegrityError as err:
             if round_row is not None and round < self.next_round():
-                raise DubitoError(f"{self.path}: round {round} is recorded already (is another process writing here?)") from None
+                raise DubitoError(
+                    f"{self.path}: round {round} is recorded already (is another process writing here?)"
+                ) from None
             again = sorted(set(ids) & set(self.labeled_ids()))
-            raise DubitoError(f"{self.path}: round {round} would label ids again {again[:10]} ({err})") from None
+            raise DubitoError(
+                f"{self.path}: round {round} would label ids again {again[:10]} ({err})"
+            ) from None
 
-    def add_queries(self, round: int, queried: Sequence[int], scores: Sequence[float] | None = None,
-                    flags: Sequence[dict] | None = None) -> None:  # fmt: skip
+    def add_queries(
+        self,
+        round: int,
+        queried: Sequence[int],
+        scores: Sequence[float] | None = None,
+        flags: Sequence[dict] | None = None,
+    ) -> None:
         """Queries of a recorded round that had none (its loop was given a larger budget), atomically."""
         if round != self.next_round() - 1 or self.queries(round):
             raise DubitoError(f"{self.path}: round {round} is not the last round without queries")
@@ -232,7 +271,10 @@ class Ledger:
         if int(id) not in set(self.labeled_ids()):
             raise DubitoError(f"{self.path}: id {id} was never queried; no label can be imported for it")
         with self._db:
-            self._db.execute("INSERT OR REPLACE INTO labels VALUES (?, ?, ?)", (int(id), relative_to(path, self.folder), time.time()))
+            self._db.execute(
+                "INSERT OR REPLACE INTO labels VALUES (?, ?, ?)",
+                (int(id), relative_to(path, self.folder), time.time()),
+            )
 
     # ------------------------------------------------------------------ reading
     def next_round(self) -> int:
@@ -244,17 +286,28 @@ class Ledger:
         return [r[0] for r in self._db.execute("SELECT id FROM queries ORDER BY round, rank")]
 
     def queries(self, round: int) -> list[dict[str, Any]]:
-        rows = self._db.execute("SELECT id, score, flags FROM queries WHERE round = ? ORDER BY rank", (round,))
+        rows = self._db.execute(
+            "SELECT id, score, flags FROM queries WHERE round = ? ORDER BY rank", (round,)
+        )
         return [{"id": i, "score": s, "flags": json.loads(f) if f else None} for i, s, f in rows]
 
     def rounds(self) -> list[dict[str, Any]]:
         """Every recorded round; ``checkpoint`` is the path of its file in this ledger's folder."""
-        rows = self._db.execute("SELECT round, labels, metrics, checkpoint, seconds, finished FROM rounds ORDER BY round")
+        rows = self._db.execute(
+            "SELECT round, labels, metrics, checkpoint, seconds, finished FROM rounds ORDER BY round"
+        )
         return [
-            {"round": r, "labels": n, "metrics": json.loads(m), "checkpoint": self._local(c, "rounds"), "seconds": s,
-             "finished": f, "queried": [q["id"] for q in self.queries(r)]}
+            {
+                "round": r,
+                "labels": n,
+                "metrics": json.loads(m),
+                "checkpoint": self._local(c, "rounds"),
+                "seconds": s,
+                "finished": f,
+                "queried": [q["id"] for q in self.queries(r)],
+            }
             for r, n, m, c, s, f in rows
-        ]  # fmt: skip
+        ]
 
     def label_files(self) -> dict[int, str]:
         """Imported label files by id, as paths in this ledger's folder."""

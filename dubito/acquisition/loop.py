@@ -39,7 +39,16 @@ from dubito.platform.service import resolve_device
 from dubito.platform.tracking import check_tracking, tracked_run
 from dubito.platform.training import fit, load_model, save_model, validate
 
-__all__ = ["LEDGER", "LoopConfig", "run_loop", "check_resume", "headline_metric", "load_results", "loop_config", "pool_datasets"]
+__all__ = [
+    "LEDGER",
+    "LoopConfig",
+    "run_loop",
+    "check_resume",
+    "headline_metric",
+    "load_results",
+    "loop_config",
+    "pool_datasets",
+]
 
 
 class _Scoring:
@@ -55,8 +64,15 @@ class _Scoring:
             return None
         if self.scorer is None:
             c = self.config
-            self.scorer = RayPoolScorer(c.pool(), c.scoring(), spec, c.scorers, device=c.device, gpus=c.scorer_gpus,
-                                        threads=c.scorer_threads or None)  # fmt: skip
+            self.scorer = RayPoolScorer(
+                c.pool(),
+                c.scoring(),
+                spec,
+                c.scorers,
+                device=c.device,
+                gpus=c.scorer_gpus,
+                threads=c.scorer_threads or None,
+            )
         return self.scorer
 
     def __enter__(self) -> _Scoring:
@@ -83,31 +99,62 @@ class _Loop:
 
     def training_set(self, labeled: list[int]) -> Dataset:
         """The labelled items, with a person's labels in place of the targets (human oracle)."""
-        data = HumanLabels(self.pool_train, self.pool.data, self.ledger.label_files()) if self.config.oracle == "human" else self.pool_train
+        data = (
+            HumanLabels(self.pool_train, self.pool.data, self.ledger.label_files())
+            if self.config.oracle == "human"
+            else self.pool_train
+        )
         return self.pool.subset(data, labeled)
 
-    def query(self, model: torch.nn.Module, spec: dict[str, Any], labeled: list[int], round: int) -> tuple[list[int], list[float], list[dict]]:
+    def query(
+        self, model: torch.nn.Module, spec: dict[str, Any], labeled: list[int], round: int
+    ) -> tuple[list[int], list[float], list[dict]]:
         """Round ``round``'s choice: score the unlabelled pool with its model, reduce per image,
         select a batch; returns (ids, their scores, their flags)."""
         c = self.config
         free = self.pool.unlabelled(labeled)
-        scored = score_pool(model, spec, self.pool.data, free, c.scoring(), round, self.device, self.progress, scorer=self.scoring.get(spec))
-        known = labeled_features(model, self.pool.data, self.pool.positions(labeled), c.batch_size, self.device) \
-            if scored.features is not None else None  # fmt: skip
-        picks = choose(scored, _batch_size(c, len(labeled), len(free)), c.selection, seed=c.seed * 1000 + round,
-                       temperature=c.temperature, labeled=known).tolist()  # fmt: skip
+        scored = score_pool(
+            model,
+            spec,
+            self.pool.data,
+            free,
+            c.scoring(),
+            round,
+            self.device,
+            self.progress,
+            scorer=self.scoring.get(spec),
+        )
+        known = (
+            labeled_features(model, self.pool.data, self.pool.positions(labeled), c.batch_size, self.device)
+            if scored.features is not None
+            else None
+        )
+        picks = choose(
+            scored,
+            _batch_size(c, len(labeled), len(free)),
+            c.selection,
+            seed=c.seed * 1000 + round,
+            temperature=c.temperature,
+            labeled=known,
+        ).tolist()
         queried = self.pool.ids_at(free[p] for p in picks)
         return queried, [float(scored.scores[p]) for p in picks], self.pool.flags(queried)
 
     def export(self, round: int, ids: list[int]) -> None:
         """Human oracle: write round ``round``'s queried images for a person to label."""
-        export_queries(self.config, self.out / "queries" / ("initial" if round == INITIAL else f"round-{round:03d}"), ids)
+        export_queries(
+            self.config, self.out / "queries" / ("initial" if round == INITIAL else f"round-{round:03d}"), ids
+        )
 
 
 def run_loop(
-    config: LoopConfig, *, progress: bool = True, tags: dict[str, str] | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None, run_name: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    config: LoopConfig,
+    *,
+    progress: bool = True,
+    tags: dict[str, str] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    run_name: str | None = None,
+) -> dict[str, Any]:
     """Run (or resume) the loop of ``config``; returns what ``--output/results.json`` holds.
 
     ``--rounds`` / ``--budget`` may grow on resume (a finished loop continues as if it had been
@@ -128,22 +175,40 @@ def run_loop(
             _start(loop)
         # the MLflow run of this folder: a copied or moved loop gets a run of its own, never the original's
         here = str(out.resolve())
-        run_id = ledger.get_meta("mlflow_run_id") if ledger.get_meta("mlflow_folder") in (None, here) else None
-        with loop.scoring, tracked_run(config.experiment, run_name=run_name or f"{config.acquisition}-seed{config.seed}", params=config,
-                                       tags={"dubito.command": "label", **(tags or {})}, run_id=run_id) as run:  # fmt: skip
+        run_id = (
+            ledger.get_meta("mlflow_run_id") if ledger.get_meta("mlflow_folder") in (None, here) else None
+        )
+        with (
+            loop.scoring,
+            tracked_run(
+                config.experiment,
+                run_name=run_name or f"{config.acquisition}-seed{config.seed}",
+                params=config,
+                tags={"dubito.command": "label", **(tags or {})},
+                run_id=run_id,
+            ) as run,
+        ):
             ledger.set_meta("mlflow_run_id", run.run_id)
             ledger.set_meta("mlflow_folder", here)
             total = config.total_rounds()
             _extend(loop, total)
-            bar = tqdm(range(ledger.next_round(), total + 1), desc=f"labeling ({config.acquisition}, seed {config.seed})",
-                       unit="round", initial=ledger.next_round(), total=total + 1, disable=not progress)  # fmt: skip
+            bar = tqdm(
+                range(ledger.next_round(), total + 1),
+                desc=f"labeling ({config.acquisition}, seed {config.seed})",
+                unit="round",
+                initial=ledger.next_round(),
+                total=total + 1,
+                disable=not progress,
+            )
             waiting: list[int] = []
             for r in bar:
                 waiting = _waiting(loop)
                 if waiting:  # a person has not labelled the last query yet
                     break
                 record, queried = _round(loop, r, total, run)
-                bar.set_postfix(labels=record["labels"], **{k: f"{v:.3f}" for k, v in record.items() if k in _HEADLINE})
+                bar.set_postfix(
+                    labels=record["labels"], **{k: f"{v:.3f}" for k, v in record.items() if k in _HEADLINE}
+                )
                 if on_round is not None:
                     on_round(record)
                 if config.oracle == "human" and queried:
@@ -186,9 +251,16 @@ def _round(loop: _Loop, r: int, total: int, run: Any) -> tuple[dict[str, Any], l
     Returns the round's record (for ``on_round``) and the ids it queried."""
     c, ledger, started = loop.config, loop.ledger, time.perf_counter()
     labeled = ledger.labeled_ids()
-    model, spec, _ = fit(c.train_config(r), loop.training_set(labeled), device=loop.device, progress=loop.progress,
-                         desc=f"round {r}: training on {len(labeled)} labels")  # fmt: skip
-    metrics = {f"test_{k[4:]}": v for k, v in validate(model, loop.test, spec, loop.device, c.batch_size).items()}
+    model, spec, _ = fit(
+        c.train_config(r),
+        loop.training_set(labeled),
+        device=loop.device,
+        progress=loop.progress,
+        desc=f"round {r}: training on {len(labeled)} labels",
+    )
+    metrics = {
+        f"test_{k[4:]}": v for k, v in validate(model, loop.test, spec, loop.device, c.batch_size).items()
+    }
     checkpoint = save_model(loop.out / "rounds" / f"round-{r:03d}.pt", model, spec)
     queried, scores, flags = loop.query(model, spec, labeled, r) if r < total else ([], None, None)
     # synthetic pools know which images carry TV static: the share of bought labels on them
@@ -196,8 +268,15 @@ def _round(loop: _Loop, r: int, total: int, run: Any) -> tuple[dict[str, Any], l
     # MLflow first: a kill between the two repeats this round (same values, same step)
     # rather than leaving a recorded round without its metrics
     run.log_metrics({**metrics, "labels": len(labeled), **static}, step=r)
-    ledger.record_round(r, metrics={**metrics, **static}, checkpoint=str(checkpoint), seconds=time.perf_counter() - started,
-                        queried=queried, scores=scores, flags=flags)  # fmt: skip
+    ledger.record_round(
+        r,
+        metrics={**metrics, **static},
+        checkpoint=str(checkpoint),
+        seconds=time.perf_counter() - started,
+        queried=queried,
+        scores=scores,
+        flags=flags,
+    )
     return {"round": r, "labels": len(labeled), **metrics, **static}, queried
 
 
@@ -220,7 +299,9 @@ def check_resume(config: LoopConfig) -> None:
     """A loop folder that holds a ledger can go on with ``config`` (the ledger sound, the same
     settings, the budget not shrunk), checked writing nothing, before any MLflow run is opened."""
     path = Path(config.output) / LEDGER
-    if not path.is_file() or (path.stat().st_size == 0 and not any((path.parent / "rounds").glob("round-*.pt"))):
+    if not path.is_file() or (
+        path.stat().st_size == 0 and not any((path.parent / "rounds").glob("round-*.pt"))
+    ):
         return  # a new loop (or one killed before its first word): nothing to check
     with Ledger(path, config.settings(), create=False) as ledger:
         _check_resumable(ledger, config)

@@ -133,7 +133,9 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         if self.variant not in VARIANTS:
             raise DubitoError(f"TorchEstimator: variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise DubitoError(f"TorchEstimator: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise DubitoError(
+                f"TorchEstimator: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+            )
         for name in ("epochs", "batch_size", "samples", "logit_noise_samples"):
             _positive_int(getattr(self, name), name)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
@@ -145,7 +147,9 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         try:
             hidden = [int(h) for h in self.hidden]
         except (TypeError, ValueError):
-            raise DubitoError(f"TorchEstimator: hidden must be a sequence of layer sizes, got {self.hidden!r}") from None
+            raise DubitoError(
+                f"TorchEstimator: hidden must be a sequence of layer sizes, got {self.hidden!r}"
+            ) from None
         if any(h < 1 for h in hidden):
             raise DubitoError(f"TorchEstimator: hidden layer sizes must be >= 1, got {self.hidden!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
@@ -170,7 +174,9 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         size = len(self.data)
         if index.size and (index.min() < 0 or index.max() >= size):
             bad = index[(index < 0) | (index >= size)][0]
-            raise DubitoError(f"TorchEstimator: {name} holds position {bad}, outside the data's 0..{size - 1}")
+            raise DubitoError(
+                f"TorchEstimator: {name} holds position {bad}, outside the data's 0..{size - 1}"
+            )
         return index
 
     def _features_of(self, X: Any, name: str = "X") -> Tensor:
@@ -188,7 +194,10 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
             )
         if x.shape[0] == 0:
             raise DubitoError(f"TorchEstimator: {name} is empty")
-        if not (x.is_floating_point() or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        if not (
+            x.is_floating_point()
+            or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+        ):
             raise DubitoError(f"TorchEstimator: {name} must be numeric, got dtype {x.dtype}")
         x = x.float()
         if not bool(torch.isfinite(x).all()):
@@ -203,13 +212,19 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         """The labels (n,) of X: ``y``, or the data's targets when y is None."""
         if y is None:
             if self.data is None:
-                raise DubitoError(f"TorchEstimator: {name} is required when the estimator has no data to read targets from")
-            return np.asarray([int(torch.as_tensor(self.data[int(i)]["target"]).item()) for i in self._positions(X)])
+                raise DubitoError(
+                    f"TorchEstimator: {name} is required when the estimator has no data to read targets from"
+                )
+            return np.asarray(
+                [int(torch.as_tensor(self.data[int(i)]["target"]).item()) for i in self._positions(X)]
+            )
         labels = np.asarray(y.cpu() if isinstance(y, Tensor) else y)
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.ndim != 1 or labels.shape[0] != n:
-            raise DubitoError(f"TorchEstimator: {name} must hold one label per row of X ({n}), got shape {labels.shape}")
+            raise DubitoError(
+                f"TorchEstimator: {name} must hold one label per row of X ({n}), got shape {labels.shape}"
+            )
         return labels
 
     def _check_fitted(self) -> None:
@@ -229,7 +244,9 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
             index = self._positions(X)
             if index.size == 0:
                 raise DubitoError("TorchEstimator: X is empty")
-            blocks: Iterator[Tensor] = (self._read(index[s : s + PREDICT_ROWS]) for s in range(0, index.size, PREDICT_ROWS))
+            blocks: Iterator[Tensor] = (
+                self._read(index[s : s + PREDICT_ROWS]) for s in range(0, index.size, PREDICT_ROWS)
+            )
         else:
             x = self._features_of(X)
             blocks = (x[s : s + PREDICT_ROWS] for s in range(0, x.shape[0], PREDICT_ROWS))
@@ -247,8 +264,8 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         ``y`` may be None when ``data`` is given: the targets are then read from it.
         """
         from dubito.platform.models import build_model
-        from dubito.platform.training import TrainConfig, train_epoch
         from dubito.platform.service import resolve_device
+        from dubito.platform.training import TrainConfig, train_epoch
 
         self._check_params()
         device = resolve_device(self.device)
@@ -272,7 +289,11 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         target = torch.as_tensor(encoded, dtype=torch.long)
 
         seed = int(self.seed)
-        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        devices = (
+            [device.index if device.index is not None else torch.cuda.current_device()]
+            if device.type == "cuda"
+            else []
+        )
         with torch.random.fork_rng(devices=devices):  # seeded, without touching the caller's RNG
             torch.manual_seed(seed)
             model = build_model(
@@ -287,8 +308,15 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
             opt_cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.RMSprop
             opt = opt_cls(model.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay))
             # the trainer's own epoch (loss for the head, no clipping here); items are dicts as in any dubito dataset
-            items = [{"image": x[i], "target": target[i], "mask": torch.tensor(True)} for i in range(x.shape[0])]
-            loader = DataLoader(items, batch_size=int(self.batch_size), shuffle=True, generator=torch.Generator().manual_seed(seed))
+            items = [
+                {"image": x[i], "target": target[i], "mask": torch.tensor(True)} for i in range(x.shape[0])
+            ]
+            loader = DataLoader(
+                items,
+                batch_size=int(self.batch_size),
+                shuffle=True,
+                generator=torch.Generator().manual_seed(seed),
+            )
             settings = TrainConfig(logit_noise_samples=int(self.logit_noise_samples), grad_clip=0.0)
             for epoch in range(int(self.epochs)):
                 train_epoch(model, loader, opt, settings, device, desc=f"TorchEstimator epoch {epoch + 1}")
@@ -299,7 +327,9 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         return self
 
     # ------------------------------------------------------------------ prediction
-    def _mc(self, X: Any, samples: int | None, keep_samples: bool) -> tuple[ClassificationUncertainty, MCSamples | None]:
+    def _mc(
+        self, X: Any, samples: int | None, keep_samples: bool
+    ) -> tuple[ClassificationUncertainty, MCSamples | None]:
         """The service's uncertainty of X (fields on the CPU) and, if asked, the MC samples it was
         computed from (on the CPU; ``probs`` (T, N, C))."""
         from dubito.platform.service import UncertaintyService, check_finite_outputs, resolve_device
@@ -332,7 +362,12 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if not keep_samples:
             return ClassificationUncertainty(**merged), None
-        joined = MCSamples(*(None if kept[0][f] is None else torch.cat([k[f] for k in kept], 1) for f in range(len(MCSamples._fields))))
+        joined = MCSamples(
+            *(
+                None if kept[0][f] is None else torch.cat([k[f] for k in kept], 1)
+                for f in range(len(MCSamples._fields))
+            )
+        )
         return ClassificationUncertainty(**merged), joined
 
     def uncertainty(self, X: Any, *, samples: int | None = None) -> ClassificationUncertainty:
@@ -342,14 +377,18 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         """
         return self._mc(X, samples, keep_samples=False)[0]
 
-    def uncertainty_with_samples(self, X: Any, *, samples: int | None = None) -> tuple[ClassificationUncertainty, MCSamples]:
+    def uncertainty_with_samples(
+        self, X: Any, *, samples: int | None = None
+    ) -> tuple[ClassificationUncertainty, MCSamples]:
         """:meth:`uncertainty` and the MC samples it was computed from (logits ``mean`` (T, N, C),
         ``probs`` (T, N, C)), on the CPU."""
         u, mc = self._mc(X, samples, keep_samples=True)
         assert mc is not None
         return u, mc
 
-    def uncertainty_and_samples(self, X: Any, *, samples: int | None = None) -> tuple[ClassificationUncertainty, Tensor]:
+    def uncertainty_and_samples(
+        self, X: Any, *, samples: int | None = None
+    ) -> tuple[ClassificationUncertainty, Tensor]:
         """:meth:`uncertainty` and the per-sample class probabilities it was computed from, (T, N, C)."""
         u, mc = self.uncertainty_with_samples(X, samples=samples)
         return u, mc.probs
@@ -422,8 +461,12 @@ class Strategy:
             raise DubitoError(f"strategy: name must be an acquisition name (str), got {name!r}")
         self.acquisition = get_acquisition(name, **options)
         if selection not in SELECTIONS:
-            raise DubitoError(f"strategy: selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
-        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1):
+            raise DubitoError(
+                f"strategy: selection must be one of {', '.join(SELECTIONS)}, got {selection!r}"
+            )
+        if samples is not None and (
+            isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1
+        ):
             raise DubitoError(f"strategy: samples must be a positive integer or None, got {samples!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise DubitoError(f"strategy: seed must be a non-negative integer, got {seed!r}")
@@ -445,14 +488,18 @@ class Strategy:
         extra = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return f"strategy({self.name!r}, selection={self.selection!r}, seed={self.seed}{extra})"
 
-    def __call__(self, classifier: Any, X_pool: Any, n_instances: int = 1, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, classifier: Any, X_pool: Any, n_instances: int = 1, **kwargs: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Positions of the ``n_instances`` pool rows to label and their scores, both (k,) ndarrays."""
         if kwargs:
             raise DubitoError(
                 f"strategy {self.name!r}: unexpected query argument(s) {', '.join(sorted(kwargs))}; "
                 "it takes X_pool and n_instances (set samples, selection, seed and options in strategy(...))"
             )
-        estimator = classifier if isinstance(classifier, TorchEstimator) else getattr(classifier, "estimator", None)
+        estimator = (
+            classifier if isinstance(classifier, TorchEstimator) else getattr(classifier, "estimator", None)
+        )
         if not isinstance(estimator, TorchEstimator):
             raise DubitoError(
                 f"strategy {self.name!r}: classifier must be a TorchEstimator or a modAL learner wrapping one "
@@ -460,7 +507,9 @@ class Strategy:
                 + (f" wrapping {type(estimator).__name__}" if estimator is not None else "")
             )
         if isinstance(n_instances, bool) or not isinstance(n_instances, (int, np.integer)) or n_instances < 1:
-            raise DubitoError(f"strategy {self.name!r}: n_instances must be a positive integer, got {n_instances!r}")
+            raise DubitoError(
+                f"strategy {self.name!r}: n_instances must be a positive integer, got {n_instances!r}"
+            )
         call_seed = _mix(self.seed, self.calls)
         self.calls += 1
 
@@ -473,7 +522,9 @@ class Strategy:
             u = estimator.uncertainty(X_pool, samples=self.samples)
         pool_size = u.predictive_entropy.shape[0]
         if n_instances > pool_size:
-            raise DubitoError(f"strategy {self.name!r}: n_instances={n_instances} is larger than the pool ({pool_size} rows)")
+            raise DubitoError(
+                f"strategy {self.name!r}: n_instances={n_instances} is larger than the pool ({pool_size} rows)"
+            )
         scored = Scored(
             score_items(self.acquisition, u, mc, torch.Generator().manual_seed(call_seed)),
             features=estimator.features(X_pool) if "features" in needs else None,
@@ -484,7 +535,14 @@ class Strategy:
             known = getattr(classifier, "X_training", None) if classifier is not estimator else None
             if known is not None and len(known) > 0:
                 labeled = estimator.features(known)
-        picked = choose(scored, int(n_instances), self.selection, seed=call_seed, temperature=self.temperature, labeled=labeled).cpu()
+        picked = choose(
+            scored,
+            int(n_instances),
+            self.selection,
+            seed=call_seed,
+            temperature=self.temperature,
+            labeled=labeled,
+        ).cpu()
         return picked.numpy().astype(np.int64), scored.scores[picked].double().numpy()
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset, Subset
 
-from dubito.platform.data import DATASETS, get_dataset, train_transform
+from dubito.platform.data import dataset_info, get_dataset, train_transform
 
 __all__ = ["Pool", "PoolSpec", "pool_datasets"]
 
@@ -34,18 +34,27 @@ class PoolSpec:
 
     def datasets(self) -> tuple[Dataset, Dataset, Dataset]:
         """(the pool for training, with augmentation; the same pool plain, for scoring; the test set)."""
-        name, info = self.dataset, DATASETS[self.dataset]
+        name, info = self.dataset, dataset_info(self.dataset)
         if info.source == "bundled":  # digits: its split depends on the data seed
-            return (get_dataset(name, "train", seed=self.data_seed), get_dataset(name, "train", seed=self.data_seed),
-                    get_dataset(name, "test", seed=self.data_seed))  # fmt: skip
+            return (
+                get_dataset(name, "train", seed=self.data_seed),
+                get_dataset(name, "train", seed=self.data_seed),
+                get_dataset(name, "test", seed=self.data_seed),
+            )
         size = (self.height, self.width)
         if info.synthetic:
             opts = {"size": size, "seed": self.data_seed}
             pool = dict(n=self.pool_images, static_fraction=self.static_fraction, **opts)
-            return (get_dataset(name, "train", transform=train_transform(None, flip=True), **pool), get_dataset(name, "train", **pool),
-                    get_dataset(name, "test", n=self.test_images, static_fraction=0.0, **opts))  # fmt: skip
-        return (get_dataset(name, "train", self.root, size=size, transform=train_transform(None, flip=True)),
-                get_dataset(name, "train", self.root, size=size), get_dataset(name, "test", self.root, size=size))  # fmt: skip
+            return (
+                get_dataset(name, "train", transform=train_transform(None, flip=True), **pool),
+                get_dataset(name, "train", **pool),
+                get_dataset(name, "test", n=self.test_images, static_fraction=0.0, **opts),
+            )
+        return (
+            get_dataset(name, "train", self.root, size=size, transform=train_transform(None, flip=True)),
+            get_dataset(name, "train", self.root, size=size),
+            get_dataset(name, "test", self.root, size=size),
+        )
 
 
 def pool_datasets(config: PoolSpec | object) -> tuple[Dataset, Dataset, Dataset]:

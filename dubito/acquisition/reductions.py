@@ -62,7 +62,9 @@ class Reduction:
 
 def _check_entry(entry: object) -> None:
     if not isinstance(entry, Reduction):
-        raise DubitoError(f"a reduction entry must be a dubito.acquisition.reductions.Reduction, got {type(entry).__name__}")
+        raise DubitoError(
+            f"a reduction entry must be a dubito.acquisition.reductions.Reduction, got {type(entry).__name__}"
+        )
 
 
 #: every reduction by name: dubito's own, those registered, and those of installed entry points
@@ -140,11 +142,17 @@ def _top_fraction(scores: Tensor, mask: Tensor | None, q: float = 0.1) -> Tensor
     return _topq(*_flat(scores, mask), _check_q(q))
 
 
-def _class_balanced(scores: Tensor, mask: Tensor | None, classes: Tensor | None = None, num_classes: int | None = None) -> Tensor:
+def _class_balanced(
+    scores: Tensor, mask: Tensor | None, classes: Tensor | None = None, num_classes: int | None = None
+) -> Tensor:
     if classes is None:
-        raise DubitoError("how='class_balanced' needs classes (the predicted class per pixel, shaped like scores)")
+        raise DubitoError(
+            "how='class_balanced' needs classes (the predicted class per pixel, shaped like scores)"
+        )
     if classes.shape != scores.shape:
-        raise DubitoError(f"classes of shape {tuple(classes.shape)} must match scores of shape {tuple(scores.shape)}")
+        raise DubitoError(
+            f"classes of shape {tuple(classes.shape)} must match scores of shape {tuple(scores.shape)}"
+        )
     if classes.dtype.is_floating_point or classes.dtype == torch.bool:
         raise DubitoError(f"classes must be an integer tensor, got {classes.dtype}")
     flat, flat_valid = _flat(scores, mask)
@@ -192,19 +200,41 @@ def _parse_grid(text: str) -> int:
 for _reduction in (
     Reduction("mean", _mean, "mean of the valid pixels' scores"),
     Reduction("max", _max, "max of the valid pixels' scores"),
-    Reduction("topq", _top_fraction, "mean of the top max(1, ceil(q·n)) of the n valid pixels (topq:Q, default 0.1)", "q", _parse_q),
-    Reduction("class_balanced", _class_balanced, "mean score per predicted class, then the unweighted mean over the classes "
-              "present in the image", needs=("classes",)),
-    Reduction("grid", _grid, "(N, H, W) maps in G×G cells (row cell ⌊h·G/H⌋): mean per cell, then the max over cells with a "
-              "valid pixel (grid:G, default 4)", "grid", _parse_grid),
-):  # fmt: skip
+    Reduction(
+        "topq",
+        _top_fraction,
+        "mean of the top max(1, ceil(q·n)) of the n valid pixels (topq:Q, default 0.1)",
+        "q",
+        _parse_q,
+    ),
+    Reduction(
+        "class_balanced",
+        _class_balanced,
+        "mean score per predicted class, then the unweighted mean over the classes present in the image",
+        needs=("classes",),
+    ),
+    Reduction(
+        "grid",
+        _grid,
+        "(N, H, W) maps in G×G cells (row cell ⌊h·G/H⌋): mean per cell, then the max over cells with a "
+        "valid pixel (grid:G, default 4)",
+        "grid",
+        _parse_grid,
+    ),
+):
     REDUCTIONS.register(_reduction, builtin=True)
 
 
 def register_reduction(
-    name: str, fn: Callable[..., Tensor], *, option: str | None = None, parse: Callable[[str], Any] | None = None,
-    needs: tuple[str, ...] = (), doc: str | None = None, replace: bool = False,
-) -> Reduction:  # fmt: skip
+    name: str,
+    fn: Callable[..., Tensor],
+    *,
+    option: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    needs: tuple[str, ...] = (),
+    doc: str | None = None,
+    replace: bool = False,
+) -> Reduction:
     """Add a pixel → image reduction under ``name`` (for ``--reduction`` and sweeps).
 
     ``fn(scores, mask, **options)`` maps (N, ...) score maps to (N,) over the valid pixels
@@ -212,7 +242,9 @@ def register_reduction(
     (``--reduction NAME:VALUE`` calls it with ``option=parse(VALUE)``); ``needs=("classes",)``
     adds ``classes=`` and ``num_classes=``. Returns the :class:`Reduction`.
     """
-    entry = Reduction(name, fn, doc if doc is not None else (fn.__doc__ or "").strip(), option, parse, tuple(needs))
+    entry = Reduction(
+        name, fn, doc if doc is not None else (fn.__doc__ or "").strip(), option, parse, tuple(needs)
+    )
     return REDUCTIONS.register(entry, replace=replace)
 
 
@@ -248,7 +280,10 @@ def reduce_scores(
     # each reduction gets its own option; q and grid are accepted for any (a topq / grid setting alongside)
     unknown = set(options) - {entry.option, "q", "grid"}
     if unknown:
-        raise DubitoError(f"reduction {how!r} takes {'option ' + entry.option if entry.option else 'no option'}, got {', '.join(sorted(unknown))}")
+        raise DubitoError(
+            f"reduction {how!r} takes {'option ' + entry.option if entry.option else 'no option'}, "
+            f"got {', '.join(sorted(unknown))}"
+        )
     options = {k: v for k, v in options.items() if k == entry.option}
     if scores.dim() == 0:
         raise DubitoError("scores must be (N,) or (N, ...), got a scalar")
@@ -266,7 +301,9 @@ def parse_reduction(spec: str) -> tuple[str, dict[str, Any]]:
     ``("topq", {"q": 0.05})`` and ``"grid:8"`` → ``("grid", {"grid": 8})``.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise DubitoError(f"reduction must be a non-empty string such as 'mean', 'topq:0.05' or 'grid:8', got {spec!r}")
+        raise DubitoError(
+            f"reduction must be a non-empty string such as 'mean', 'topq:0.05' or 'grid:8', got {spec!r}"
+        )
     how, sep, arg = spec.strip().partition(":")
     how, arg = how.strip(), arg.strip()
     if how not in REDUCTIONS:

@@ -35,8 +35,18 @@ from dubito.acquisition.selection import SELECTIONS, select
 from dubito.platform.mc import MCSamples
 from dubito.platform.service import UncertaintyService, check_finite_outputs
 
-__all__ = ["ScoringSpec", "Scored", "batch_seed", "pool_batches", "score_items", "score_batches", "score_pool",
-           "features", "labeled_features", "choose"]  # fmt: skip
+__all__ = [
+    "ScoringSpec",
+    "Scored",
+    "batch_seed",
+    "pool_batches",
+    "score_items",
+    "score_batches",
+    "score_pool",
+    "features",
+    "labeled_features",
+    "choose",
+]
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,9 @@ class ScoringSpec:
     def check(self, task: str) -> None:
         """The scoring can run for a model of ``task`` (the selection's inputs exist for it)."""
         if "prob_samples" in self.needs() and task != "classification":
-            raise DubitoError(f"--selection {self.selection} is for image classification (e.g. digits), not per-pixel tasks")
+            raise DubitoError(
+                f"--selection {self.selection} is for image classification (e.g. digits), not per-pixel tasks"
+            )
 
 
 @dataclass
@@ -79,7 +91,9 @@ class Scored:
         return Scored(
             scores=torch.cat([p.scores for p in parts]),
             features=torch.cat([p.features for p in parts]) if parts[0].features is not None else None,
-            prob_samples=torch.cat([p.prob_samples for p in parts], dim=1) if parts[0].prob_samples is not None else None,
+            prob_samples=torch.cat([p.prob_samples for p in parts], dim=1)
+            if parts[0].prob_samples is not None
+            else None,
         )
 
 
@@ -103,30 +117,44 @@ def features(model: torch.nn.Module, x: Tensor) -> Tensor:
     return f.flatten(2).mean(2) if f.dim() > 2 else f
 
 
-def labeled_features(model: torch.nn.Module, data: Dataset, positions: list[int], batch_size: int, device: torch.device) -> Tensor:
+def labeled_features(
+    model: torch.nn.Module, data: Dataset, positions: list[int], batch_size: int, device: torch.device
+) -> Tensor:
     """:func:`features` of ``data[positions]`` (the labelled set: k-center's first centres)."""
     loader = DataLoader(Subset(data, positions), batch_size=batch_size)
     return torch.cat([features(model, b["image"].to(device)).cpu() for b in loader])
 
 
 def score_items(
-    acquisition: Acquisition, u: Any, samples: MCSamples | None, generator: torch.Generator, reduction: tuple[str, dict] = ("mean", {}),
+    acquisition: Acquisition,
+    u: Any,
+    samples: MCSamples | None,
+    generator: torch.Generator,
+    reduction: tuple[str, dict] = ("mean", {}),
     num_classes: int | None = None,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """One score per item of a batch: the acquisition's scores of ``u`` (per pixel for
     segmentation and depth), reduced per image by ``reduction`` (``(how, options)`` of
     :func:`~dubito.acquisition.reductions.parse_reduction`); float32 on the CPU."""
     how, options = reduction
     pixel = acquisition.score(u, generator=generator, samples=samples).float().cpu()
-    classes = u.prediction.cpu() if "classes" in REDUCTIONS[how].needs else None  # the argmax only where it is used
+    classes = (
+        u.prediction.cpu() if "classes" in REDUCTIONS[how].needs else None
+    )  # the argmax only where it is used
     # no mask: on real data the valid pixels come from the (unbought) label itself
     return reduce_scores(pixel, None, how, classes=classes, num_classes=num_classes, **options)
 
 
 def score_batches(
-    model: torch.nn.Module, model_spec: dict[str, Any], data: Dataset, batches: list[tuple[int, list[int]]], spec: ScoringSpec,
-    round: int, device: torch.device, progress: bool = False,
-) -> list[Scored]:  # fmt: skip
+    model: torch.nn.Module,
+    model_spec: dict[str, Any],
+    data: Dataset,
+    batches: list[tuple[int, list[int]]],
+    spec: ScoringSpec,
+    round: int,
+    device: torch.device,
+    progress: bool = False,
+) -> list[Scored]:
     """The :class:`Scored` of each of ``batches`` — ``(index, positions in data)`` — with the
     selection's inputs where it declared them. Batch ``index`` is seeded by :func:`batch_seed`
     whoever scores it."""
@@ -136,25 +164,43 @@ def score_batches(
     service = UncertaintyService(model, samples=spec.samples, device=device, progress=False)
     results = []
     total = sum(len(p) for _, p in batches)
-    for index, positions in tqdm(batches, desc=f"round {round}: scoring {total} pool images (T={spec.samples})",
-                                 unit="batch", leave=False, disable=not progress):  # fmt: skip
+    for index, positions in tqdm(
+        batches,
+        desc=f"round {round}: scoring {total} pool images (T={spec.samples})",
+        unit="batch",
+        leave=False,
+        disable=not progress,
+    ):
         batch = default_collate([data[p] for p in positions])
         seed = batch_seed(spec.seed, round, index)
         u, samples = service.predict_with_samples(batch["image"], seed=seed)
         check_finite_outputs(u, batch["id"], f"round {round}'s model")
-        scores = score_items(acquisition, u, samples, torch.Generator().manual_seed(seed), reduction, model_spec["num_classes"])
-        results.append(Scored(
-            scores,
-            features=features(model, batch["image"].to(device)).cpu() if "features" in needs else None,
-            prob_samples=samples.probs.float().cpu() if "prob_samples" in needs else None,  # the very samples the scores came from
-        ))  # fmt: skip
+        scores = score_items(
+            acquisition, u, samples, torch.Generator().manual_seed(seed), reduction, model_spec["num_classes"]
+        )
+        results.append(
+            Scored(
+                scores,
+                features=features(model, batch["image"].to(device)).cpu() if "features" in needs else None,
+                prob_samples=samples.probs.float().cpu()
+                if "prob_samples" in needs
+                else None,  # the very samples the scores came from
+            )
+        )
     return results
 
 
 def score_pool(
-    model: torch.nn.Module, model_spec: dict[str, Any], data: Dataset, positions: list[int], spec: ScoringSpec, round: int,
-    device: torch.device, progress: bool = False, scorer: Any = None,
-) -> Scored:  # fmt: skip
+    model: torch.nn.Module,
+    model_spec: dict[str, Any],
+    data: Dataset,
+    positions: list[int],
+    spec: ScoringSpec,
+    round: int,
+    device: torch.device,
+    progress: bool = False,
+    scorer: Any = None,
+) -> Scored:
     """The :class:`Scored` of ``data[positions]``. ``scorer`` (a
     :class:`~dubito.acquisition.distributed.RayPoolScorer`) spreads the batches over Ray actors;
     the numbers are the same as scoring here."""
@@ -167,8 +213,24 @@ def score_pool(
     return Scored.concat(parts)
 
 
-def choose(scored: Scored, k: int, selection: str, *, seed: int, temperature: float = 1.0, labeled: Tensor | None = None) -> Tensor:
+def choose(
+    scored: Scored,
+    k: int,
+    selection: str,
+    *,
+    seed: int,
+    temperature: float = 1.0,
+    labeled: Tensor | None = None,
+) -> Tensor:
     """Positions (into what was scored) of the ``k`` items ``selection`` picks, in its order;
     ``labeled``: the labelled set's features (k-center's first centres)."""
-    return select(scored.scores, k, selection, seed=seed, temperature=temperature, features=scored.features,
-                  labeled_features=labeled, prob_samples=scored.prob_samples)  # fmt: skip
+    return select(
+        scored.scores,
+        k,
+        selection,
+        seed=seed,
+        temperature=temperature,
+        features=scored.features,
+        labeled_features=labeled,
+        prob_samples=scored.prob_samples,
+    )

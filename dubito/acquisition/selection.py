@@ -28,7 +28,15 @@ from torch import Tensor
 from dubito import DubitoError
 from dubito.platform.registry import Registry
 
-__all__ = ["SELECTIONS", "Selection", "select", "register_selection", "joint_mutual_information", "MAX_EXACT_CONFIGS", "MC_CONFIGS"]
+__all__ = [
+    "SELECTIONS",
+    "Selection",
+    "select",
+    "register_selection",
+    "joint_mutual_information",
+    "MAX_EXACT_CONFIGS",
+    "MC_CONFIGS",
+]
 
 NEEDS = ("features", "prob_samples")  # what a selection may ask for beyond the scores
 
@@ -63,7 +71,9 @@ class Selection:
 
 def _check_entry(entry: object) -> None:
     if not isinstance(entry, Selection):
-        raise DubitoError(f"a selection entry must be a dubito.acquisition.selection.Selection, got {type(entry).__name__}")
+        raise DubitoError(
+            f"a selection entry must be a dubito.acquisition.selection.Selection, got {type(entry).__name__}"
+        )
 
 
 #: every selection by name: dubito's own, those registered, and those of installed entry points
@@ -140,7 +150,15 @@ class _JointLabels:
     sampling). Joint entropies H(y_set, y_j) = −Σ_m w_m Σ_c q_mc log q_mc, q_mc = mean_t P[t,m] p_t(c).
     """
 
-    def __init__(self, num_samples: int, dtype: torch.dtype, device: torch.device, max_exact: int, mc_configs: int, seed: int):
+    def __init__(
+        self,
+        num_samples: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_exact: int,
+        mc_configs: int,
+        seed: int,
+    ):
         self.probs = torch.ones(num_samples, 1, dtype=dtype, device=device)  # P' (T, M)
         self.log_scale = torch.zeros(1, dtype=dtype, device=device)  # α (M,)
         self.exact = True
@@ -150,7 +168,9 @@ class _JointLabels:
 
     def _draw(self, weights: Tensor, count: int) -> Tensor:
         """``count`` indices drawn with replacement ∝ ``weights`` (rows), on the CPU generator."""
-        drawn = torch.multinomial(weights.to("cpu", torch.float64), count, replacement=True, generator=self.generator)
+        drawn = torch.multinomial(
+            weights.to("cpu", torch.float64), count, replacement=True, generator=self.generator
+        )
         return drawn.to(weights.device)
 
     def joint_entropy(self, candidates: Tensor) -> Tensor:
@@ -184,7 +204,9 @@ class _JointLabels:
         # Extend each labeling y with y_new ~ p̄(y_new | y) = Σ_t P[t,y] p_t(·) / Σ_t P[t,y]
         # (ancestral sampling from the joint predictive; a column's scale cancels).
         conditional = torch.einsum("tm,tc->mc", current, point)
-        conditional = conditional / conditional.sum(1, keepdim=True).clamp_min(torch.finfo(conditional.dtype).tiny)
+        conditional = conditional / conditional.sum(1, keepdim=True).clamp_min(
+            torch.finfo(conditional.dtype).tiny
+        )
         labels = self._draw(conditional, 1)[:, 0]
         log_p = log_p + torch.log(point[:, labels])
         self.log_scale = log_p.amax(0).clamp_min(torch.finfo(log_p.dtype).min)
@@ -193,9 +215,13 @@ class _JointLabels:
 
 def _check_prob_samples(prob_samples: Tensor, pool: int | None) -> Tensor:
     if prob_samples.dim() != 3:
-        raise DubitoError(f"prob_samples must be (T, P, C) class probabilities, got shape {tuple(prob_samples.shape)}")
+        raise DubitoError(
+            f"prob_samples must be (T, P, C) class probabilities, got shape {tuple(prob_samples.shape)}"
+        )
     if pool is not None and prob_samples.shape[1] != pool:
-        raise DubitoError(f"prob_samples has {prob_samples.shape[1]} pool items (dim 1) but scores has {pool}")
+        raise DubitoError(
+            f"prob_samples has {prob_samples.shape[1]} pool items (dim 1) but scores has {pool}"
+        )
     return prob_samples.to(torch.float64)
 
 
@@ -213,9 +239,9 @@ def _batchbald(k: int, probs: Tensor, max_exact: int, mc_configs: int, seed: int
     conditional_sum = 0.0
     for _ in range(k):
         chunk = max(1, _CHUNK_ELEMENTS // (joint.probs.shape[1] * C))
-        gain = torch.cat(
-            [joint.joint_entropy(probs[:, s : s + chunk]) for s in range(0, P, chunk)]
-        ) - (conditional + conditional_sum)
+        gain = torch.cat([joint.joint_entropy(probs[:, s : s + chunk]) for s in range(0, P, chunk)]) - (
+            conditional + conditional_sum
+        )
         gain = torch.where(taken, torch.full_like(gain, float("-inf")), gain)
         pick = int(_descending(gain, 1)[0])
         chosen.append(pick)
@@ -273,12 +299,18 @@ def _softmax(keys: Tensor, k: int, *, seed: int, temperature: float, **_: object
     return _gumbel_top_k(keys / temperature, k, seed)
 
 
-def _kcenter_select(keys: Tensor, k: int, *, features: Tensor, labeled_features: Tensor | None = None, **_: object) -> Tensor:
+def _kcenter_select(
+    keys: Tensor, k: int, *, features: Tensor, labeled_features: Tensor | None = None, **_: object
+) -> Tensor:
     P = keys.shape[0]
     if features.dim() != 2 or features.shape[0] != P:
         raise DubitoError(f"features must be (P={P}, F), got shape {tuple(features.shape)}")
-    if labeled_features is not None and (labeled_features.dim() != 2 or labeled_features.shape[1] != features.shape[1]):
-        raise DubitoError(f"labeled_features must be (L, F={features.shape[1]}), got shape {tuple(labeled_features.shape)}")
+    if labeled_features is not None and (
+        labeled_features.dim() != 2 or labeled_features.shape[1] != features.shape[1]
+    ):
+        raise DubitoError(
+            f"labeled_features must be (L, F={features.shape[1]}), got shape {tuple(labeled_features.shape)}"
+        )
     return torch.tensor(_kcenter(keys.to(features.device), k, features.detach(), labeled_features))
 
 
@@ -291,15 +323,30 @@ for _selection in (
     Selection("topk", _topk, "the k highest scores, ties to the lower position"),
     Selection("power", _power, "k draws without replacement, p ∝ score^(1/temperature) (Kirsch et al. 2023)"),
     Selection("softmax", _softmax, "k draws without replacement, p ∝ exp(score/temperature)"),
-    Selection("kcenter", _kcenter_select, "greedy k-center / core-set on the model's features (Sener & Savarese 2018)", ("features",)),
-    Selection("batchbald", _batchbald_select, "greedy BatchBALD on the MC class probabilities (Kirsch et al. 2019)", ("prob_samples",)),
+    Selection(
+        "kcenter",
+        _kcenter_select,
+        "greedy k-center / core-set on the model's features (Sener & Savarese 2018)",
+        ("features",),
+    ),
+    Selection(
+        "batchbald",
+        _batchbald_select,
+        "greedy BatchBALD on the MC class probabilities (Kirsch et al. 2019)",
+        ("prob_samples",),
+    ),
 ):
     SELECTIONS.register(_selection, builtin=True)
 
 
 def register_selection(
-    name: str, fn: Callable[..., Tensor | list[int]], *, needs: tuple[str, ...] = (), doc: str | None = None, replace: bool = False,
-) -> Selection:  # fmt: skip
+    name: str,
+    fn: Callable[..., Tensor | list[int]],
+    *,
+    needs: tuple[str, ...] = (),
+    doc: str | None = None,
+    replace: bool = False,
+) -> Selection:
     """Add a batch-selection method under ``name`` (for ``--selection``, sweeps and ``strategy()``).
 
     ``fn(scores, k, *, seed, temperature, **inputs)`` returns k distinct positions into the
@@ -358,7 +405,9 @@ def select(
     if bool(torch.isnan(scores).any()):  # named by position: the caller maps positions to its items
         bad = torch.nonzero(torch.isnan(scores)).flatten().tolist()
         shown = ", ".join(map(str, bad[:20])) + (" ..." if len(bad) > 20 else "")
-        raise DubitoError(f"scores contain NaN at pool positions {shown} ({len(bad)} of {P}): the model scoring them is diverged or damaged")
+        raise DubitoError(
+            f"scores contain NaN at pool positions {shown} ({len(bad)} of {P}): the model scoring them is diverged or damaged"
+        )
     inputs: dict[str, Tensor | None] = {}
     if "features" in entry.needs:
         if features is None:
@@ -366,12 +415,16 @@ def select(
         inputs.update(features=features, labeled_features=labeled_features)
     if "prob_samples" in entry.needs:
         if prob_samples is None:
-            raise DubitoError(f"method {method!r} needs prob_samples: the (T, P, C) MC class probabilities of the pool")
+            raise DubitoError(
+                f"method {method!r} needs prob_samples: the (T, P, C) MC class probabilities of the pool"
+            )
         inputs["prob_samples"] = prob_samples
     keys = scores.detach().to(torch.float64)
     picked = torch.as_tensor(entry.fn(keys, k, seed=seed, temperature=temperature, **inputs)).flatten()
     if picked.dtype.is_floating_point or picked.dtype == torch.bool:
         raise DubitoError(f"selection {method!r} returned {picked.dtype} values; positions are integers")
-    if picked.numel() != k or picked.unique().numel() != k or (k and (int(picked.min()) < 0 or int(picked.max()) >= P)):
-        raise DubitoError(f"selection {method!r} returned {picked.tolist()[:20]}: not {k} distinct positions in 0..{P - 1}")
+    if picked.numel() != k or picked.unique().numel() != k or int(picked.min()) < 0 or int(picked.max()) >= P:
+        raise DubitoError(
+            f"selection {method!r} returned {picked.tolist()[:20]}: not {k} distinct positions in 0..{P - 1}"
+        )
     return picked.to(device=scores.device, dtype=torch.long)

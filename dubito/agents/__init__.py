@@ -14,6 +14,16 @@ from dubito.agents.replay import ReplayBuffer
 register_envs()
 
 __all__ = [
-    "AGENTS", "Agent", "AgentConfig", "make_agent", "ENV_IDS", "DeepSea", "NoisyTV", "optimal_return",
-    "register_envs", "EpisodeLog", "run_episodes", "ReplayBuffer",
-]  # fmt: skip
+    "AGENTS",
+    "Agent",
+    "AgentConfig",
+    "make_agent",
+    "ENV_IDS",
+    "DeepSea",
+    "NoisyTV",
+    "optimal_return",
+    "register_envs",
+    "EpisodeLog",
+    "run_episodes",
+    "ReplayBuffer",
+]

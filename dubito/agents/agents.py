@@ -59,7 +59,9 @@ __all__ = ["AGENTS", "AgentConfig", "Agent", "make_agent"]
 class AgentConfig:
     """Hyperparameters of every agent (each is a ``dubito explore`` flag; each agent reads its own)."""
 
-    hidden: str = field(default="64,64", metadata={"help": "hidden layer sizes of every network, comma-separated"})
+    hidden: str = field(
+        default="64,64", metadata={"help": "hidden layer sizes of every network, comma-separated"}
+    )
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     gamma: float = field(default=0.99, metadata={"help": "discount"})
     batch_size: int = field(default=64, metadata={"help": "replay batch per update"})
@@ -70,16 +72,33 @@ class AgentConfig:
     epsilon: float = field(default=0.1, metadata={"help": "dqn / rnd: probability of a random action"})
     ensemble: int = field(default=10, metadata={"help": "bootstrapped: K heads"})
     prior_scale: float = field(default=3.0, metadata={"help": "bootstrapped: β, scale of the random prior"})
-    mask_prob: float = field(default=1.0, metadata={"help": "bootstrapped: probability a head trains on a transition"})
+    mask_prob: float = field(
+        default=1.0, metadata={"help": "bootstrapped: probability a head trains on a transition"}
+    )
     dropout: float = field(default=0.1, metadata={"help": "thompson / epistemic / total: dropout p"})
-    samples: int = field(default=10, metadata={"help": "epistemic / total: MC-dropout samples T per estimate"})
+    samples: int = field(
+        default=10, metadata={"help": "epistemic / total: MC-dropout samples T per estimate"}
+    )
     kappa: float = field(default=3.0, metadata={"help": "epistemic / total: bonus scale κ"})
-    source: str = field(default="ensemble", metadata={"help": "epistemic / total: epistemic samples from an 'ensemble' with randomized priors or MC 'dropout'"})
+    source: str = field(
+        default="ensemble",
+        metadata={
+            "help": "epistemic / total: epistemic samples from an 'ensemble' with randomized priors or MC 'dropout'"
+        },
+    )
     rnd_scale: float = field(default=0.1, metadata={"help": "rnd: scale of the normalised intrinsic reward"})
 
     def __post_init__(self) -> None:
         self.hidden_sizes()
-        for name in ("batch_size", "buffer_size", "min_replay", "train_every", "target_every", "ensemble", "samples"):
+        for name in (
+            "batch_size",
+            "buffer_size",
+            "min_replay",
+            "train_every",
+            "target_every",
+            "ensemble",
+            "samples",
+        ):
             if int(getattr(self, name)) < 1:
                 raise DubitoError(f"{flag(name)} must be >= 1, got {getattr(self, name)!r}")
         check_range("lr", self.lr, 0.0, low_open=True)
@@ -94,7 +113,9 @@ class AgentConfig:
         if not 0.0 < self.mask_prob <= 1.0:
             raise DubitoError(f"--mask-prob must be in (0, 1], got {self.mask_prob!r}")
         if self.min_replay > self.buffer_size:
-            raise DubitoError(f"--min-replay ({self.min_replay}) must not exceed --buffer-size ({self.buffer_size}): learning would never start")
+            raise DubitoError(
+                f"--min-replay ({self.min_replay}) must not exceed --buffer-size ({self.buffer_size}): learning would never start"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise DubitoError(f"--dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -104,7 +125,9 @@ class AgentConfig:
         except ValueError:
             sizes = ()
         if not sizes or min(sizes) < 1:
-            raise DubitoError(f"hidden must be comma-separated positive layer sizes such as '64,64', got {self.hidden!r}")
+            raise DubitoError(
+                f"hidden must be comma-separated positive layer sizes such as '64,64', got {self.hidden!r}"
+            )
         return sizes
 
 
@@ -133,13 +156,17 @@ class Agent:
 
     name = "agent"
 
-    def __init__(self, obs_dim: int, n_actions: int, config: AgentConfig, seed: int = 0, masks: int = 0) -> None:
+    def __init__(
+        self, obs_dim: int, n_actions: int, config: AgentConfig, seed: int = 0, masks: int = 0
+    ) -> None:
         self.obs_dim = int(obs_dim)
         self.n_actions = int(n_actions)
         self.config = config
         self.seed = seed
         self.rng = np.random.default_rng([seed, 1])
-        self.replay = ReplayBuffer(config.buffer_size, obs_dim, masks=masks, mask_prob=config.mask_prob, seed=seed)
+        self.replay = ReplayBuffer(
+            config.buffer_size, obs_dim, masks=masks, mask_prob=config.mask_prob, seed=seed
+        )
         self.steps = 0
         self.updates = 0
         self.episodes = 0
@@ -175,7 +202,9 @@ class Agent:
         return torch.as_tensor(np.asarray(obs, dtype=np.float32).reshape(1, -1))
 
     # ---- learning -------------------------------------------------------------------------
-    def observe(self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, terminated: bool) -> None:
+    def observe(
+        self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, terminated: bool
+    ) -> None:
         self.replay.add(obs, action, reward, next_obs, terminated)
         self.steps += 1
         c = self.config
@@ -224,7 +253,9 @@ class Agent:
             if isinstance(value, AgentConfig):
                 continue
             if not isinstance(value, (*_STATEFUL, np.random.Generator, bool, int, float, str, type(None))):
-                raise DubitoError(f"{type(self).__name__}.{name} ({type(value).__name__}) cannot be checkpointed")
+                raise DubitoError(
+                    f"{type(self).__name__}.{name} ({type(value).__name__}) cannot be checkpointed"
+                )
             out.append((name, value))
         return out
 
@@ -233,7 +264,9 @@ class Agent:
         mine = dict(self._checkpointed())
         missing = set(mine) ^ set(state)
         if missing:
-            raise DubitoError(f"{type(self).__name__}: checkpoint does not match this agent (differs in {sorted(missing)})")
+            raise DubitoError(
+                f"{type(self).__name__}: checkpoint does not match this agent (differs in {sorted(missing)})"
+            )
         for name, saved in state.items():
             value = mine[name]
             if isinstance(value, _STATEFUL):
@@ -258,7 +291,12 @@ class _QNetworkAgent(Agent):
     def __init__(self, obs_dim: int, n_actions: int, config: AgentConfig, seed: int = 0) -> None:
         super().__init__(obs_dim, n_actions, config, seed)
         self.online = MLP(
-            obs_dim, n_actions, config.hidden_sizes(), task="regression", variant=self.variant, dropout=self.dropout
+            obs_dim,
+            n_actions,
+            config.hidden_sizes(),
+            task="regression",
+            variant=self.variant,
+            dropout=self.dropout,
         )
         self.target = copy.deepcopy(self.online).eval()
         for p in self.target.parameters():
@@ -276,7 +314,12 @@ class _QNetworkAgent(Agent):
 
     def _td_loss(self, batch: dict[str, Tensor], extra_reward: Tensor | None = None) -> float:
         with torch.no_grad():
-            y = self._bootstrap(batch, _double_q(self._q(self.online.eval(), batch["next_obs"]), self._q(self.target, batch["next_obs"])))
+            y = self._bootstrap(
+                batch,
+                _double_q(
+                    self._q(self.online.eval(), batch["next_obs"]), self._q(self.target, batch["next_obs"])
+                ),
+            )
             if extra_reward is not None:
                 y = y + extra_reward
         self.online.train()
@@ -306,7 +349,9 @@ class ThompsonDropoutAgent(_QNetworkAgent):
     def __init__(self, obs_dim: int, n_actions: int, config: AgentConfig, seed: int = 0) -> None:
         self.dropout = config.dropout
         super().__init__(obs_dim, n_actions, config, seed)
-        self.service = UncertaintyService(self.online, "regression", config.samples, device="cpu", seed=seed, progress=False)
+        self.service = UncertaintyService(
+            self.online, "regression", config.samples, device="cpu", seed=seed, progress=False
+        )
         self._mask_seed = 0
 
     def begin_episode(self) -> None:
@@ -336,7 +381,9 @@ class UncertaintyBonusAgent(Agent):
     Both are decomposed by the same ``regression_uncertainty``.
     """
 
-    def __init__(self, obs_dim: int, n_actions: int, config: AgentConfig, seed: int = 0, kind: str = "epistemic") -> None:
+    def __init__(
+        self, obs_dim: int, n_actions: int, config: AgentConfig, seed: int = 0, kind: str = "epistemic"
+    ) -> None:
         if kind not in ("epistemic", "total"):
             raise DubitoError(f"bonus kind must be 'epistemic' or 'total', got {kind!r}")
         super().__init__(obs_dim, n_actions, config, seed)
@@ -348,10 +395,16 @@ class UncertaintyBonusAgent(Agent):
             self.online = EnsembleMLP(obs_dim, 2 * n_actions, config.ensemble, hidden)
             self.prior = EnsembleMLP(obs_dim, n_actions, config.ensemble, hidden).requires_grad_(False)
         else:
-            self.online = MLP(obs_dim, n_actions, hidden, task="regression", variant="both", dropout=config.dropout)
-            self.service = UncertaintyService(self.online, "regression", config.samples, device="cpu", seed=seed, progress=False)
+            self.online = MLP(
+                obs_dim, n_actions, hidden, task="regression", variant="both", dropout=config.dropout
+            )
+            self.service = UncertaintyService(
+                self.online, "regression", config.samples, device="cpu", seed=seed, progress=False
+            )
             # a second seed stream for measuring (epistemic(), aleatoric()), so looking never changes how the agent acts
-            self.probe = UncertaintyService(self.online, "regression", config.samples, device="cpu", seed=seed + 1, progress=False)
+            self.probe = UncertaintyService(
+                self.online, "regression", config.samples, device="cpu", seed=seed + 1, progress=False
+            )
         self.target = copy.deepcopy(self.online).requires_grad_(False).eval()
         self.optimizer = _adam(self.online.parameters(), config.lr)
 
@@ -386,9 +439,13 @@ class UncertaintyBonusAgent(Agent):
                 # (K, B): each member bootstraps from its own estimate
                 nxt = batch["next_obs"]
                 prior = self._prior(nxt)  # fixed: shared by the online and the target members
-                next_q = _double_q(self._heads(self.online, nxt, prior)[0], self._heads(self.target, nxt, prior)[0])
+                next_q = _double_q(
+                    self._heads(self.online, nxt, prior)[0], self._heads(self.target, nxt, prior)[0]
+                )
             else:
-                next_q = _double_q(self.online.eval()(batch["next_obs"])[0], self.target(batch["next_obs"])[0])
+                next_q = _double_q(
+                    self.online.eval()(batch["next_obs"])[0], self.target(batch["next_obs"])[0]
+                )
             y = self._bootstrap(batch, next_q)
         self.online.train()
         if self.source == "ensemble":
@@ -401,11 +458,21 @@ class UncertaintyBonusAgent(Agent):
         return self._step(self.optimizer, loss)
 
     def epistemic(self, obs: np.ndarray) -> np.ndarray:
-        return self.uncertainty(torch.as_tensor(obs, dtype=torch.float32), probe=True).epistemic_var.sqrt().mean(dim=1).numpy()
+        return (
+            self.uncertainty(torch.as_tensor(obs, dtype=torch.float32), probe=True)
+            .epistemic_var.sqrt()
+            .mean(dim=1)
+            .numpy()
+        )
 
     def aleatoric(self, obs: np.ndarray) -> np.ndarray:
         """Aleatoric std of each state (N,), mean over actions."""
-        return self.uncertainty(torch.as_tensor(obs, dtype=torch.float32), probe=True).aleatoric_var.sqrt().mean(dim=1).numpy()
+        return (
+            self.uncertainty(torch.as_tensor(obs, dtype=torch.float32), probe=True)
+            .aleatoric_var.sqrt()
+            .mean(dim=1)
+            .numpy()
+        )
 
 
 class BootstrappedPriorAgent(Agent):
@@ -438,8 +505,12 @@ class BootstrappedPriorAgent(Agent):
         k = self.config.ensemble
         with torch.no_grad():
             nxt = batch["next_obs"]
-            prior = self.config.prior_scale * self.prior(nxt)  # fixed: shared by the online and the target heads
-            y = self._bootstrap(batch, _double_q(self._q(self.online, nxt, prior), self._q(self.target, nxt, prior)))
+            prior = self.config.prior_scale * self.prior(
+                nxt
+            )  # fixed: shared by the online and the target heads
+            y = self._bootstrap(
+                batch, _double_q(self._q(self.online, nxt, prior), self._q(self.target, nxt, prior))
+            )
         a = batch["action"][None, :, None].expand(k, -1, 1)
         q = self._q(self.online, batch["obs"]).gather(2, a)[..., 0]  # (K, B)
         mask = batch["mask"].T  # (K, B)
@@ -448,7 +519,9 @@ class BootstrappedPriorAgent(Agent):
 
     def epistemic(self, obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            q = self._q(self.online, torch.as_tensor(obs, dtype=torch.float32))  # (K, N, A): members as samples
+            q = self._q(
+                self.online, torch.as_tensor(obs, dtype=torch.float32)
+            )  # (K, N, A): members as samples
         return regression_uncertainty(q).epistemic_var.sqrt().mean(dim=1).numpy()
 
 
@@ -461,9 +534,13 @@ class RNDAgent(_QNetworkAgent):
     def __init__(self, obs_dim: int, n_actions: int, config: AgentConfig, seed: int = 0) -> None:
         super().__init__(obs_dim, n_actions, config, seed)
         hidden = config.hidden_sizes()
-        self.rnd_target = MLP(obs_dim, self.embedding, hidden, task="regression", variant="baseline", dropout=0.0)
+        self.rnd_target = MLP(
+            obs_dim, self.embedding, hidden, task="regression", variant="baseline", dropout=0.0
+        )
         self.rnd_target.requires_grad_(False).eval()
-        self.predictor = MLP(obs_dim, self.embedding, hidden, task="regression", variant="baseline", dropout=0.0)
+        self.predictor = MLP(
+            obs_dim, self.embedding, hidden, task="regression", variant="baseline", dropout=0.0
+        )
         self.rnd_optimizer = _adam(self.predictor.parameters(), config.lr)
         self._count, self._mean, self._m2 = 0, 0.0, 0.0  # running moments of the raw errors (Welford)
 
@@ -497,7 +574,9 @@ class RNDAgent(_QNetworkAgent):
 AGENTS = ("dqn", "bootstrapped", "thompson", "epistemic", "total", "rnd")
 
 
-def make_agent(name: str, obs_dim: int, n_actions: int, config: AgentConfig | None = None, seed: int = 0) -> Agent:
+def make_agent(
+    name: str, obs_dim: int, n_actions: int, config: AgentConfig | None = None, seed: int = 0
+) -> Agent:
     """An agent by name (:data:`AGENTS`), its networks initialised from ``seed``."""
     config = config or AgentConfig()
     classes = {
@@ -513,4 +592,3 @@ def make_agent(name: str, obs_dim: int, n_actions: int, config: AgentConfig | No
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, global RNG untouched
         torch.manual_seed(seed)
         return classes[name](obs_dim, n_actions, config, seed)
-

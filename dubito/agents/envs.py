@@ -85,7 +85,9 @@ class DeepSea(gym.Env):
         self._row = self._column = 0
         self._bad = False
 
-    def observation_for(self, position: tuple[int, int], rng: np.random.Generator | None = None) -> np.ndarray:
+    def observation_for(
+        self, position: tuple[int, int], rng: np.random.Generator | None = None
+    ) -> np.ndarray:
         """The observation of cell ``position`` (row, column); ``rng`` is unused (Deep Sea's are fixed)."""
         obs = np.zeros((self.size, self.size), dtype=np.float32)
         obs[position[0], position[1]] = 1.0
@@ -187,7 +189,9 @@ class NoisyTV(gym.Env):
         self.start = self._cell("start", start)
         self.tv = self._cell("tv", tv)
         if len({self.start, self.tv, self.goal}) < 3:
-            raise DubitoError(f"start {self.start}, tv {self.tv} and goal {self.goal} must be three different cells")
+            raise DubitoError(
+                f"start {self.start}, tv {self.tv} and goal {self.goal} must be three different cells"
+            )
         self.observation_space = spaces.Box(0.0, 1.0, (self.size**2 + self.screen,), dtype=np.float32)
         self.action_space = spaces.Discrete(5)
         self.render_mode = render_mode
@@ -200,10 +204,14 @@ class NoisyTV(gym.Env):
         except (TypeError, ValueError):
             cell = ()
         if len(cell) != 2 or not all(0 <= v < self.size for v in cell):
-            raise DubitoError(f"{name} must be a cell (row, column) inside the {self.size}x{self.size} grid, got {value!r}")
+            raise DubitoError(
+                f"{name} must be a cell (row, column) inside the {self.size}x{self.size} grid, got {value!r}"
+            )
         return cell
 
-    def observation_for(self, position: tuple[int, int], rng: np.random.Generator | None = None) -> np.ndarray:
+    def observation_for(
+        self, position: tuple[int, int], rng: np.random.Generator | None = None
+    ) -> np.ndarray:
         """The observation of ``position`` (with a fresh random screen on the TV, drawn from ``rng``;
         by default the environment's own ``np_random``: pass another to look without changing the run)."""
         obs = np.zeros(self.observation_space.shape, dtype=np.float32)
@@ -229,7 +237,10 @@ class NoisyTV(gym.Env):
         if not self.action_space.contains(action):
             raise DubitoError(f"NoisyTV: action must be an integer in [0, 5), got {action!r}")
         dr, dc = self.MOVES[int(action)]
-        self._pos = (min(max(self._pos[0] + dr, 0), self.size - 1), min(max(self._pos[1] + dc, 0), self.size - 1))
+        self._pos = (
+            min(max(self._pos[0] + dr, 0), self.size - 1),
+            min(max(self._pos[1] + dc, 0), self.size - 1),
+        )
         self._t += 1
         terminated = self._pos == self.goal
         reward = 1.0 if terminated else 0.0

@@ -53,7 +53,10 @@ def run_state(env: gym.Env, agent: Agent, log: EpisodeLog) -> dict[str, Any]:
         "agent": agent.state_dict(),
         "env_rng": env.unwrapped.np_random.bit_generator.state,
         "torch_rng": torch.get_rng_state(),
-        "log": {**{k: list(getattr(log, k)) for k in _LOG_FIELDS}, "visits": torch.from_numpy(log.visits.copy())},
+        "log": {
+            **{k: list(getattr(log, k)) for k in _LOG_FIELDS},
+            "visits": torch.from_numpy(log.visits.copy()),
+        },
     }
 
 
@@ -96,7 +99,15 @@ def run_episodes(
         start = log.episodes
         if stop is not None and stop(log):  # saved at the episode that ended the run
             return log
-    bar = tqdm(range(start, episodes), desc=desc, unit="ep", disable=not progress, leave=False, initial=start, total=episodes)
+    bar = tqdm(
+        range(start, episodes),
+        desc=desc,
+        unit="ep",
+        disable=not progress,
+        leave=False,
+        initial=start,
+        total=episodes,
+    )
     for episode in bar:
         if episode:
             obs, info = env.reset()

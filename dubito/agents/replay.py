@@ -27,7 +27,9 @@ class ReplayBuffer:
     as a transition.
     """
 
-    def __init__(self, capacity: int, obs_dim: int, *, masks: int = 0, mask_prob: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self, capacity: int, obs_dim: int, *, masks: int = 0, mask_prob: float = 1.0, seed: int = 0
+    ) -> None:
         if capacity < 1:
             raise DubitoError(f"replay capacity must be >= 1, got {capacity}")
         if not 0.0 < mask_prob <= 1.0:
@@ -47,7 +49,9 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
-    def add(self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, terminated: bool) -> None:
+    def add(
+        self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, terminated: bool
+    ) -> None:
         i = self._next
         self.obs[i] = np.ravel(obs)
         self.next_obs[i] = np.ravel(next_obs)
@@ -78,7 +82,10 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict:
         """Everything the buffer holds, as tensors and numbers (``torch.load(weights_only=True)`` reads it)."""
-        arrays = {k: torch.from_numpy(getattr(self, k)[: self.size].copy()) for k in ("obs", "next_obs", "action", "reward", "terminated")}
+        arrays = {
+            k: torch.from_numpy(getattr(self, k)[: self.size].copy())
+            for k in ("obs", "next_obs", "action", "reward", "terminated")
+        }
         if self.mask is not None:
             arrays["mask"] = torch.from_numpy(self.mask[: self.size].copy())
         return {"arrays": arrays, "size": self.size, "next": self._next, "rng": self.rng.bit_generator.state}
@@ -86,7 +93,9 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         size = int(state["size"])
         if size > self.capacity or state["arrays"]["obs"].shape[1:] != self.obs.shape[1:]:
-            raise DubitoError(f"replay state of {size} transitions of {tuple(state['arrays']['obs'].shape[1:])} does not fit this buffer")
+            raise DubitoError(
+                f"replay state of {size} transitions of {tuple(state['arrays']['obs'].shape[1:])} does not fit this buffer"
+            )
         for k, v in state["arrays"].items():
             getattr(self, k)[:size] = v.numpy()
         self.size, self._next = size, int(state["next"])

@@ -41,7 +41,9 @@ def area_under_curve(x: list[float], y: list[float]) -> float | None:
     return float(np.sum((ys[1:] + ys[:-1]) / 2 * np.diff(xs)) / (xs[-1] - xs[0]))
 
 
-def record_study(parent: Any, out: Path, results: dict[str, Any], table: str, metrics: Mapping[str, float]) -> None:
+def record_study(
+    parent: Any, out: Path, results: dict[str, Any], table: str, metrics: Mapping[str, float]
+) -> None:
     """Write a study's ``tables.md`` and ``results.json`` into ``out`` and log them, its plots
     (``results["plots"]``) and its headline ``metrics`` to the MLflow parent run."""
     from dubito.platform.files import write_json, write_text

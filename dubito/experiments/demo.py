@@ -32,11 +32,14 @@ from dubito.platform.tracking import tracked_run
 
 __all__ = ["DemoConfig", "scenes", "run_demo"]
 
+
 @dataclass
 class DemoConfig:
     """Settings of the demo job (each is a ``dubito demo`` flag)."""
 
-    output: str = field(default="runs/uncertainty-demo", metadata={"help": "folder for results.json and the figure"})
+    output: str = field(
+        default="runs/uncertainty-demo", metadata={"help": "folder for results.json and the figure"}
+    )
     train_images: int = field(default=48, metadata={"help": "synthetic training scenes"})
     test_images: int = field(default=8, metadata={"help": "held-out scenes, in and out of distribution each"})
     height: int = field(default=48, metadata={"help": "scene height in pixels"})
@@ -48,7 +51,9 @@ class DemoConfig:
     dropout: float = field(default=0.2, metadata={"help": "dropout p (paper: 0.2)"})
     samples: int = field(default=20, metadata={"help": "MC-dropout samples T at test time"})
     logit_noise_samples: int = field(default=10, metadata={"help": "logit-noise samples T_a per pass"})
-    static_fraction: float = field(default=0.5, metadata={"help": "fraction of scenes with a TV-static patch"})
+    static_fraction: float = field(
+        default=0.5, metadata={"help": "fraction of scenes with a TV-static patch"}
+    )
     seed: int = field(default=0, metadata={"help": "random seed"})
     experiment: str = field(default="dubito-demo", metadata={"help": "MLflow experiment name"})
 
@@ -65,9 +70,13 @@ class DemoConfig:
 def scenes(config: DemoConfig, split: str, n: int, ood: bool = False) -> dict[str, torch.Tensor]:
     """``n`` SyntheticCamVid items of ``split`` stacked into a batch (image, target, noise, static, ...)."""
     data = SyntheticCamVid(
-        split, n=n, size=(config.height, config.width), seed=config.seed,
-        static_fraction=0.0 if ood else config.static_fraction, ood=ood,
-    )  # fmt: skip
+        split,
+        n=n,
+        size=(config.height, config.width),
+        seed=config.seed,
+        static_fraction=0.0 if ood else config.static_fraction,
+        ood=ood,
+    )
     return default_collate([data[i] for i in range(n)])
 
 
@@ -85,7 +94,13 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
     test = scenes(config, "test", config.test_images)
     ood = scenes(config, "test", config.test_images, ood=True)
 
-    model = FCDenseNet("tiny", task="segmentation", num_classes=SyntheticCamVid.num_classes, variant="both", dropout=config.dropout)
+    model = FCDenseNet(
+        "tiny",
+        task="segmentation",
+        num_classes=SyntheticCamVid.num_classes,
+        variant="both",
+        dropout=config.dropout,
+    )
     opt = torch.optim.RMSprop(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     g = torch.Generator().manual_seed(config.seed)
     started = time.perf_counter()
@@ -107,7 +122,11 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
         train_seconds = time.perf_counter() - started
 
         service = UncertaintyService(
-            model, samples=config.samples, logit_noise_samples=config.logit_noise_samples, seed=config.seed, device="cpu"
+            model,
+            samples=config.samples,
+            logit_noise_samples=config.logit_noise_samples,
+            seed=config.seed,
+            device="cpu",
         )
         started = time.perf_counter()
         u_in = service.predict(test["image"])

@@ -37,23 +37,46 @@ from dubito.experiments import int_list, record_study
 from dubito.platform.files import check_output, exclusive, file_errors, read_json, write_json
 from dubito.platform.tracking import check_tracking, tracked_run
 
-__all__ = ["ExploreConfig", "STUDIES", "run_exploration", "run_one", "run_specs", "run_params", "log_run", "episode_series", "solve_episode", "format_exploration"]
+__all__ = [
+    "ExploreConfig",
+    "STUDIES",
+    "run_exploration",
+    "run_one",
+    "run_specs",
+    "run_params",
+    "log_run",
+    "episode_series",
+    "solve_episode",
+    "format_exploration",
+]
 
 #: what each study runs unless a flag says otherwise
 STUDIES: dict[str, dict[str, Any]] = {
     "deep-sea": {
-        "env": "dubito/DeepSea-v0", "agents": "dqn,bootstrapped,thompson,epistemic", "sizes": "5,8,11,14,17,20",
-        "episodes": 1000, "gamma": 0.99, "stop_when_solved": True,
+        "env": "dubito/DeepSea-v0",
+        "agents": "dqn,bootstrapped,thompson,epistemic",
+        "sizes": "5,8,11,14,17,20",
+        "episodes": 1000,
+        "gamma": 0.99,
+        "stop_when_solved": True,
     },
     "deep-sea-stochastic": {
-        "env": "dubito/DeepSeaStochastic-v0", "agents": "dqn,bootstrapped,epistemic,total", "sizes": "5,8,11,14",
-        "episodes": 1000, "gamma": 0.99, "stop_when_solved": True,
+        "env": "dubito/DeepSeaStochastic-v0",
+        "agents": "dqn,bootstrapped,epistemic,total",
+        "sizes": "5,8,11,14",
+        "episodes": 1000,
+        "gamma": 0.99,
+        "stop_when_solved": True,
     },
     "noisy-tv": {
-        "env": "dubito/NoisyTV-v0", "agents": "epistemic,total,rnd,dqn", "sizes": "5",
-        "episodes": 300, "gamma": 0.9, "stop_when_solved": False,
+        "env": "dubito/NoisyTV-v0",
+        "agents": "epistemic,total,rnd,dqn",
+        "sizes": "5",
+        "episodes": 300,
+        "gamma": 0.9,
+        "stop_when_solved": False,
     },
-}  # fmt: skip
+}
 
 
 def _agent_field(name: str) -> Any:
@@ -67,13 +90,21 @@ class ExploreConfig:
     take the study's value from :data:`STUDIES`."""
 
     study: str = field(default="deep-sea", metadata={"help": f"one of {', '.join(STUDIES)}"})
-    output: str = field(default="runs/explore", metadata={"help": "folder: runs/, results.json, tables.md, plots"})
-    agents: str | None = field(default=None, metadata={"help": f"agents, comma-separated, from {', '.join(AGENTS)}"})
+    output: str = field(
+        default="runs/explore", metadata={"help": "folder: runs/, results.json, tables.md, plots"}
+    )
+    agents: str | None = field(
+        default=None, metadata={"help": f"agents, comma-separated, from {', '.join(AGENTS)}"}
+    )
     sizes: str | None = field(default=None, metadata={"help": "environment sizes N, comma-separated"})
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds"})
     episodes: int | None = field(default=None, metadata={"help": "episode budget per run"})
-    stop_when_solved: bool | None = field(default=None, metadata={"help": "Deep Sea: end a run once bsuite's solved criterion holds"})
-    mapping_seed: int | None = field(default=None, metadata={"help": "Deep Sea: action-mapping seed (default: the run's seed)"})
+    stop_when_solved: bool | None = field(
+        default=None, metadata={"help": "Deep Sea: end a run once bsuite's solved criterion holds"}
+    )
+    mapping_seed: int | None = field(
+        default=None, metadata={"help": "Deep Sea: action-mapping seed (default: the run's seed)"}
+    )
     noise_scale: float = field(default=0.3, metadata={"help": "noisy TV: std of the TV's zero-mean reward"})
     screen: int = field(default=8, metadata={"help": "noisy TV: random screen features on the TV"})
     gamma: float | None = field(default=None, metadata={"help": "discount (deep-sea 0.99, noisy-tv 0.9)"})
@@ -93,7 +124,9 @@ class ExploreConfig:
     kappa: float = _agent_field("kappa")
     source: str = _agent_field("source")
     rnd_scale: float = _agent_field("rnd_scale")
-    workers: int = field(default=0, metadata={"help": "parallel processes (0: one per CPU core, at most the number of runs)"})
+    workers: int = field(
+        default=0, metadata={"help": "parallel processes (0: one per CPU core, at most the number of runs)"}
+    )
     experiment: str = field(default="dubito-explore", metadata={"help": "MLflow experiment"})
 
     def resolved(self) -> dict[str, Any]:
@@ -104,7 +137,9 @@ class ExploreConfig:
         agents = [a.strip() for a in (self.agents or preset["agents"]).split(",") if a.strip()]
         unknown = [a for a in agents if a not in AGENTS]
         if not agents or unknown or len(set(agents)) != len(agents):
-            raise DubitoError(f"--agents must name distinct agents from {', '.join(AGENTS)}, got {self.agents!r}")
+            raise DubitoError(
+                f"--agents must name distinct agents from {', '.join(AGENTS)}, got {self.agents!r}"
+            )
         sizes = int_list("--sizes", self.sizes or preset["sizes"], low=3 if self.study == "noisy-tv" else 2)
         seeds = int_list("--seeds", self.seeds, low=0)
         episodes = self.episodes if self.episodes is not None else preset["episodes"]
@@ -122,14 +157,22 @@ class ExploreConfig:
             raise DubitoError(f"--screen must be >= 1, got {self.screen}")
         agent = self.agent_config()  # validates the agent settings
         return {
-            "env": preset["env"], "agents": agents, "sizes": sizes, "seeds": seeds, "episodes": int(episodes),
-            "stop_when_solved": preset["stop_when_solved"] if self.stop_when_solved is None else self.stop_when_solved,
+            "env": preset["env"],
+            "agents": agents,
+            "sizes": sizes,
+            "seeds": seeds,
+            "episodes": int(episodes),
+            "stop_when_solved": preset["stop_when_solved"]
+            if self.stop_when_solved is None
+            else self.stop_when_solved,
             "agent": asdict(agent),
-        }  # fmt: skip
+        }
 
     def agent_config(self) -> AgentConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(AgentConfig) if f.name != "gamma"}
-        gamma = self.gamma if self.gamma is not None else STUDIES.get(self.study, STUDIES["deep-sea"])["gamma"]
+        gamma = (
+            self.gamma if self.gamma is not None else STUDIES.get(self.study, STUDIES["deep-sea"])["gamma"]
+        )
         return AgentConfig(gamma=gamma, **values)
 
 
@@ -165,7 +208,9 @@ def _checkpoints(episodes: int) -> list[int]:
     return sorted({max(1, round(episodes * f)) for f in (0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0)})
 
 
-def _within_state_slope(snapshots: list[tuple[int, np.ndarray, np.ndarray]], remove_trend: bool = False) -> float | None:
+def _within_state_slope(
+    snapshots: list[tuple[int, np.ndarray, np.ndarray]], remove_trend: bool = False
+) -> float | None:
     """How a state's epistemic estimate changes as ITS visit count grows: the slope β of
     log(estimate[s, t]) = a_s + β·log(1 + visits[s, t]) over the snapshots t, a_s absorbing what
     makes states differ (such as nearness to the reward). With ``remove_trend`` also + b_t (two-way
@@ -188,9 +233,11 @@ def _within_state_slope(snapshots: list[tuple[int, np.ndarray, np.ndarray]], rem
 
 
 def run_one(
-    spec: dict[str, Any], *, hook: Callable[[Any, Callable[[], dict[str, Any]]], None] | None = None,
+    spec: dict[str, Any],
+    *,
+    hook: Callable[[Any, Callable[[], dict[str, Any]]], None] | None = None,
     resume: dict[str, Any] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """One run: ``spec`` holds env, size, agent, seed, episodes, stop_when_solved, agent config
     (a dict), mapping_seed, noise_scale, screen, progress and path. Writes ``path`` (JSON)
     atomically and returns the record. Safe to call in a worker process.
@@ -216,7 +263,9 @@ def run_one(
         env = gym.make(spec["env"], size=size, noise_scale=spec["noise_scale"], screen=spec["screen"])
     base = env.unwrapped
     obs_dim = int(np.prod(env.observation_space.shape))
-    agent = make_agent(spec["agent"], obs_dim, int(env.action_space.n), AgentConfig(**spec["agent_config"]), seed)
+    agent = make_agent(
+        spec["agent"], obs_dim, int(env.action_space.n), AgentConfig(**spec["agent_config"]), seed
+    )
     stochastic = spec["env"] == "dubito/DeepSeaStochastic-v0"
     deep_sea = spec["env"].startswith("dubito/DeepSea")
 
@@ -241,41 +290,65 @@ def run_one(
         if log.episodes in checkpoints:
             snapshot(log)
         if hook is not None:
-            hook(log, lambda: {
-                "run": run_state(env, agent, log), "look_rng": look.bit_generator.state,
-                "snapshots": [(e, torch.from_numpy(v), torch.from_numpy(m)) for e, v, m in snapshots],
-            })  # fmt: skip
+            hook(
+                log,
+                lambda: {
+                    "run": run_state(env, agent, log),
+                    "look_rng": look.bit_generator.state,
+                    "snapshots": [(e, torch.from_numpy(v), torch.from_numpy(m)) for e, v, m in snapshots],
+                },
+            )
 
     def stop(log) -> bool:
         return bool(spec["stop_when_solved"] and deep_sea and solve_episode(log.bad, stochastic) is not None)
 
     log = run_episodes(
-        env, agent, spec["episodes"], seed=seed, progress=spec.get("progress", False),
-        desc=f"{spec['agent']} N={size} seed {seed}", stop=stop, on_episode=on_episode,
+        env,
+        agent,
+        spec["episodes"],
+        seed=seed,
+        progress=spec.get("progress", False),
+        desc=f"{spec['agent']} N={size} seed {seed}",
+        stop=stop,
+        on_episode=on_episode,
         resume=resume["run"] if resume is not None else None,
-    )  # fmt: skip
+    )
     if not snapshots or snapshots[-1][0] != log.episodes:
         snapshot(log)
     obs = np.stack([np.ravel(base.observation_for(s, look)) for s in states]).astype(np.float32)
     estimate = snapshots[-1][2] if snapshots else None
     visits = np.array([log.visits[s] for s in states], dtype=float)
     record: dict[str, Any] = {
-        "agent": spec["agent"], "size": size, "seed": seed, "env": spec["env"], "episodes": log.episodes,
-        "returns": log.returns, "lengths": log.lengths, "terminated": log.terminated,
-        "visits": log.visits.tolist(), "steps": int(sum(log.lengths)), "settings": spec["settings"],
-    }  # fmt: skip
+        "agent": spec["agent"],
+        "size": size,
+        "seed": seed,
+        "env": spec["env"],
+        "episodes": log.episodes,
+        "returns": log.returns,
+        "lengths": log.lengths,
+        "terminated": log.terminated,
+        "visits": log.visits.tolist(),
+        "steps": int(sum(log.lengths)),
+        "settings": spec["settings"],
+    }
     if estimate is not None:
         record["epistemic"] = {
-            "states": [list(s) for s in states], "visits": visits.tolist(), "estimate": estimate.tolist(),
+            "states": [list(s) for s in states],
+            "visits": visits.tolist(),
+            "estimate": estimate.tolist(),
             **_fit(visits, estimate),
             "within_state_slope": _within_state_slope(snapshots),
             "visit_effect_slope": _within_state_slope(snapshots, remove_trend=True),
-            "snapshots": [{"episode": e, "visits": v.tolist(), "estimate": m.tolist()} for e, v, m in snapshots],
-        }  # fmt: skip
+            "snapshots": [
+                {"episode": e, "visits": v.tolist(), "estimate": m.tolist()} for e, v, m in snapshots
+            ],
+        }
     if deep_sea:
         record["bad"] = log.bad
         record["solve_episode"] = solve_episode(log.bad, stochastic)
-        record["regret"] = float(np.sum(base.optimal_return - np.asarray(log.returns)))  # over the episodes run
+        record["regret"] = float(
+            np.sum(base.optimal_return - np.asarray(log.returns))
+        )  # over the episodes run
     else:
         record["tv_steps"] = log.tv_steps
         record["tv_fraction"] = float(np.sum(log.tv_steps) / max(1, np.sum(log.lengths)))
@@ -301,7 +374,9 @@ def episode_series(record: dict[str, Any]) -> dict[str, list[float]]:
         episode = np.arange(1, len(record["bad"]) + 1)
         series["bad_fraction"] = (np.cumsum(record["bad"]) / episode).tolist()
     if "tv_steps" in record:
-        series["tv_fraction_episode"] = (np.asarray(record["tv_steps"]) / np.maximum(1, record["lengths"])).tolist()
+        series["tv_fraction_episode"] = (
+            np.asarray(record["tv_steps"]) / np.maximum(1, record["lengths"])
+        ).tolist()
     return series
 
 
@@ -314,37 +389,62 @@ def run_specs(config: ExploreConfig, out: Path) -> tuple[dict[str, Any], list[di
         for size in settings["sizes"]:
             for seed in settings["seeds"]:
                 run_settings = {
-                    "agent_config": settings["agent"], "episodes": settings["episodes"], "env": settings["env"],
+                    "agent_config": settings["agent"],
+                    "episodes": settings["episodes"],
+                    "env": settings["env"],
                     "stop_when_solved": settings["stop_when_solved"],
-                }  # fmt: skip
+                }
                 if settings["env"].startswith("dubito/DeepSea"):
                     run_settings["mapping_seed"] = config.mapping_seed
                 else:
                     run_settings |= {"noise_scale": config.noise_scale, "screen": config.screen}
-                specs.append({
-                    **run_settings, "agent": agent, "size": size, "seed": seed, "settings": run_settings,
-                    "path": str(out / "runs" / f"{agent}-N{size}-seed{seed}.json"),
-                })  # fmt: skip
+                specs.append(
+                    {
+                        **run_settings,
+                        "agent": agent,
+                        "size": size,
+                        "seed": seed,
+                        "settings": run_settings,
+                        "path": str(out / "runs" / f"{agent}-N{size}-seed{seed}.json"),
+                    }
+                )
     return settings, specs
 
 
-def run_params(config: ExploreConfig, settings: dict[str, Any], agent: str, size: int, seed: int) -> dict[str, Any]:
+def run_params(
+    config: ExploreConfig, settings: dict[str, Any], agent: str, size: int, seed: int
+) -> dict[str, Any]:
     """The MLflow params of one run."""
-    return {"agent": agent, "size": size, "seed": seed, "study": config.study, **{f"agent.{k}": v for k, v in settings["agent"].items()}}
+    return {
+        "agent": agent,
+        "size": size,
+        "seed": seed,
+        "study": config.study,
+        **{f"agent.{k}": v for k, v in settings["agent"].items()},
+    }
 
 
 def log_run(
-    config: ExploreConfig, settings: dict[str, Any], record: dict[str, Any], parent_id: str, path: Path,
-    run_name: str | None = None, tags: dict[str, str] | None = None,
-) -> None:  # fmt: skip
+    config: ExploreConfig,
+    settings: dict[str, Any],
+    record: dict[str, Any],
+    parent_id: str,
+    path: Path,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> None:
     """One MLflow child run of ``parent_id`` for a finished run (step = episode, from 1); its id is
     kept in the run's file ``path``, so a run finished but not yet logged when a study was killed
     is logged on resume. A run already partly logged (``record["mlflow_run_id"]``) gets only the
     episodes it lacks."""
     params = run_params(config, settings, record["agent"], record["size"], record["seed"])
-    with tracked_run(config.experiment, run_name=run_name or f"{record['agent']}-N{record['size']}-seed{record['seed']}",
-                     params=params, tags={"mlflow.parentRunId": parent_id, **(tags or {})},
-                     run_id=record.get("mlflow_run_id")) as child:  # fmt: skip
+    with tracked_run(
+        config.experiment,
+        run_name=run_name or f"{record['agent']}-N{record['size']}-seed{record['seed']}",
+        params=params,
+        tags={"mlflow.parentRunId": parent_id, **(tags or {})},
+        run_id=record.get("mlflow_run_id"),
+    ) as child:
         logged = child.last_step("return")
         child.log_series({k: v[logged:] for k, v in episode_series(record).items()}, start=logged + 1)
         child.log_metrics({k: record[k] for k in ("regret", "tv_fraction", "goal_rate") if k in record})
@@ -364,7 +464,9 @@ def run_exploration(config: ExploreConfig, *, progress: bool = True) -> dict[str
         return _run_exploration(config, out, settings, specs, progress)
 
 
-def _run_exploration(config: ExploreConfig, out: Path, settings: dict[str, Any], specs: list[dict], progress: bool) -> dict[str, Any]:
+def _run_exploration(
+    config: ExploreConfig, out: Path, settings: dict[str, Any], specs: list[dict], progress: bool
+) -> dict[str, Any]:
     records: dict[tuple[str, int, int], dict] = {}
     todo = []
     for spec in specs:
@@ -379,22 +481,47 @@ def _run_exploration(config: ExploreConfig, out: Path, settings: dict[str, Any],
         else:
             todo.append(spec)
     marker = out / "study.json"
-    study = read_json(marker, "dubito wrote it: delete it and run again (finished runs are kept in runs/)") if marker.exists() else {}
-    if study.get("study", config.study) != config.study or study.get("experiment", config.experiment) != config.experiment:
+    study = (
+        read_json(marker, "dubito wrote it: delete it and run again (finished runs are kept in runs/)")
+        if marker.exists()
+        else {}
+    )
+    if (
+        study.get("study", config.study) != config.study
+        or study.get("experiment", config.experiment) != config.experiment
+    ):
         raise DubitoError(
             f"{out} holds the {study.get('study')!r} study (MLflow experiment {study.get('experiment')!r}); "
             "use another --output"
         )
     started = time.perf_counter()
-    with tracked_run(config.experiment, run_name=f"explore-{config.study}", params=config,
-                     tags={"dubito.command": "explore"},
-                     run_id=study.get("mlflow_parent_run_id") if study.get("folder", str(out.resolve())) == str(out.resolve()) else None,
-                     ) as parent:  # fmt: skip
-        write_json(marker, {"mlflow_parent_run_id": parent.run_id, "study": config.study, "experiment": config.experiment,
-                            "folder": str(out.resolve())})  # fmt: skip
+    with tracked_run(
+        config.experiment,
+        run_name=f"explore-{config.study}",
+        params=config,
+        tags={"dubito.command": "explore"},
+        run_id=study.get("mlflow_parent_run_id")
+        if study.get("folder", str(out.resolve())) == str(out.resolve())
+        else None,
+    ) as parent:
+        write_json(
+            marker,
+            {
+                "mlflow_parent_run_id": parent.run_id,
+                "study": config.study,
+                "experiment": config.experiment,
+                "folder": str(out.resolve()),
+            },
+        )
 
         def log_child(record: dict[str, Any]) -> None:
-            log_run(config, settings, record, parent.run_id, out / "runs" / f"{record['agent']}-N{record['size']}-seed{record['seed']}.json")
+            log_run(
+                config,
+                settings,
+                record,
+                parent.run_id,
+                out / "runs" / f"{record['agent']}-N{record['size']}-seed{record['seed']}.json",
+            )
 
         for record in records.values():
             if not record.get("mlflow_run_id"):
@@ -406,12 +533,18 @@ def _run_exploration(config: ExploreConfig, out: Path, settings: dict[str, Any],
             log_child(record)
             if progress:
                 what = (
-                    f"solved at episode {record['solve_episode']}" if record.get("solve_episode")
-                    else f"not solved in {record['episodes']} episodes" if "bad" in record
-                    else f"{100 * record['tv_fraction']:.0f} % of steps on the TV, goal in {100 * record['goal_rate']:.0f} % of episodes"
-                )  # fmt: skip
-                print(f"[{len(records)}/{len(specs)}] {key[0]} N={key[1]} seed {key[2]}: {what} "
-                      f"({record['seconds']:.0f} s; {time.perf_counter() - started:.0f} s so far)", flush=True)  # fmt: skip
+                    f"solved at episode {record['solve_episode']}"
+                    if record.get("solve_episode")
+                    else f"not solved in {record['episodes']} episodes"
+                    if "bad" in record
+                    else f"{100 * record['tv_fraction']:.0f} % of steps on the TV, goal in "
+                    f"{100 * record['goal_rate']:.0f} % of episodes"
+                )
+                print(
+                    f"[{len(records)}/{len(specs)}] {key[0]} N={key[1]} seed {key[2]}: {what} "
+                    f"({record['seconds']:.0f} s; {time.perf_counter() - started:.0f} s so far)",
+                    flush=True,
+                )
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         workers = max(1, min(config.workers or cores, len(todo) or 1))
@@ -430,9 +563,18 @@ def _run_exploration(config: ExploreConfig, out: Path, settings: dict[str, Any],
         results["seconds"] = time.perf_counter() - started
         results["mlflow_parent_run_id"] = parent.run_id
         results["plots"] = _plots(results, records, out)
-        record_study(parent, out, results, format_exploration(results),
-                     {f"{k}_{a}": v for a, s in results["summary"].items() for k, v in s.items()
-                      if k in ("score", "tv_fraction_mean", "epistemic_slope_mean") and v is not None})  # fmt: skip
+        record_study(
+            parent,
+            out,
+            results,
+            format_exploration(results),
+            {
+                f"{k}_{a}": v
+                for a, s in results["summary"].items()
+                for k, v in s.items()
+                if k in ("score", "tv_fraction_mean", "epistemic_slope_mean") and v is not None
+            },
+        )
     return results
 
 
@@ -443,7 +585,9 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarize(config: ExploreConfig, settings: dict[str, Any], records: dict[tuple[str, int, int], dict]) -> dict[str, Any]:
+def summarize(
+    config: ExploreConfig, settings: dict[str, Any], records: dict[tuple[str, int, int], dict]
+) -> dict[str, Any]:
     """Per agent: bsuite's Deep Sea score and episodes to solve per size, or the noisy-TV
     fractions; the epistemic-vs-visits slope; and every run's record (without per-state data)."""
     summary: dict[str, dict] = {}
@@ -464,9 +608,20 @@ def summarize(config: ExploreConfig, settings: dict[str, Any], records: dict[tup
             for n in settings["sizes"]:
                 eps = [records[(agent, n, seed)]["solve_episode"] for seed in settings["seeds"]]
                 solved = [e for e in eps if e is not None]
-                per_size[str(n)] = {"solve_episodes": eps, "solved": len(solved), "median_solved": float(np.median(solved)) if solved else None}
+                per_size[str(n)] = {
+                    "solve_episodes": eps,
+                    "solved": len(solved),
+                    "median_solved": float(np.median(solved)) if solved else None,
+                }
             s["per_size"] = per_size
-            s["score"] = float(np.mean([r["solve_episode"] is not None and r["solve_episode"] < 2 ** r["size"] + 100 for r in runs]))
+            s["score"] = float(
+                np.mean(
+                    [
+                        r["solve_episode"] is not None and r["solve_episode"] < 2 ** r["size"] + 100
+                        for r in runs
+                    ]
+                )
+            )
             s["regret_mean"], _ = _mean_std([r["regret"] for r in runs])
         else:
             s["tv_fraction_mean"], s["tv_fraction_std"] = _mean_std([r["tv_fraction"] for r in runs])
@@ -477,17 +632,39 @@ def summarize(config: ExploreConfig, settings: dict[str, Any], records: dict[tup
                 s[f"{k}_mean"], _ = _mean_std([r.get(k) for r in runs])
         summary[agent] = s
     runs_out = {
-        f"{a}-N{n}-seed{s}": {k: v for k, v in r.items() if k not in ("visits", "epistemic", "settings", "lengths", "terminated", "bad", "tv_steps")}
-        | ({"epistemic_within_state_slope": r["epistemic"]["within_state_slope"], "epistemic_final_slope": r["epistemic"]["slope"],
-            "epistemic_visit_effect_slope": r["epistemic"].get("visit_effect_slope"),
-            "epistemic_spearman": r["epistemic"]["spearman"]} if r.get("epistemic") else {})
+        f"{a}-N{n}-seed{s}": {
+            k: v
+            for k, v in r.items()
+            if k not in ("visits", "epistemic", "settings", "lengths", "terminated", "bad", "tv_steps")
+        }
+        | (
+            {
+                "epistemic_within_state_slope": r["epistemic"]["within_state_slope"],
+                "epistemic_final_slope": r["epistemic"]["slope"],
+                "epistemic_visit_effect_slope": r["epistemic"].get("visit_effect_slope"),
+                "epistemic_spearman": r["epistemic"]["spearman"],
+            }
+            if r.get("epistemic")
+            else {}
+        )
         for (a, n, s), r in sorted(records.items())
-    }  # fmt: skip
-    return {"config": asdict(config), "settings": settings, "study": config.study, "summary": summary, "runs": runs_out}
+    }
+    return {
+        "config": asdict(config),
+        "settings": settings,
+        "study": config.study,
+        "summary": summary,
+        "runs": runs_out,
+    }
 
 
 def _plots(results: dict[str, Any], records: dict[tuple[str, int, int], dict], out: Path) -> list[str]:
-    from dubito.platform.plots import epistemic_visits_figure, learning_curves_figure, scaling_figure, visitation_figure
+    from dubito.platform.plots import (
+        epistemic_visits_figure,
+        learning_curves_figure,
+        scaling_figure,
+        visitation_figure,
+    )
 
     settings = results["settings"]
     agents, sizes, seeds = settings["agents"], settings["sizes"], settings["seeds"]
@@ -508,19 +685,38 @@ def _plots(results: dict[str, Any], records: dict[tuple[str, int, int], dict], o
     else:
         curves = {}
         for a in agents:
-            per_episode = [np.asarray(records[(a, largest, s)]["tv_steps"]) / np.maximum(1, records[(a, largest, s)]["lengths"]) for s in seeds]
+            per_episode = [
+                np.asarray(records[(a, largest, s)]["tv_steps"])
+                / np.maximum(1, records[(a, largest, s)]["lengths"])
+                for s in seeds
+            ]
             length = min(len(p) for p in per_episode)
             window = max(1, length // 30)
-            smooth = np.array([np.convolve(p[:length], np.ones(window) / window, mode="valid") for p in per_episode])
+            smooth = np.array(
+                [np.convolve(p[:length], np.ones(window) / window, mode="valid") for p in per_episode]
+            )
             std = smooth.std(0, ddof=1) if len(seeds) > 1 else np.zeros(smooth.shape[1])
-            curves[a] = {"labels": list(range(window, length + 1)), "mean": smooth.mean(0).tolist(), "std": std.tolist()}
-        paths.append(learning_curves_figure(curves, out / "tv_time.png", "fraction of steps on the TV", xlabel="episode",
-                                            title=f"on the TV ({window}-episode mean; ± std over seeds)"))  # fmt: skip
+            curves[a] = {
+                "labels": list(range(window, length + 1)),
+                "mean": smooth.mean(0).tolist(),
+                "std": std.tolist(),
+            }
+        paths.append(
+            learning_curves_figure(
+                curves,
+                out / "tv_time.png",
+                "fraction of steps on the TV",
+                xlabel="episode",
+                title=f"on the TV ({window}-episode mean; ± std over seeds)",
+            )
+        )
         import dubito.agents.envs as envs
 
         mark = envs.NoisyTV(size=largest).tv
     maps = {a: np.asarray(records[(a, largest, first)]["visits"]) for a in agents}
-    paths.append(visitation_figure(maps, out / "visits.png", f"visits, N = {largest}, seed {first}", mark=mark))
+    paths.append(
+        visitation_figure(maps, out / "visits.png", f"visits, N = {largest}, seed {first}", mark=mark)
+    )
     points = {}
     for a in agents:
         e = records[(a, largest, first)].get("epistemic")
@@ -540,37 +736,62 @@ def _plots(results: dict[str, Any], records: dict[tuple[str, int, int], dict], o
 def format_exploration(results: dict[str, Any]) -> str:
     """The study's summary as markdown."""
     settings = results["settings"]
-    lines = [f"# exploration: {results['study']} ({settings['env']}), seeds {settings['seeds']}, budget {settings['episodes']} episodes", ""]
+    lines = [
+        f"# exploration: {results['study']} ({settings['env']}), seeds {settings['seeds']}, budget "
+        f"{settings['episodes']} episodes",
+        "",
+    ]
 
     def num(v, fmt=".2f"):
         return "–" if v is None else format(v, fmt)
 
     if settings["env"].startswith("dubito/DeepSea"):
         sizes = settings["sizes"]
-        lines += ["| agent | score | " + " | ".join(f"N={n}" for n in sizes) + " | epistemic vs own visits (log-log slope) | trend removed |",
-                  "|---|---|" + "---|" * len(sizes) + "---|---|"]  # fmt: skip
+        lines += [
+            "| agent | score | "
+            + " | ".join(f"N={n}" for n in sizes)
+            + " | epistemic vs own visits (log-log slope) | trend removed |",
+            "|---|---|" + "---|" * len(sizes) + "---|---|",
+        ]
         for a, s in results["summary"].items():
             cells = []
             for n in sizes:
                 p = s["per_size"][str(n)]
                 cells.append(f"{num(p['median_solved'], '.0f')} ({p['solved']}/{len(p['solve_episodes'])})")
-            lines.append(f"| {a} | {s['score']:.2f} | " + " | ".join(cells) + f" | {num(s['epistemic_slope_mean'])} | {num(s['epistemic_visit_effect_mean'])} |")
+            lines.append(
+                f"| {a} | {s['score']:.2f} | "
+                + " | ".join(cells)
+                + f" | {num(s['epistemic_slope_mean'])} | {num(s['epistemic_visit_effect_mean'])} |"
+            )
         rule = "0.8 (from episode 100)" if settings["env"] == "dubito/DeepSeaStochastic-v0" else "0.9"
-        lines += ["", f"Cells: median episode at which the running fraction of bad episodes fell below {rule} (solved runs / runs).",
-                  f"Score: fraction of runs solved within 2^N + 100 episodes (bsuite's formula, on a {settings['episodes']}-episode budget).",
-                  "Slope: how a state's epistemic estimate changes as its own visit count grows, over the run's snapshots (negative = falls);",
-                  "trend removed: the same, net of the change every state shares as training goes on (two-way fixed effects)."]  # fmt: skip
+        lines += [
+            "",
+            f"Cells: median episode at which the running fraction of bad episodes fell below {rule} (solved runs / runs).",
+            "Score: fraction of runs solved within 2^N + 100 episodes (bsuite's formula, on a "
+            f"{settings['episodes']}-episode budget).",
+            "Slope: how a state's epistemic estimate changes as its own visit count grows, over the "
+            "run's snapshots (negative = falls);",
+            "trend removed: the same, net of the change every state shares as training goes on (two-way fixed effects).",
+        ]
     else:
-        lines += ["| agent | steps on the TV | median | episodes reaching the goal | aleatoric std TV / elsewhere | epistemic TV / elsewhere | epistemic vs own visits (log-log slope) | trend removed |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| agent | steps on the TV | median | episodes reaching the goal | aleatoric std TV / "
+            "elsewhere | epistemic TV / elsewhere | epistemic vs own visits (log-log slope) | trend removed |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for a, s in results["summary"].items():
             lines.append(
                 f"| {a} | {num(s['tv_fraction_mean'])} ± {num(s['tv_fraction_std'])} | {num(s['tv_fraction_median'])} | "
-                f"{num(s['goal_rate_mean'])} | {num(s['aleatoric_tv_mean'], '.3f')} / {num(s['aleatoric_elsewhere_mean'], '.3f')} | "
-                f"{num(s['epistemic_tv_mean'], '.3f')} / {num(s['epistemic_elsewhere_mean'], '.3f')} | {num(s['epistemic_slope_mean'])} | "
+                f"{num(s['goal_rate_mean'])} | {num(s['aleatoric_tv_mean'], '.3f')} / "
+                f"{num(s['aleatoric_elsewhere_mean'], '.3f')} | "
+                f"{num(s['epistemic_tv_mean'], '.3f')} / "
+                f"{num(s['epistemic_elsewhere_mean'], '.3f')} | {num(s['epistemic_slope_mean'])} | "
                 f"{num(s['epistemic_visit_effect_mean'])} |"
             )
-        lines += ["", "± is the sample standard deviation over runs. Slope: how a state's epistemic estimate changes as its own",
-                  "visit count grows, over the run's snapshots (negative = falls); trend removed: the same, net of the change",
-                  "every state shares as training goes on (two-way fixed effects)."]  # fmt: skip
+        lines += [
+            "",
+            "± is the sample standard deviation over runs. Slope: how a state's epistemic estimate changes as its own",
+            "visit count grows, over the run's snapshots (negative = falls); trend removed: the same, net of the change",
+            "every state shares as training goes on (two-way fixed effects).",
+        ]
     return "\n".join(lines) + "\n"

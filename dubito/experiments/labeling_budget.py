@@ -40,8 +40,14 @@ def _same(name: str) -> Any:
 class LabelConfig:
     """Settings of a labeling-budget study (each is a ``dubito label`` flag)."""
 
-    output: str = field(default="runs/label", metadata={"help": "folder: one sub-folder per acquisition and seed, results.json, plots"})
-    acquisition: str = field(default="random,entropy,bald,aleatoric,epistemic", metadata={"help": "acquisition functions, comma-separated"})
+    output: str = field(
+        default="runs/label",
+        metadata={"help": "folder: one sub-folder per acquisition and seed, results.json, plots"},
+    )
+    acquisition: str = field(
+        default="random,entropy,bald,aleatoric,epistemic",
+        metadata={"help": "acquisition functions, comma-separated"},
+    )
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds"})
     dataset: str = _same("dataset")
     root: str = _same("root")
@@ -83,7 +89,9 @@ class LabelConfig:
         return acquisitions, seeds
 
     def loop(self, acquisition: str, seed: int) -> LoopConfig:
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoopConfig) if f.name not in _PER_LOOP}
+        shared = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(LoopConfig) if f.name not in _PER_LOOP
+        }
         output = Path(self.output) / acquisition / f"seed-{seed}"
         return LoopConfig(output=str(output), acquisition=acquisition, seed=seed, **shared)
 
@@ -102,28 +110,49 @@ def run_labeling(config: LabelConfig, *, progress: bool = True) -> dict[str, Any
         return _run_labeling(config, loops, out, progress)
 
 
-def _run_labeling(config: LabelConfig, loops: dict[tuple[str, int], LoopConfig], out: Path, progress: bool) -> dict[str, Any]:
+def _run_labeling(
+    config: LabelConfig, loops: dict[tuple[str, int], LoopConfig], out: Path, progress: bool
+) -> dict[str, Any]:
     for loop in loops.values():  # a loop that cannot go on is refused before the study's MLflow run is opened
         check_resume(loop)
     marker = out / "study.json"
-    study = read_json(marker, "dubito wrote it: delete it and run again (the loops resume from their ledgers)") if marker.exists() else {}
+    study = (
+        read_json(marker, "dubito wrote it: delete it and run again (the loops resume from their ledgers)")
+        if marker.exists()
+        else {}
+    )
     here = str(out.resolve())  # a copied or moved study gets a parent run of its own
     parent_id = study.get("mlflow_parent_run_id") if study.get("folder", here) == here else None
     started = time.perf_counter()
     per_loop: dict[tuple[str, int], dict] = {}
-    with tracked_run(config.experiment, run_name=f"label-{config.dataset}", params=config,
-                     tags={"dubito.command": "label"}, run_id=parent_id) as parent:  # fmt: skip
+    with tracked_run(
+        config.experiment,
+        run_name=f"label-{config.dataset}",
+        params=config,
+        tags={"dubito.command": "label"},
+        run_id=parent_id,
+    ) as parent:
         write_json(marker, {"mlflow_parent_run_id": parent.run_id, "folder": here})
         for n, ((acquisition, seed), loop) in enumerate(loops.items(), 1):
             if progress:
-                print(f"[{n}/{len(loops)}] {acquisition}, seed {seed} ({time.perf_counter() - started:.0f} s so far)", flush=True)
-            per_loop[(acquisition, seed)] = run_loop(loop, progress=progress, tags={"mlflow.parentRunId": parent.run_id})
+                print(
+                    f"[{n}/{len(loops)}] {acquisition}, seed {seed} ({time.perf_counter() - started:.0f} s so far)",
+                    flush=True,
+                )
+            per_loop[(acquisition, seed)] = run_loop(
+                loop, progress=progress, tags={"mlflow.parentRunId": parent.run_id}
+            )
         results = summarize(config, per_loop)
         results["seconds"] = time.perf_counter() - started
         results["mlflow_parent_run_id"] = parent.run_id
         results["plots"] = _plots(results, out)
-        record_study(parent, out, results, format_labeling(results),
-                     {f"alc_{a}": s["alc_mean"] for a, s in results["summary"].items() if s["alc_mean"] is not None})  # fmt: skip
+        record_study(
+            parent,
+            out,
+            results,
+            format_labeling(results),
+            {f"alc_{a}": s["alc_mean"] for a, s in results["summary"].items() if s["alc_mean"] is not None},
+        )
     return results
 
 
@@ -132,7 +161,10 @@ def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dic
     fraction of bought labels on noisy images, per acquisition."""
     acquisitions, seeds = config.parsed()
     finished = {k: r for k, r in per_loop.items() if r["curve"]}
-    loops = {f"{a}/seed-{s}": {"output": r["config"]["output"], "finished": r["finished"]} for (a, s), r in per_loop.items()}
+    loops = {
+        f"{a}/seed-{s}": {"output": r["config"]["output"], "finished": r["finished"]}
+        for (a, s), r in per_loop.items()
+    }
     if not finished:  # e.g. a human-oracle loop waiting for its initial labels
         return {"config": asdict(config), "metric": None, "curves": {}, "summary": {}, "loops": loops}
     name, _, higher = headline_metric(next(iter(finished.values()))["curve"][0])
@@ -145,7 +177,11 @@ def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dic
 
         def band(key: str) -> tuple[np.ndarray, dict]:
             values = np.array([[c[key] for c in run[:length]] for run in runs])  # (seeds, rounds)
-            return values, {"labels": labels, "mean": values.mean(0).tolist(), "std": seed_std(values).tolist()}
+            return values, {
+                "labels": labels,
+                "mean": values.mean(0).tolist(),
+                "std": seed_std(values).tolist(),
+            }
 
         values, curves[a] = band(name)
         curves[a]["per_seed"] = values.tolist()
@@ -155,22 +191,29 @@ def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dic
         static = [finished[(a, s)]["static_fraction"] for s in seeds if (a, s) in finished]
         static = [v for v in static if v is not None]
         summary[a] = {
-            "alc_mean": float(np.mean(alcs)), "alc_std": float(seed_std(np.array(alcs))), "alc_per_seed": alcs,
-            "final_mean": float(values[:, -1].mean()), "final_std": float(seed_std(values[:, -1])),
+            "alc_mean": float(np.mean(alcs)),
+            "alc_std": float(seed_std(np.array(alcs))),
+            "alc_per_seed": alcs,
+            "final_mean": float(values[:, -1].mean()),
+            "final_std": float(seed_std(values[:, -1])),
             "static_fraction_mean": float(np.mean(static)) if static else None,
             "static_fraction_std": float(seed_std(np.array(static))) if static else None,
             "seeds": len(runs),
-        }  # fmt: skip
+        }
     if "random" in curves:
         target = curves["random"]["mean"][-1]
         for a, c in curves.items():
             reached = [n for n, m in zip(c["labels"], c["mean"]) if (m >= target if higher else m <= target)]
             summary[a]["labels_to_reach_random_final"] = reached[0] if reached else None
     return {
-        "config": asdict(config), "metric": name, "higher_is_better": higher, "curves": curves,
-        "static_curves": static_curves, "summary": summary,
+        "config": asdict(config),
+        "metric": name,
+        "higher_is_better": higher,
+        "curves": curves,
+        "static_curves": static_curves,
+        "summary": summary,
         "loops": loops,
-    }  # fmt: skip
+    }
 
 
 def _plots(results: dict[str, Any], out: Path) -> list[str]:
@@ -180,9 +223,12 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
         return []
     noisy = any(s["static_fraction_mean"] for s in results["summary"].values())
     path = learning_curves_figure(
-        results["curves"], out / "learning_curves.png", results["metric"].replace("_", " "),
-        extra=results["static_curves"] if noisy else None, extra_label="fraction of bought labels on images with TV static",
-    )  # fmt: skip
+        results["curves"],
+        out / "learning_curves.png",
+        results["metric"].replace("_", " "),
+        extra=results["static_curves"] if noisy else None,
+        extra_label="fraction of bought labels on images with TV static",
+    )
     return [str(path)]
 
 
@@ -192,17 +238,26 @@ def format_labeling(results: dict[str, Any]) -> str:
         return "no finished round yet\n"
     metric = results["metric"]
     lines = [
-        f"# labeling budget: {results['config']['dataset']}, metric {metric} ({'higher' if results['higher_is_better'] else 'lower'} is better)",
+        f"# labeling budget: {results['config']['dataset']}, metric {metric} "
+        f"({'higher' if results['higher_is_better'] else 'lower'} is better)",
         "",
         "| acquisition | area under learning curve | final | labels to reach random's final | labels on static images |",
         "|---|---|---|---|---|",
     ]
     for a, s in results["summary"].items():
-        static = "–" if s["static_fraction_mean"] is None else f"{s['static_fraction_mean']:.2f} ± {s['static_fraction_std']:.2f}"
+        static = (
+            "–"
+            if s["static_fraction_mean"] is None
+            else f"{s['static_fraction_mean']:.2f} ± {s['static_fraction_std']:.2f}"
+        )
         reach = s.get("labels_to_reach_random_final")
         lines.append(
             f"| {a} | {s['alc_mean']:.4f} ± {s['alc_std']:.4f} | {s['final_mean']:.4f} ± {s['final_std']:.4f} | "
             f"{'–' if reach is None else reach} | {static} |"
         )
-    lines += ["", f"({next(iter(results['summary'].values()))['seeds']} seeds; ± is the sample standard deviation over seeds)", ""]
+    lines += [
+        "",
+        f"({next(iter(results['summary'].values()))['seeds']} seeds; ± is the sample standard deviation over seeds)",
+        "",
+    ]
     return "\n".join(lines)

@@ -37,8 +37,13 @@ from dubito.platform.training import TrainConfig, train
 
 __all__ = ["ReproduceConfig", "run_reproduce", "format_tables"]
 
-VARIANT_LABELS = {"baseline": "baseline", "homoscedastic": "+ homoscedastic", "aleatoric": "+ aleatoric",
-                  "epistemic": "+ epistemic", "both": "+ both"}  # fmt: skip
+VARIANT_LABELS = {
+    "baseline": "baseline",
+    "homoscedastic": "+ homoscedastic",
+    "aleatoric": "+ aleatoric",
+    "epistemic": "+ epistemic",
+    "both": "+ both",
+}
 
 
 @dataclass
@@ -48,23 +53,38 @@ class ReproduceConfig:
     --model fc_densenet103 --height 360 --width 480 --epochs 100 --ood-dataset nyuv2 --ood-root DIR``."""
 
     output: str = field(default="runs/reproduce", metadata={"help": "folder for tables, plots, results.json"})
-    datasets: str = field(default="synthetic-camvid,synthetic-make3d", metadata={"help": "comma-separated datasets"})
+    datasets: str = field(
+        default="synthetic-camvid,synthetic-make3d", metadata={"help": "comma-separated datasets"}
+    )
     root: str = field(default="", metadata={"help": "folder of a real dataset in --datasets"})
-    ood_dataset: str = field(default="", metadata={"help": "real out-of-distribution test set (e.g. nyuv2); synthetic data use their indoor variant"})
+    ood_dataset: str = field(
+        default="",
+        metadata={
+            "help": "real out-of-distribution test set (e.g. nyuv2); synthetic data use their indoor variant"
+        },
+    )
     ood_root: str = field(default="", metadata={"help": "folder of --ood-dataset"})
-    model: str = field(default="tiny", metadata={"help": "tiny, fc_densenet56, fc_densenet67, fc_densenet103"})
-    variants: str = field(default="baseline,aleatoric,epistemic,both", metadata={"help": "study (a): variants"})
+    model: str = field(
+        default="tiny", metadata={"help": "tiny, fc_densenet56, fc_densenet67, fc_densenet103"}
+    )
+    variants: str = field(
+        default="baseline,aleatoric,epistemic,both", metadata={"help": "study (a): variants"}
+    )
     fractions: str = field(default="0.25,0.5,1", metadata={"help": "study (b): training-set fractions"})
     height: int = field(default=64, metadata={"help": "item height"})
     width: int = field(default=80, metadata={"help": "item width"})
     train_images: int = field(default=96, metadata={"help": "synthetic: training scenes"})
     val_images: int = field(default=16, metadata={"help": "synthetic: validation scenes"})
     test_images: int = field(default=24, metadata={"help": "synthetic: test scenes (and as many OOD scenes)"})
-    epochs: int = field(default=10, metadata={"help": "epochs of the full training set (fractions get epochs/fraction)"})
+    epochs: int = field(
+        default=10, metadata={"help": "epochs of the full training set (fractions get epochs/fraction)"}
+    )
     batch_size: int = field(default=8, metadata={"help": "batch size"})
     lr: float = field(default=1e-3, metadata={"help": "RMSProp learning rate"})
     samples: int = field(default=10, metadata={"help": "MC-dropout samples T at test time (paper: 50)"})
-    seeds: str = field(default="0", metadata={"help": "comma-separated seeds; tables and findings average over them"})
+    seeds: str = field(
+        default="0", metadata={"help": "comma-separated seeds; tables and findings average over them"}
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     experiment: str = field(default="dubito-reproduce", metadata={"help": "MLflow experiment"})
 
@@ -78,7 +98,9 @@ class ReproduceConfig:
         try:
             fractions = sorted({float(f) for f in self.fractions.split(",") if f.strip()})
         except ValueError:
-            raise DubitoError(f"--fractions must be numbers separated by commas, got {self.fractions!r}") from None
+            raise DubitoError(
+                f"--fractions must be numbers separated by commas, got {self.fractions!r}"
+            ) from None
         if not datasets:
             raise DubitoError("--datasets is empty")
         bad = [v for v in variants if v not in VARIANTS]
@@ -94,30 +116,55 @@ def _synthetic(dataset: str) -> bool:
     return dataset in DATASETS and DATASETS[dataset].synthetic
 
 
-def _train_config(config: ReproduceConfig, dataset: str, variant: str, fraction: float, output: Path, seed: int = 0) -> TrainConfig:
+def _train_config(
+    config: ReproduceConfig, dataset: str, variant: str, fraction: float, output: Path, seed: int = 0
+) -> TrainConfig:
     return TrainConfig(
-        output=str(output), dataset=dataset, root=config.root if not _synthetic(dataset) else "",
-        model=config.model, variant=variant, height=config.height, width=config.width,
-        train_images=config.train_images, val_images=config.val_images, fraction=fraction,
-        epochs=max(1, math.ceil(config.epochs / fraction)), batch_size=config.batch_size, lr=config.lr,
-        seed=seed, device=config.device, experiment=config.experiment,
-    )  # fmt: skip
+        output=str(output),
+        dataset=dataset,
+        root=config.root if not _synthetic(dataset) else "",
+        model=config.model,
+        variant=variant,
+        height=config.height,
+        width=config.width,
+        train_images=config.train_images,
+        val_images=config.val_images,
+        fraction=fraction,
+        epochs=max(1, math.ceil(config.epochs / fraction)),
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=seed,
+        device=config.device,
+        experiment=config.experiment,
+    )
 
 
-def _eval_config(config: ReproduceConfig, dataset: str, model: Path, output: Path, ood: bool, seed: int = 0) -> EvalConfig:
+def _eval_config(
+    config: ReproduceConfig, dataset: str, model: Path, output: Path, ood: bool, seed: int = 0
+) -> EvalConfig:
     real = not _synthetic(dataset)  # synthetic data are tested OOD on their indoor variant
     return EvalConfig(
-        model=str(model), output=str(output), root=config.root if real else "", images=config.test_images, ood=ood,
-        ood_dataset=config.ood_dataset if real else "", ood_root=config.ood_root if real else "", samples=config.samples,
-        seed=seed, device=config.device, experiment=config.experiment,
-    )  # fmt: skip
+        model=str(model),
+        output=str(output),
+        root=config.root if real else "",
+        images=config.test_images,
+        ood=ood,
+        ood_dataset=config.ood_dataset if real else "",
+        ood_root=config.ood_root if real else "",
+        samples=config.samples,
+        seed=seed,
+        device=config.device,
+        experiment=config.experiment,
+    )
 
 
 def _fraction_label(dataset: str, fraction: float) -> str:
     if fraction == 1.0:
         return dataset
     inverse = 1 / fraction
-    return f"{dataset}/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-6 else f"{dataset}×{fraction:g}"
+    return (
+        f"{dataset}/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-6 else f"{dataset}×{fraction:g}"
+    )
 
 
 def _check_inputs(config: ReproduceConfig, datasets: list[str]) -> None:
@@ -127,7 +174,9 @@ def _check_inputs(config: ReproduceConfig, datasets: list[str]) -> None:
     if unknown:
         raise DubitoError(f"--datasets: unknown {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
     if len(real) > 1:
-        raise DubitoError(f"--datasets: one real dataset per call (--root names one folder), got {', '.join(real)}")
+        raise DubitoError(
+            f"--datasets: one real dataset per call (--root names one folder), got {', '.join(real)}"
+        )
     for name in ("epochs", "train_images", "val_images", "test_images"):
         if getattr(config, name) < 1:
             raise DubitoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
@@ -144,11 +193,17 @@ def _check_inputs(config: ReproduceConfig, datasets: list[str]) -> None:
         get_dataset(config.ood_dataset, "test", config.ood_root or None, size=(config.height, config.width))
 
 
-def _evaluate_once(eval_config: EvalConfig, trained: dict[str, Any], tags: dict[str, str], progress: bool) -> dict[str, Any]:
+def _evaluate_once(
+    eval_config: EvalConfig, trained: dict[str, Any], tags: dict[str, str], progress: bool
+) -> dict[str, Any]:
     """Evaluate, unless this very evaluation of this very model already finished (a rerun)."""
     folder = Path(eval_config.output)
-    source = {"eval_config": asdict(eval_config), "epochs_run": trained["epochs_run"], "best_epoch": trained["best_epoch"],
-              "format": EVALUATION_FORMAT}  # results of an older dubito lack newer measures: evaluate again
+    source = {
+        "eval_config": asdict(eval_config),
+        "epochs_run": trained["epochs_run"],
+        "best_epoch": trained["best_epoch"],
+        "format": EVALUATION_FORMAT,
+    }  # results of an older dubito lack newer measures: evaluate again
     done = folder / "results.json"
     if done.exists() and (folder / "source.json").exists():
         if read_json(folder / "source.json") == json.loads(json.dumps(source)):
@@ -171,11 +226,23 @@ def run_reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict[str
         return _run_reproduce(config, out, datasets, variants, fractions, progress)
 
 
-def _run_reproduce(config: ReproduceConfig, out: Path, datasets: list[str], variants: list[str], fractions: list[float],
-                   progress: bool) -> dict[str, Any]:  # fmt: skip
+def _run_reproduce(
+    config: ReproduceConfig,
+    out: Path,
+    datasets: list[str],
+    variants: list[str],
+    fractions: list[float],
+    progress: bool,
+) -> dict[str, Any]:
     seeds = config.seed_list()
     plan = [(d, s, v, 1.0) for d in datasets for s in seeds for v in variants]
-    plan += [(d, s, "both", f) for d in datasets for s in seeds for f in fractions if not (f == 1.0 and "both" in variants)]
+    plan += [
+        (d, s, "both", f)
+        for d in datasets
+        for s in seeds
+        for f in fractions
+        if not (f == 1.0 and "both" in variants)
+    ]
     total, step, started = len(plan), 0, time.perf_counter()
     previous = read_json(out / "results.json") if (out / "results.json").exists() else {}
     results: dict[str, Any] = {"config": asdict(config), "datasets": dict(previous.get("datasets", {}))}
@@ -186,8 +253,13 @@ def _run_reproduce(config: ReproduceConfig, out: Path, datasets: list[str], vari
         known = read_json(marker) if marker.exists() else {}
         here = str(folder.resolve())  # a copied or moved output gets parent runs of its own
         parent_id = known.get("mlflow_parent_run_id") if known.get("folder", here) == here else None
-        with tracked_run(config.experiment, run_name=f"reproduce-{dataset}", params=config,
-                         tags={"dubito.command": "reproduce"}, run_id=parent_id) as parent:  # fmt: skip
+        with tracked_run(
+            config.experiment,
+            run_name=f"reproduce-{dataset}",
+            params=config,
+            tags={"dubito.command": "reproduce"},
+            run_id=parent_id,
+        ) as parent:
             write_json(marker, {"mlflow_parent_run_id": parent.run_id, "folder": here})
             child = {"mlflow.parentRunId": parent.run_id}
             per_seed: dict[int, dict[tuple[str, float], dict]] = {s: {} for s in seeds}
@@ -195,22 +267,52 @@ def _run_reproduce(config: ReproduceConfig, out: Path, datasets: list[str], vari
                 step += 1
                 name = f"{variant}" if fraction == 1.0 else f"{variant}-{fraction:g}"
                 place = folder / name if len(seeds) == 1 else folder / f"seed-{seed}" / name
-                print(f"[{step}/{total}] {dataset}: {variant}, {fraction:g} of the training set, seed {seed} "
-                      f"({time.perf_counter() - started:.0f} s so far)", flush=True)  # fmt: skip
-                trained = train(_train_config(config, dataset, variant, fraction, place, seed), progress=progress, tags=child)
-                eval_config = _eval_config(config, dataset, Path(trained["model"]), place / "evaluation", variant == "both", seed)
+                print(
+                    f"[{step}/{total}] {dataset}: {variant}, {fraction:g} of the training set, seed {seed} "
+                    f"({time.perf_counter() - started:.0f} s so far)",
+                    flush=True,
+                )
+                trained = train(
+                    _train_config(config, dataset, variant, fraction, place, seed),
+                    progress=progress,
+                    tags=child,
+                )
+                eval_config = _eval_config(
+                    config, dataset, Path(trained["model"]), place / "evaluation", variant == "both", seed
+                )
                 per_seed[seed][(variant, fraction)] = _evaluate_once(eval_config, trained, child, progress)
             entry = _dataset_results(dataset, variants, fractions, _mean_over_seeds(per_seed))
             if len(seeds) > 1:
-                _seed_agreement(entry, [_dataset_results(dataset, variants, fractions, e)["findings"] for e in per_seed.values()])
+                _seed_agreement(
+                    entry,
+                    [
+                        _dataset_results(dataset, variants, fractions, e)["findings"]
+                        for e in per_seed.values()
+                    ],
+                )
             entry["seeds"] = seeds
             full = (folder if len(seeds) == 1 else folder / f"seed-{seeds[0]}") / "both" / "evaluation"
-            for plot in ("precision_uncertainty.png", "sparsification.png", "calibration.png", "uncertainty.png"):
+            for plot in (
+                "precision_uncertainty.png",
+                "sparsification.png",
+                "calibration.png",
+                "uncertainty.png",
+            ):
                 if (full / plot).exists():
                     copy_file(full / plot, folder / plot)
                     parent.log_artifact(folder / plot)
-            entry["plots"] = [str(folder / p) for p in ("precision_uncertainty.png", "sparsification.png", "calibration.png", "uncertainty.png")]
-            parent.log_metrics({f"finding_{k}": float(v) for k, v in entry["findings"].items() if isinstance(v, bool)})
+            entry["plots"] = [
+                str(folder / p)
+                for p in (
+                    "precision_uncertainty.png",
+                    "sparsification.png",
+                    "calibration.png",
+                    "uncertainty.png",
+                )
+            ]
+            parent.log_metrics(
+                {f"finding_{k}": float(v) for k, v in entry["findings"].items() if isinstance(v, bool)}
+            )
             entry["mlflow_parent_run_id"] = parent.run_id
             results["datasets"][dataset] = entry
     results["seconds"] = time.perf_counter() - started
@@ -231,7 +333,10 @@ def _mean_over_seeds(per_seed: dict[int, dict[tuple[str, float], dict]]) -> dict
             if isinstance(v, (int, float)) and all(isinstance(s.get(k), (int, float)) for s in summaries)
         }
         curves = {
-            kind: {name: [sum(vals) / len(vals) for vals in zip(*(r[key]["curves"][kind][name] for r in runs))] for name in c}
+            kind: {
+                name: [sum(vals) / len(vals) for vals in zip(*(r[key]["curves"][kind][name] for r in runs))]
+                for name in c
+            }
             for kind, c in first["curves"].items()
         }
         merged[key] = {**first, "summary": summary, "curves": curves}
@@ -242,11 +347,14 @@ def _seed_agreement(entry: dict[str, Any], findings: list[dict[str, Any]]) -> No
     """For each yes/no finding, in how many seeds it holds on its own."""
     entry["findings"]["seeds_agreeing"] = {
         k: f"{sum(bool(f.get(k)) for f in findings)}/{len(findings)}"
-        for k, v in entry["findings"].items() if isinstance(v, bool)
-    }  # fmt: skip
+        for k, v in entry["findings"].items()
+        if isinstance(v, bool)
+    }
 
 
-def _dataset_results(dataset: str, variants: list[str], fractions: list[float], evaluations: dict) -> dict[str, Any]:
+def _dataset_results(
+    dataset: str, variants: list[str], fractions: list[float], evaluations: dict
+) -> dict[str, Any]:
     any_eval = next(iter(evaluations.values()))
     segmentation = any_eval["spec"]["task"] == "segmentation"
     variant_rows = []
@@ -259,15 +367,21 @@ def _dataset_results(dataset: str, variants: list[str], fractions: list[float], 
             row.update(rel=s["rel"], rms=s["rms"], log10=s["log10"], delta1=s["delta1"])
         variant_rows.append(row)
     size_rows = []
-    keys = ("aleatoric_entropy", "mutual_information", "epistemic_logit_variance") if segmentation else (
-        "aleatoric_var", "epistemic_var", "predicted_depth", "relative_epistemic_std")
+    keys = (
+        ("aleatoric_entropy", "mutual_information", "epistemic_logit_variance")
+        if segmentation
+        else ("aleatoric_var", "epistemic_var", "predicted_depth", "relative_epistemic_std")
+    )
     for ood in (False, True):
         for f in fractions:
             s = evaluations[("both", f)]["summary"]
             if ood and "ood_auroc" not in s:
                 continue
-            row = {"train": _fraction_label(dataset, f), "test": evaluations[("both", f)].get("ood_dataset", "OOD") if ood else dataset,
-                   "score": s.get(("ood_" if ood else "") + ("mean_iou" if segmentation else "rms"))}  # fmt: skip
+            row = {
+                "train": _fraction_label(dataset, f),
+                "test": evaluations[("both", f)].get("ood_dataset", "OOD") if ood else dataset,
+                "score": s.get(("ood_" if ood else "") + ("mean_iou" if segmentation else "rms")),
+            }
             row.update({k: s.get(("ood_" if ood else "") + k) for k in keys})
             size_rows.append(row)
     # classification findings are judged on mutual information, the scale-free epistemic measure; the
@@ -286,26 +400,37 @@ def _dataset_results(dataset: str, variants: list[str], fractions: list[float], 
         "epistemic_falls_with_data": smallest[measure] > full[measure],
         "epistemic_smallest_over_full": ratio(smallest, full, measure),
         "aleatoric_smallest_over_full": ratio(smallest, full, aleatoric),
-        "error_falls_as_uncertain_pixels_are_removed": bool(total_curve) and total_curve[len(total_curve) // 2] < total_curve[0],
+        "error_falls_as_uncertain_pixels_are_removed": bool(total_curve)
+        and total_curve[len(total_curve) // 2] < total_curve[0],
         "error_curve_monotone_fraction": (
             sum(b <= a + 1e-12 for a, b in zip(total_curve, total_curve[1:])) / max(len(total_curve) - 1, 1)
         ),
-    }  # fmt: skip
+    }
     if segmentation:
         findings["logit_variance_smallest_over_full"] = ratio(smallest, full, "epistemic_logit_variance")
     if "ood_auroc" in full:
         findings["epistemic_larger_out_of_distribution"] = full[f"ood_{measure}"] > full[measure]
         findings["epistemic_ood_over_in"] = full[f"ood_{measure}"] / max(full[measure], 1e-12)
         if segmentation:
-            findings["logit_variance_ood_over_in"] = full["ood_epistemic_logit_variance"] / max(full["epistemic_logit_variance"], 1e-12)
+            findings["logit_variance_ood_over_in"] = full["ood_epistemic_logit_variance"] / max(
+                full["epistemic_logit_variance"], 1e-12
+            )
         elif "ood_predicted_depth" in full:  # variance in m² follows the depth scale predicted (README)
-            for name, key in (("predicted_depth", "predicted_depth"), ("relative_spread", "relative_epistemic_std")):
+            for name, key in (
+                ("predicted_depth", "predicted_depth"),
+                ("relative_spread", "relative_epistemic_std"),
+            ):
                 findings[f"{name}_ood_over_in"] = full[f"ood_{key}"] / max(full[key], 1e-12)
         findings["ood_auroc"] = full["ood_auroc"]
     if "noise_spearman" in full:
         findings["aleatoric_noise_spearman"] = full["noise_spearman"]
         findings["aleatoric_follows_true_noise"] = full["noise_spearman"] > 0.5
-    return {"task": any_eval["spec"]["task"], "variants": variant_rows, "dataset_size": size_rows, "findings": findings}
+    return {
+        "task": any_eval["spec"]["task"],
+        "variants": variant_rows,
+        "dataset_size": size_rows,
+        "findings": findings,
+    }
 
 
 def _fmt(value: Any, scale: float = 1.0) -> str:
@@ -319,24 +444,54 @@ def format_tables(results: dict[str, Any]) -> str:
         seg = entry["task"] == "segmentation"
         lines += [f"## {dataset}", ""]
         if len(entry.get("seeds", [])) > 1:
-            lines += [f"Means over seeds {', '.join(map(str, entry['seeds']))}; the findings say in how many seeds each holds alone.", ""]
+            lines += [
+                f"Means over seeds {', '.join(map(str, entry['seeds']))}; the findings say in how many seeds each holds alone.",
+                "",
+            ]
         lines += ["### (a) variants", ""]
         if seg:
             lines += ["| model | mean IoU (%) | pixel accuracy (%) | ECE |", "|---|---|---|---|"]
-            lines += [f"| {VARIANT_LABELS[r['variant']]} | {_fmt(r['mean_iou'], 100)} | {_fmt(r['pixel_accuracy'], 100)} | {_fmt(r['ece'])} |" for r in entry["variants"]]
+            lines += [
+                f"| {VARIANT_LABELS[r['variant']]} | {_fmt(r['mean_iou'], 100)} | "
+                f"{_fmt(r['pixel_accuracy'], 100)} | {_fmt(r['ece'])} |"
+                for r in entry["variants"]
+            ]
         else:
             lines += ["| model | rel | rms (m) | log10 | δ1 |", "|---|---|---|---|---|"]
-            lines += [f"| {VARIANT_LABELS[r['variant']]} | {_fmt(r['rel'])} | {_fmt(r['rms'])} | {_fmt(r['log10'])} | {_fmt(r['delta1'])} |" for r in entry["variants"]]
+            lines += [
+                f"| {VARIANT_LABELS[r['variant']]} | {_fmt(r['rel'])} | {_fmt(r['rms'])} | "
+                f"{_fmt(r['log10'])} | {_fmt(r['delta1'])} |"
+                for r in entry["variants"]
+            ]
         lines += ["", "### (b) training-set size and out-of-distribution test (variant both)", ""]
         if seg:
-            lines += ["| train | test | IoU (%) | aleatoric entropy | mutual information | epistemic logit var. (×10⁻³) |", "|---|---|---|---|---|---|"]
-            lines += [f"| {r['train']} | {r['test']} | {_fmt(r['score'], 100)} | {_fmt(r['aleatoric_entropy'])} | {_fmt(r['mutual_information'])} | {_fmt(r['epistemic_logit_variance'], 1e3)} |" for r in entry["dataset_size"]]
+            lines += [
+                "| train | test | IoU (%) | aleatoric entropy | mutual information | epistemic logit var. (×10⁻³) |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {r['train']} | {r['test']} | {_fmt(r['score'], 100)} | "
+                f"{_fmt(r['aleatoric_entropy'])} | {_fmt(r['mutual_information'])} | {_fmt(r['epistemic_logit_variance'], 1e3)} |"
+                for r in entry["dataset_size"]
+            ]
         else:
-            lines += ["| train | test | RMS (m) | aleatoric var. | epistemic var. | mean predicted depth (m) | epistemic std / depth |",
-                      "|---|---|---|---|---|---|---|"]  # fmt: skip
-            lines += [f"| {r['train']} | {r['test']} | {_fmt(r['score'])} | {_fmt(r['aleatoric_var'])} | {_fmt(r['epistemic_var'])} | "
-                      f"{_fmt(r.get('predicted_depth'))} | {_fmt(r.get('relative_epistemic_std'))} |" for r in entry["dataset_size"]]  # fmt: skip
+            lines += [
+                "| train | test | RMS (m) | aleatoric var. | epistemic var. | mean predicted depth (m) | epistemic std / depth |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {r['train']} | {r['test']} | {_fmt(r['score'])} | {_fmt(r['aleatoric_var'])} | {_fmt(r['epistemic_var'])} | "
+                f"{_fmt(r.get('predicted_depth'))} | {_fmt(r.get('relative_epistemic_std'))} |"
+                for r in entry["dataset_size"]
+            ]
         lines += ["", "### findings", ""]
-        lines += [f"- {k.replace('_', ' ')}: {v if isinstance(v, (bool, dict)) else _fmt(v)}" for k, v in entry["findings"].items()]
-        lines += ["", f"Plots: {', '.join(Path(p).name for p in entry['plots'])} in {Path(entry['plots'][0]).parent}", ""]
+        lines += [
+            f"- {k.replace('_', ' ')}: {v if isinstance(v, (bool, dict)) else _fmt(v)}"
+            for k, v in entry["findings"].items()
+        ]
+        lines += [
+            "",
+            f"Plots: {', '.join(Path(p).name for p in entry['plots'])} in {Path(entry['plots'][0]).parent}",
+            "",
+        ]
     return "\n".join(lines)

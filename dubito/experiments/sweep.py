@@ -42,7 +42,15 @@ import numpy as np
 
 from dubito import DubitoError
 from dubito.experiments import area_under_curve, record_study, seed_std
-from dubito.platform.files import check_free, check_output, copy_file, exclusive, load_torch, read_json, write_json
+from dubito.platform.files import (
+    check_free,
+    check_output,
+    copy_file,
+    exclusive,
+    load_torch,
+    read_json,
+    write_json,
+)
 from dubito.platform.registry import install_plugins, plugins
 from dubito.platform.tracking import check_tracking, default_tracking_uri, tracked_run
 
@@ -83,21 +91,61 @@ class SweepConfig:
     settings (the KIND's own flags)."""
 
     kind: str = "label"
-    output: str = field(default="runs/sweep", metadata={"help": "folder: trials/, results.json, tables.md, plots (and tune/)"})
-    grid: tuple[str, ...] = field(default=(), metadata={"help": "FIELD=V1,V2,... a grid axis (repeatable); every combination is a trial"})
-    sample: tuple[str, ...] = field(default=(), metadata={"help": "FIELD=DIST sampled per trial: uniform:A:B, loguniform:A:B, randint:A:B (B excluded), choice:V1,V2 (repeatable)"})
-    num_samples: int = field(default=1, metadata={"help": "trials per grid point (draws from the --sample space)"})
-    scheduler: str = field(default="fifo", metadata={"help": "fifo (run every trial to the end) or asha (stop poor trials early)"})
-    metric: str = field(default="", metadata={"help": "what asha (and the summary's best trial) compares; default by kind and dataset"})
+    output: str = field(
+        default="runs/sweep", metadata={"help": "folder: trials/, results.json, tables.md, plots (and tune/)"}
+    )
+    grid: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "FIELD=V1,V2,... a grid axis (repeatable); every combination is a trial"},
+    )
+    sample: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "FIELD=DIST sampled per trial: uniform:A:B, loguniform:A:B, randint:A:B (B excluded), "
+            "choice:V1,V2 (repeatable)"
+        },
+    )
+    num_samples: int = field(
+        default=1, metadata={"help": "trials per grid point (draws from the --sample space)"}
+    )
+    scheduler: str = field(
+        default="fifo",
+        metadata={"help": "fifo (run every trial to the end) or asha (stop poor trials early)"},
+    )
+    metric: str = field(
+        default="",
+        metadata={"help": "what asha (and the summary's best trial) compares; default by kind and dataset"},
+    )
     mode: str = field(default="", metadata={"help": "max or min (default: by metric)"})
-    max_t: int = field(default=0, metadata={"help": "asha: most rounds / episodes / epochs (default: the trials' budget; they then end by themselves)"})
-    grace_period: int = field(default=1, metadata={"help": "asha: rounds / episodes / epochs before a trial may be stopped"})
-    max_failures: int = field(default=2, metadata={"help": "retries of a failed trial (from its last checkpoint)"})
+    max_t: int = field(
+        default=0,
+        metadata={
+            "help": "asha: most rounds / episodes / epochs (default: the trials' budget; they then end by themselves)"
+        },
+    )
+    grace_period: int = field(
+        default=1, metadata={"help": "asha: rounds / episodes / epochs before a trial may be stopped"}
+    )
+    max_failures: int = field(
+        default=2, metadata={"help": "retries of a failed trial (from its last checkpoint)"}
+    )
     cpus_per_trial: float = field(default=1.0, metadata={"help": "CPUs each trial holds"})
-    gpus_per_trial: str = field(default="auto", metadata={"help": "auto (1 where the cluster has GPUs, else 0) or a number (0.25: four trials per GPU)"})
-    concurrent: int = field(default=0, metadata={"help": "most trials at once (0: as many as the resources allow)"})
-    checkpoint_every: int = field(default=50, metadata={"help": "explore: episodes between checkpoints of a trial"})
-    storage: str = field(default="", metadata={"help": "Tune's storage (default OUTPUT/tune; on a cluster a shared folder or bucket)"})
+    gpus_per_trial: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (1 where the cluster has GPUs, else 0) or a number (0.25: four trials per GPU)"
+        },
+    )
+    concurrent: int = field(
+        default=0, metadata={"help": "most trials at once (0: as many as the resources allow)"}
+    )
+    checkpoint_every: int = field(
+        default=50, metadata={"help": "explore: episodes between checkpoints of a trial"}
+    )
+    storage: str = field(
+        default="",
+        metadata={"help": "Tune's storage (default OUTPUT/tune; on a cluster a shared folder or bucket)"},
+    )
     experiment: str = field(default="", metadata={"help": "MLflow experiment (default dubito-sweep-KIND)"})
     base: dict[str, Any] = field(default_factory=dict)
 
@@ -130,7 +178,11 @@ class SweepConfig:
             from dubito.platform.data import dataset_info
 
             metric = ("test_" if self.kind == "label" else "val_") + dataset_info(base.dataset).headline
-        mode = self.mode or ("min" if metric.endswith(("rms", "rel", "loss", "log10", "episode", "regret", "fraction")) else "max")
+        mode = self.mode or (
+            "min"
+            if metric.endswith(("rms", "rel", "loss", "log10", "episode", "regret", "fraction"))
+            else "max"
+        )
         if mode not in ("min", "max"):
             raise DubitoError(f"--mode must be min or max, got {mode!r}")
         return metric, mode
@@ -154,7 +206,13 @@ class SweepConfig:
             variants = [first] + [{**first, k: c} for k, cs in candidates.items() for c in cs[1:]]
         for point in points:
             for n, variant in enumerate(variants):
-                values = {**self.base, **variant, **point, "output": "unused", "experiment": self.experiment_name()}
+                values = {
+                    **self.base,
+                    **variant,
+                    **point,
+                    "output": "unused",
+                    "experiment": self.experiment_name(),
+                }
                 try:
                     _check(self.kind, cls(**values))
                 except DubitoError as err:
@@ -173,7 +231,9 @@ class SweepConfig:
             if getattr(self, name) < 1:
                 raise DubitoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_failures < -1 or self.concurrent < 0 or self.max_t < 0:
-            raise DubitoError("--max-failures must be >= -1 (-1: retry forever); --concurrent and --max-t >= 0")
+            raise DubitoError(
+                "--max-failures must be >= -1 (-1: retry forever); --concurrent and --max-t >= 0"
+            )
         if self.cpus_per_trial <= 0:
             raise DubitoError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
         if not self.grid and not self.sample:
@@ -196,11 +256,15 @@ def _candidates(dist: tuple[str, list[Any]]) -> list[Any]:
 def _check(kind: str, config: Any) -> None:
     """Refuse a trial's settings before anything starts."""
     if kind == "train" and config.workers:
-        raise DubitoError("sweep train runs each trial in its own process (--gpus-per-trial gives it a GPU); "
-                          "--workers N (data-parallel training) is for `dubito train`")  # fmt: skip
+        raise DubitoError(
+            "sweep train runs each trial in its own process (--gpus-per-trial gives it a GPU); "
+            "--workers N (data-parallel training) is for `dubito train`"
+        )
     if kind == "label" and config.scorers:
-        raise DubitoError("sweep label trials score in their own process: --scorers N would start actors competing "
-                          "with the trials for the same CPUs / GPUs (run more trials at once instead)")  # fmt: skip
+        raise DubitoError(
+            "sweep label trials score in their own process: --scorers N would start actors competing "
+            "with the trials for the same CPUs / GPUs (run more trials at once instead)"
+        )
     if kind == "label" and config.oracle == "human":
         raise DubitoError("sweep label needs --oracle simulated (a sweep cannot wait for a person)")
     if kind in ("label", "train"):
@@ -221,13 +285,17 @@ def _check(kind: str, config: Any) -> None:
 def _pool_images(dataset: str, root: str, pool_images: int, data_seed: int, height: int, width: int) -> int:
     from dubito.acquisition.pool import PoolSpec
 
-    spec = PoolSpec(dataset=dataset, root=root, pool_images=pool_images, data_seed=data_seed, height=height, width=width)
+    spec = PoolSpec(
+        dataset=dataset, root=root, pool_images=pool_images, data_seed=data_seed, height=height, width=width
+    )
     return len(spec.datasets()[1])  # synthetic pools are counted without rendering a scene
 
 
 def _pool_size(config: Any) -> int:
     """Images in a label trial's pool (one look at a real dataset's folder for every trial)."""
-    return _pool_images(config.dataset, config.root, config.pool_images, config.data_seed, config.height, config.width)
+    return _pool_images(
+        config.dataset, config.root, config.pool_images, config.data_seed, config.height, config.width
+    )
 
 
 def _field_types(kind: str) -> dict[str, type]:
@@ -288,14 +356,18 @@ def parse_space(kind: str, grid: tuple[str, ...] | list[str], sample: tuple[str,
     sampled: dict[str, tuple[str, list[Any]]] = {}
     for item in sample:
         if "=" not in item or ":" not in item:
-            raise DubitoError(f"--sample {item!r}: expected FIELD=DIST:ARGS, DIST one of {', '.join(_DISTRIBUTIONS)}")
+            raise DubitoError(
+                f"--sample {item!r}: expected FIELD=DIST:ARGS, DIST one of {', '.join(_DISTRIBUTIONS)}"
+            )
         name, spec = item.split("=", 1)
         name = _field(kind, name, "--sample")
         if name in axes or name in sampled:
             raise DubitoError(f"--sample {name}: already swept")
         dist, args = spec.split(":", 1)
         if dist not in _DISTRIBUTIONS:
-            raise DubitoError(f"--sample {name}: unknown distribution {dist!r} (choose from {', '.join(_DISTRIBUTIONS)})")
+            raise DubitoError(
+                f"--sample {name}: unknown distribution {dist!r} (choose from {', '.join(_DISTRIBUTIONS)})"
+            )
         if dist == "choice":
             values = [_typed(kind, name, v, "--sample") for v in args.split(",") if v.strip()]
             if not values:
@@ -307,12 +379,21 @@ def parse_space(kind: str, grid: tuple[str, ...] | list[str], sample: tuple[str,
             low, high = (float(b) for b in bounds)
         except ValueError:
             raise DubitoError(f"--sample {name}={dist}: expected {dist}:LOW:HIGH, got {spec!r}") from None
-        if not low < high or (dist == "loguniform" and low <= 0) or (dist == "randint" and int(high) - int(low) < 1):
-            raise DubitoError(f"--sample {name}={dist}: need LOW < HIGH" + (" and LOW > 0" if dist == "loguniform" else ""))
+        if (
+            not low < high
+            or (dist == "loguniform" and low <= 0)
+            or (dist == "randint" and int(high) - int(low) < 1)
+        ):
+            raise DubitoError(
+                f"--sample {name}={dist}: need LOW < HIGH" + (" and LOW > 0" if dist == "loguniform" else "")
+            )
         t = _field_types(kind)[name]
         if dist == "randint" and t is not int or dist != "randint" and t is not float:
             raise DubitoError(f"--sample {name}: {dist} does not fit a {t.__name__} setting")
-        sampled[name] = (dist, [int(low) if dist == "randint" else low, int(high) if dist == "randint" else high])
+        sampled[name] = (
+            dist,
+            [int(low) if dist == "randint" else low, int(high) if dist == "randint" else high],
+        )
     return axes, sampled
 
 
@@ -321,7 +402,11 @@ def _tune_space(grid: dict[str, list[Any]], sampled: dict[str, tuple[str, list[A
 
     space: dict[str, Any] = {name: tune.grid_search(values) for name, values in grid.items()}
     for name, (dist, args) in sampled.items():
-        space[name] = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[dist](*args) if dist != "choice" else tune.choice(args)
+        space[name] = (
+            {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[dist](*args)
+            if dist != "choice"
+            else tune.choice(args)
+        )
     return space
 
 
@@ -348,10 +433,14 @@ def _append_row(folder: Path, row: dict[str, Any]) -> None:
     """Append one reported row to the trial's own record (one write of one line). Tune's result
     files are not a record to trust across a retry: a restarted trial's history is restored from
     the last sync of storage, which can be behind the checkpoint, so rows reported in between are
-    lost there. Rows are appended before Tune gets them; a torn last line is skipped on read."""
-    fd = os.open(folder / ROWS, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
+    lost there. Rows are appended before Tune gets them, and the record travels in every checkpoint
+    (a trial restored elsewhere keeps it). A line torn by a kill is ended before the next row is
+    written, so only the torn row is lost (it is reported again), and skipped on read."""
+    fd = os.open(folder / ROWS, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
     try:
-        os.write(fd, (json.dumps(row, allow_nan=True) + "\n").encode())
+        size = os.fstat(fd).st_size
+        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        os.write(fd, (("\n" if torn else "") + json.dumps(row, allow_nan=True) + "\n").encode())
     finally:
         os.close(fd)
 
@@ -396,8 +485,15 @@ def _report(metrics: dict[str, Any], step: int, folder: Path, files: list[tuple[
     and the step. SQLite files are copied through SQLite's backup (a consistent copy)."""
     from ray import tune
 
-    clean = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) else v)
-             for k, v in metrics.items() if v is not None}  # fmt: skip
+    clean = {
+        k: (
+            float(v)
+            if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+            else v
+        )
+        for k, v in metrics.items()
+        if v is not None
+    }
     _append_row(folder, clean)
     if files is None:
         tune.report(clean)
@@ -405,7 +501,7 @@ def _report(metrics: dict[str, Any], step: int, folder: Path, files: list[tuple[
     with tempfile.TemporaryDirectory(prefix="dubito-checkpoint-") as tmp:
         tmp = Path(tmp)
         write_json(tmp / "step.json", {"step": step})
-        for source, name in files:
+        for source, name in [*files, (folder / ROWS, ROWS)]:
             if not source.exists():
                 continue
             target = tmp / name
@@ -431,7 +527,9 @@ def _maybe_fail(inject: dict[str, Any] | None, params: dict[str, Any], step: int
         return
     marker = Path(inject["marker"])
     try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # once per sweep, whichever trial gets here first
+        fd = os.open(
+            marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY
+        )  # once per sweep, whichever trial gets here first
     except FileExistsError:
         return
     os.close(fd)
@@ -441,13 +539,14 @@ def _maybe_fail(inject: dict[str, Any] | None, params: dict[str, Any], step: int
 def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     """One trial (runs in a Ray worker): the kind's run with the trial's settings, reporting and
     checkpointing every step, resumed from the trial's folder or its last checkpoint."""
-    from ray import tune
-
     import torch
+    from ray import tune
 
     os.environ["MLFLOW_TRACKING_URI"] = context["tracking_uri"]
     install_plugins(context.get("plugins") or {})
-    torch.set_num_threads(context["threads"])  # --cpus-per-trial threads (CPU results depend on the count at float rounding)
+    torch.set_num_threads(
+        context["threads"]
+    )  # --cpus-per-trial threads (CPU results depend on the count at float rounding)
     trial = tune.get_context()
     key = _trial_key(params)
     folder = _trial_dir(context["root"], trial.get_trial_id(), key)
@@ -455,25 +554,34 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     with exclusive(folder):  # one writer per trial folder
         _restore(folder)
         values = {**context["base"], **params, "output": str(folder), "experiment": context["experiment"]}
-        if context["gpus"] == 0 and values.get("device") == "auto":  # Ray leaves the node's GPUs visible to a 0-GPU trial
+        if (
+            context["gpus"] == 0 and values.get("device") == "auto"
+        ):  # Ray leaves the node's GPUs visible to a 0-GPU trial
             values["device"] = "cpu"
-        tags = {"mlflow.parentRunId": context["parent_run_id"], "dubito.sweep": context["root"], "dubito.trial": key,
-                "dubito.trial_id": trial.get_trial_id()}
+        tags = {
+            "mlflow.parentRunId": context["parent_run_id"],
+            "dubito.sweep": context["root"],
+            "dubito.trial": key,
+            "dubito.trial_id": trial.get_trial_id(),
+        }
         inject = context.get("inject")
         write_json(folder / "trial.json", {"params": params, "key": key, "trial_id": trial.get_trial_id()})
         try:  # every value was checked before Ray started; a config error left is not worth Tune's retries
             _check(context["kind"], _config_class(context["kind"])(**values))
         except DubitoError as err:
             write_json(folder / "config_error.json", {"error": str(err)})
-            _report({CONFIG_ERROR: str(err), context["metric"]: math.nan}, 0, folder, None)  # the metric: schedulers ask for it
+            _report(
+                {CONFIG_ERROR: str(err), context["metric"]: math.nan}, 0, folder, None
+            )  # the metric: schedulers ask for it
             return
-        {"label": _label_trial, "explore": _explore_trial, "train": _train_trial}[context["kind"]](values, params, folder, tags, inject, context)
+        {"label": _label_trial, "explore": _explore_trial, "train": _train_trial}[context["kind"]](
+            values, params, folder, tags, inject, context
+        )
 
 
 def _label_trial(values, params, folder, tags, inject, context) -> None:
-    from dubito.acquisition.loop import LEDGER, LoopConfig, run_loop
-
     from dubito.acquisition.ledger import Ledger
+    from dubito.acquisition.loop import LEDGER, LoopConfig, run_loop
 
     config = LoopConfig(**values)
 
@@ -493,7 +601,15 @@ def _label_trial(values, params, folder, tags, inject, context) -> None:
 
 
 def _explore_trial(values, params, folder, tags, inject, context) -> None:
-    from dubito.experiments.exploration import ExploreConfig, episode_series, log_run, run_one, run_params, run_specs, solve_episode
+    from dubito.experiments.exploration import (
+        ExploreConfig,
+        episode_series,
+        log_run,
+        run_one,
+        run_params,
+        run_specs,
+        solve_episode,
+    )
     from dubito.platform.files import save_torch
 
     config = ExploreConfig(**values)
@@ -501,35 +617,66 @@ def _explore_trial(values, params, folder, tags, inject, context) -> None:
     spec = specs[0]
     (folder / "runs").mkdir(exist_ok=True)
     done = Path(spec["path"])
-    run_file = folder / "mlflow_run.json"  # the child run, opened at the start so a stopped trial still has its episodes
+    run_file = (
+        folder / "mlflow_run.json"
+    )  # the child run, opened at the start so a stopped trial still has its episodes
     known = read_json(run_file) if run_file.exists() else {}
-    run_id = known.get("run_id") if known.get("folder", str(folder)) == str(folder) else None  # a copied sweep: a run of its own
-    if done.exists():  # finished before a retry (killed while logging): log what MLflow lacks, run nothing again
+    run_id = (
+        known.get("run_id") if known.get("folder", str(folder)) == str(folder) else None
+    )  # a copied sweep: a run of its own
+    if (
+        done.exists()
+    ):  # finished before a retry (killed while logging): log what MLflow lacks, run nothing again
         record = read_json(done)
         if not record.get("mlflow_run_id"):
             record["mlflow_run_id"] = run_id
-            log_run(config, settings, record, context["parent_run_id"], done, run_name=tags["dubito.trial"], tags=tags)
+            log_run(
+                config,
+                settings,
+                record,
+                context["parent_run_id"],
+                done,
+                run_name=tags["dubito.trial"],
+                tags=tags,
+            )
         return
     state_path = folder / "state.pt"
     resume = load_torch(state_path, "trial state") if state_path.exists() else None
     every = context["checkpoint_every"]
     stochastic = spec["env"] == "dubito/DeepSeaStochastic-v0"
     deep_sea = spec["env"].startswith("dubito/DeepSea")
-    with tracked_run(config.experiment, run_name=tags["dubito.trial"], params=run_params(config, settings, spec["agent"], spec["size"], spec["seed"]),
-                     tags=tags, run_id=run_id) as child:  # fmt: skip
+    with tracked_run(
+        config.experiment,
+        run_name=tags["dubito.trial"],
+        params=run_params(config, settings, spec["agent"], spec["size"], spec["seed"]),
+        tags=tags,
+        run_id=run_id,
+    ) as child:
         write_json(run_file, {"run_id": child.run_id, "folder": str(folder)})
-        logged = child.last_step("return")  # MLflow's own count: a resumed run replays episodes it may already have
+        logged = child.last_step(
+            "return"
+        )  # MLflow's own count: a resumed run replays episodes it may already have
 
         def flush(log) -> None:
             nonlocal logged
             if log.episodes > logged:
-                partial = {"returns": log.returns, "lengths": log.lengths, **({"bad": log.bad} if deep_sea else {"tv_steps": log.tv_steps})}
-                child.log_series({k: v[logged:] for k, v in episode_series(partial).items()}, start=logged + 1)
+                partial = {
+                    "returns": log.returns,
+                    "lengths": log.lengths,
+                    **({"bad": log.bad} if deep_sea else {"tv_steps": log.tv_steps}),
+                }
+                child.log_series(
+                    {k: v[logged:] for k, v in episode_series(partial).items()}, start=logged + 1
+                )
                 logged = log.episodes
 
         def hook(log, state) -> None:
             n = log.episodes
-            metrics = {"episode": n, "return": log.returns[-1], "mean_return": float(np.mean(log.returns[-20:]))}
+            metrics = {
+                "episode": n,
+                "return": log.returns[-1],
+                "mean_return": float(np.mean(log.returns[-20:])),
+            }
             if deep_sea:
                 metrics["bad_fraction"] = float(np.mean(log.bad))
                 solved = solve_episode(log.bad, stochastic)
@@ -540,7 +687,9 @@ def _explore_trial(values, params, folder, tags, inject, context) -> None:
                 metrics["goal_rate"] = float(np.mean(log.terminated))
             last = n >= spec["episodes"] or (spec["stop_when_solved"] and metrics.get("solved"))
             try:
-                if n % every == 0 or last:  # MLflow gets the episodes since the last checkpoint, then the checkpoint is taken
+                if (
+                    n % every == 0 or last
+                ):  # MLflow gets the episodes since the last checkpoint, then the checkpoint is taken
                     flush(log)
                     save_torch(state(), state_path)
                     _report(metrics, n, folder, [(state_path, "state.pt"), (run_file, "mlflow_run.json")])
@@ -564,10 +713,14 @@ def _train_trial(values, params, folder, tags, inject, context) -> None:
 
     def on_epoch(metrics: dict[str, Any], checkpoint: Path | None) -> None:
         epoch = metrics["epoch"]
-        _report(metrics, epoch, folder, [(folder / CHECKPOINT, CHECKPOINT), (folder / "model.pt", "model.pt")])
+        _report(
+            metrics, epoch, folder, [(folder / CHECKPOINT, CHECKPOINT), (folder / "model.pt", "model.pt")]
+        )
         _maybe_fail(inject, params, epoch)
 
-    if (folder / CHECKPOINT).exists():  # epochs checkpointed but not reported (killed in between): report them first
+    if (
+        folder / CHECKPOINT
+    ).exists():  # epochs checkpointed but not reported (killed in between): report them first
         history = load_torch(folder / CHECKPOINT, "training checkpoint")["state"]["history"]
         for entry in [h for h in history if h["epoch"] > _step_of(folder)]:
             on_epoch(dict(entry), folder / CHECKPOINT)
@@ -583,12 +736,18 @@ def _inject_from_env(root: Path) -> dict[str, Any] | None:
     try:
         match, step = text.rsplit("@", 1)
         pairs = dict(p.split("=", 1) for p in match.split(",") if p)
-        return {"match": {k.strip(): v.strip() for k, v in pairs.items()}, "step": int(step), "marker": str(root / "injected-failure")}
+        return {
+            "match": {k.strip(): v.strip() for k, v in pairs.items()},
+            "step": int(step),
+            "marker": str(root / "injected-failure"),
+        }
     except ValueError:
         raise DubitoError(f"{FAIL_ONCE_ENV}={text!r}: expected FIELD=VALUE,...@STEP") from None
 
 
-def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+def run_sweep(
+    config: SweepConfig | None = None, *, resume: str | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Run a sweep (or, with ``resume=DIR``, restore the one in DIR); returns results.json's content.
 
     Connects to Ray (``RAY_ADDRESS`` or a local instance), opens the MLflow parent run, runs the
@@ -601,7 +760,10 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
         saved = root / SWEEP_FILE
         if not saved.exists():
             raise DubitoError(f"{root}: no sweep here (no {SWEEP_FILE}); give the --output folder of a sweep")
-        state = read_json(saved, "dubito wrote it: without it the sweep cannot be resumed; start it again into another --output")
+        state = read_json(
+            saved,
+            "dubito wrote it: without it the sweep cannot be resumed; start it again into another --output",
+        )
         values = state["config"]
         values["grid"], values["sample"] = tuple(values["grid"]), tuple(values["sample"])
         config = SweepConfig(**values)
@@ -614,7 +776,9 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
     # absolute paths: trials run in Tune's trial folders (RAY_CHDIR_TO_TRIAL_DIR), maybe on other nodes
     config = dataclasses.replace(config, output=str(root), base=_absolute_paths(config.base))
     if resume is None and (root / SWEEP_FILE).exists():
-        raise DubitoError(f"{root} holds a sweep already: continue it with `dubito sweep --resume {config.output}`, or use another --output")
+        raise DubitoError(
+            f"{root} holds a sweep already: continue it with `dubito sweep --resume {config.output}`, or use another --output"
+        )
     check_output(root)
     check_tracking()
     from dubito.platform.cluster import connect, gpu_request
@@ -626,10 +790,14 @@ def run_sweep(config: SweepConfig | None = None, *, resume: str | None = None, p
         return _run_sweep(config, root, resume, progress, gpus)
 
 
-def _run_sweep(config: SweepConfig, root: Path, resume: str | None, progress: bool, gpus: float) -> dict[str, Any]:
+def _run_sweep(
+    config: SweepConfig, root: Path, resume: str | None, progress: bool, gpus: float
+) -> dict[str, Any]:
     from ray import tune
 
-    if config.storage and "://" not in config.storage:  # a folder given: absolute (the default follows --output)
+    if (
+        config.storage and "://" not in config.storage
+    ):  # a folder given: absolute (the default follows --output)
         config = dataclasses.replace(config, storage=str(Path(config.storage).resolve()))
     storage = config.storage or str(root / "tune")
     metric, mode = config.metric_and_mode()
@@ -637,24 +805,52 @@ def _run_sweep(config: SweepConfig, root: Path, resume: str | None, progress: bo
 
     uri = default_tracking_uri()
     state = read_json(root / SWEEP_FILE) if (root / SWEEP_FILE).exists() else {}
-    parent_id = state.get("mlflow_parent_run_id") if state.get("folder", str(root)) == str(root) else None  # a copy: a run of its own
+    parent_id = (
+        state.get("mlflow_parent_run_id") if state.get("folder", str(root)) == str(root) else None
+    )  # a copy: a run of its own
     path = os.path.join(storage, "tune")
     if resume is not None and not tune.Tuner.can_restore(path):  # before the parent run is reopened
-        raise DubitoError(f"{path}: no Tune state to restore (killed before Tune saved any, or --storage moved); "
-                          f"start the sweep again with another --output")  # fmt: skip
+        raise DubitoError(
+            f"{path}: no Tune state to restore (killed before Tune saved any, or --storage moved); "
+            f"start the sweep again with another --output"
+        )
     started = time.perf_counter()
-    params = {k: v for k, v in asdict(config).items() if k != "base"} | {f"base.{k}": v for k, v in config.base.items()}
-    with tracked_run(config.experiment_name(), run_name=f"sweep-{config.kind}-{root.name}", params=params,
-                     tags={"dubito.command": f"sweep {config.kind}"}, run_id=parent_id) as parent:  # fmt: skip
-        write_json(root / SWEEP_FILE, {"config": asdict(config), "mlflow_parent_run_id": parent.run_id, "storage": storage,
-                                       "folder": str(root)})  # fmt: skip
+    params = {k: v for k, v in asdict(config).items() if k != "base"} | {
+        f"base.{k}": v for k, v in config.base.items()
+    }
+    with tracked_run(
+        config.experiment_name(),
+        run_name=f"sweep-{config.kind}-{root.name}",
+        params=params,
+        tags={"dubito.command": f"sweep {config.kind}"},
+        run_id=parent_id,
+    ) as parent:
+        write_json(
+            root / SWEEP_FILE,
+            {
+                "config": asdict(config),
+                "mlflow_parent_run_id": parent.run_id,
+                "storage": storage,
+                "folder": str(root),
+            },
+        )
         context = {
-            "kind": config.kind, "base": config.base, "root": str(root), "tracking_uri": uri, "parent_run_id": parent.run_id,
-            "experiment": config.experiment_name(), "checkpoint_every": config.checkpoint_every, "inject": _inject_from_env(root),
-            "gpus": gpus, "threads": max(1, int(config.cpus_per_trial)), "metric": metric,
+            "kind": config.kind,
+            "base": config.base,
+            "root": str(root),
+            "tracking_uri": uri,
+            "parent_run_id": parent.run_id,
+            "experiment": config.experiment_name(),
+            "checkpoint_every": config.checkpoint_every,
+            "inject": _inject_from_env(root),
+            "gpus": gpus,
+            "threads": max(1, int(config.cpus_per_trial)),
+            "metric": metric,
             "plugins": plugins(),  # the acquisitions, reductions, selections users registered here
-        }  # fmt: skip
-        trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"cpu": config.cpus_per_trial, "gpu": gpus})
+        }
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, context=context), {"cpu": config.cpus_per_trial, "gpu": gpus}
+        )
         if resume is not None:
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -665,20 +861,26 @@ def _run_sweep(config: SweepConfig, root: Path, resume: str | None, progress: bo
                 # one step past the budget by default: a trial that runs to its end finishes by itself
                 # (closing its MLflow run, writing its results) instead of being stopped at max_t
                 max_t = config.max_t or _budget(config) + 1
-                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=config.grace_period)
+                scheduler = ASHAScheduler(
+                    time_attr="training_iteration", max_t=max_t, grace_period=config.grace_period
+                )
             tuner = tune.Tuner(
                 trainable,
                 param_space=_tune_space(grid, sampled),
                 tune_config=tune.TuneConfig(
-                    num_samples=config.num_samples, scheduler=scheduler, max_concurrent_trials=config.concurrent or None,
+                    num_samples=config.num_samples,
+                    scheduler=scheduler,
+                    max_concurrent_trials=config.concurrent or None,
                     **({"metric": metric, "mode": mode} if scheduler is not None else {}),
                 ),
                 run_config=tune.RunConfig(
-                    name="tune", storage_path=storage, verbose=1 if progress else 0,
+                    name="tune",
+                    storage_path=storage,
+                    verbose=1 if progress else 0,
                     failure_config=tune.FailureConfig(max_failures=config.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 ),
-            )  # fmt: skip
+            )
         grid_results = tuner.fit()
         _end_stopped_runs(parent)
         trials = _collect(grid_results, root)
@@ -686,8 +888,13 @@ def _run_sweep(config: SweepConfig, root: Path, resume: str | None, progress: bo
         results["seconds"] = time.perf_counter() - started
         results["mlflow_parent_run_id"] = parent.run_id
         results["plots"] = _plots(results, root)
-        record_study(parent, root, results, format_sweep(results),
-                     {"trials_finished": results["finished"], "trials_errored": len(results["errors"])})  # fmt: skip
+        record_study(
+            parent,
+            root,
+            results,
+            format_sweep(results),
+            {"trials_finished": results["finished"], "trials_errored": len(results["errors"])},
+        )
     return results
 
 
@@ -695,8 +902,11 @@ def _end_stopped_runs(parent: Any) -> None:
     """Child runs still RUNNING once Tune is done belong to trials it stopped (ASHA ends a trial
     without letting it close its run) or that died: mark them KILLED."""
     client = parent.client
-    found = client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'",
-                               max_results=50_000)
+    found = client.search_runs(
+        [parent.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'",
+        max_results=50_000,
+    )
     for run in found:
         client.set_terminated(run.info.run_id, status="KILLED")
 
@@ -714,8 +924,13 @@ def _budget(config: SweepConfig) -> int:
     steps = []
     for values in config.trial_configs(every=True):
         trial = cls(**values)
-        steps.append(trial.total_rounds() + 1 if config.kind == "label" else trial.epochs if config.kind == "train"
-                     else trial.resolved()["episodes"])  # fmt: skip
+        steps.append(
+            trial.total_rounds() + 1
+            if config.kind == "label"
+            else trial.epochs
+            if config.kind == "train"
+            else trial.resolved()["episodes"]
+        )
     return max(steps)
 
 
@@ -731,12 +946,22 @@ def _collect(grid_results, root: Path) -> list[dict[str, Any]]:
         if rows is None:
             frame = result.metrics_dataframe
             rows = frame.to_dict("records") if frame is not None else []
-        trials.append({
-            "params": params, "key": _trial_key(params), "trial_id": trial_id, "rows": rows,
-            "error": _error_text(result.error) if result.error is not None else (
-                f"config error (not retried): {rows[-1][CONFIG_ERROR]}" if rows and isinstance(rows[-1].get(CONFIG_ERROR), str) else None),
-            "path": result.path,
-        })  # fmt: skip
+        trials.append(
+            {
+                "params": params,
+                "key": _trial_key(params),
+                "trial_id": trial_id,
+                "rows": rows,
+                "error": _error_text(result.error)
+                if result.error is not None
+                else (
+                    f"config error (not retried): {rows[-1][CONFIG_ERROR]}"
+                    if rows and isinstance(rows[-1].get(CONFIG_ERROR), str)
+                    else None
+                ),
+                "path": result.path,
+            }
+        )
     counts: dict[str, int] = {}
     for t in trials:
         counts[t["key"]] = counts.get(t["key"], 0) + 1
@@ -771,13 +996,21 @@ def summarize(config: SweepConfig, trials: list[dict[str, Any]], metric: str, mo
     per_trial = {}
     for t in trials:
         # a retried trial reports again the steps after its last checkpoint: keep the last row of each step
-        t["rows"] = sorted({r.get(x_name): r for r in t["rows"]}.values(), key=lambda r: (r.get(x_name) is None, r.get(x_name) or 0))
+        t["rows"] = sorted(
+            {r.get(x_name): r for r in t["rows"]}.values(),
+            key=lambda r: (r.get(x_name) is None, r.get(x_name) or 0),
+        )
     for t in trials:
         rows = [r for r in t["rows"] if r.get(metric) is not None and not _nan(r.get(metric))]
         xs = [r[x_name] for r in rows if x_name in r]
         ys = [r[metric] for r in rows]
-        entry = {"params": t["params"], "error": t["error"], "steps": len(t["rows"]), "final": ys[-1] if ys else None,
-                 "best": (max(ys) if mode == "max" else min(ys)) if ys else None}  # fmt: skip
+        entry = {
+            "params": t["params"],
+            "error": t["error"],
+            "steps": len(t["rows"]),
+            "final": ys[-1] if ys else None,
+            "best": (max(ys) if mode == "max" else min(ys)) if ys else None,
+        }
         if config.kind == "label" and len(xs) == len(ys):
             entry["alc"] = area_under_curve(xs, ys)
         if config.kind == "explore" and t["rows"]:
@@ -811,17 +1044,49 @@ def summarize(config: SweepConfig, trials: list[dict[str, Any]], metric: str, mo
                 ys = np.array([np.convolve(y, np.ones(window) / window, mode="valid") for y in ys])
                 xs = xs[window - 1 :]
             curves[name] = {"labels": list(xs), "mean": ys.mean(0).tolist(), "std": seed_std(ys).tolist()}
-    ranked = sorted((k for k, s in summary.items() if "final_mean" in s), key=lambda k: summary[k]["final_mean"], reverse=mode == "max")
-    tune_keys = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date", "pid", "hostname", "node_ip", "logdir"}
-    reported = sorted({k for t in trials for r in t["rows"] for k in r
-                       if k not in tune_keys and not k.startswith(("config/", "time_", "iterations_"))})  # fmt: skip
+    ranked = sorted(
+        (k for k, s in summary.items() if "final_mean" in s),
+        key=lambda k: summary[k]["final_mean"],
+        reverse=mode == "max",
+    )
+    tune_keys = {
+        "timestamp",
+        "checkpoint_dir_name",
+        "done",
+        "training_iteration",
+        "trial_id",
+        "date",
+        "pid",
+        "hostname",
+        "node_ip",
+        "logdir",
+    }
+    reported = sorted(
+        {
+            k
+            for t in trials
+            for r in t["rows"]
+            for k in r
+            if k not in tune_keys and not k.startswith(("config/", "time_", "iterations_"))
+        }
+    )
     return {
-        "config": asdict(config), "kind": config.kind, "metric": metric, "mode": mode, "x": x_name, "varying": varying,
-        "summary": summary, "best": ranked[0] if ranked else None, "curves": curves, "trials": per_trial,
-        "finished": sum(t["error"] is None for t in trials), "errors": {t["key"]: t["error"] for t in trials if t["error"]},
-        "metric_missing": bool(reported) and not any(r.get(metric) is not None for t in trials for r in t["rows"]),
+        "config": asdict(config),
+        "kind": config.kind,
+        "metric": metric,
+        "mode": mode,
+        "x": x_name,
+        "varying": varying,
+        "summary": summary,
+        "best": ranked[0] if ranked else None,
+        "curves": curves,
+        "trials": per_trial,
+        "finished": sum(t["error"] is None for t in trials),
+        "errors": {t["key"]: t["error"] for t in trials if t["error"]},
+        "metric_missing": bool(reported)
+        and not any(r.get(metric) is not None for t in trials for r in t["rows"]),
         "reported": reported,
-    }  # fmt: skip
+    }
 
 
 def _nan(v: Any) -> bool:
@@ -834,16 +1099,24 @@ def _plots(results: dict[str, Any], root: Path) -> list[str]:
     if not results["curves"]:
         return []
     xlabel = {"labels": "labelled images", "episode": "episode", "epoch": "epoch"}[results["x"]]
-    path = learning_curves_figure(results["curves"], root / "curves.png", results["metric"].replace("_", " "), xlabel=xlabel,
-                                  title=f"sweep {results['kind']}: {results['metric']} (mean ± std over seeds)")  # fmt: skip
+    path = learning_curves_figure(
+        results["curves"],
+        root / "curves.png",
+        results["metric"].replace("_", " "),
+        xlabel=xlabel,
+        title=f"sweep {results['kind']}: {results['metric']} (mean ± std over seeds)",
+    )
     return [str(path)]
 
 
 def format_sweep(results: dict[str, Any]) -> str:
     """The sweep's summary as a markdown table (one row per group of seeds)."""
     metric, kind = results["metric"], results["kind"]
-    lines = [f"# sweep {kind}: {metric} ({'higher' if results['mode'] == 'max' else 'lower'} is better), "
-             f"{results['finished']} trials finished, {len(results['errors'])} errored", ""]  # fmt: skip
+    lines = [
+        f"# sweep {kind}: {metric} ({'higher' if results['mode'] == 'max' else 'lower'} is better), "
+        f"{results['finished']} trials finished, {len(results['errors'])} errored",
+        "",
+    ]
 
     def pm(s: dict, k: str, fmt: str = ".4f") -> str:
         if f"{k}_mean" not in s:
@@ -858,18 +1131,33 @@ def format_sweep(results: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in results["summary"].items():
         reached = s["reached"]
-        cells = [name + (" **(best)**" if name == results["best"] and len(results["summary"]) > 1 else ""), str(s["trials"]),
-                 f"{min(reached):g}" + (f"–{max(reached):g}" if max(reached) != min(reached) else ""), pm(s, "final"), pm(s, "best")]  # fmt: skip
+        cells = [
+            name + (" **(best)**" if name == results["best"] and len(results["summary"]) > 1 else ""),
+            str(s["trials"]),
+            f"{min(reached):g}" + (f"–{max(reached):g}" if max(reached) != min(reached) else ""),
+            pm(s, "final"),
+            pm(s, "best"),
+        ]
         if kind == "label":
             cells.append(pm(s, "alc"))
         if kind == "explore":
-            solved = "–" if "solved" not in s else f"{s['solved']}/{s['trials']} ({'–' if s['median_solve_episode'] is None else round(s['median_solve_episode'])})"
+            solved = (
+                "–"
+                if "solved" not in s
+                else f"{s['solved']}/{s['trials']} "
+                f"({'–' if s['median_solve_episode'] is None else round(s['median_solve_episode'])})"
+            )
             cells += [solved, pm(s, "tv_fraction", ".2f"), pm(s, "goal_rate", ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "± is the sample standard deviation over the trials of each row (its seeds, or its samples); "
-              f"'{results['x']} reached' is where the trials ended (ASHA stops poor ones early)."]
+    lines += [
+        "",
+        "± is the sample standard deviation over the trials of each row (its seeds, or its samples); "
+        f"'{results['x']} reached' is where the trials ended (ASHA stops poor ones early).",
+    ]
     if results.get("metric_missing"):
-        lines.append(f"- no trial reported {metric!r} (--metric); they reported: {', '.join(results['reported'])}")
+        lines.append(
+            f"- no trial reported {metric!r} (--metric); they reported: {', '.join(results['reported'])}"
+        )
     for key, error in results["errors"].items():
         lines.append(f"- errored: {key}: {error.splitlines()[0] if error else ''}")
     return "\n".join(lines) + "\n"

@@ -6,7 +6,12 @@ The main names are re-exported here::
     from dubito.platform import FCDenseNet, MLP, UncertaintyService, mc_samples
 """
 
-from dubito.platform.losses import LearnedLogVariance, gaussian_nll, laplace_nll, sampled_softmax_cross_entropy
+from dubito.platform.losses import (
+    LearnedLogVariance,
+    gaussian_nll,
+    laplace_nll,
+    sampled_softmax_cross_entropy,
+)
 from dubito.platform.mc import MCSamples, mc_samples
 from dubito.platform.models import MLP, VARIANTS, FCDenseNet, build_model
 from dubito.platform.service import UncertaintyService

@@ -14,7 +14,15 @@ from typing import Any
 
 from dubito import DubitoError
 
-__all__ = ["connect", "cluster_gpus", "max_node_gpus", "gpu_request", "check_gpu_capacity", "dubito_cause", "LOCAL_OBJECT_STORE_BYTES"]
+__all__ = [
+    "connect",
+    "cluster_gpus",
+    "max_node_gpus",
+    "gpu_request",
+    "check_gpu_capacity",
+    "dubito_cause",
+    "LOCAL_OBJECT_STORE_BYTES",
+]
 
 #: object store of a local instance (the default takes 30 % of RAM)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
@@ -34,7 +42,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
 
         # ray.init replaces the SIGTERM handler with a bare exit: a handler set before (the dubito
         # command's: end like Ctrl-C, runs marked KILLED, locks released) is put back
-        previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+        previous = (
+            signal.getsignal(signal.SIGTERM)
+            if threading.current_thread() is threading.main_thread()
+            else None
+        )
         try:
             _init(ray, address, num_cpus, quiet)
         finally:
@@ -45,13 +57,24 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
 
 def _init(ray: Any, address: str | None, num_cpus: int | None, quiet: bool) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
-    options: dict[str, Any] = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": "WARNING" if quiet else "INFO"}
+    options: dict[str, Any] = {
+        "log_to_driver": not quiet,
+        "configure_logging": True,
+        "logging_level": "WARNING" if quiet else "INFO",
+    }
     try:
         if address:
             ray.init(address=address, **options)
         else:
-            cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-            ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **options)
+            cpus = num_cpus or (
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            )
+            ray.init(
+                num_cpus=cpus,
+                include_dashboard=False,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                **options,
+            )
     except ConnectionError as err:
         raise DubitoError(f"cannot reach the Ray cluster at {address!r}: {err}") from None
 
@@ -67,7 +90,9 @@ def max_node_gpus() -> float:
     """The most GPUs any one live node has (a task cannot span nodes)."""
     import ray
 
-    return max((float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    return max(
+        (float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0
+    )
 
 
 def gpu_request(requested: str | float | None, what: str) -> float:
@@ -83,7 +108,9 @@ def gpu_request(requested: str | float | None, what: str) -> float:
     if value < 0:
         raise DubitoError(f"{what} must be >= 0, got {value}")
     if value > 0 and have == 0:
-        raise DubitoError(f"{what} {value}: the Ray cluster has no GPU (tasks asking for one would wait forever); use 0")
+        raise DubitoError(
+            f"{what} {value}: the Ray cluster has no GPU (tasks asking for one would wait forever); use 0"
+        )
     if value > have:
         raise DubitoError(f"{what} {value}: no node of the Ray cluster has more than {have:g} GPUs")
     if value > 1 and value != int(value):
@@ -96,8 +123,10 @@ def check_gpu_capacity(per_task: float, tasks: int, what: str) -> None:
     (the tasks beyond them would wait forever)."""
     have = cluster_gpus()
     if per_task > 0 and per_task * tasks > have + 1e-9:
-        raise DubitoError(f"{what}: {tasks} x {per_task:g} GPUs, but the Ray cluster has {have:g} GPUs in all; "
-                          "ask for fewer, or a fraction of a GPU each")  # fmt: skip
+        raise DubitoError(
+            f"{what}: {tasks} x {per_task:g} GPUs, but the Ray cluster has {have:g} GPUs in all; "
+            "ask for fewer, or a fraction of a GPU each"
+        )
 
 
 def dubito_cause(error: BaseException) -> DubitoError | None:
@@ -112,7 +141,13 @@ def dubito_cause(error: BaseException) -> DubitoError | None:
         if isinstance(err, DubitoError):
             found = err  # the innermost wins: Ray's RayTaskError(DubitoError) wrapper is a DubitoError too
         failures = getattr(err, "worker_failures", None) or {}
-        todo += [err.__cause__, err.__context__, getattr(err, "cause", None), getattr(err, "controller_failure", None),
-                 getattr(err, "_base_exc", None), *failures.values()]  # fmt: skip
+        todo += [
+            err.__cause__,
+            err.__context__,
+            getattr(err, "cause", None),
+            getattr(err, "controller_failure", None),
+            getattr(err, "_base_exc", None),
+            *failures.values(),
+        ]
         todo += [e for e in getattr(err, "args", ()) if isinstance(e, BaseException)]
     return found

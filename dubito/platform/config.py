@@ -8,7 +8,17 @@ from typing import Any
 
 from dubito import DubitoError
 
-__all__ = ["flag", "check_finite", "check_range", "check_choice", "check_device", "default_model", "check_model", "needs_root", "IMAGE_MODELS"]
+__all__ = [
+    "flag",
+    "check_finite",
+    "check_range",
+    "check_choice",
+    "check_device",
+    "default_model",
+    "check_model",
+    "needs_root",
+    "IMAGE_MODELS",
+]
 
 #: the FC-DenseNet configurations (image models); ``mlp`` is the model for vectors (digits)
 IMAGE_MODELS = ("tiny", "fc_densenet56", "fc_densenet67", "fc_densenet103")
@@ -27,8 +37,15 @@ def check_finite(config: Any) -> None:
             raise DubitoError(f"{flag(f.name)} must be a finite number, got {value}")
 
 
-def check_range(name: str, value: float, low: float | None = None, high: float | None = None, *,
-                low_open: bool = False, high_open: bool = False) -> None:  # fmt: skip
+def check_range(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """``low <= value <= high`` (``<`` where open), else a :class:`DubitoError` naming the flag."""
     bad = value != value  # NaN
     if low is not None:
@@ -59,7 +76,9 @@ def check_device(name: str, value: str) -> None:
     try:
         torch.device(value)
     except (RuntimeError, TypeError, ValueError):
-        raise DubitoError(f"{flag(name)} must be auto or a torch device such as cpu, cuda, cuda:1, got {value!r}") from None
+        raise DubitoError(
+            f"{flag(name)} must be auto or a torch device such as cpu, cuda, cuda:1, got {value!r}"
+        ) from None
 
 
 def default_model(dataset: str) -> str:
@@ -79,9 +98,14 @@ def check_model(dataset: str, model: str, task: str | None = None) -> None:
 
     vectors = dataset in DATASETS and DATASETS[dataset].inputs == "vectors"
     if vectors and model != "mlp":
-        raise DubitoError(f"--model {model} is an image model; --dataset {dataset} holds vectors: use --model mlp (or auto)")
+        raise DubitoError(
+            f"--model {model} is an image model; --dataset {dataset} holds vectors: use --model mlp (or auto)"
+        )
     if not vectors and model == "mlp":
-        raise DubitoError(f"--model mlp takes vectors; --dataset {dataset} holds images: use an FC-DenseNet (tiny, fc_densenet56/67/103) or auto")
+        raise DubitoError(
+            f"--model mlp takes vectors; --dataset {dataset} holds images: use an FC-DenseNet "
+            "(tiny, fc_densenet56/67/103) or auto"
+        )
 
 
 def needs_root(dataset: str) -> bool:

@@ -26,7 +26,14 @@ from dubito.platform.files import check_output, exclusive, write_json
 from dubito.platform.service import UncertaintyService, check_finite_outputs, resolve_device
 from dubito.platform.tracking import check_tracking, tracked_run
 
-__all__ = ["EVALUATION_FORMAT", "EvalConfig", "evaluate", "format_evaluation", "Accumulator", "evaluation_dataset"]
+__all__ = [
+    "EVALUATION_FORMAT",
+    "EvalConfig",
+    "evaluate",
+    "format_evaluation",
+    "Accumulator",
+    "evaluation_dataset",
+]
 
 EVALUATION_FORMAT = 2  # raised when results.json gains or changes measures
 SAMPLE_POINTS = 200_000  # pixels kept per uncertainty for curves, AUSE and rank correlations
@@ -38,17 +45,25 @@ class EvalConfig:
 
     model: str = field(default="runs/train/model.pt", metadata={"help": "model.pt written by dubito train"})
     output: str = field(default="runs/evaluate", metadata={"help": "folder for results.json and plots"})
-    dataset: str = field(default="", metadata={"help": "dataset to test on (default: the model's training dataset)"})
+    dataset: str = field(
+        default="", metadata={"help": "dataset to test on (default: the model's training dataset)"}
+    )
     root: str = field(default="", metadata={"help": "dataset folder (real datasets)"})
     split: str = field(default="test", metadata={"help": "split to test on"})
     images: int = field(default=30, metadata={"help": "synthetic datasets: test scenes generated"})
-    ood: bool = field(default=True, metadata={"help": "also test out of distribution (synthetic: indoor rooms)"})
-    ood_dataset: str = field(default="", metadata={"help": "real OOD dataset, e.g. nyuv2 (default: the synthetic OOD variant)"})
+    ood: bool = field(
+        default=True, metadata={"help": "also test out of distribution (synthetic: indoor rooms)"}
+    )
+    ood_dataset: str = field(
+        default="", metadata={"help": "real OOD dataset, e.g. nyuv2 (default: the synthetic OOD variant)"}
+    )
     ood_root: str = field(default="", metadata={"help": "folder of --ood-dataset"})
     samples: int = field(default=20, metadata={"help": "MC-dropout samples T (paper: 50)"})
     logit_noise_samples: int = field(default=10, metadata={"help": "logit-noise samples per pass"})
     batch_size: int = field(default=4, metadata={"help": "images per batch"})
-    static_fraction: float = field(default=0.2, metadata={"help": "synthetic datasets: images with TV static"})
+    static_fraction: float = field(
+        default=0.2, metadata={"help": "synthetic datasets: images with TV static"}
+    )
     data_seed: int = field(default=0, metadata={"help": "seed of the synthetic scenes"})
     seed: int = field(default=0, metadata={"help": "seed of the MC samples"})
     figures: int = field(default=3, metadata={"help": "test images shown in uncertainty.png"})
@@ -65,16 +80,25 @@ class EvalConfig:
             raise DubitoError(f"--ood-dataset {self.ood_dataset} is read from disk: give --ood-root DIR")
 
 
-def evaluation_dataset(name: str, split: str, root: str, spec: dict[str, Any], config: EvalConfig, ood: bool = False) -> Dataset:
+def evaluation_dataset(
+    name: str, split: str, root: str, spec: dict[str, Any], config: EvalConfig, ood: bool = False
+) -> Dataset:
     """The dataset to test on, at the model's resolution."""
     info = dataset_info(name)
-    if info.source == "bundled":  # digits: the split of the seed the model was trained with (its items are held out)
+    if (
+        info.source == "bundled"
+    ):  # digits: the split of the seed the model was trained with (its items are held out)
         return get_dataset(name, split, seed=spec.get("data_seed", config.data_seed))
     options: dict[str, Any] = {"size": (spec["height"], spec["width"])}
     if name in ("make3d", "synthetic-make3d") and spec.get("max_depth"):
         options["max_depth"] = spec["max_depth"]  # the cap the model was trained with
     if info.synthetic:
-        options.update(n=config.images, seed=config.data_seed, static_fraction=0.0 if ood else config.static_fraction, ood=ood)
+        options.update(
+            n=config.images,
+            seed=config.data_seed,
+            static_fraction=0.0 if ood else config.static_fraction,
+            ood=ood,
+        )
     return get_dataset(name, split, root or None, **options)
 
 
@@ -90,19 +114,33 @@ class Accumulator:
         if self.classes:
             self.confusion = M.ConfusionMatrix(spec["num_classes"], spec["ignore_index"])
             self.calibration = M.CalibrationHistogram(15)
-            self.names = {"total": "predictive_entropy", "aleatoric": "aleatoric_entropy", "epistemic": "mutual_information"}
+            self.names = {
+                "total": "predictive_entropy",
+                "aleatoric": "aleatoric_entropy",
+                "epistemic": "mutual_information",
+            }
         else:
             self.depth = M.DepthMetrics()
             self.calibration = M.RegressionCalibration(likelihood=spec["likelihood"])
             self.names = {"total": "total_var", "aleatoric": "aleatoric_var", "epistemic": "epistemic_var"}
-        self.samples = {k: M.UncertaintySample(SAMPLE_POINTS, seed=seed + i) for i, k in enumerate(self.names)}
+        self.samples = {
+            k: M.UncertaintySample(SAMPLE_POINTS, seed=seed + i) for i, k in enumerate(self.names)
+        }
         self.noise = M.UncertaintySample(SAMPLE_POINTS, seed=seed + 7)
 
     def update(self, u, batch: dict[str, Tensor]) -> None:
         mask = batch["mask"]
         fields = u.to_dict()
-        for key in ("predictive_entropy", "aleatoric_entropy", "mutual_information", "epistemic_logit_variance",
-                    "variation_ratio", "aleatoric_var", "epistemic_var", "total_var"):  # fmt: skip
+        for key in (
+            "predictive_entropy",
+            "aleatoric_entropy",
+            "mutual_information",
+            "epistemic_logit_variance",
+            "variation_ratio",
+            "aleatoric_var",
+            "epistemic_var",
+            "total_var",
+        ):
             if key in fields:
                 value = fields[key].float().cpu()
                 value = value[:, 0] if value.dim() == 4 else value
@@ -110,8 +148,12 @@ class Accumulator:
         if not self.classes:  # the depth scale predicted, to read variances in m² against
             pred = u.mean[:, 0].float().cpu()
             spread = fields["epistemic_var"][:, 0].float().cpu().sqrt() / pred.clamp_min(1e-3)
-            self.sums["predicted_depth"] = self.sums.get("predicted_depth", 0.0) + float(pred[mask].double().sum())
-            self.sums["relative_epistemic_std"] = self.sums.get("relative_epistemic_std", 0.0) + float(spread[mask].double().sum())
+            self.sums["predicted_depth"] = self.sums.get("predicted_depth", 0.0) + float(
+                pred[mask].double().sum()
+            )
+            self.sums["relative_epistemic_std"] = self.sums.get("relative_epistemic_std", 0.0) + float(
+                spread[mask].double().sum()
+            )
         self.pixels += int(mask.sum())
         device = fields[self.names["epistemic"]].device  # the service's (CUDA) device
         self.image_scores.append(u.per_item(mask.to(device))[self.names["epistemic"]].float().cpu())
@@ -143,7 +185,9 @@ class Accumulator:
             return out
         if self.classes:
             per_class, miou = self.confusion.iou()
-            out.update(mean_iou=miou, pixel_accuracy=self.confusion.pixel_accuracy(), ece=self.calibration.ece())
+            out.update(
+                mean_iou=miou, pixel_accuracy=self.confusion.pixel_accuracy(), ece=self.calibration.ece()
+            )
             if self.spec["task"] == "classification":  # one label per item: the accuracy is the items'
                 out["accuracy"] = out.pop("pixel_accuracy")
             out["per_class_iou"] = [None if math.isnan(v) else float(v) for v in per_class.tolist()]
@@ -181,7 +225,15 @@ class Accumulator:
         return out
 
 
-def _run(service: UncertaintyService, data: Dataset, acc: Accumulator, config: EvalConfig, desc: str, progress: bool, keep: int) -> list[dict]:
+def _run(
+    service: UncertaintyService,
+    data: Dataset,
+    acc: Accumulator,
+    config: EvalConfig,
+    desc: str,
+    progress: bool,
+    keep: int,
+) -> list[dict]:
     shown = []
     loader = DataLoader(data, batch_size=config.batch_size, generator=torch.Generator().manual_seed(0))
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
@@ -198,12 +250,20 @@ def _figure_row(batch: dict, j: int, u, acc: Accumulator) -> dict:
     aleatoric = u.to_dict()[acc.names["aleatoric"]][j].float().cpu()
     epistemic = u.to_dict()[acc.names["epistemic"]][j].float().cpu()
     prediction = u.prediction[j].cpu() if acc.classes else u.mean[j, 0].float().cpu()
-    squeeze = (lambda t: t[0] if t.dim() == 3 else t)  # noqa: E731
-    return {"image": batch["image"][j], "target": batch["target"][j], "prediction": prediction,
-            "aleatoric": squeeze(aleatoric), "epistemic": squeeze(epistemic), "label": f"id {int(batch['id'][j])}"}  # fmt: skip
+    squeeze = lambda t: t[0] if t.dim() == 3 else t  # noqa: E731
+    return {
+        "image": batch["image"][j],
+        "target": batch["target"][j],
+        "prediction": prediction,
+        "aleatoric": squeeze(aleatoric),
+        "epistemic": squeeze(epistemic),
+        "label": f"id {int(batch['id'][j])}",
+    }
 
 
-def evaluate(config: EvalConfig, *, progress: bool = True, tags: dict[str, str] | None = None) -> dict[str, Any]:
+def evaluate(
+    config: EvalConfig, *, progress: bool = True, tags: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Evaluate ``config.model``; returns what ``results.json`` holds."""
     from dubito.platform.training import load_model
 
@@ -216,37 +276,83 @@ def evaluate(config: EvalConfig, *, progress: bool = True, tags: dict[str, str] 
     data = evaluation_dataset(name, config.split, config.root, spec, config)
     _check_fits(data, spec, name, config.model)
     ood_name = config.ood_dataset or (name if DATASETS[name].synthetic else "")
+    ood_synthetic = bool(ood_name) and dataset_info(ood_name, "--ood-dataset").synthetic
     ood_data = None
     if config.ood and ood_name:  # opened now, so a wrong folder is reported before any work
-        ood_data = evaluation_dataset(ood_name, "test", config.ood_root, spec, config, ood=DATASETS[ood_name].synthetic)
+        ood_data = evaluation_dataset(ood_name, "test", config.ood_root, spec, config, ood=ood_synthetic)
     with exclusive(out):
         return _evaluate(config, out, model, spec, name, data, ood_name, ood_data, device, progress, tags)
 
 
-def _evaluate(config: EvalConfig, out: Path, model: torch.nn.Module, spec: dict[str, Any], name: str, data: Dataset, ood_name: str,
-              ood_data: Dataset | None, device: torch.device, progress: bool, tags: dict[str, str] | None) -> dict[str, Any]:  # fmt: skip
-    from dubito.platform.plots import calibration_figure, sparsification_figure, uncertainty_curves_figure, uncertainty_figure
+def _evaluate(
+    config: EvalConfig,
+    out: Path,
+    model: torch.nn.Module,
+    spec: dict[str, Any],
+    name: str,
+    data: Dataset,
+    ood_name: str,
+    ood_data: Dataset | None,
+    device: torch.device,
+    progress: bool,
+    tags: dict[str, str] | None,
+) -> dict[str, Any]:
+    from dubito.platform.plots import (
+        calibration_figure,
+        sparsification_figure,
+        uncertainty_curves_figure,
+        uncertainty_figure,
+    )
 
-    service = UncertaintyService(model, samples=config.samples, device=device, seed=config.seed,
-                                 logit_noise_samples=config.logit_noise_samples, progress=False)  # fmt: skip
+    service = UncertaintyService(
+        model,
+        samples=config.samples,
+        device=device,
+        seed=config.seed,
+        logit_noise_samples=config.logit_noise_samples,
+        progress=False,
+    )
     started = time.perf_counter()
-    with tracked_run(config.experiment, run_name=f"{out.parent.name}/{out.name}", params={**asdict(config), "spec": spec},
-                     tags={"dubito.command": "evaluate", **(tags or {})}) as run:  # fmt: skip
+    with tracked_run(
+        config.experiment,
+        run_name=f"{out.parent.name}/{out.name}",
+        params={**asdict(config), "spec": spec},
+        tags={"dubito.command": "evaluate", **(tags or {})},
+    ) as run:
         acc = Accumulator(spec, labels=True, seed=config.seed)
-        rows = _run(service, data, acc, config, f"evaluating on {name} {config.split}", progress, config.figures)
+        rows = _run(
+            service, data, acc, config, f"evaluating on {name} {config.split}", progress, config.figures
+        )
         summary = acc.summary()
         curves = acc.curves()
-        results: dict[str, Any] = {"config": asdict(config), "spec": spec, "dataset": name, "summary": summary, "curves": curves}
+        results: dict[str, Any] = {
+            "config": asdict(config),
+            "spec": spec,
+            "dataset": name,
+            "summary": summary,
+            "curves": curves,
+        }
         if acc.classes:
             rel = acc.calibration.reliability()
             results["reliability"] = {k: v.tolist() for k, v in rel.items()}
         else:
-            results["coverage"] = {"levels": acc.calibration.levels.tolist(), "observed": acc.calibration.observed().tolist()}
+            results["coverage"] = {
+                "levels": acc.calibration.levels.tolist(),
+                "observed": acc.calibration.observed().tolist(),
+            }
         if ood_data is not None:
             # OOD data labelled for the same task (the synthetic rooms, NYUv2 depth for a Make3D model)
             # also get the task metrics: how wrong the model is where its uncertainty should be high
             ood_acc = Accumulator(spec, labels=_same_task(ood_data, spec), seed=config.seed)
-            rows += _run(service, ood_data, ood_acc, config, f"evaluating on {ood_name} (OOD)", progress, 1 if config.figures else 0)
+            rows += _run(
+                service,
+                ood_data,
+                ood_acc,
+                config,
+                f"evaluating on {ood_name} (OOD)",
+                progress,
+                1 if config.figures else 0,
+            )
             ood_summary = ood_acc.summary()
             summary.update({f"ood_{k}": v for k, v in ood_summary.items()})
             summary["ood_auroc"] = M.auroc(torch.cat(acc.image_scores), torch.cat(ood_acc.image_scores))
@@ -256,16 +362,26 @@ def _evaluate(config: EvalConfig, out: Path, model: torch.nn.Module, spec: dict[
         if rows:
             figures.append(uncertainty_figure(rows, out / "uncertainty.png"))
         if curves:
-            ylabel = {"segmentation": "pixel error rate", "classification": "error rate"}.get(spec["task"], "mean |depth error| (m)")
+            ylabel = {"segmentation": "pixel error rate", "classification": "error rate"}.get(
+                spec["task"], "mean |depth error| (m)"
+            )
             figures.append(uncertainty_curves_figure(curves, out / "precision_uncertainty.png", ylabel))
             figures.append(sparsification_figure(curves, out / "sparsification.png"))
         if acc.classes:
-            figures.append(calibration_figure(results["reliability"], out / "calibration.png", kind="classification", ece=summary["ece"]))
+            figures.append(
+                calibration_figure(
+                    results["reliability"], out / "calibration.png", kind="classification", ece=summary["ece"]
+                )
+            )
         else:
-            figures.append(calibration_figure(results["coverage"], out / "calibration.png", kind="regression"))
+            figures.append(
+                calibration_figure(results["coverage"], out / "calibration.png", kind="regression")
+            )
         results["mlflow_run_id"] = run.run_id
         write_json(out / "results.json", results)
-        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        run.log_metrics(
+            {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        )
         for path in (out / "results.json", *figures):
             run.log_artifact(path)
     return results
@@ -281,7 +397,9 @@ def _check_fits(data: Dataset, spec: dict[str, Any], name: str, model: str, labe
     base = base_dataset(data)
     if base.task != spec["task"]:
         raise DubitoError(f"{model} is a {spec['task']} model; {name} is a {base.task} dataset")
-    raise DubitoError(f"{model} predicts {spec['num_classes']} classes; {name} has {getattr(base, 'num_classes', None)}")
+    raise DubitoError(
+        f"{model} predicts {spec['num_classes']} classes; {name} has {getattr(base, 'num_classes', None)}"
+    )
 
 
 def _same_task(data: Dataset, spec: dict[str, Any]) -> bool:
@@ -302,14 +420,21 @@ def format_evaluation(results: dict[str, Any]) -> str:
         lines.append(f"accuracy {s['accuracy']:.4f}   mean IoU {s['mean_iou']:.4f}   ECE {s['ece']:.4f}")
         keys = ("accuracy", "aleatoric_entropy", "mutual_information", "epistemic_logit_variance")
     elif spec["task"] == "segmentation":
-        lines.append(f"mean IoU {s['mean_iou']:.4f}   pixel accuracy {s['pixel_accuracy']:.4f}   ECE {s['ece']:.4f}")
+        lines.append(
+            f"mean IoU {s['mean_iou']:.4f}   pixel accuracy {s['pixel_accuracy']:.4f}   ECE {s['ece']:.4f}"
+        )
         keys = ("aleatoric_entropy", "mutual_information", "epistemic_logit_variance")
     else:
-        lines.append("   ".join(f"{k} {s[k]:.4f}" for k in ("rel", "rms", "log10", "delta1")) + f"   calibration error {s['calibration_error']:.4f}")
+        lines.append(
+            "   ".join(f"{k} {s[k]:.4f}" for k in ("rel", "rms", "log10", "delta1"))
+            + f"   calibration error {s['calibration_error']:.4f}"
+        )
         keys = ("rms", "predicted_depth", "aleatoric_var", "epistemic_var", "relative_epistemic_std")
     if spec["task"] == "segmentation":
         keys = ("mean_iou", *keys)
-    lines.append(f"{'':28s}{'in distribution':>18s}" + (f"{'out of distribution':>22s}" if "ood_auroc" in s else ""))
+    lines.append(
+        f"{'':28s}{'in distribution':>18s}" + (f"{'out of distribution':>22s}" if "ood_auroc" in s else "")
+    )
     for k in keys:
         row = f"{k.replace('_', ' '):28s}{s.get(k, math.nan):18.4f}"
         if "ood_auroc" in s:
@@ -319,7 +444,9 @@ def format_evaluation(results: dict[str, Any]) -> str:
         lines.append(f"OOD detection AUROC (per-image epistemic): {s['ood_auroc']:.3f}")
     if "noise_spearman" in s:
         lines.append(f"aleatoric vs true noise, per-pixel Spearman: {s['noise_spearman']:.3f}")
-    ause = ", ".join(f"{k} {s['ause_' + k]:.4f}" for k in ("total", "aleatoric", "epistemic") if "ause_" + k in s)
+    ause = ", ".join(
+        f"{k} {s['ause_' + k]:.4f}" for k in ("total", "aleatoric", "epistemic") if "ause_" + k in s
+    )
     if ause:
         lines.append(f"AUSE: {ause}")
     return "\n".join(lines)

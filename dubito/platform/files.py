@@ -29,10 +29,24 @@ from typing import Any
 from dubito import DubitoError
 
 __all__ = [
-    "write_json", "read_json", "save_torch", "load_torch", "atomic_path", "file_errors", "describe_os_error",
-    "check_output", "exclusive", "check_free", "OutputInUse", "LOCK_FILE", "relative_to", "resolve_in", "write_text",
-    "copy_file", "private_dir",
-]  # fmt: skip
+    "write_json",
+    "read_json",
+    "save_torch",
+    "load_torch",
+    "atomic_path",
+    "file_errors",
+    "describe_os_error",
+    "check_output",
+    "exclusive",
+    "check_free",
+    "OutputInUse",
+    "LOCK_FILE",
+    "relative_to",
+    "resolve_in",
+    "write_text",
+    "copy_file",
+    "private_dir",
+]
 
 LOCK_FILE = ".dubito.lock"
 
@@ -152,7 +166,9 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
-def read_json(path: str | Path, hint: str = "dubito wrote it: delete it to redo the step that wrote it") -> Any:
+def read_json(
+    path: str | Path, hint: str = "dubito wrote it: delete it to redo the step that wrote it"
+) -> Any:
     """The JSON at ``path``; a missing, truncated or damaged file raises a :class:`DubitoError`
     naming it and saying what to do (``hint``)."""
     path = Path(path)
@@ -196,7 +212,9 @@ def load_torch(path: str | Path, what: str = "file", map_location: Any = "cpu", 
             reason = "the file is truncated or damaged"
         else:
             reason = text[:200]
-        raise DubitoError(f"{path}: not a readable {what} ({reason})" + (f"; {hint}" if hint else "")) from None
+        raise DubitoError(
+            f"{path}: not a readable {what} ({reason})" + (f"; {hint}" if hint else "")
+        ) from None
 
 
 # ----------------------------------------------------------------------------- paths kept relative
@@ -235,7 +253,9 @@ def check_output(path: str | Path, flag: str = "--output") -> Path:
         raise DubitoError(f"{flag} {path} {what}; give a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         where = "" if probe == path else f" ({probe}, where it would be created)"
-        raise DubitoError(f"{flag} {path}{where} is not writable: check its permissions, or give another folder")
+        raise DubitoError(
+            f"{flag} {path}{where} is not writable: check its permissions, or give another folder"
+        )
     return path
 
 
@@ -278,7 +298,9 @@ def _lock(folder: Path, create: bool) -> int:
         os.close(fd)
         if owner is None:
             raise DubitoError(describe_os_error(err, path)) from None
-        raise OutputInUse(f"{folder} is in use by {owner}: wait for it to end, or give another folder") from None
+        raise OutputInUse(
+            f"{folder} is in use by {owner}: wait for it to end, or give another folder"
+        ) from None
     return fd
 
 
@@ -317,7 +339,12 @@ def exclusive(folder: str | Path) -> Iterator[Path]:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (json.dumps({"pid": os.getpid(), "since": since, "command": " ".join(sys.argv)[:500]}) + "\n").encode())
+        os.write(
+            fd,
+            (
+                json.dumps({"pid": os.getpid(), "since": since, "command": " ".join(sys.argv)[:500]}) + "\n"
+            ).encode(),
+        )
         _HELD[key] = [fd, 1]
         yield folder
     finally:

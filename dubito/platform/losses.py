@@ -54,7 +54,9 @@ class _PullBackClamp(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
         # gradient descent moves x by −grad: keep the gradient where that leads back into range
-        keep = ((x >= ctx.low) & (x <= ctx.high)) | ((x > ctx.high) & (grad > 0)) | ((x < ctx.low) & (grad < 0))
+        keep = (
+            ((x >= ctx.low) & (x <= ctx.high)) | ((x > ctx.high) & (grad > 0)) | ((x < ctx.low) & (grad < 0))
+        )
         return torch.where(keep, grad, torch.zeros_like(grad)), None, None
 
 
@@ -138,7 +140,9 @@ def laplace_nll(mean: Tensor, log_scale: Tensor, target: Tensor, mask: Tensor | 
     Shapes as in :func:`gaussian_nll`.
     """
     target = _match_target(mean, target, "laplace_nll")
-    s = clamp_pull_back(_broadcast_noise(log_scale, mean, "laplace_nll", "log_scale"), LOG_SCALE_MIN, LOG_SCALE_MAX)
+    s = clamp_pull_back(
+        _broadcast_noise(log_scale, mean, "laplace_nll", "log_scale"), LOG_SCALE_MIN, LOG_SCALE_MAX
+    )
     per_element = torch.exp(-s) * (target - mean).abs() + s
     return _masked_mean(per_element.expand_as(mean), mask, "laplace_nll")
 
@@ -200,11 +204,15 @@ def sampled_softmax_cross_entropy(
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     if bool(((safe_target < 0) | (safe_target >= num_classes)).any()):
         bad = safe_target[(safe_target < 0) | (safe_target >= num_classes)][0].item()
-        raise DubitoError(f"{name}: target holds class {bad}, outside 0..{num_classes - 1} (and not ignore_index)")
+        raise DubitoError(
+            f"{name}: target holds class {bad}, outside 0..{num_classes - 1} (and not ignore_index)"
+        )
 
     corrupted = logits.unsqueeze(0) + sigma.unsqueeze(0) * noise  # (T_a, N, C, ...)
     log_probs = torch.log_softmax(corrupted, dim=2)
-    index = safe_target.unsqueeze(0).unsqueeze(2).expand(t_a, *safe_target.shape[:1], 1, *safe_target.shape[1:])
+    index = (
+        safe_target.unsqueeze(0).unsqueeze(2).expand(t_a, *safe_target.shape[:1], 1, *safe_target.shape[1:])
+    )
     true_log_probs = log_probs.gather(2, index).squeeze(2)  # (T_a, N, ...)
     per_element = -(torch.logsumexp(true_log_probs, dim=0) - math.log(t_a))
 

@@ -235,7 +235,9 @@ def _autocast_context(device: torch.device, autocast: bool | torch.dtype | None)
 
 def _mixes_batch(model: nn.Module) -> bool:
     """Whether some layer normalises with batch statistics even in eval mode (replicated samples would mix)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in model.modules())
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in model.modules()
+    )
 
 
 class _ChunkPlan:
@@ -246,7 +248,9 @@ class _ChunkPlan:
     found by measurement (:meth:`timed`), on CUDA from the first sample's peak memory.
     """
 
-    def __init__(self, model: nn.Module, x: Tensor, samples: int, chunk_size: int | str, options: tuple) -> None:
+    def __init__(
+        self, model: nn.Module, x: Tensor, samples: int, chunk_size: int | str, options: tuple
+    ) -> None:
         self.auto = chunk_size == "auto"
         self.probe = False
         self.measuring = False
@@ -261,7 +265,9 @@ class _ChunkPlan:
                 )
             self.chunk = min(chunk_size, samples)
             return
-        size = sum(p.numel() for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
+        size = sum(
+            p.numel() for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter)
+        )
         self.key = (type(model).__qualname__, size, str(x.device), tuple(x.shape), x.dtype, options)
         if _mixes_batch(model):
             self.chunk = 1
@@ -298,7 +304,9 @@ class _ChunkPlan:
             return
         self.best = (per_sample, k)
         self.trial, self.fresh = 2 * k, True
-        if 2 * k > remaining:  # no room to try a larger chunk: not cached, a call with more samples measures again
+        if (
+            2 * k > remaining
+        ):  # no room to try a larger chunk: not cached, a call with more samples measures again
             self.measuring, self.chunk = False, k
 
     def _settle(self, capacity: int) -> None:
@@ -425,85 +433,154 @@ def mc_samples(
         :class:`MCSamples` with a leading T axis. When dropout is off or the model has no
         dropout with p > 0, a single pass is made and T is 1.
     """
+    _check_arguments(samples, compile, channels_last)
+    if seed is None:
+        seed = int(torch.randint(0, 1 << 62, (1,)).item())
+    samples, stochastic = _effective_samples(model, samples, stochastic)
+    x = _memory_format(model, x, channels_last)
+    forward = _Forward(model, prefix_cache and stochastic, compile)
+    layout = x.dim() == 4 and not x.is_contiguous()
+    plan = _ChunkPlan(
+        model, x, samples, chunk_size, (probs, autocast, logit_noise_samples, forward.first, compile, layout)
+    )
+    outputs = _Outputs(samples)
+    with torch.inference_mode(), mc_dropout_mode(model, stochastic) as source:
+        with _autocast_context(x.device, autocast):
+            state = forward.start(x)
+        while outputs.filled < samples:
+            t = outputs.filled
+            k = plan.next_chunk(samples - t)
+            source.generators = [
+                torch.Generator(device=x.device).manual_seed(_sample_seed(seed, t + j)) for j in range(k)
+            ]
+            before = _start_probe(plan, x.device)
+            started = _clock()
+            try:
+                chunk = _run_chunk(
+                    forward, state, k, x, autocast, probs, logit_noise_samples, source.generators
+                )
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if k == 1 or not _out_of_memory(err):
+                    raise
+                if x.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                plan.remember(max(1, k // 2), samples)  # half the chunk, and try again
+                continue
+            if plan.probe:
+                _end_probe(plan, x.device, before, state, samples)
+            outputs.add(*chunk)
+            if plan.measuring:
+                plan.timed(k, _clock() - started, samples - outputs.filled)
+    return outputs.result()
+
+
+def _check_arguments(samples: int, compile: bool | str, channels_last: bool | str) -> None:
     if not isinstance(samples, int) or samples < 1:
         raise DubitoError(f"samples must be a positive integer, got {samples!r}")
     if not isinstance(compile, (bool, str)):
         raise DubitoError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
     if channels_last not in (True, False, "auto"):
         raise DubitoError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
-    if seed is None:
-        seed = int(torch.randint(0, 1 << 62, (1,)).item())
+
+
+def _effective_samples(model: nn.Module, samples: int, stochastic: bool) -> tuple[int, bool]:
+    """(T, stochastic) as run: one deterministic pass when dropout is off or the model has none
+    (with a warning where samples were asked of a model without dropout)."""
     active = has_active_dropout(model)
     if stochastic and samples > 1 and not active:
         warnings.warn(
             f"{type(model).__name__} has no dropout module with p > 0, so its {samples} MC samples would be "
             "identical: one deterministic pass is made and epistemic terms are zero (functional dropout "
             "such as F.dropout is not sampled; use nn.Dropout modules)",
-            stacklevel=2,
+            stacklevel=3,
         )
     if not stochastic or not active:
-        samples = 1
-        stochastic = False
-    if x.dim() == 4 and channels_last and (channels_last is True or any(isinstance(m, nn.Conv2d) for m in model.modules())):
-        x = x.contiguous(memory_format=torch.channels_last)
-    forward = _Forward(model, prefix_cache and stochastic, compile)
-    layout = x.dim() == 4 and not x.is_contiguous()
-    plan = _ChunkPlan(model, x, samples, chunk_size, (probs, autocast, logit_noise_samples, forward.first, compile, layout))
+        return 1, False
+    return samples, stochastic
 
-    out_mean = out_log_var = out_probs = None
-    t = 0
-    with torch.inference_mode(), mc_dropout_mode(model, stochastic) as source:
-        with _autocast_context(x.device, autocast):
-            state = forward.start(x)
-        while t < samples:
-            k = plan.next_chunk(samples - t)
-            source.generators = [
-                torch.Generator(device=x.device).manual_seed(_sample_seed(seed, t + j)) for j in range(k)
+
+def _memory_format(model: nn.Module, x: Tensor, channels_last: bool | str) -> Tensor:
+    """``x`` in channels-last memory format where asked (``"auto"``: image batches of conv models)."""
+    if (
+        x.dim() == 4
+        and channels_last
+        and (channels_last is True or any(isinstance(m, nn.Conv2d) for m in model.modules()))
+    ):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _run_chunk(
+    forward: _Forward,
+    state: Any,
+    k: int,
+    x: Tensor,
+    autocast: bool | torch.dtype | None,
+    probs: bool,
+    logit_noise_samples: int,
+    generators: list[torch.Generator],
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``k`` samples in one pass of the replicated state: means and log-variances (k, N, ...), float32,
+    and the class probabilities of each sample when asked."""
+    with _autocast_context(x.device, autocast):
+        mean, log_var = _split_output(forward.suffix(_replicate(state, k)))
+    mean = mean.float()
+    if log_var is not None:
+        log_var = _broadcast_log_var(log_var.float(), mean).reshape(k, x.shape[0], *mean.shape[1:])
+    mean = mean.reshape(k, x.shape[0], *mean.shape[1:])
+    p = None
+    if probs:
+        p = torch.stack(
+            [
+                expected_softmax(mean[j], None if log_var is None else log_var[j], logit_noise_samples, g)
+                for j, g in enumerate(generators)
             ]
-            if plan.probe:
-                torch.cuda.synchronize(x.device)
-                torch.cuda.reset_peak_memory_stats(x.device)
-                before = torch.cuda.memory_allocated(x.device)
-            started = _clock()
-            try:
-                with _autocast_context(x.device, autocast):
-                    mean, log_var = _split_output(forward.suffix(_replicate(state, k)))
-                mean = mean.float()
-                if log_var is not None:
-                    log_var = _broadcast_log_var(log_var.float(), mean).reshape(k, x.shape[0], *mean.shape[1:])
-                mean = mean.reshape(k, x.shape[0], *mean.shape[1:])
-                p = None
-                if probs:
-                    p = torch.stack(
-                        [
-                            expected_softmax(mean[j], None if log_var is None else log_var[j], logit_noise_samples, g)
-                            for j, g in enumerate(source.generators)
-                        ]
-                    )
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                if k == 1 or not _out_of_memory(err):
-                    raise
-                if x.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                plan.remember(max(1, k // 2), samples)
-                continue
-            if plan.probe:
-                # a replicated chunk also holds its copy of the cached prefix state
-                per_sample = max(1, torch.cuda.max_memory_allocated(x.device) - before) + _nbytes(state)
-                free, _ = torch.cuda.mem_get_info(x.device)
-                plan.remember(max(1, int(CUDA_MEMORY_FRACTION * free // per_sample)), samples)
-                plan.probe = False
-            if out_mean is None:
-                with torch.inference_mode(False):  # ordinary tensors: callers may edit them in place
-                    out_mean = torch.empty((samples, *mean.shape[1:]), device=x.device)
-                    out_log_var = None if log_var is None else torch.empty_like(out_mean)
-                    out_probs = None if p is None else torch.empty((samples, *p.shape[1:]), device=x.device)
-            out_mean[t : t + k] = mean
-            if log_var is not None:
-                out_log_var[t : t + k] = log_var
-            if p is not None:
-                out_probs[t : t + k] = p
-            t += k
-            if plan.measuring:
-                plan.timed(k, _clock() - started, samples - t)
-    return MCSamples(out_mean, out_log_var, out_probs)
+        )
+    return mean, log_var, p
+
+
+def _start_probe(plan: _ChunkPlan, device: torch.device) -> int | None:
+    """On a chunk that probes memory (CUDA): reset the peak counter; the bytes allocated before."""
+    if not plan.probe:
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _end_probe(plan: _ChunkPlan, device: torch.device, before: int | None, state: Any, samples: int) -> None:
+    """The chunk size that fits ``CUDA_MEMORY_FRACTION`` of the free memory, from one sample's peak."""
+    # a replicated chunk also holds its copy of the cached prefix state
+    per_sample = max(1, torch.cuda.max_memory_allocated(device) - (before or 0)) + _nbytes(state)
+    free, _ = torch.cuda.mem_get_info(device)
+    plan.remember(max(1, int(CUDA_MEMORY_FRACTION * free // per_sample)), samples)
+    plan.probe = False
+
+
+class _Outputs:
+    """The T samples' outputs, filled chunk by chunk (allocated at the first chunk's shapes)."""
+
+    def __init__(self, samples: int) -> None:
+        self.samples, self.filled = samples, 0
+        self.mean: Tensor | None = None
+        self.log_var: Tensor | None = None
+        self.probs: Tensor | None = None
+
+    def add(self, mean: Tensor, log_var: Tensor | None, p: Tensor | None) -> None:
+        if self.mean is None:
+            with torch.inference_mode(False):  # ordinary tensors: callers may edit them in place
+                self.mean = torch.empty((self.samples, *mean.shape[1:]), device=mean.device)
+                self.log_var = None if log_var is None else torch.empty_like(self.mean)
+                self.probs = (
+                    None if p is None else torch.empty((self.samples, *p.shape[1:]), device=mean.device)
+                )
+        t, k = self.filled, mean.shape[0]
+        self.mean[t : t + k] = mean
+        if log_var is not None:
+            self.log_var[t : t + k] = log_var
+        if p is not None:
+            self.probs[t : t + k] = p
+        self.filled += k
+
+    def result(self) -> MCSamples:
+        return MCSamples(self.mean, self.log_var, self.probs)

@@ -248,7 +248,14 @@ class DepthMetrics:
         if self.count == 0:
             return {k: math.nan for k in _DEPTH_KEYS}
         m = (self._sums / self.count).tolist()
-        return {"rel": m[0], "rms": math.sqrt(m[1]), "log10": m[2], "delta1": m[3], "delta2": m[4], "delta3": m[5]}
+        return {
+            "rel": m[0],
+            "rms": math.sqrt(m[1]),
+            "log10": m[2],
+            "delta1": m[3],
+            "delta2": m[4],
+            "delta3": m[5],
+        }
 
     def merge(self, other: DepthMetrics) -> DepthMetrics:
         if not isinstance(other, DepthMetrics):
@@ -317,7 +324,9 @@ class CalibrationHistogram:
             valid &= target != ignore_index
         conf, pred = probs.max(1)
         conf, correct = conf[valid].to(torch.float64), (pred == target)[valid]
-        if conf.numel() and (bool(torch.isnan(conf).any()) or float(conf.max()) > 1 + 1e-6 or float(conf.min()) < 0):
+        if conf.numel() and (
+            bool(torch.isnan(conf).any()) or float(conf.max()) > 1 + 1e-6 or float(conf.min()) < 0
+        ):
             raise DubitoError(f"{where}: probs must be probabilities in [0, 1] (were logits passed?)")
         idx = (conf * self.bins).floor().long().clamp(0, self.bins - 1)
         self.count += torch.bincount(idx, minlength=self.bins).cpu()
@@ -346,7 +355,9 @@ class CalibrationHistogram:
 
     def merge(self, other: CalibrationHistogram) -> CalibrationHistogram:
         if not isinstance(other, CalibrationHistogram) or other.bins != self.bins:
-            raise DubitoError(f"CalibrationHistogram.merge: other must be a CalibrationHistogram with bins={self.bins}")
+            raise DubitoError(
+                f"CalibrationHistogram.merge: other must be a CalibrationHistogram with bins={self.bins}"
+            )
         self.count += other.count
         self.confidence_sum += other.confidence_sum
         self.correct_sum += other.correct_sum
@@ -539,7 +550,9 @@ class UncertaintySample:
     def merge(self, other: UncertaintySample) -> UncertaintySample:
         """Pool another sample's points (keys included) and keep the ``max_points`` smallest keys."""
         if not isinstance(other, UncertaintySample):
-            raise DubitoError(f"UncertaintySample.merge: other must be an UncertaintySample, got {type(other).__name__}")
+            raise DubitoError(
+                f"UncertaintySample.merge: other must be an UncertaintySample, got {type(other).__name__}"
+            )
         self._chunks.extend(c.clone() for c in other._chunks)
         self._buffered += other._buffered
         self.seen += other.seen
@@ -574,7 +587,9 @@ def _remaining_mean(order_key: Tensor, error: Tensor, kept: Tensor) -> Tensor:
     return (csum[kept - 1] / kept.to(torch.float64)).cpu()
 
 
-def uncertainty_curve(uncertainty: Tensor, error: Tensor, quantiles: Tensor | None = None) -> dict[str, Tensor]:
+def uncertainty_curve(
+    uncertainty: Tensor, error: Tensor, quantiles: Tensor | None = None
+) -> dict[str, Tensor]:
     """Precision–uncertainty curve: remove the most uncertain fraction ``q`` of the
     points and average ``error`` over the rest.
 

@@ -83,7 +83,11 @@ class UncertaintyHead(nn.Module):
     def __init__(self, in_features: int, out_channels: int, variant: str, spatial: bool) -> None:
         super().__init__()
         _check_variant(variant)
-        layer = (lambda: nn.Conv2d(in_features, out_channels, 1)) if spatial else (lambda: nn.Linear(in_features, out_channels))
+        layer = (
+            (lambda: nn.Conv2d(in_features, out_channels, 1))
+            if spatial
+            else (lambda: nn.Linear(in_features, out_channels))
+        )
         self.out = layer()
         noise, _ = _VARIANT_SPEC[variant]
         self.log_var: nn.Module | None = None
@@ -109,7 +113,9 @@ class _VariantModel(nn.Module):
     def _describe(self, variant: str, task: str, likelihood: str) -> None:
         _check_variant(variant)
         if task not in _CLASSIFICATION_TASKS + _REGRESSION_TASKS:
-            raise DubitoError(f"task must be one of {_CLASSIFICATION_TASKS + _REGRESSION_TASKS}, got {task!r}")
+            raise DubitoError(
+                f"task must be one of {_CLASSIFICATION_TASKS + _REGRESSION_TASKS}, got {task!r}"
+            )
         if likelihood not in LIKELIHOODS:
             raise DubitoError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         self.variant = variant
@@ -166,8 +172,13 @@ class _DenseLayer(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         norm, relu, conv, dropout = self
-        if (norm.training or norm.running_var is None or torch.is_grad_enabled() or not _DenseBlock.preallocate
-                or x.dtype != norm.running_var.dtype):  # fmt: skip  (autocast: BatchNorm's own mixed precision)
+        if (
+            norm.training
+            or norm.running_var is None
+            or torch.is_grad_enabled()
+            or not _DenseBlock.preallocate
+            or x.dtype != norm.running_var.dtype
+        ):  # autocast: BatchNorm's own mixed precision
             return super().forward(x)
         scale = norm.running_var.add(norm.eps).rsqrt_()
         if norm.weight is not None:
@@ -196,7 +207,9 @@ class _DenseBlock(nn.Module):
 
     def __init__(self, in_channels: int, growth: int, layers: int, dropout: float, keep_input: bool) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(_DenseLayer(in_channels + i * growth, growth, dropout) for i in range(layers))
+        self.layers = nn.ModuleList(
+            _DenseLayer(in_channels + i * growth, growth, dropout) for i in range(layers)
+        )
         self.keep_input = keep_input
         self.growth = growth
 
@@ -211,7 +224,9 @@ class _DenseBlock(nn.Module):
     def _forward_buffered(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
         fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-        buffer = torch.empty((n, c + self.growth * len(self.layers), h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        buffer = torch.empty(
+            (n, c + self.growth * len(self.layers), h, w), dtype=x.dtype, device=x.device, memory_format=fmt
+        )
         buffer[:, :c] = x
         start = c
         for layer in self.layers:
@@ -297,7 +312,9 @@ class FCDenseNet(_VariantModel):
             raise DubitoError(f"dropout_at must be one of {DROPOUT_PLACEMENTS}, got {dropout_at!r}")
         if isinstance(config, str):
             if config not in FC_DENSENET_CONFIGS:
-                raise DubitoError(f"unknown FC-DenseNet config {config!r}; choose from {sorted(FC_DENSENET_CONFIGS)}")
+                raise DubitoError(
+                    f"unknown FC-DenseNet config {config!r}; choose from {sorted(FC_DENSENET_CONFIGS)}"
+                )
             self.config_name = config
             config = FC_DENSENET_CONFIGS[config]
         else:
@@ -336,7 +353,9 @@ class FCDenseNet(_VariantModel):
             self.transitions_up.append(_TransitionUp(new))
             block_in = new + skip_channels[-1 - i]
             last = i == len(config.up_blocks) - 1
-            self.up_blocks.append(_DenseBlock(block_in, growth, layers, p_last if last else p_up, keep_input=last))
+            self.up_blocks.append(
+                _DenseBlock(block_in, growth, layers, p_last if last else p_up, keep_input=last)
+            )
             new = growth * layers
             channels = block_in + new if last else new
         # channel dropout: one keep/drop per feature channel and image, i.e. a sampled set of the 1×1
@@ -462,7 +481,9 @@ class EnsembleMLP(nn.Module):
     Each member is initialised like ``nn.Linear``.
     """
 
-    def __init__(self, in_features: int, out_features: int, members: int, hidden: tuple[int, ...] = (50, 50)) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, members: int, hidden: tuple[int, ...] = (50, 50)
+    ) -> None:
         super().__init__()
         if members < 1:
             raise DubitoError(f"members must be >= 1, got {members}")
@@ -483,7 +504,9 @@ class EnsembleMLP(nn.Module):
         params = self._parameters
         w0 = params["w0"]
         if x.dim() == 2 and x.shape[1] == self.in_features:
-            h = (x @ w0.reshape(self.in_features, -1)).reshape(x.shape[0], self.members, -1).transpose(0, 1) + params["b0"]
+            h = (x @ w0.reshape(self.in_features, -1)).reshape(x.shape[0], self.members, -1).transpose(
+                0, 1
+            ) + params["b0"]
         elif x.dim() == 3 and x.shape[0] == self.members and x.shape[2] == self.in_features:
             h = torch.baddbmm(params["b0"], x, w0.transpose(0, 1))
         else:
@@ -503,7 +526,9 @@ def build_model(name: str, **kwargs) -> nn.Module:
     """A model by name: an FC-DenseNet config (``fc_densenet103``, ``fc_densenet67``,
     ``fc_densenet56``, ``tiny``) or ``mlp``; keyword arguments go to the class."""
     if name == "mlp" and kwargs.get("dropout_at", "all") != "all":
-        raise DubitoError(f"dropout_at={kwargs['dropout_at']!r} is an FC-DenseNet option; an MLP has dropout in every layer")
+        raise DubitoError(
+            f"dropout_at={kwargs['dropout_at']!r} is an FC-DenseNet option; an MLP has dropout in every layer"
+        )
     if name == "mlp":
         kwargs.pop("dropout_at", None)
     if name in FC_DENSENET_CONFIGS:
@@ -516,5 +541,3 @@ def build_model(name: str, **kwargs) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-

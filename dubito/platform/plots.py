@@ -14,13 +14,36 @@ import torch  # noqa: E402
 
 from dubito.platform.files import atomic_path  # noqa: E402
 
-__all__ = ["uncertainty_figure", "training_curves", "learning_curves_figure", "scaling_figure", "visitation_figure", "epistemic_visits_figure", "uncertainty_curves_figure", "sparsification_figure", "calibration_figure", "histogram_figure", "samples_figure", "CAMVID_COLORS"]
+__all__ = [
+    "uncertainty_figure",
+    "training_curves",
+    "learning_curves_figure",
+    "scaling_figure",
+    "visitation_figure",
+    "epistemic_visits_figure",
+    "uncertainty_curves_figure",
+    "sparsification_figure",
+    "calibration_figure",
+    "histogram_figure",
+    "samples_figure",
+    "CAMVID_COLORS",
+]
 
 #: SegNet's CamVid palette (11 classes + void in black)
 CAMVID_COLORS = np.array(
     [
-        (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
-        (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 0),
+        (128, 128, 128),
+        (128, 0, 0),
+        (192, 192, 128),
+        (128, 64, 128),
+        (60, 40, 222),
+        (128, 128, 0),
+        (192, 128, 128),
+        (64, 64, 128),
+        (64, 0, 128),
+        (64, 64, 0),
+        (0, 128, 192),
+        (0, 0, 0),
     ],
     dtype=np.uint8,
 )
@@ -61,8 +84,14 @@ def uncertainty_figure(
         segmentation = not torch.is_floating_point(torch.as_tensor(row["target"]))
         panels = [
             (_show_image(row["image"]), {}),
-            (_show_labels(row["target"], colors) if segmentation else _numpy(row["target"]), {} if segmentation else {"cmap": "magma"}),
-            (_show_labels(row["prediction"], colors) if segmentation else _numpy(row["prediction"]), {} if segmentation else {"cmap": "magma"}),
+            (
+                _show_labels(row["target"], colors) if segmentation else _numpy(row["target"]),
+                {} if segmentation else {"cmap": "magma"},
+            ),
+            (
+                _show_labels(row["prediction"], colors) if segmentation else _numpy(row["prediction"]),
+                {} if segmentation else {"cmap": "magma"},
+            ),
             (_numpy(row["aleatoric"]), {"cmap": "inferno"}),
             (_numpy(row["epistemic"]), {"cmap": "inferno"}),
         ]
@@ -96,7 +125,9 @@ def training_curves(history: Sequence[dict], path: str | Path) -> Path:
     """Training loss and the validation metrics against the epoch (one entry per epoch)."""
     epochs = [h["epoch"] for h in history]
     val_keys = [k for k in (history[0] if history else {}) if k.startswith("val_")]
-    fig, axes = plt.subplots(1, 1 + max(1, len(val_keys)), figsize=(4.2 * (1 + max(1, len(val_keys))), 3.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, 1 + max(1, len(val_keys)), figsize=(4.2 * (1 + max(1, len(val_keys))), 3.2), squeeze=False
+    )
     axes[0, 0].plot(epochs, [h["train_loss"] for h in history], marker="o", color="#4477aa")
     axes[0, 0].set_title("training loss")
     for ax, key in zip(axes[0, 1:], val_keys):
@@ -132,7 +163,9 @@ def sparsification_figure(curves: dict[str, dict], path: str | Path) -> Path:
         x = c["sparsification_fraction"]
         ax.plot(x, c["sparsification_model"], label=f"{kind} uncertainty", color=_KIND_COLORS.get(kind))
         ax.plot(x, c["sparsification_oracle"], label="oracle (true error)", color="#999999", linestyle="--")
-        ax.fill_between(x, c["sparsification_oracle"], c["sparsification_model"], alpha=0.15, color=_KIND_COLORS.get(kind))
+        ax.fill_between(
+            x, c["sparsification_oracle"], c["sparsification_model"], alpha=0.15, color=_KIND_COLORS.get(kind)
+        )
         ax.set_xlabel("fraction removed")
         ax.set_title(f"sparsification: {kind}")
         ax.grid(alpha=0.3)
@@ -153,7 +186,14 @@ def calibration_figure(data: dict, path: str | Path, kind: str, ece: float | Non
         ax.bar(centres, acc, width=width * 0.95, color="#4477aa", alpha=0.8, label="accuracy")
         conf = np.asarray(data["confidence"], dtype=float)
         ok = ~np.isnan(conf)
-        ax.plot(conf[ok], np.asarray(data["accuracy"], dtype=float)[ok], "o", color="#ee6677", ms=3, label="bin mean confidence")
+        ax.plot(
+            conf[ok],
+            np.asarray(data["accuracy"], dtype=float)[ok],
+            "o",
+            color="#ee6677",
+            ms=3,
+            label="bin mean confidence",
+        )
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
         ax.set_title("reliability" + (f" (ECE {ece:.3f})" if ece is not None else ""))
@@ -169,12 +209,16 @@ def calibration_figure(data: dict, path: str | Path, kind: str, ece: float | Non
     return _save(fig, path)
 
 
-def histogram_figure(labels: Sequence[str], values: Sequence[float], path: str | Path, title: str, ylabel: str) -> Path:
+def histogram_figure(
+    labels: Sequence[str], values: Sequence[float], path: str | Path, title: str, ylabel: str
+) -> Path:
     """A labelled bar chart (class frequencies, depth histograms)."""
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels)), 3.5))
     ax.bar(range(len(values)), values, color="#4477aa")
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, rotation=60 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center", fontsize=8)
+    ax.set_xticklabels(
+        labels, rotation=60 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center", fontsize=8
+    )
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     return _save(fig, path)
@@ -190,8 +234,13 @@ def samples_figure(items: Sequence[dict], path: str | Path, colors: np.ndarray =
         target = item["target"]
         segmentation = not torch.is_floating_point(torch.as_tensor(target))
         mask = _numpy(item["mask"]).astype(bool)
-        shown_target = _show_labels(target, colors) if segmentation else np.ma.masked_where(~mask, _numpy(target))
-        panels = [("image", _show_image(item["image"]), {}), ("target", shown_target, {} if segmentation else {"cmap": "magma"})]
+        shown_target = (
+            _show_labels(target, colors) if segmentation else np.ma.masked_where(~mask, _numpy(target))
+        )
+        panels = [
+            ("image", _show_image(item["image"]), {}),
+            ("target", shown_target, {} if segmentation else {"cmap": "magma"}),
+        ]
         panels.append(("mask (valid pixels)", mask, {"cmap": "gray", "vmin": 0, "vmax": 1}))
         for k in extra:
             panels.append((f"known {k}", _numpy(item[k]), {"cmap": "inferno" if k == "noise" else "gray"}))
@@ -228,7 +277,11 @@ def learning_curves_figure(
     colors = plt.get_cmap("tab10")
     for ax, data, label in zip(axes[0], (curves, extra or {}), (ylabel, "fraction of bought labels")):
         for k, (name, c) in enumerate(data.items()):
-            x, m, s = np.asarray(c["labels"]), np.asarray(c["mean"], dtype=float), np.asarray(c["std"], dtype=float)
+            x, m, s = (
+                np.asarray(c["labels"]),
+                np.asarray(c["mean"], dtype=float),
+                np.asarray(c["std"], dtype=float),
+            )
             ax.plot(x, m, marker="o" if len(x) <= 40 else None, ms=3, label=name, color=colors(k % 10))
             ax.fill_between(x, m - s, m + s, alpha=0.18, color=colors(k % 10), linewidth=0)
         ax.set_xlabel(xlabel)
@@ -278,7 +331,9 @@ def scaling_figure(points: dict[str, dict], path: str | Path, budget: int, thres
     return _save(fig, path)
 
 
-def visitation_figure(maps: dict[str, np.ndarray], path: str | Path, title: str, mark: tuple[int, int] | None = None) -> Path:
+def visitation_figure(
+    maps: dict[str, np.ndarray], path: str | Path, title: str, mark: tuple[int, int] | None = None
+) -> Path:
     """One heatmap of log10(1 + visits) per agent (``maps[agent]`` is (rows, columns));
     ``mark`` outlines one cell (the noisy TV)."""
     n = max(len(maps), 1)
@@ -289,7 +344,11 @@ def visitation_figure(maps: dict[str, np.ndarray], path: str | Path, title: str,
         ax.set_xticks([])
         ax.set_yticks([])
         if mark is not None:
-            ax.add_patch(plt.Rectangle((mark[1] - 0.5, mark[0] - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5))
+            ax.add_patch(
+                plt.Rectangle(
+                    (mark[1] - 0.5, mark[0] - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5
+                )
+            )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title + "  (log10(1 + visits))", fontsize=10)
     return _save(fig, path)
@@ -305,7 +364,14 @@ def epistemic_visits_figure(points: dict[str, dict], path: str | Path) -> Path:
         v = 1 + np.asarray(p["visits"], dtype=float)
         e = np.asarray(p["epistemic"], dtype=float)
         when = p.get("episode")
-        ax.scatter(v, e, s=8, alpha=0.6, c=None if when is None else np.log(np.asarray(when, dtype=float)), cmap="viridis")
+        ax.scatter(
+            v,
+            e,
+            s=8,
+            alpha=0.6,
+            c=None if when is None else np.log(np.asarray(when, dtype=float)),
+            cmap="viridis",
+        )
         ax.set_xscale("log")
         ax.set_yscale("log")
         slope = p.get("slope")

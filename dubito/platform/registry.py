@@ -16,6 +16,7 @@ the ``register_*`` calls its driver ran.
 from __future__ import annotations
 
 import importlib.metadata
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -39,22 +40,27 @@ class Registry(Mapping[str, T], Generic[T]):
         self.kind, self.group, self._check, self.home = kind, group, check, home
         self._entries: dict[str, T] = {}
         self._builtin: set[str] = set()
+        self._outside: set[str] = set()  # names loaded from entry points or installed from a driver's plugins
         self._loaded = False
+        self._lock = threading.RLock()
         _REGISTRIES[group] = self
 
     # ---------------------------------------------------------------- adding
     def register(self, entry: T, *, replace: bool = False, builtin: bool = False) -> T:
         """Add ``entry`` under ``entry.name``; a name taken by another entry needs ``replace``
-        (dubito's own entries cannot be replaced). Returns the entry (usable as a decorator
-        target)."""
+        (dubito's own entries cannot be replaced). Returns the entry."""
         self._check(entry)
         name = getattr(entry, "name", None)
         if not isinstance(name, str) or not name or any(c in name for c in ",: \t\n"):
             raise DubitoError(f"a {self.kind} needs a name without spaces, commas or colons, got {name!r}")
         if name in self._builtin and not builtin:
-            raise DubitoError(f"{self.kind} {name!r} is one of dubito's own; register yours under another name")
+            raise DubitoError(
+                f"{self.kind} {name!r} is one of dubito's own; register yours under another name"
+            )
         if name in self._entries and self._entries[name] is not entry and not (replace or builtin):
-            raise DubitoError(f"a {self.kind} named {name!r} is already registered (pass replace=True to replace it)")
+            raise DubitoError(
+                f"a {self.kind} named {name!r} is already registered (pass replace=True to replace it)"
+            )
         self._entries[name] = entry
         if builtin:
             self._builtin.add(name)
@@ -65,26 +71,52 @@ class Registry(Mapping[str, T], Generic[T]):
         if name in self._builtin:
             raise DubitoError(f"{self.kind} {name!r} is one of dubito's own and cannot be removed")
         self._entries.pop(name, None)
+        self._outside.discard(name)
+
+    def builtin_names(self) -> list[str]:
+        """dubito's own names, without reading entry points (for help texts built at import)."""
+        return [n for n in self._entries if n in self._builtin]
 
     def rescan(self) -> None:
         """Read the entry points again (after installing a distribution into a running process)."""
-        self._loaded = False
-        self._load()
+        with self._lock:
+            self._loaded = False
+            self._load()
+
+    def _install(self, entry: T) -> None:
+        """Register an entry a driver shipped (:func:`install_plugins`), over this process's own copy."""
+        with self._lock:
+            self._load()  # this process's entry points first: the driver's copy then replaces its own
+            self.register(entry, replace=True)
+            self._outside.add(entry.name)  # type: ignore[attr-defined]
 
     def _load(self) -> None:
+        """Register the entry points of ``group`` once; a broken one is named on every read until
+        it is fixed (nothing is half-loaded). Names already taken by an entry point or a driver's
+        shipment are kept; one a user registered in this process conflicts."""
         if self._loaded:
             return
-        self._loaded = True
-        for point in importlib.metadata.entry_points(group=self.group):
-            try:
-                entry = point.load()
-            except Exception as err:  # noqa: BLE001 - a broken plugin is named, not a traceback
-                raise DubitoError(f"entry point {point.name!r} of {self.group} ({point.value}) failed to load: {err}") from None
-            if getattr(entry, "name", None) != point.name:
-                raise DubitoError(f"entry point {point.name!r} of {self.group} ({point.value}) loads a {self.kind} "
-                                  f"named {getattr(entry, 'name', None)!r}; the names must match")  # fmt: skip
-            if point.name not in self._entries or self._entries[point.name] is not entry:
+        with self._lock:
+            if self._loaded:
+                return
+            for point in importlib.metadata.entry_points(group=self.group):
+                if point.name in self._outside:
+                    continue
+                try:
+                    entry = point.load()
+                except Exception as err:  # noqa: BLE001 - a broken plugin is named, not a traceback
+                    raise DubitoError(
+                        f"entry point {point.name!r} of {self.group} ({point.value}) failed to load: "
+                        f"{type(err).__name__}: {err}; fix or uninstall the package that declares it"
+                    ) from None
+                if getattr(entry, "name", None) != point.name:
+                    raise DubitoError(
+                        f"entry point {point.name!r} of {self.group} ({point.value}) loads a {self.kind} "
+                        f"named {getattr(entry, 'name', None)!r}; the names must match"
+                    )
                 self.register(entry)
+                self._outside.add(point.name)
+            self._loaded = True
 
     # ---------------------------------------------------------------- reading
     def __getitem__(self, name: str) -> T:
@@ -138,7 +170,7 @@ def install_plugins(found: dict[str, dict[str, Any]]) -> None:
     for group, listed in found.items():
         importlib.import_module(listed["home"])  # creates the registry and declares dubito's own entries
         for entry in listed["entries"].values():
-            _REGISTRIES[group].register(entry, replace=True)
+            _REGISTRIES[group]._install(entry)
 
 
 def _pickle_by_value(entries: Any) -> None:
@@ -151,9 +183,15 @@ def _pickle_by_value(entries: Any) -> None:
     for entry in entries:
         for obj in (entry, *vars(entry).values()) if hasattr(entry, "__dict__") else (entry,):
             module = getattr(obj, "__module__", None) or type(obj).__module__
-            if module and module.split(".")[0] not in ("dubito", "builtins", "torch", "numpy") and module in sys.modules \
-                    and module != "__main__":  # fmt: skip
+            if (
+                module
+                and module.split(".")[0] not in ("dubito", "builtins", "torch", "numpy")
+                and module in sys.modules
+                and module != "__main__"
+            ):
                 try:
                     cloudpickle.register_pickle_by_value(sys.modules[module])
-                except ValueError:  # not a module cloudpickle can take by value (a package it imports by reference)
+                except (
+                    ValueError
+                ):  # not a module cloudpickle can take by value (a package it imports by reference)
                     pass

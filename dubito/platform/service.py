@@ -117,7 +117,11 @@ class UncertaintyService:
         self.logit_noise_samples = logit_noise_samples
         self.chunk_size = chunk_size
         self.autocast = autocast
-        self.engine_options = {"channels_last": channels_last, "prefix_cache": prefix_cache, "compile": compile}
+        self.engine_options = {
+            "channels_last": channels_last,
+            "prefix_cache": prefix_cache,
+            "compile": compile,
+        }
         self.batch_size = batch_size
         self.progress = progress
         self._rng = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -129,7 +133,9 @@ class UncertaintyService:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["rng"] is None) != (self._rng is None):
-            raise DubitoError("service state of a seeded service given to an unseeded one, or the other way round")
+            raise DubitoError(
+                "service state of a seeded service given to an unseeded one, or the other way round"
+            )
         if self._rng is not None:
             self._rng.set_state(state["rng"])
 
@@ -200,7 +206,9 @@ class UncertaintyService:
             yield ids, {k: v.detach().float().cpu() for k, v in values.items()}
 
 
-def check_finite_outputs(u: ClassificationUncertainty | RegressionUncertainty, ids: Tensor | list[int], what: str = "the model") -> None:
+def check_finite_outputs(
+    u: ClassificationUncertainty | RegressionUncertainty, ids: Tensor | list[int], what: str = "the model"
+) -> None:
     """Raise a :class:`DubitoError` naming the items (``ids``, one per row of the batch) whose
     uncertainty has a NaN or infinite value anywhere (a diverged or damaged model), instead of
     letting NaN flow into scores, selections and metrics."""
@@ -214,8 +222,10 @@ def check_finite_outputs(u: ClassificationUncertainty | RegressionUncertainty, i
         ids = [int(i) for i in torch.as_tensor(ids).reshape(-1)]
         named = [ids[j] for j in torch.nonzero(bad.cpu()).flatten().tolist()]
         shown = ", ".join(map(str, named[:20])) + (" ..." if len(named) > 20 else "")
-        raise DubitoError(f"{what} gives non-finite (NaN or infinite) outputs for item ids {shown}: its weights or inputs "
-                          "hold NaN or infinities (a diverged training?); retrain it or check the data")  # fmt: skip
+        raise DubitoError(
+            f"{what} gives non-finite (NaN or infinite) outputs for item ids {shown}: its weights or inputs "
+            "hold NaN or infinities (a diverged training?); retrain it or check the data"
+        )
 
 
 def _unpack(batch, index: int) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -226,7 +236,9 @@ def _unpack(batch, index: int) -> tuple[Tensor, Tensor, Tensor | None]:
         )
     key = next((k for k in _IMAGE_KEYS if k in batch), None)
     if key is None:
-        raise DubitoError(f"stream: batch {index} has no image (keys {sorted(batch)}; expected one of {_IMAGE_KEYS})")
+        raise DubitoError(
+            f"stream: batch {index} has no image (keys {sorted(batch)}; expected one of {_IMAGE_KEYS})"
+        )
     if "id" not in batch:
         raise DubitoError(f"stream: batch {index} has no 'id'; every item needs a stable integer id")
     ids = torch.as_tensor(batch["id"]).long().reshape(-1).cpu()

@@ -17,7 +17,14 @@ from typing import Any
 
 from dubito import DubitoError
 
-__all__ = ["default_tracking_uri", "artifact_location", "check_tracking", "flatten_params", "TrackedRun", "tracked_run"]
+__all__ = [
+    "default_tracking_uri",
+    "artifact_location",
+    "check_tracking",
+    "flatten_params",
+    "TrackedRun",
+    "tracked_run",
+]
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a tracking server before giving up
 
@@ -56,11 +63,15 @@ def check_tracking(uri: str | None = None, timeout: float = CONNECT_TIMEOUT) -> 
         if db is None:
             return uri
         if not db.parent.is_dir():
-            raise DubitoError(f"{what}: the folder {db.parent} does not exist (dubito does not create it): create it, or {fix}")
+            raise DubitoError(
+                f"{what}: the folder {db.parent} does not exist (dubito does not create it): create it, or {fix}"
+            )
         if db.exists() and (not db.is_file() or not os.access(db, os.R_OK | os.W_OK)):
             raise DubitoError(f"{what}: {db} is not a writable file: {fix}")
         if not os.access(db.parent, os.W_OK | os.X_OK):
-            raise DubitoError(f"{what}: the folder {db.parent} is not writable (SQLite writes its journal there): {fix}")
+            raise DubitoError(
+                f"{what}: the folder {db.parent} is not writable (SQLite writes its journal there): {fix}"
+            )
     elif scheme in ("http", "https"):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # MLflow's default retries for minutes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -69,10 +80,14 @@ def check_tracking(uri: str | None = None, timeout: float = CONNECT_TIMEOUT) -> 
                 answer.read(64)
         except urllib.error.HTTPError as err:  # it answers: a server, maybe behind a proxy without /health
             if err.code >= 500:
-                raise DubitoError(f"{what}: the tracking server answered {err.code} {err.reason}: {fix}") from None
+                raise DubitoError(
+                    f"{what}: the tracking server answered {err.code} {err.reason}: {fix}"
+                ) from None
         except (OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
-            raise DubitoError(f"{what}: no tracking server answered within {timeout:g} s ({reason}): start it, or {fix}") from None
+            raise DubitoError(
+                f"{what}: no tracking server answered within {timeout:g} s ({reason}): start it, or {fix}"
+            ) from None
     elif scheme in ("", "file"):
         folder = Path(urlparse(uri).path if scheme == "file" else uri)
         probe = folder if folder.exists() else folder.parent
@@ -90,7 +105,7 @@ def artifact_location(uri: str) -> str | None:
     """
     if not uri.startswith("sqlite:///"):
         return None
-    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
 
 
 def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
@@ -140,7 +155,12 @@ class TrackedRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, values in series.items() for step, v in enumerate(values, start) if v is not None]
+        items = [
+            Metric(k, float(v), now, step)
+            for k, values in series.items()
+            for step, v in enumerate(values, start)
+            if v is not None
+        ]
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
@@ -182,10 +202,15 @@ def tracked_run(
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         experiment_id = (
-            found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifact_location(uri),
-                                                                       tags={EXPERIMENT_KIND: MODEL_TRAINING})  # fmt: skip
+            found.experiment_id
+            if found
+            else client.create_experiment(
+                experiment, artifact_location=artifact_location(uri), tags={EXPERIMENT_KIND: MODEL_TRAINING}
+            )
         )
-        if found is not None and EXPERIMENT_KIND not in found.tags:  # an older store: say what kind it is, once
+        if (
+            found is not None and EXPERIMENT_KIND not in found.tags
+        ):  # an older store: say what kind it is, once
             client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         run = None
         if run_id is not None:

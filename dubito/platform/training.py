@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,15 +34,45 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra iterator (DataLoader workers)
 
 from dubito import DubitoError
+from dubito.platform.config import (
+    check_choice,
+    check_device,
+    check_finite,
+    check_model,
+    check_range,
+    default_model,
+    needs_root,
+)
 from dubito.platform.data import DATASETS, get_dataset, train_transform
+from dubito.platform.files import (
+    check_output,
+    exclusive,
+    file_errors,
+    load_torch,
+    read_json,
+    save_torch,
+    write_json,
+)
 from dubito.platform.losses import gaussian_nll, laplace_nll, sampled_softmax_cross_entropy
 from dubito.platform.models import DROPOUT_PLACEMENTS, VARIANTS, build_model
-from dubito.platform.config import check_choice, check_device, check_finite, check_model, check_range, default_model, needs_root
-from dubito.platform.files import check_output, exclusive, file_errors, load_torch, read_json, save_torch, write_json
 from dubito.platform.service import resolve_device
 from dubito.platform.tracking import check_tracking, default_tracking_uri, tracked_run
 
-__all__ = ["TrainConfig", "train", "fit", "train_epoch", "validate", "make_datasets", "build_for", "model_from_spec", "load_model", "save_model", "task_loss", "base_dataset", "train_with_ray"]
+__all__ = [
+    "TrainConfig",
+    "train",
+    "fit",
+    "train_epoch",
+    "validate",
+    "make_datasets",
+    "build_for",
+    "model_from_spec",
+    "load_model",
+    "save_model",
+    "task_loss",
+    "base_dataset",
+    "train_with_ray",
+]
 
 IGNORE = -100  # label of the pixels outside the mask inside the loss
 CHECKPOINT = "checkpoint.pt"
@@ -53,21 +83,45 @@ MODEL = "model.pt"
 class TrainConfig:
     """Settings of a training run (each is a ``dubito train`` flag; MLflow logs them as params)."""
 
-    output: str = field(default="runs/train", metadata={"help": "folder for checkpoints, model.pt, results.json, plots"})
-    dataset: str = field(default="synthetic-camvid", metadata={"help": f"one of {', '.join(DATASETS)}"})
+    output: str = field(
+        default="runs/train", metadata={"help": "folder for checkpoints, model.pt, results.json, plots"}
+    )
+    dataset: str = field(
+        default="synthetic-camvid",
+        metadata={"help": f"one of {', '.join(DATASETS.builtin_names())}, or one registered"},
+    )
     root: str = field(default="", metadata={"help": "dataset folder (real datasets)"})
-    model: str = field(default="auto", metadata={"help": "auto (mlp for digits, tiny for images), tiny, fc_densenet56, fc_densenet67, fc_densenet103, mlp"})
+    model: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (mlp for digits, tiny for images), tiny, fc_densenet56, fc_densenet67, fc_densenet103, mlp"
+        },
+    )
     variant: str = field(default="both", metadata={"help": f"one of {', '.join(VARIANTS)}"})
-    likelihood: str = field(default="laplace", metadata={"help": "depth noise model: laplace (the paper's L1) or gaussian"})
+    likelihood: str = field(
+        default="laplace", metadata={"help": "depth noise model: laplace (the paper's L1) or gaussian"}
+    )
     height: int = field(default=72, metadata={"help": "item height (CamVid 360, half 180)"})
     width: int = field(default=96, metadata={"help": "item width (CamVid 480, half 240)"})
-    crop: int = field(default=0, metadata={"help": "square random training crop side (paper: 224); 0 = whole items"})
+    crop: int = field(
+        default=0, metadata={"help": "square random training crop side (paper: 224); 0 = whole items"}
+    )
     flip: bool = field(default=True, metadata={"help": "random horizontal flips"})
-    train_images: int = field(default=120, metadata={"help": "synthetic datasets: scenes generated for training"})
-    val_images: int = field(default=30, metadata={"help": "synthetic datasets: scenes generated for validation"})
-    fraction: float = field(default=1.0, metadata={"help": "fraction of the training set used (nested subsets)"})
-    val_fraction: float = field(default=0.1, metadata={"help": "held out of train when there is no val split"})
-    static_fraction: float = field(default=0.2, metadata={"help": "synthetic datasets: images with TV static"})
+    train_images: int = field(
+        default=120, metadata={"help": "synthetic datasets: scenes generated for training"}
+    )
+    val_images: int = field(
+        default=30, metadata={"help": "synthetic datasets: scenes generated for validation"}
+    )
+    fraction: float = field(
+        default=1.0, metadata={"help": "fraction of the training set used (nested subsets)"}
+    )
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "held out of train when there is no val split"}
+    )
+    static_fraction: float = field(
+        default=0.2, metadata={"help": "synthetic datasets: images with TV static"}
+    )
     max_depth: float = field(default=70.0, metadata={"help": "depth datasets: larger depth is masked (m)"})
     data_seed: int = field(default=0, metadata={"help": "seed of the synthetic scenes and of the subsets"})
     epochs: int = field(default=15, metadata={"help": "training epochs"})
@@ -75,17 +129,37 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "RMSProp learning rate (paper: 1e-3)"})
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay (paper: 1e-4)"})
     dropout: float = field(default=0.2, metadata={"help": "dropout p (paper: 0.2)"})
-    dropout_at: str = field(default="all", metadata={"help": "FC-DenseNet dropout placement: all (paper), decoder, last_block or head (faster MC scoring)"})
-    class_weights: bool = field(default=False, metadata={"help": "median-frequency class weights (segmentation)"})
+    dropout_at: str = field(
+        default="all",
+        metadata={
+            "help": "FC-DenseNet dropout placement: all (paper), decoder, last_block or head (faster MC scoring)"
+        },
+    )
+    class_weights: bool = field(
+        default=False, metadata={"help": "median-frequency class weights (segmentation)"}
+    )
     logit_noise_samples: int = field(default=10, metadata={"help": "logit-noise samples T_a in the loss"})
     grad_clip: float = field(default=5.0, metadata={"help": "gradient-norm clipping; 0 = off"})
     amp: bool = field(default=True, metadata={"help": "mixed precision on CUDA"})
-    patience: int = field(default=0, metadata={"help": "early stopping after this many epochs without improvement; 0 = off"})
+    patience: int = field(
+        default=0, metadata={"help": "early stopping after this many epochs without improvement; 0 = off"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the initialisation, batches, dropout and noise"})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda, cuda:1, ..."})
+    device: str = field(
+        default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda, cuda:1, ..."}
+    )
     loader_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
-    workers: int = field(default=0, metadata={"help": "Ray Train workers (0: in this process, Ray Train's local mode; N: N data-parallel workers on the Ray cluster)"})
-    gpu: bool = field(default=False, metadata={"help": "one GPU per Ray Train worker (with --workers N on a cluster that has GPUs)"})
+    workers: int = field(
+        default=0,
+        metadata={
+            "help": "Ray Train workers (0: in this process, Ray Train's local mode; "
+            "N: N data-parallel workers on the Ray cluster)"
+        },
+    )
+    gpu: bool = field(
+        default=False,
+        metadata={"help": "one GPU per Ray Train worker (with --workers N on a cluster that has GPUs)"},
+    )
     experiment: str = field(default="dubito-train", metadata={"help": "MLflow experiment name"})
 
     def __post_init__(self) -> None:
@@ -110,12 +184,24 @@ class TrainConfig:
         if not self.experiment.strip():
             raise DubitoError("--experiment must name an MLflow experiment")
         if self.dropout_at not in DROPOUT_PLACEMENTS:
-            raise DubitoError(f"--dropout-at must be one of {', '.join(DROPOUT_PLACEMENTS)}, got {self.dropout_at!r}")
+            raise DubitoError(
+                f"--dropout-at must be one of {', '.join(DROPOUT_PLACEMENTS)}, got {self.dropout_at!r}"
+            )
         if self.dropout_at != "all" and self.model == "mlp":
-            raise DubitoError(f"--dropout-at {self.dropout_at} is an FC-DenseNet option; an MLP has dropout in every layer")
+            raise DubitoError(
+                f"--dropout-at {self.dropout_at} is an FC-DenseNet option; an MLP has dropout in every layer"
+            )
         if self.likelihood not in ("gaussian", "laplace"):
             raise DubitoError(f"--likelihood must be gaussian or laplace, got {self.likelihood!r}")
-        for name in ("epochs", "batch_size", "height", "width", "train_images", "val_images", "logit_noise_samples"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "height",
+            "width",
+            "train_images",
+            "val_images",
+            "logit_noise_samples",
+        ):
             if getattr(self, name) < 1:
                 raise DubitoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.fraction <= 1.0:
@@ -123,11 +209,24 @@ class TrainConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise DubitoError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.crop < 0 or self.crop > min(self.height, self.width):
-            raise DubitoError(f"--crop must be in [0, {min(self.height, self.width)}] for {self.height}x{self.width} items, got {self.crop}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.patience < 0 or self.workers < 0 or self.loader_workers < 0:
-            raise DubitoError("--lr must be > 0; --weight-decay, --grad-clip, --patience, --workers, --loader-workers must be >= 0")
+            raise DubitoError(
+                f"--crop must be in [0, {min(self.height, self.width)}] for {self.height}x{self.width} items, got {self.crop}"
+            )
+        if (
+            self.lr <= 0
+            or self.weight_decay < 0
+            or self.grad_clip < 0
+            or self.patience < 0
+            or self.workers < 0
+            or self.loader_workers < 0
+        ):
+            raise DubitoError(
+                "--lr must be > 0; --weight-decay, --grad-clip, --patience, --workers, --loader-workers must be >= 0"
+            )
         if self.gpu and self.workers == 0:
-            raise DubitoError("--gpu is for Ray Train workers: give --workers N too (with --workers 0 use --device cuda)")
+            raise DubitoError(
+                "--gpu is for Ray Train workers: give --workers N too (with --workers 0 use --device cuda)"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -163,13 +262,17 @@ def make_datasets(config: TrainConfig, split_for_val: str = "val") -> tuple[Data
         full = get_dataset(config.dataset, "train", seed=config.data_seed)
         order = torch.randperm(len(full), generator=torch.Generator().manual_seed(config.data_seed)).tolist()
         n_val = max(1, round(config.val_fraction * len(full)))
-        return _subset(Subset(full, sorted(order[n_val:])), config.fraction, config.data_seed), Subset(full, sorted(order[:n_val]))
+        return _subset(Subset(full, sorted(order[n_val:])), config.fraction, config.data_seed), Subset(
+            full, sorted(order[:n_val])
+        )
     size = (config.height, config.width)
     transform = train_transform((config.crop, config.crop) if config.crop else None, flip=config.flip)
     options: dict[str, Any] = {"size": size}
     if info.synthetic:
         options.update(seed=config.data_seed, static_fraction=config.static_fraction)
-        train_set = get_dataset(config.dataset, "train", n=config.train_images, transform=transform, **options)
+        train_set = get_dataset(
+            config.dataset, "train", n=config.train_images, transform=transform, **options
+        )
         val_set = get_dataset(config.dataset, split_for_val, n=config.val_images, **options)
     else:
         if config.dataset in ("make3d", "nyuv2"):
@@ -180,7 +283,9 @@ def make_datasets(config: TrainConfig, split_for_val: str = "val") -> tuple[Data
         else:
             full = get_dataset(config.dataset, "train", config.root, transform=transform, **options)
             plain = get_dataset(config.dataset, "train", config.root, **options)
-            order = torch.randperm(len(full), generator=torch.Generator().manual_seed(config.data_seed)).tolist()
+            order = torch.randperm(
+                len(full), generator=torch.Generator().manual_seed(config.data_seed)
+            ).tolist()
             n_val = max(1, round(config.val_fraction * len(full)))
             val_set, train_set = Subset(plain, sorted(order[:n_val])), Subset(full, sorted(order[n_val:]))
     return _subset(train_set, config.fraction, config.data_seed), val_set
@@ -205,7 +310,9 @@ def build_for(config: TrainConfig, dataset: Dataset) -> tuple[nn.Module, dict[st
     }
     if config.model == "mlp":  # vector inputs (digits): the input size comes from the data
         spec["in_features"] = int(data[0]["image"].numel())
-    if DATASETS[config.dataset].source == "bundled":  # digits: its train/test split depends on the seed, evaluation uses the same one
+    if (
+        DATASETS[config.dataset].source == "bundled"
+    ):  # digits: its train/test split depends on the seed, evaluation uses the same one
         spec["data_seed"] = config.data_seed
     return model_from_spec(spec), spec
 
@@ -266,7 +373,12 @@ def task_loss(
         target = target.masked_fill(~mask, IGNORE)
         if log_var is not None:
             return sampled_softmax_cross_entropy(
-                logits_or_mean, log_var, target, samples=logit_noise_samples, ignore_index=IGNORE, weight=weight
+                logits_or_mean,
+                log_var,
+                target,
+                samples=logit_noise_samples,
+                ignore_index=IGNORE,
+                weight=weight,
             )
         return F.cross_entropy(logits_or_mean, target, weight=weight, ignore_index=IGNORE)
     target = target.unsqueeze(1).float()
@@ -281,7 +393,9 @@ def task_loss(
 
 # ----------------------------------------------------------------------------- validation
 @torch.no_grad()
-def validate(model: nn.Module, data: Dataset, spec: dict[str, Any], device: torch.device, batch_size: int) -> dict[str, float]:
+def validate(
+    model: nn.Module, data: Dataset, spec: dict[str, Any], device: torch.device, batch_size: int
+) -> dict[str, float]:
     """One deterministic pass (dropout off): mean IoU and pixel accuracy, or depth errors."""
     from dubito.platform.metrics import ConfusionMatrix, DepthMetrics
 
@@ -306,8 +420,10 @@ def validate(model: nn.Module, data: Dataset, spec: dict[str, Any], device: torc
 
 def _score(metrics: dict[str, float], task: str) -> float:
     """Higher is better: mean IoU, accuracy, or minus the RMS depth error."""
-    return {"segmentation": lambda: metrics["val_mean_iou"], "classification": lambda: metrics["val_accuracy"]}.get(
-        task, lambda: -metrics["val_rms"])()
+    return {
+        "segmentation": lambda: metrics["val_mean_iou"],
+        "classification": lambda: metrics["val_accuracy"],
+    }.get(task, lambda: -metrics["val_rms"])()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -320,7 +436,9 @@ def _class_weights(train_set: Dataset, spec: dict[str, Any], progress: bool) -> 
 
         counts = torch.zeros(spec["num_classes"], dtype=torch.float64)
         for item in tqdm(train_set, desc="class frequencies", unit="img", disable=not progress, leave=False):
-            counts += torch.bincount(item["target"][item["mask"]].flatten(), minlength=spec["num_classes"])[: spec["num_classes"]]
+            counts += torch.bincount(item["target"][item["mask"]].flatten(), minlength=spec["num_classes"])[
+                : spec["num_classes"]
+            ]
         return median_frequency_weights(counts)
 
 
@@ -331,7 +449,9 @@ def _finite_everywhere(loss: Tensor) -> bool:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = torch.tensor([1.0 if finite else 0.0], device=loss.device if dist.get_backend() == "nccl" else "cpu")
+        flag = torch.tensor(
+            [1.0 if finite else 0.0], device=loss.device if dist.get_backend() == "nccl" else "cpu"
+        )
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() == 1.0)
     return finite
@@ -378,15 +498,26 @@ def train_epoch(
         count += len(batch["image"])
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # the mean over every rank's items
-        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+    if (
+        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    ):  # the mean over every rank's items
+        sums = torch.tensor(
+            [total, float(count)],
+            dtype=torch.float64,
+            device=device if dist.get_backend() == "nccl" else "cpu",
+        )
         dist.all_reduce(sums)
         total, count = float(sums[0]), int(sums[1])
     return total / max(count, 1)
 
 
 def fit(
-    config: TrainConfig, train_set: Dataset, *, device: torch.device | None = None, progress: bool = False, desc: str = "training"
+    config: TrainConfig,
+    train_set: Dataset,
+    *,
+    device: torch.device | None = None,
+    progress: bool = False,
+    desc: str = "training",
 ) -> tuple[nn.Module, dict[str, Any], list[float]]:
     """Train a fresh model of ``config`` on ``train_set`` for ``config.epochs`` epochs, in memory
     (no checkpoints, no MLflow: the caller records what it needs, e.g. a labeling round).
@@ -401,16 +532,30 @@ def fit(
     for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch", leave=False, disable=not progress):
         if hasattr(base_dataset(train_set), "set_epoch"):
             base_dataset(train_set).set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.loader_workers,
-                            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))  # fmt: skip
-        losses.append(train_epoch(model, loader, optimizer, config, device, desc=f"{desc}, epoch {epoch + 1}"))
+        loader = DataLoader(
+            train_set,
+            batch_size=config.batch_size,
+            shuffle=True,
+            num_workers=config.loader_workers,
+            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+        )
+        losses.append(
+            train_epoch(model, loader, optimizer, config, device, desc=f"{desc}, epoch {epoch + 1}")
+        )
     return model.eval(), spec, losses
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """Settings that must match to resume (``epochs`` may grow; where and how it runs may change)."""
-    config = {"dropout_at": "all", **config}  # checkpoints written before placements existed: dropout everywhere
-    return {k: v for k, v in config.items() if k not in ("epochs", "workers", "loader_workers", "gpu", "device", "output", "patience")}
+    config = {
+        "dropout_at": "all",
+        **config,
+    }  # checkpoints written before placements existed: dropout everywhere
+    return {
+        k: v
+        for k, v in config.items()
+        if k not in ("epochs", "workers", "loader_workers", "gpu", "device", "output", "patience")
+    }
 
 
 def _world() -> tuple[int, int]:
@@ -441,9 +586,13 @@ class _NoRun:
 
 
 def train(
-    config: TrainConfig | dict[str, Any], *, progress: bool = True, tags: dict[str, str] | None = None,
-    on_epoch: Callable[[dict[str, Any], Path | None], None] | None = None, lock: bool = True,
-) -> dict[str, Any]:  # fmt: skip
+    config: TrainConfig | dict[str, Any],
+    *,
+    progress: bool = True,
+    tags: dict[str, str] | None = None,
+    on_epoch: Callable[[dict[str, Any], Path | None], None] | None = None,
+    lock: bool = True,
+) -> dict[str, Any]:
     """Train, validate each epoch, checkpoint, log to MLflow; resume from ``output/checkpoint.pt``.
 
     ``tags`` go on the MLflow run (e.g. ``mlflow.parentRunId``). ``on_epoch(metrics, checkpoint)``
@@ -472,14 +621,85 @@ def train(
 def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     train_set, val_set = make_datasets(config)
     if len(train_set) == 0 or len(val_set) == 0:
-        raise DubitoError(f"{config.dataset}: empty training ({len(train_set)}) or validation ({len(val_set)}) set")
+        raise DubitoError(
+            f"{config.dataset}: empty training ({len(train_set)}) or validation ({len(val_set)}) set"
+        )
     return train_set, val_set
 
 
-def _train(config: TrainConfig, out: Path, datasets: tuple[Dataset, Dataset], rank: int, world: int, progress: bool,
-           tags: dict[str, str] | None, on_epoch: Callable[[dict[str, Any], Path | None], None] | None) -> dict[str, Any]:  # fmt: skip
+@dataclass
+class _Run:
+    """What every epoch of one training run shares."""
+
+    config: TrainConfig
+    out: Path
+    model: nn.Module
+    net: nn.Module  # what the forward / backward passes run through (DDP with several workers)
+    spec: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None  # None: full precision
+    device: torch.device
+    train_set: Dataset
+    val_set: Dataset
+    rank: int
+    world: int
+    progress: bool
+    weight: Tensor | None = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / CHECKPOINT
+
+
+def _train(
+    config: TrainConfig,
+    out: Path,
+    datasets: tuple[Dataset, Dataset],
+    rank: int,
+    world: int,
+    progress: bool,
+    tags: dict[str, str] | None,
+    on_epoch: Callable[[dict[str, Any], Path | None], None] | None,
+) -> dict[str, Any]:
+    """Set up (or resume) the run, then epochs of train → validate → keep the best → checkpoint."""
     with file_errors(out):
         out.mkdir(parents=True, exist_ok=True)
+    run, state = _set_up(config, out, datasets, rank, world, progress and rank == 0)
+    started = time.perf_counter()
+    with _tracking(run, state, tags) as tracker:
+        if config.class_weights and run.spec["task"] == "segmentation":
+            run.weight = _class_weights(run.train_set, run.spec, run.progress).to(run.device)
+        epochs = tqdm(
+            range(state["epoch"], config.epochs),
+            desc=f"training {config.model}/{config.variant}",
+            unit="epoch",
+            disable=not run.progress,
+            initial=state["epoch"],
+            total=config.epochs,
+        )
+        for epoch in epochs:
+            if state.get("stopped_early"):
+                break
+            metrics, rng = _epoch(run, epoch)
+            _keep_best(run, state, metrics, epoch)
+            tracker.log_metrics(metrics, step=epoch + 1)
+            if rank == 0:
+                _save_checkpoint(run, state, rng)
+            if on_epoch is not None:  # every rank: Ray Train counts each worker's reports
+                on_epoch({"epoch": epoch + 1, **metrics}, run.checkpoint if rank == 0 else None)
+            shown = {k[4:]: f"{v:.3f}" for k, v in metrics.items() if k in ("val_mean_iou", "val_rms")}
+            epochs.set_postfix(loss=f"{metrics['train_loss']:.3f}", **shown)
+            if state.get("stopped_early"):
+                break
+        return _finish(run, state, tracker, time.perf_counter() - started)
+
+
+def _set_up(
+    config: TrainConfig, out: Path, datasets: tuple[Dataset, Dataset], rank: int, world: int, progress: bool
+) -> tuple[_Run, dict[str, Any]]:
+    """The seeded model, its optimizer and scaler, and the run's state: fresh, or resumed from the
+    folder's checkpoint (weights, optimizer, RNG); under DDP every rank starts from rank 0's."""
     device = resolve_device(config.device)
     train_set, val_set = datasets
     torch.manual_seed(config.seed)
@@ -489,112 +709,200 @@ def _train(config: TrainConfig, out: Path, datasets: tuple[Dataset, Dataset], ra
     use_amp = config.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    state: dict[str, Any] = {"epoch": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [], "run_id": None}
-    checkpoint = out / CHECKPOINT
-    if checkpoint.exists():  # RNG states must stay on the CPU
-        saved = load_torch(checkpoint, "training checkpoint", hint="it is dubito's: delete it to train this folder from scratch")
-        if _comparable(saved["config"]) != _comparable(asdict(config)):
-            changed = sorted(k for k, v in _comparable(asdict(config)).items() if saved["config"].get(k) != v)
-            raise DubitoError(
-                f"{checkpoint}: a run with other settings ({', '.join(changed)}) is here; "
-                "use another --output, or delete the folder to start over"
-            )
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if saved["scaler"] and scaler.is_enabled():  # empty when saved without fp16 scaling (CPU, bf16)
-            scaler.load_state_dict(saved["scaler"])
-        state = saved["state"]
-        torch.set_rng_state(saved["rng"]["cpu"])
-        if device.type == "cuda" and saved["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu(), device)
-    net: nn.Module = model  # what the forward / backward passes run through (DDP with several workers)
-    if world > 1:  # after loading: DDP starts every rank from rank 0's weights, and every rank from rank 0's epoch
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    run = _Run(
+        config,
+        out,
+        model,
+        model,
+        spec,
+        optimizer,
+        scaler,
+        amp_dtype if use_amp else None,
+        device,
+        train_set,
+        val_set,
+        rank,
+        world,
+        progress,
+    )
+    state = _resume(run)
+    if (
+        world > 1
+    ):  # after loading: DDP starts every rank from rank 0's weights, and every rank from rank 0's epoch
+        run.net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
         state = _from_rank_zero(state)
         optimizer.load_state_dict(_from_rank_zero(optimizer.state_dict()))
+    return run, state
 
-    started = time.perf_counter()
-    run_tags = {"dubito.command": "train", **(tags or {}), **({"dubito.ray_train_workers": world} if world > 1 else {})}
-    here = str(out.resolve())  # a copied or moved folder gets an MLflow run of its own, never the original's
+
+def _resume(run: _Run) -> dict[str, Any]:
+    """The state of a new run, or the checkpoint's (loading its weights, optimizer, scaler and RNG
+    states); a checkpoint of other settings is refused, naming them."""
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "best": None,
+        "best_epoch": None,
+        "bad_epochs": 0,
+        "history": [],
+        "run_id": None,
+    }
+    if not run.checkpoint.exists():
+        return state
+    saved = load_torch(
+        run.checkpoint,
+        "training checkpoint",
+        hint="it is dubito's: delete it to train this folder from scratch",
+    )
+    if _comparable(saved["config"]) != _comparable(asdict(run.config)):
+        changed = sorted(k for k, v in _comparable(asdict(run.config)).items() if saved["config"].get(k) != v)
+        raise DubitoError(
+            f"{run.checkpoint}: a run with other settings ({', '.join(changed)}) is here; "
+            "use another --output, or delete the folder to start over"
+        )
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    if saved["scaler"] and run.scaler.is_enabled():  # empty when saved without fp16 scaling (CPU, bf16)
+        run.scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["rng"]["cpu"])  # RNG states stay on the CPU
+    if run.device.type == "cuda" and saved["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu(), run.device)
+    return saved["state"]
+
+
+def _tracking(run: _Run, state: dict[str, Any], tags: dict[str, str] | None) -> Any:
+    """The folder's MLflow run (rank 0; a copied or moved folder gets a run of its own, never the
+    original's), its id and folder kept in ``state``; other ranks log nowhere."""
+    tags = {
+        "dubito.command": "train",
+        **(tags or {}),
+        **({"dubito.ray_train_workers": run.world} if run.world > 1 else {}),
+    }
+    here = str(run.out.resolve())
     run_id = state["run_id"] if state.get("folder", here) == here else None
-    tracking = (tracked_run(config.experiment, run_name=out.name, params=config, tags=run_tags, run_id=run_id)
-                if rank == 0 else contextlib.nullcontext(_NoRun()))  # fmt: skip
-    progress = progress and rank == 0
-    with tracking as run:
-        state["run_id"] = run.run_id if rank == 0 else state["run_id"]
-        state["folder"] = here
-        run.set_tags(run_tags)
-        segmentation = spec["task"] == "segmentation"
-        weight = _class_weights(train_set, spec, progress).to(device) if config.class_weights and segmentation else None
-        epochs = tqdm(range(state["epoch"], config.epochs), desc=f"training {config.model}/{config.variant}",
-                      unit="epoch", disable=not progress, initial=state["epoch"], total=config.epochs)  # fmt: skip
-        for epoch in epochs:
-            if state.get("stopped_early"):
-                break
-            base_dataset(train_set).set_epoch(epoch)
-            if world > 1:  # each rank its shard of a seeded permutation
-                sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
-                sampler.set_epoch(epoch)
-                loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.loader_workers)
-            else:
-                loader = DataLoader(
-                    train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.loader_workers,
-                    generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
-                )  # fmt: skip
-            epoch_start = time.perf_counter()
-            loss = train_epoch(net, loader, optimizer, config, device, weight=weight, scaler=scaler,
-                               amp_dtype=amp_dtype if use_amp else None, desc=f"epoch {epoch + 1}", progress=progress)  # fmt: skip
-            metrics = {"train_loss": loss, **validate(model, val_set, spec, device, config.batch_size)}
-            rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            metrics["epoch_seconds"] = time.perf_counter() - epoch_start
-            score = _score(metrics, spec["task"])
-            if state["best"] is None or score > state["best"]:
-                state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
-                if rank == 0:
-                    save_model(out / MODEL, model, spec)
-            else:
-                state["bad_epochs"] += 1
-            state["history"].append({"epoch": epoch + 1, **metrics})
-            state["epoch"] = epoch + 1
-            if config.patience and state["bad_epochs"] >= config.patience:
-                state["stopped_early"] = True
-            if world > 1:  # rank 0 decides (validation on other hardware may round differently)
-                state["stopped_early"] = _from_rank_zero(bool(state.get("stopped_early")))
-            run.log_metrics(metrics, step=epoch + 1)
-            if rank == 0:
-                save_torch(
-                    {"config": asdict(config), "spec": spec, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "state": state, "rng": rng},
-                    checkpoint,
-                )  # fmt: skip
-            if on_epoch is not None:  # every rank: Ray Train counts each worker's reports
-                on_epoch({"epoch": epoch + 1, **metrics}, checkpoint if rank == 0 else None)
-            epochs.set_postfix(loss=f"{metrics['train_loss']:.3f}", **{k[4:]: f"{v:.3f}" for k, v in metrics.items() if k in ("val_mean_iou", "val_rms")})
-            if state.get("stopped_early"):
-                break
 
-        results = {
-            "config": asdict(config),
-            "spec": spec,
-            "epochs_run": state["epoch"],
-            "stopped_early": bool(state.get("stopped_early")),
-            "best_epoch": state["best_epoch"],
-            "history": state["history"],
-            "model": str(out / MODEL),
-            "checkpoint": str(checkpoint),
-            "train_items": len(train_set),
-            "val_items": len(val_set),
-            "seconds_this_session": time.perf_counter() - started,
-            "mlflow_run_id": run.run_id,
-        }
-        if rank == 0:
-            from dubito.platform.plots import training_curves
+    @contextlib.contextmanager
+    def opened() -> Iterator[Any]:
+        tracking = (
+            tracked_run(
+                run.config.experiment, run_name=run.out.name, params=run.config, tags=tags, run_id=run_id
+            )
+            if run.rank == 0
+            else contextlib.nullcontext(_NoRun())
+        )
+        with tracking as tracker:
+            state["run_id"] = tracker.run_id if run.rank == 0 else state["run_id"]
+            state["folder"] = here
+            tracker.set_tags(tags)
+            yield tracker
 
-            figure = training_curves(state["history"], out / "training.png")
-            write_json(out / "results.json", results)
-            for path in (out / "results.json", figure, out / MODEL, checkpoint):
-                run.log_artifact(path)
+    return opened()
+
+
+def _epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One epoch: the seeded shuffle (each rank its shard under DDP), training, validation on the
+    whole validation set; returns the epoch's metrics and the RNG states to checkpoint."""
+    config = run.config
+    base_dataset(run.train_set).set_epoch(epoch)
+    if run.world > 1:  # each rank its shard of a seeded permutation
+        sampler = DistributedSampler(
+            run.train_set, num_replicas=run.world, rank=run.rank, shuffle=True, seed=config.seed
+        )
+        sampler.set_epoch(epoch)
+        loader = DataLoader(
+            run.train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.loader_workers
+        )
+    else:
+        loader = DataLoader(
+            run.train_set,
+            batch_size=config.batch_size,
+            shuffle=True,
+            num_workers=config.loader_workers,
+            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+        )
+    started = time.perf_counter()
+    loss = train_epoch(
+        run.net,
+        loader,
+        run.optimizer,
+        config,
+        run.device,
+        weight=run.weight,
+        scaler=run.scaler,
+        amp_dtype=run.amp_dtype,
+        desc=f"epoch {epoch + 1}",
+        progress=run.progress,
+    )
+    metrics = {
+        "train_loss": loss,
+        **validate(run.model, run.val_set, run.spec, run.device, config.batch_size),
+    }
+    device = run.device
+    rng = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+    metrics["epoch_seconds"] = time.perf_counter() - started
+    return metrics, rng
+
+
+def _keep_best(run: _Run, state: dict[str, Any], metrics: dict[str, Any], epoch: int) -> None:
+    """The best epoch's model is saved (rank 0); history and early stopping (rank 0 decides under DDP:
+    validation on other hardware may round differently)."""
+    score = _score(metrics, run.spec["task"])
+    if state["best"] is None or score > state["best"]:
+        state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
+        if run.rank == 0:
+            save_model(run.out / MODEL, run.model, run.spec)
+    else:
+        state["bad_epochs"] += 1
+    state["history"].append({"epoch": epoch + 1, **metrics})
+    state["epoch"] = epoch + 1
+    if run.config.patience and state["bad_epochs"] >= run.config.patience:
+        state["stopped_early"] = True
+    if run.world > 1:
+        state["stopped_early"] = _from_rank_zero(bool(state.get("stopped_early")))
+
+
+def _save_checkpoint(run: _Run, state: dict[str, Any], rng: dict[str, Any]) -> None:
+    save_torch(
+        {
+            "config": asdict(run.config),
+            "spec": run.spec,
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "state": state,
+            "rng": rng,
+        },
+        run.checkpoint,
+    )
+
+
+def _finish(run: _Run, state: dict[str, Any], tracker: Any, seconds: float) -> dict[str, Any]:
+    """The run's results; rank 0 writes results.json and the curves and logs them with the model."""
+    results = {
+        "config": asdict(run.config),
+        "spec": run.spec,
+        "epochs_run": state["epoch"],
+        "stopped_early": bool(state.get("stopped_early")),
+        "best_epoch": state["best_epoch"],
+        "history": state["history"],
+        "model": str(run.out / MODEL),
+        "checkpoint": str(run.checkpoint),
+        "train_items": len(run.train_set),
+        "val_items": len(run.val_set),
+        "seconds_this_session": seconds,
+        "mlflow_run_id": tracker.run_id,
+    }
+    if run.rank == 0:
+        from dubito.platform.plots import training_curves
+
+        figure = training_curves(state["history"], run.out / "training.png")
+        write_json(run.out / "results.json", results)
+        for path in (run.out / "results.json", figure, run.out / MODEL, run.checkpoint):
+            tracker.log_artifact(path)
     return results
 
 
@@ -607,7 +915,9 @@ def _ray_train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]  # the driver's store, whatever the worker inherited
+    os.environ["MLFLOW_TRACKING_URI"] = loop_config[
+        "tracking_uri"
+    ]  # the driver's store, whatever the worker inherited
     config = dict(loop_config["config"])
     if config["workers"] > 0:  # the device Ray Train gave this worker
         config["device"] = str(ray.train.torch.get_device())
@@ -620,10 +930,22 @@ def _ray_train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             shutil.copy2(checkpoint, Path(folder) / CHECKPOINT)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    return train(config, progress=loop_config["progress"], tags=loop_config["tags"], on_epoch=report, lock=loop_config["lock"])
+    return train(
+        config,
+        progress=loop_config["progress"],
+        tags=loop_config["tags"],
+        on_epoch=report,
+        lock=loop_config["lock"],
+    )
 
 
-def train_with_ray(config: TrainConfig, *, progress: bool = True, tags: dict[str, str] | None = None, storage: str | None = None) -> dict[str, Any]:
+def train_with_ray(
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    tags: dict[str, str] | None = None,
+    storage: str | None = None,
+) -> dict[str, Any]:
     """:func:`train` under Ray Train's ``TorchTrainer``: with ``config.workers == 0`` in this
     process (Ray Train's local mode: no Ray cluster, the same result as :func:`train` for the same
     seed); with N workers as N data-parallel processes on the Ray cluster (``RAY_ADDRESS``, else a
@@ -645,7 +967,9 @@ def train_with_ray(config: TrainConfig, *, progress: bool = True, tags: dict[str
         return _train_with_ray(config, progress, tags, storage)
 
 
-def _train_with_ray(config: TrainConfig, progress: bool, tags: dict[str, str] | None, storage: str | None) -> dict[str, Any]:
+def _train_with_ray(
+    config: TrainConfig, progress: bool, tags: dict[str, str] | None, storage: str | None
+) -> dict[str, Any]:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -663,12 +987,20 @@ def _train_with_ray(config: TrainConfig, progress: bool, tags: dict[str, str] | 
         logging.getLogger(name).setLevel(logging.WARNING)
     trainer = TorchTrainer(
         _ray_train_worker,
-        train_loop_config={"config": asdict(config), "progress": progress, "tags": tags or {}, "tracking_uri": default_tracking_uri(),
-                           "lock": config.workers == 0},
+        train_loop_config={
+            "config": asdict(config),
+            "progress": progress,
+            "tags": tags or {},
+            "tracking_uri": default_tracking_uri(),
+            "lock": config.workers == 0,
+        },
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu),
-        run_config=RunConfig(name=f"train-{out.name}", storage_path=storage or str(out / "ray"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )  # fmt: skip
+        run_config=RunConfig(
+            name=f"train-{out.name}",
+            storage_path=storage or str(out / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
     try:
         result = trainer.fit()
     except Exception as err:  # a worker's DubitoError (bad flag, missing file) is what the user must see

@@ -128,7 +128,9 @@ class RegressionUncertainty(_Fields):
         return self.mean
 
 
-def classification_uncertainty(prob_samples: Tensor, logit_samples: Tensor | None = None) -> ClassificationUncertainty:
+def classification_uncertainty(
+    prob_samples: Tensor, logit_samples: Tensor | None = None
+) -> ClassificationUncertainty:
     """Decompose T samples of class probabilities.
 
     Args:
@@ -218,4 +220,6 @@ def regression_uncertainty(
                 f"mean_samples {tuple(mean_samples.shape)}"
             ) from err
         aleatoric = noise_variance(log_noise, likelihood).mean(0)
-    return RegressionUncertainty(mean=mean, aleatoric_var=aleatoric, epistemic_var=epistemic, total_var=aleatoric + epistemic)
+    return RegressionUncertainty(
+        mean=mean, aleatoric_var=aleatoric, epistemic_var=epistemic, total_var=aleatoric + epistemic
+    )

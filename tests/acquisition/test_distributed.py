@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import Subset
 
 from dubito import DubitoError
-from dubito.acquisition.distributed import RayPoolScorer, shards
 from dubito.acquisition.config import LoopConfig
+from dubito.acquisition.distributed import RayPoolScorer, shards
 from dubito.acquisition.loop import run_loop
 from dubito.acquisition.pool import pool_datasets
 from dubito.acquisition.scoring import pool_batches, score_pool
@@ -32,11 +32,21 @@ def test_shards_cover_every_batch_once_in_order():
 @pytest.mark.parametrize(
     ("settings", "selection"),
     [
-        (dict(dataset="synthetic-camvid", height=24, width=32, pool_images=22, acquisition="bald"), "kcenter"),
-        (dict(dataset="synthetic-make3d", height=24, width=32, pool_images=14, acquisition="epistemic"), "topk"),
-        (dict(dataset="digits", model="mlp", variant="epistemic", dropout=0.5, acquisition="random"), "batchbald"),
+        (
+            dict(dataset="synthetic-camvid", height=24, width=32, pool_images=22, acquisition="bald"),
+            "kcenter",
+        ),
+        (
+            dict(dataset="synthetic-make3d", height=24, width=32, pool_images=14, acquisition="epistemic"),
+            "topk",
+        ),
+        (
+            dict(dataset="digits", model="mlp", variant="epistemic", dropout=0.5, acquisition="random"),
+            "batchbald",
+        ),
     ],
 )
+@pytest.mark.slow
 def test_two_actors_score_exactly_as_local_scoring(settings, selection, ray_session):
     config = LoopConfig(**settings, selection=selection, epochs=1, samples=3, batch_size=4, device="cpu")
     train_set, pool, _ = pool_datasets(config)
@@ -45,7 +55,9 @@ def test_two_actors_score_exactly_as_local_scoring(settings, selection, ray_sess
     local = score_pool(model, spec, pool, positions, config.scoring(), 3, CPU, progress=False)
     with RayPoolScorer(config.pool(), config.scoring(), spec, 2, device=config.device) as scorer:
         assert scorer.devices() == ["cpu", "cpu"]
-        remote = score_pool(model, spec, pool, positions, config.scoring(), 3, CPU, progress=False, scorer=scorer)
+        remote = score_pool(
+            model, spec, pool, positions, config.scoring(), 3, CPU, progress=False, scorer=scorer
+        )
     assert len(local.scores) == len(positions)
     for key in ("scores", "features", "prob_samples"):
         mine, theirs = getattr(local, key), getattr(remote, key)
@@ -60,9 +72,23 @@ def test_two_actors_score_exactly_as_local_scoring(settings, selection, ray_sess
     assert not torch.equal(other.scores, local.scores)
 
 
+@pytest.mark.slow
 def test_loop_with_scoring_actors_buys_the_same_labels(tmp_path, ray_session, mlflow_uri):
-    settings = dict(dataset="synthetic-camvid", height=24, width=32, pool_images=16, test_images=4, initial=4, query=2,
-                    rounds=2, epochs=1, samples=2, batch_size=4, device="cpu", acquisition="bald")  # fmt: skip
+    settings = dict(
+        dataset="synthetic-camvid",
+        height=24,
+        width=32,
+        pool_images=16,
+        test_images=4,
+        initial=4,
+        query=2,
+        rounds=2,
+        epochs=1,
+        samples=2,
+        batch_size=4,
+        device="cpu",
+        acquisition="bald",
+    )
     local = run_loop(LoopConfig(output=str(tmp_path / "local"), **settings), progress=False)
     remote = run_loop(LoopConfig(output=str(tmp_path / "ray"), scorers=2, **settings), progress=False)
     assert remote["queried"] == local["queried"] and remote["curve"] == local["curve"]

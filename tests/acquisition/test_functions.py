@@ -272,6 +272,17 @@ def test_parse_reduction():
     assert parse_reduction("topq:0.05") == ("topq", {"q": 0.05})
     assert parse_reduction("grid:8") == ("grid", {"grid": 8})
     assert parse_reduction("class_balanced") == ("class_balanced", {})
-    for bad in ["", "median", "mean:3", "topq:abc", "topq:0", "topq:1.5", "topq:nan", "grid:0", "grid:2.5", "grid:"]:
+    for bad in [
+        "",
+        "median",
+        "mean:3",
+        "topq:abc",
+        "topq:0",
+        "topq:1.5",
+        "topq:nan",
+        "grid:0",
+        "grid:2.5",
+        "grid:",
+    ]:
         with pytest.raises(DubitoError):
             parse_reduction(bad)

@@ -13,14 +13,26 @@ import torch
 from PIL import Image
 
 from dubito import DubitoError
-from dubito.acquisition.ledger import Ledger
 from dubito.acquisition.config import LEDGER, LoopConfig
 from dubito.acquisition.human import HumanLabels, import_labels
+from dubito.acquisition.ledger import Ledger
 from dubito.acquisition.loop import run_loop
 from dubito.acquisition.pool import pool_datasets
 
-TINY = dict(dataset="synthetic-camvid", height=16, width=20, pool_images=12, test_images=4, initial=3, query=2,
-            rounds=2, epochs=1, samples=2, batch_size=4, device="cpu")  # fmt: skip
+TINY = dict(
+    dataset="synthetic-camvid",
+    height=16,
+    width=20,
+    pool_images=12,
+    test_images=4,
+    initial=3,
+    query=2,
+    rounds=2,
+    epochs=1,
+    samples=2,
+    batch_size=4,
+    device="cpu",
+)
 VOID = 11  # synthetic-camvid: 11 classes, void = 11
 
 
@@ -95,7 +107,11 @@ def test_human_round_trip_until_finished(tmp_path, mlflow_uri):
     assert results["finished"] and results["waiting_for_labels"] == []
     assert [c["round"] for c in results["curve"]] == [0, 1, 2]
     assert [c["labels"] for c in results["curve"]] == [3, 5, 7]
-    assert sorted(p.name for p in (out / "rounds").glob("*.pt")) == ["round-000.pt", "round-001.pt", "round-002.pt"]
+    assert sorted(p.name for p in (out / "rounds").glob("*.pt")) == [
+        "round-000.pt",
+        "round-001.pt",
+        "round-002.pt",
+    ]
     assert sorted(p.name for p in (out / "queries").iterdir()) == ["initial", "round-000", "round-001"]
 
     with Ledger(out / LEDGER) as ledger:
@@ -144,10 +160,16 @@ def test_bad_label_files_are_refused_and_leave_the_ledger_unchanged(tmp_path, ml
 
     # good files for two ids and a bad one for the third: none is stored
     cases = {
-        "shape": (np.zeros((shape[0] - 1, shape[1]), np.uint8), r"label shape \(15, 20\), expected \(16, 20\)"),
+        "shape": (
+            np.zeros((shape[0] - 1, shape[1]), np.uint8),
+            r"label shape \(15, 20\), expected \(16, 20\)",
+        ),
         "transposed": (truth[third].T, r"label shape \(20, 16\)"),
         "class": (np.full(shape, VOID + 1, np.uint8), r"class values outside 0\.\.10 \(void = 11\)"),
-        "class-200": (np.where(np.arange(shape[1]) == 3, 200, truth[third]).astype(np.uint8), "class values outside"),
+        "class-200": (
+            np.where(np.arange(shape[1]) == 3, 200, truth[third]).astype(np.uint8),
+            "class values outside",
+        ),
     }
     for name, (array, match) in cases.items():
         folder = tmp_path / name

@@ -28,10 +28,21 @@ def test_initial_set_and_rounds_read_back_in_order_after_reopening(tmp_path):
     with Ledger(path, SETTINGS) as ledger:
         assert ledger.labeled_ids() == [] and ledger.next_round() == 0 and ledger.rounds() == []
         ledger.record_initial([7, 3, 5], flags=[{"has_static": True}, {}, {"dusk": True}])
-        ledger.record_round(0, metrics={"test_mean_iou": 0.25}, checkpoint="r0.pt", seconds=1.5,
-                            queried=[9, 1], scores=[0.9, 0.4], flags=[{"has_static": False}, {"has_static": True}])  # fmt: skip
-        ledger.record_round(1, metrics={"test_mean_iou": 0.5}, checkpoint="r1.pt", seconds=2.0, queried=[0, 8], scores=[3, 2])
-        ledger.record_round(2, metrics={"test_mean_iou": 0.75}, checkpoint=None, seconds=0.5)  # the last: no queries
+        ledger.record_round(
+            0,
+            metrics={"test_mean_iou": 0.25},
+            checkpoint="r0.pt",
+            seconds=1.5,
+            queried=[9, 1],
+            scores=[0.9, 0.4],
+            flags=[{"has_static": False}, {"has_static": True}],
+        )
+        ledger.record_round(
+            1, metrics={"test_mean_iou": 0.5}, checkpoint="r1.pt", seconds=2.0, queried=[0, 8], scores=[3, 2]
+        )
+        ledger.record_round(
+            2, metrics={"test_mean_iou": 0.75}, checkpoint=None, seconds=0.5
+        )  # the last: no queries
         ledger.set_meta("mlflow_run_id", "abc123")
     with Ledger(path, SETTINGS) as ledger:
         assert ledger.labeled_ids() == [7, 3, 5, 9, 1, 0, 8]  # the order chosen, not sorted
@@ -46,7 +57,11 @@ def test_initial_set_and_rounds_read_back_in_order_after_reopening(tmp_path):
         assert [r["round"] for r in rounds] == [0, 1, 2]
         assert [r["labels"] for r in rounds] == [3, 5, 7]  # labels the round's model was trained on
         assert [r["queried"] for r in rounds] == [[9, 1], [0, 8], []]
-        assert [r["metrics"] for r in rounds] == [{"test_mean_iou": 0.25}, {"test_mean_iou": 0.5}, {"test_mean_iou": 0.75}]
+        assert [r["metrics"] for r in rounds] == [
+            {"test_mean_iou": 0.25},
+            {"test_mean_iou": 0.5},
+            {"test_mean_iou": 0.75},
+        ]
         folder = path.parent  # stored relative to the ledger's folder, read back as files of it
         assert [r["checkpoint"] for r in rounds] == [str(folder / "r0.pt"), str(folder / "r1.pt"), None]
         assert [r["seconds"] for r in rounds] == [1.5, 2.0, 0.5]
@@ -83,7 +98,9 @@ def test_a_round_that_labels_an_id_again_leaves_nothing_behind(tmp_path):
         ledger.record_round(0, metrics={"m": 1.0}, checkpoint="r0.pt", seconds=1.0, queried=[4, 5])
         # 6 is new, 2 was labelled in the initial set: the rounds row is inserted before the queries
         with pytest.raises(DubitoError, match=r"round 1 would label ids again \[2\]"):
-            ledger.record_round(1, metrics={"m": 2.0}, checkpoint="r1.pt", seconds=1.0, queried=[6, 2], scores=[1, 0])
+            ledger.record_round(
+                1, metrics={"m": 2.0}, checkpoint="r1.pt", seconds=1.0, queried=[6, 2], scores=[1, 0]
+            )
         with pytest.raises(DubitoError, match=r"would label ids again \[4, 5\]"):
             ledger.record_round(1, metrics={"m": 2.0}, checkpoint="r1.pt", seconds=1.0, queried=[5, 7, 4])
         assert ledger.next_round() == 1
@@ -124,7 +141,9 @@ def test_a_duplicate_id_inside_one_batch_is_refused(tmp_path):
 def test_settings_mismatch_on_reopen_names_the_keys_that_differ(tmp_path):
     path = tmp_path / "l.sqlite"
     Ledger(path, {"acquisition": "bald", "seed": 0, "query": 2, "model": "tiny"}).close()
-    with Ledger(path, {"acquisition": "bald", "seed": 0, "query": 2, "model": "tiny"}) as ledger:  # same: fine
+    with Ledger(
+        path, {"acquisition": "bald", "seed": 0, "query": 2, "model": "tiny"}
+    ) as ledger:  # same: fine
         assert ledger.get_meta("settings")["acquisition"] == "bald"
     with Ledger(path) as ledger:  # no settings given: not checked
         assert ledger.labeled_ids() == []
@@ -156,12 +175,19 @@ def test_pending_and_record_label(tmp_path):
         ledger.record_label(5, "5_label.png")  # a label imported again replaces the old one
     with Ledger(path) as ledger:
         # paths are kept relative to the ledger's folder and read back as its files
-        assert ledger.label_files() == {1: str(tmp_path / "1_label.png"), 42: str(tmp_path / "42_label.png"), 5: str(tmp_path / "5_label.png")}
+        assert ledger.label_files() == {
+            1: str(tmp_path / "1_label.png"),
+            42: str(tmp_path / "42_label.png"),
+            5: str(tmp_path / "5_label.png"),
+        }
         assert ledger.pending(ledger.labeled_ids()) == [3]
     assert _count(path, "labels") == 3
 
 
-@pytest.mark.parametrize("content", [b"this is not a SQLite database, just some text\n" * 20, b"SQLite format 3\x00" + b"\xff" * 200])
+@pytest.mark.parametrize(
+    "content",
+    [b"this is not a SQLite database, just some text\n" * 20, b"SQLite format 3\x00" + b"\xff" * 200],
+)
 def test_a_file_that_is_not_sqlite_is_named(tmp_path, content):
     path = tmp_path / "ledger.sqlite"
     path.write_bytes(content)
@@ -195,7 +221,9 @@ def test_committed_rounds_survive_sigkill(tmp_path):
     path = tmp_path / "ledger.sqlite"
     script = tmp_path / "writer.py"
     script.write_text(textwrap.dedent(_KILLED_WRITER))
-    proc = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     with Ledger(path, {"seed": 0}) as ledger:
         assert ledger.next_round() == 2

@@ -15,23 +15,49 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dubito import DubitoError
-from dubito.acquisition.ledger import Ledger
 from dubito.acquisition.config import LEDGER, LoopConfig
+from dubito.acquisition.ledger import Ledger
 from dubito.acquisition.loop import run_loop
 from dubito.cli import main
 from dubito.experiments.labeling_budget import LabelConfig, run_labeling
 
-TINY = dict(dataset="synthetic-camvid", height=24, width=32, pool_images=30, test_images=6, initial=4, query=3, rounds=3,
-            epochs=2, samples=3, batch_size=4, device="cpu")  # fmt: skip
+TINY = dict(
+    dataset="synthetic-camvid",
+    height=24,
+    width=32,
+    pool_images=30,
+    test_images=6,
+    initial=4,
+    query=3,
+    rounds=3,
+    epochs=2,
+    samples=3,
+    batch_size=4,
+    device="cpu",
+)
 # the noisy pool: a fifth of the images carry TV static (random labels behind a visible texture)
-NOISY = dict(dataset="synthetic-camvid", height=32, width=40, pool_images=80, test_images=16, initial=8, query=4, rounds=4,
-             epochs=8, samples=8, reduction="topq:0.1", static_fraction=0.2, device="cpu")  # fmt: skip
+NOISY = dict(
+    dataset="synthetic-camvid",
+    height=32,
+    width=40,
+    pool_images=80,
+    test_images=16,
+    initial=8,
+    query=4,
+    rounds=4,
+    epochs=8,
+    samples=8,
+    reduction="topq:0.1",
+    static_fraction=0.2,
+    device="cpu",
+)
 
 
 def _flags(args: dict) -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
 
 
+@pytest.mark.slow
 def test_killed_label_run_resumes_to_the_same_results(tmp_path, mlflow_uri):
     settings = dict(TINY, acquisition="bald", seeds="0")
     reference = run_labeling(LabelConfig(output=str(tmp_path / "whole"), **settings), progress=False)
@@ -68,11 +94,14 @@ def test_killed_label_run_resumes_to_the_same_results(tmp_path, mlflow_uri):
     # one MLflow run for the loop, finished, with each round's metrics at step = round
     client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("dubito-label").experiment_id
-    runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{resumed['mlflow_parent_run_id']}'")
+    runs = client.search_runs(
+        [experiment], filter_string=f"tags.mlflow.parentRunId = '{resumed['mlflow_parent_run_id']}'"
+    )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "test_mean_iou")} == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 @pytest.mark.finding
 def test_epistemic_acquisition_avoids_the_noisy_tv(tmp_path, mlflow_uri, finding):
     """Entropy and aleatoric acquisition buy labels for the static (unlearnable) regions; mutual
@@ -82,30 +111,60 @@ def test_epistemic_acquisition_avoids_the_noisy_tv(tmp_path, mlflow_uri, finding
     spent: dict[str, list[float]] = {}
     for seed in (finding.seed(0), finding.seed(1)):
         for acquisition in ("entropy", "aleatoric", "epistemic"):
-            config = LoopConfig(output=str(tmp_path / f"{acquisition}-{seed}"), acquisition=acquisition, seed=seed, **NOISY)
+            config = LoopConfig(
+                output=str(tmp_path / f"{acquisition}-{seed}"), acquisition=acquisition, seed=seed, **NOISY
+            )
             results = run_loop(config, progress=False)
             spent.setdefault(acquisition, []).append(results["static_fraction"])
             flags = [q for r in results["queried"].values() for q in r]
             assert len(flags) == NOISY["query"] * NOISY["rounds"]
     mean = {k: float(np.mean(v)) for k, v in spent.items()}
-    finding.check("static share bought, entropy minus epistemic", mean["entropy"] - mean["epistemic"], ">", 0.0, spent)
-    finding.check("static share bought, aleatoric minus epistemic", mean["aleatoric"] - mean["epistemic"], ">", 0.0, spent)
+    finding.check(
+        "static share bought, entropy minus epistemic", mean["entropy"] - mean["epistemic"], ">", 0.0, spent
+    )
+    finding.check(
+        "static share bought, aleatoric minus epistemic",
+        mean["aleatoric"] - mean["epistemic"],
+        ">",
+        0.0,
+        spent,
+    )
     # entropy is drawn to the static: more than the pool's share
     finding.check("static share bought by entropy", mean["entropy"], ">", NOISY["static_fraction"], spent)
 
 
+@pytest.mark.slow
 @pytest.mark.finding
 def test_bald_beats_random_on_real_digits(tmp_path, mlflow_uri, finding):
     """Stochastic (power) BALD against random, 20 → 100 labels of scikit-learn's real digits. Top-k
     BALD loses to random at this budget (batches of near-duplicates from the confusable classes;
     README), which is why power selection exists."""
-    settings = dict(dataset="digits", model="mlp", variant="epistemic", dropout=0.5, initial=20, query=10, rounds=8, epochs=50,
-                    batch_size=16, samples=20, selection="power", device="cpu", acquisition="random,bald",
-                    seeds=",".join(str(finding.seed(s)) for s in (0, 1, 2)))  # fmt: skip
+    settings = dict(
+        dataset="digits",
+        model="mlp",
+        variant="epistemic",
+        dropout=0.5,
+        initial=20,
+        query=10,
+        rounds=8,
+        epochs=50,
+        batch_size=16,
+        samples=20,
+        selection="power",
+        device="cpu",
+        acquisition="random,bald",
+        seeds=",".join(str(finding.seed(s)) for s in (0, 1, 2)),
+    )
     results = run_labeling(LabelConfig(output=str(tmp_path / "digits"), **settings), progress=False)
     s = results["summary"]
     assert results["metric"] == "test_accuracy" and s["bald"]["seeds"] == 3
-    finding.check("ALC, power BALD minus random (mean of 3 seeds)", s["bald"]["alc_mean"] - s["random"]["alc_mean"], ">", 0.0, s)
+    finding.check(
+        "ALC, power BALD minus random (mean of 3 seeds)",
+        s["bald"]["alc_mean"] - s["random"]["alc_mean"],
+        ">",
+        0.0,
+        s,
+    )
     wins = sum(b > r for b, r in zip(s["bald"]["alc_per_seed"], s["random"]["alc_per_seed"]))
     finding.check("seeds in which power BALD's ALC beats random's", wins, ">=", 2, s)
     for name in ("random", "bald"):  # the ALC is the trapezoid area of each seed's curve over the label range
@@ -115,9 +174,19 @@ def test_bald_beats_random_on_real_digits(tmp_path, mlflow_uri, finding):
         assert s[name]["alc_per_seed"] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_study_results_plots_and_mlflow(tmp_path, mlflow_uri, capsys):
     out = tmp_path / "study"
-    code = main(["label", f"--output={out}", "--acquisition=random,epistemic", "--seeds=0,1", *_flags(TINY), "--no-progress"])
+    code = main(
+        [
+            "label",
+            f"--output={out}",
+            "--acquisition=random,epistemic",
+            "--seeds=0,1",
+            *_flags(TINY),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| random |" in printed and "| epistemic |" in printed and "MLflow" in printed
@@ -129,13 +198,27 @@ def test_study_results_plots_and_mlflow(tmp_path, mlflow_uri, capsys):
     assert (out / "learning_curves.png").stat().st_size > 10_000
     client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("dubito-label").experiment_id
-    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{results['mlflow_parent_run_id']}'")
+    children = client.search_runs(
+        [experiment], filter_string=f"tags.mlflow.parentRunId = '{results['mlflow_parent_run_id']}'"
+    )
     assert len(children) == 4
     for child in children:
         assert [m.step for m in client.get_metric_history(child.info.run_id, "labels")] == [0, 1, 2, 3]
     # the same command again resumes every loop from its ledger: nothing is trained again
     started = time.perf_counter()
-    assert main(["label", f"--output={out}", "--acquisition=random,epistemic", "--seeds=0,1", *_flags(TINY), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "label",
+                f"--output={out}",
+                "--acquisition=random,epistemic",
+                "--seeds=0,1",
+                *_flags(TINY),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert time.perf_counter() - started < results["seconds"] / 3
     assert len(client.search_runs([experiment])) == 5  # the parent and its four children, reopened
 
@@ -168,8 +251,18 @@ def test_loop_on_real_layouts_and_depth(tmp_path, mlflow_uri, dataset):
     elif dataset == "make3d":
         make_make3d(tmp_path / "data", counts=(12, 3))
         root = str(tmp_path / "data")
-    config = LoopConfig(output=str(tmp_path / "run"), **{**TINY, "dataset": dataset, "root": root, "acquisition": "epistemic",
-                                                          "initial": 3, "query": 2, "rounds": 2})  # fmt: skip
+    config = LoopConfig(
+        output=str(tmp_path / "run"),
+        **{
+            **TINY,
+            "dataset": dataset,
+            "root": root,
+            "acquisition": "epistemic",
+            "initial": 3,
+            "query": 2,
+            "rounds": 2,
+        },
+    )
     results = run_loop(config, progress=False)
     metric = "test_mean_iou" if dataset == "camvid" else "test_rms"
     assert [c["labels"] for c in results["curve"]] == [3, 5, 7] and all(metric in c for c in results["curve"])
@@ -180,23 +273,45 @@ def test_loop_on_real_layouts_and_depth(tmp_path, mlflow_uri, dataset):
 
 @pytest.mark.parametrize("selection", ["batchbald", "kcenter"])
 def test_batch_aware_selections_run_in_the_loop(tmp_path, mlflow_uri, selection):
-    settings = dict(dataset="digits", model="mlp", variant="epistemic", dropout=0.5, initial=10, query=4, rounds=2, epochs=5,
-                    batch_size=16, samples=5, selection=selection, device="cpu")  # fmt: skip
-    results = run_loop(LoopConfig(output=str(tmp_path / selection), acquisition="bald", **settings), progress=False)
+    settings = dict(
+        dataset="digits",
+        model="mlp",
+        variant="epistemic",
+        dropout=0.5,
+        initial=10,
+        query=4,
+        rounds=2,
+        epochs=5,
+        batch_size=16,
+        samples=5,
+        selection=selection,
+        device="cpu",
+    )
+    results = run_loop(
+        LoopConfig(output=str(tmp_path / selection), acquisition="bald", **settings), progress=False
+    )
     queried = [i for ids in results["queried"].values() for i in ids]
     assert len(queried) == len(set(queried)) == 8 and not set(queried) & set(results["initial"])
-    again = run_loop(LoopConfig(output=str(tmp_path / f"{selection}-again"), acquisition="bald", **settings), progress=False)
+    again = run_loop(
+        LoopConfig(output=str(tmp_path / f"{selection}-again"), acquisition="bald", **settings),
+        progress=False,
+    )
     assert again["queried"] == results["queried"]  # reproducible from the seed
     with pytest.raises(DubitoError, match="batchbald"):
-        run_loop(LoopConfig(output=str(tmp_path / "seg"), **{**TINY, "selection": "batchbald"}), progress=False)
+        run_loop(
+            LoopConfig(output=str(tmp_path / "seg"), **{**TINY, "selection": "batchbald"}), progress=False
+        )
 
 
 def test_a_label_budget_is_never_exceeded(tmp_path, mlflow_uri):
-    results = run_loop(LoopConfig(output=str(tmp_path / "b"), **{**TINY, "budget": 9, "rounds": 0}), progress=False)
+    results = run_loop(
+        LoopConfig(output=str(tmp_path / "b"), **{**TINY, "budget": 9, "rounds": 0}), progress=False
+    )
     assert [c["labels"] for c in results["curve"]] == [4, 7, 9] and results["finished"]
     assert [len(v) for v in results["queried"].values()] == [3, 2]
 
 
+@pytest.mark.slow
 def test_a_finished_loop_given_a_larger_budget_continues_as_one_long_run(tmp_path, mlflow_uri):
     long = run_loop(LoopConfig(output=str(tmp_path / "long"), **{**TINY, "rounds": 3}), progress=False)
     short = run_loop(LoopConfig(output=str(tmp_path / "grown"), **{**TINY, "rounds": 1}), progress=False)

@@ -19,14 +19,14 @@ from dubito.platform.data import Digits
 from dubito.platform.service import UncertaintyService
 
 # modAL 0.4.2's teach passes check_X_y(force_all_finite=...), renamed in scikit-learn 1.6 (docs/architecture.md, "Dependencies")
-pytestmark = pytest.mark.filterwarnings("ignore:'force_all_finite' was renamed:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:'force_all_finite' was renamed:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),  # tiny models: intra-op threads only add overhead
+]
 
 EPOCHS = 60  # enough for ~0.85 test accuracy from 100 labels; fit takes ~0.1 s on one thread
 SAMPLES = 10
 CLASSIFICATION = [name for name, a in ACQUISITIONS.items() if "classification" in a.kinds]
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only add overhead
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,10 @@ def _start(pool_ids: np.ndarray, n: int = 20, seed: int = 0) -> np.ndarray:
 def _learner(full, labeled: np.ndarray, query, seed: int = 0, **params) -> ActiveLearner:
     est = TorchEstimator(data=full, epochs=EPOCHS, samples=SAMPLES, seed=seed, **params)
     return ActiveLearner(
-        estimator=est, query_strategy=query, X_training=labeled.reshape(-1, 1), y_training=full.targets[labeled].numpy()
+        estimator=est,
+        query_strategy=query,
+        X_training=labeled.reshape(-1, 1),
+        y_training=full.targets[labeled].numpy(),
     )
 
 
@@ -72,11 +75,14 @@ def fitted(digits):
     return learner, np.setdiff1d(pool_ids, start).reshape(-1, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.finding
 def test_active_learning_with_bald_on_digits(digits, finding):
     full, pool_ids, test_ids = digits
     k, rounds = 20, 4
-    learner, picked = _run(full, pool_ids, strategy("bald", seed=finding.seed(0)), rounds, k, seed=finding.seed(0))
+    learner, picked = _run(
+        full, pool_ids, strategy("bald", seed=finding.seed(0)), rounds, k, seed=finding.seed(0)
+    )
     queried = np.concatenate(picked)
     start = _start(pool_ids)
     assert len(np.unique(queried)) == k * rounds  # distinct across rounds
@@ -95,7 +101,9 @@ def test_labelled_set_grows_by_n_instances_each_round_with_1d_positions(digits):
     start = _start(pool_ids, 10)
     est = TorchEstimator(data=full, epochs=5, samples=4)
     query = strategy("entropy")
-    learner = ActiveLearner(estimator=est, query_strategy=query, X_training=start, y_training=full.targets[start].numpy())
+    learner = ActiveLearner(
+        estimator=est, query_strategy=query, X_training=start, y_training=full.targets[start].numpy()
+    )
     unlabeled = np.setdiff1d(pool_ids, start)  # (n,) positions work too
     sizes = [len(learner.X_training)]
     for k in (3, 5, 7):
@@ -194,6 +202,7 @@ def test_same_seed_same_queries(digits):
     assert isinstance(query, Strategy) and query.calls == 1
 
 
+@pytest.mark.slow
 @pytest.mark.finding
 def test_estimator_on_feature_arrays_against_direct_computation(digits, finding):
     full, pool_ids, test_ids = digits
@@ -207,29 +216,41 @@ def test_estimator_on_feature_arrays_against_direct_computation(digits, finding)
     proba = est.predict_proba(X_test)
     assert proba.shape == (len(X_test), 10) and proba.dtype == np.float64
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
-    service = UncertaintyService(est.model_, task="classification", samples=8, device="cpu", seed=finding.seed(5), progress=False)
+    service = UncertaintyService(
+        est.model_, task="classification", samples=8, device="cpu", seed=finding.seed(5), progress=False
+    )
     direct = service.predict(torch.from_numpy(X_test)).mean_probs.double().numpy()
     np.testing.assert_allclose(proba, direct, rtol=0, atol=1e-7)
     np.testing.assert_array_equal(est.predict(X_test), np.arange(10, 20)[direct.argmax(1)])
     assert est.score(X_test, y_test + 10) == pytest.approx(accuracy_score(y_test + 10, est.predict(X_test)))
-    finding.check("digits test accuracy, 200 random labels, 20 epochs", est.score(X_test, y_test + 10), ">", 0.75)
+    finding.check(
+        "digits test accuracy, 200 random labels, 20 epochs", est.score(X_test, y_test + 10), ">", 0.75
+    )
     np.testing.assert_array_equal(est.predict_proba(X_test), proba)  # reproducible predictions
     u = est.uncertainty(X_test[:7])
     assert u.mean_probs.shape == (7, 10) and u.mutual_information.shape == (7,)
     assert est.features(X_test[:7]).shape == (7, 64)
 
     # same seed + same data → same weights; another seed → other weights
-    same = TorchEstimator(epochs=20, samples=8, seed=finding.seed(5), hidden=(64,), dropout=0.2).fit(X, y + 10)
-    other = TorchEstimator(epochs=20, samples=8, seed=finding.seed(5) + 1, hidden=(64,), dropout=0.2).fit(X, y + 10)
+    same = TorchEstimator(epochs=20, samples=8, seed=finding.seed(5), hidden=(64,), dropout=0.2).fit(
+        X, y + 10
+    )
+    other = TorchEstimator(epochs=20, samples=8, seed=finding.seed(5) + 1, hidden=(64,), dropout=0.2).fit(
+        X, y + 10
+    )
     for key, value in est.model_.state_dict().items():
         assert torch.equal(value, same.model_.state_dict()[key]), key
     assert not torch.equal(est.model_.head.out.weight, other.model_.head.out.weight)
     # positions into data train exactly like the features they point at (y read from data)
-    by_index = TorchEstimator(epochs=20, samples=8, seed=5, hidden=(64,), dropout=0.2, data=full, classes=range(10))
+    by_index = TorchEstimator(
+        epochs=20, samples=8, seed=5, hidden=(64,), dropout=0.2, data=full, classes=range(10)
+    )
     by_index.fit(chosen.reshape(-1, 1))
     plain = TorchEstimator(epochs=20, samples=8, seed=5, hidden=(64,), dropout=0.2).fit(X, y)
     assert torch.equal(by_index.model_.head.out.weight, plain.model_.head.out.weight)
-    np.testing.assert_array_equal(by_index.predict_proba(test_ids.reshape(-1, 1)), plain.predict_proba(X_test))
+    np.testing.assert_array_equal(
+        by_index.predict_proba(test_ids.reshape(-1, 1)), plain.predict_proba(X_test)
+    )
     assert by_index.score(test_ids.reshape(-1, 1)) == plain.score(X_test, y_test)
     with pytest.raises(DubitoError, match="2-D"):
         est.predict(X_test[0])
@@ -245,7 +266,9 @@ def test_estimator_on_feature_arrays_against_direct_computation(digits, finding)
 
 def test_both_variant_and_rmsprop(digits):
     full, pool_ids, _ = digits
-    est = TorchEstimator(variant="both", optimizer="rmsprop", epochs=3, samples=4, logit_noise_samples=4, data=full)
+    est = TorchEstimator(
+        variant="both", optimizer="rmsprop", epochs=3, samples=4, logit_noise_samples=4, data=full
+    )
     est.fit(pool_ids[:64].reshape(-1, 1))
     assert est.model_.has_log_var and est.model_.mc_dropout
     np.testing.assert_allclose(est.predict_proba(pool_ids[64:80].reshape(-1, 1)).sum(1), 1.0, atol=1e-5)

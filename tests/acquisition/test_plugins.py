@@ -20,17 +20,37 @@ import torch
 
 from dubito import DubitoError
 from dubito.acquisition import (
-    ACQUISITIONS, REDUCTIONS, SELECTIONS, Acquisition, get_acquisition, parse_reduction, reduce_scores, register_acquisition,
-    register_reduction, register_selection, select,
-)  # fmt: skip
+    ACQUISITIONS,
+    REDUCTIONS,
+    SELECTIONS,
+    get_acquisition,
+    parse_reduction,
+    reduce_scores,
+    register_acquisition,
+    register_reduction,
+    register_selection,
+    select,
+)
 from dubito.acquisition.config import LEDGER, LoopConfig
 from dubito.acquisition.ledger import Ledger
 from dubito.acquisition.loop import run_loop
 from dubito.platform.registry import plugins
 from dubito.platform.uncertainty import classification_uncertainty
 
-TINY = dict(dataset="synthetic-camvid", height=24, width=32, pool_images=14, test_images=4, initial=4, query=2, rounds=2,
-            epochs=1, samples=3, batch_size=4, device="cpu")  # fmt: skip
+TINY = dict(
+    dataset="synthetic-camvid",
+    height=24,
+    width=32,
+    pool_images=14,
+    test_images=4,
+    initial=4,
+    query=2,
+    rounds=2,
+    epochs=1,
+    samples=3,
+    batch_size=4,
+    device="cpu",
+)
 
 
 # ----------------------------------------------------------------------------- the plugins
@@ -82,7 +102,10 @@ def _install_distribution(folder: Path) -> Path:
 def registered(tmp_path, monkeypatch):
     """The three registered here and the distribution's, removed again after the test."""
     entries = [
-        (ACQUISITIONS, register_acquisition("mean_std", mean_std, kinds=("classification",), needs=("samples",))),
+        (
+            ACQUISITIONS,
+            register_acquisition("mean_std", mean_std, kinds=("classification",), needs=("samples",)),
+        ),
         (REDUCTIONS, register_reduction("quantile", quantile, option="q", parse=float)),
         (SELECTIONS, register_selection("farthest", farthest, needs=("features",))),
     ]
@@ -158,7 +181,8 @@ def test_a_selection_returning_bad_positions_is_refused(registered):
         SELECTIONS.unregister("broken")
 
 
-# ----------------------------------------------------------------------------- used by the loop, the modAL strategy, a sweep, the command
+# ---------------------------------------------- used by the loop, the modAL strategy, a sweep, the command
+@pytest.mark.slow
 def test_a_labeling_loop_runs_with_the_plugins(registered, tmp_path, ray_session, mlflow_uri):
     settings = dict(acquisition="mean_std", reduction="quantile:0.9", selection="farthest", **TINY)
     results = run_loop(LoopConfig(output=str(tmp_path / "loop"), **settings), progress=False)
@@ -187,39 +211,134 @@ def test_the_modal_strategy_uses_the_plugins(registered):
     np.testing.assert_allclose(scores, want[picked].double().numpy(), rtol=1e-6)
 
     picked, _ = strategy("top_two_gap", selection="farthest")(est, pool, n_instances=3)
-    distance = torch.cdist(est.features(pool).double(), est.features(pool[:1]).double()).amin(1)  # a bare estimator: no labelled set
+    distance = torch.cdist(est.features(pool).double(), est.features(pool[:1]).double()).amin(
+        1
+    )  # a bare estimator: no labelled set
     assert picked.tolist() == torch.sort(distance, descending=True, stable=True).indices[:3].tolist()
 
 
+@pytest.mark.slow
 def test_a_two_trial_sweep_runs_the_plugins_in_ray_workers(registered, tmp_path, ray_session, mlflow_uri):
     from dubito.experiments.sweep import SweepConfig, run_sweep
 
     base = dict(TINY, reduction="quantile:0.5", selection="farthest")
-    config = SweepConfig(kind="label", output=str(tmp_path / "sweep"), grid=("acquisition=mean_std,top_two_gap",), base=base)
+    config = SweepConfig(
+        kind="label", output=str(tmp_path / "sweep"), grid=("acquisition=mean_std,top_two_gap",), base=base
+    )
     results = run_sweep(config, progress=False)
     assert results["finished"] == 2 and not results["errors"], results["errors"]
     # each trial bought what the same loop buys in this process
     for acquisition in ("mean_std", "top_two_gap"):
-        (folder,) = [p for p in (tmp_path / "sweep" / "trials").iterdir()
-                     if json.loads((p / "trial.json").read_text())["params"]["acquisition"] == acquisition]  # fmt: skip
+        (folder,) = [
+            p
+            for p in (tmp_path / "sweep" / "trials").iterdir()
+            if json.loads((p / "trial.json").read_text())["params"]["acquisition"] == acquisition
+        ]
         trial = json.loads((folder / "results.json").read_text())
         before = torch.get_num_threads()
         torch.set_num_threads(1)  # a 1-CPU trial's count (CPU sums depend on it at float rounding)
         try:
-            direct = run_loop(LoopConfig(output=str(tmp_path / f"direct-{acquisition}"), acquisition=acquisition, **base), progress=False)
+            direct = run_loop(
+                LoopConfig(output=str(tmp_path / f"direct-{acquisition}"), acquisition=acquisition, **base),
+                progress=False,
+            )
         finally:
             torch.set_num_threads(before)
-        assert {int(k): v for k, v in trial["queried"].items()} == direct["queried"] and len(direct["queried"]) == 2
+        assert {int(k): v for k, v in trial["queried"].items()} == direct["queried"] and len(
+            direct["queried"]
+        ) == 2
 
 
+@pytest.mark.slow
 def test_an_installed_distributions_acquisition_appears_in_the_command(registered, tmp_path, mlflow_uri):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(registered), os.environ.get("PYTHONPATH", "")])}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "rounds": 1}.items()]
-    done = subprocess.run([sys.executable, "-m", "dubito", "label", f"--output={tmp_path / 'cli'}", "--acquisition=top_two_gap",
-                           *flags, "--no-progress"], env=env, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dubito",
+            "label",
+            f"--output={tmp_path / 'cli'}",
+            "--acquisition=top_two_gap",
+            *flags,
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "cli" / "results.json").read_text())["config"]["acquisition"] == "top_two_gap"
-    done = subprocess.run([sys.executable, "-m", "dubito", "label", f"--output={tmp_path / 'cli2'}", "--acquisition=mean_std",
-                           *flags, "--no-progress"], env=env, capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 2 and "unknown acquisition 'mean_std'" in done.stderr and "top_two_gap" in done.stderr
+    assert (
+        json.loads((tmp_path / "cli" / "results.json").read_text())["config"]["acquisition"] == "top_two_gap"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dubito",
+            "label",
+            f"--output={tmp_path / 'cli2'}",
+            "--acquisition=mean_std",
+            *flags,
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        done.returncode == 2
+        and "unknown acquisition 'mean_std'" in done.stderr
+        and "top_two_gap" in done.stderr
+    )
     assert not (tmp_path / "cli2").exists()
+
+
+def test_shipped_plugins_install_over_a_workers_own_entry_points(registered, tmp_path):
+    """A Ray worker that sees the same installed distribution reads its entry points too: the
+    driver's copies replace them instead of conflicting (every trial would fail otherwise)."""
+    import pickle
+
+    (tmp_path / "plugins.pkl").write_bytes(pickle.dumps(plugins()))  # by value, as Ray ships them
+    code = (
+        "import pickle, sys\n"
+        "from dubito.platform.registry import install_plugins\n"
+        "from dubito.acquisition import ACQUISITIONS, get_acquisition, parse_reduction\n"
+        "install_plugins(pickle.loads(open(sys.argv[1], 'rb').read()))\n"
+        "get_acquisition('bald'); parse_reduction('quantile:0.5')\n"
+        "print(sorted(ACQUISITIONS.user_entries()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(registered), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "plugins.pkl")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['mean_std', 'top_two_gap']"
+
+
+def test_a_broken_entry_point_is_named_on_every_read(tmp_path, mlflow_uri):
+    site = tmp_path / "site"
+    (site / "brokenplug").mkdir(parents=True)
+    (site / "brokenplug" / "__init__.py").write_text("raise ImportError('a dependency is missing')\n")
+    info = site / "brokenplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[dubito.selections]\noops = brokenplug:OOPS\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "rounds": 1}.items()]
+    command = [
+        sys.executable,
+        "-m",
+        "dubito",
+        "label",
+        f"--output={tmp_path / 'out'}",
+        "--acquisition=bald",
+        *flags,
+    ]
+    for _ in range(2):  # not half-loaded after the first failure
+        done = subprocess.run(command + ["--no-progress"], env=env, capture_output=True, text=True)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "entry point 'oops' of dubito.selections (brokenplug:OOPS) failed to load" in done.stderr
+        assert "a dependency is missing" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -52,7 +52,9 @@ def test_first_pick_frequency_is_proportional(method, scores):
     np.testing.assert_allclose(freq, [0.1, 0.2, 0.3, 0.4], atol=0.035)
     # temperature 0.5 squares the weights (power) / doubles the logits (softmax): ∝ 1, 4, 9, 16
     firsts = np.array([int(select(s, 1, method, seed=seed, temperature=0.5)[0]) for seed in range(draws)])
-    np.testing.assert_allclose(np.bincount(firsts, minlength=4) / draws, np.array([1, 4, 9, 16]) / 30, atol=0.035)
+    np.testing.assert_allclose(
+        np.bincount(firsts, minlength=4) / draws, np.array([1, 4, 9, 16]) / 30, atol=0.035
+    )
 
 
 def test_power_handles_zero_scores():

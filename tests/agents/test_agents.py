@@ -25,7 +25,9 @@ def test_replay_buffer_ring_and_masks():
     batch = buf.sample(64)
     assert batch["obs"].shape == (64, 3) and batch["mask"].shape == (64, 4)
     np.testing.assert_array_equal(batch["next_obs"].numpy(), batch["obs"].numpy() + 1)
-    np.testing.assert_array_equal(batch["terminated"].numpy(), (batch["reward"].numpy() == 7).astype(np.float32))
+    np.testing.assert_array_equal(
+        batch["terminated"].numpy(), (batch["reward"].numpy() == 7).astype(np.float32)
+    )
     many = ReplayBuffer(4000, 1, masks=10, mask_prob=0.3, seed=1)
     for i in range(4000):
         many.add(np.zeros(1), 0, 0.0, np.zeros(1), False)
@@ -72,9 +74,13 @@ def test_bonus_agent_decomposes_the_members_and_adds_kappa_sigma():
         np.testing.assert_allclose(unc.mean.numpy(), m.mean(0), atol=1e-6)
         np.testing.assert_allclose(unc.epistemic_var.numpy(), m.var(0), rtol=1e-4, atol=1e-7)  # ddof 0
         np.testing.assert_allclose(unc.aleatoric_var.numpy(), v.mean(0), rtol=1e-4)
-        np.testing.assert_allclose(unc.total_var.numpy(), unc.epistemic_var.numpy() + unc.aleatoric_var.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(
+            unc.total_var.numpy(), unc.epistemic_var.numpy() + unc.aleatoric_var.numpy(), rtol=1e-5
+        )
         sigma = np.sqrt(m.var(0) if kind == "epistemic" else m.var(0) + v.mean(0))
-        np.testing.assert_allclose(agent.action_values(x[:1]), (m.mean(0) + 2.0 * sigma)[0], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            agent.action_values(x[:1]), (m.mean(0) + 2.0 * sigma)[0], rtol=1e-4, atol=1e-6
+        )
         np.testing.assert_allclose(agent.epistemic(x.numpy()), np.sqrt(m.var(0)).mean(1), rtol=1e-4)
 
 
@@ -95,6 +101,7 @@ def test_thompson_keeps_one_dropout_mask_per_episode():
     assert not np.allclose(first, mean)  # a sample, not the dropout-off mean
 
 
+@pytest.mark.slow
 @pytest.mark.finding
 def test_rnd_error_falls_on_a_trained_state_and_stays_on_new_ones(finding):
     agent = make_agent("rnd", 10, 2, AgentConfig(min_replay=8, batch_size=8), seed=finding.seed(0))
@@ -104,14 +111,22 @@ def test_rnd_error_falls_on_a_trained_state_and_stays_on_new_ones(finding):
         agent.observe(seen, 0, 0.0, seen, False)
     after = agent.epistemic(np.stack([seen]))[0]
     finding.check("RND error on the trained state, after over before", after / before, "<", 0.1)
-    finding.check("RND error, new states over the trained state", agent.epistemic(new).mean() / after, ">", 5.0)
+    finding.check(
+        "RND error, new states over the trained state", agent.epistemic(new).mean() / after, ">", 5.0
+    )
 
 
 @pytest.mark.parametrize("name", AGENTS)
 def test_every_agent_runs_and_is_reproducible(name):
     def run():
         env = gym.make("dubito/NoisyTV-v0", size=3, max_steps=8)
-        agent = make_agent(name, env.observation_space.shape[0], 5, AgentConfig(min_replay=16, batch_size=16, hidden="16"), seed=3)
+        agent = make_agent(
+            name,
+            env.observation_space.shape[0],
+            5,
+            AgentConfig(min_replay=16, batch_size=16, hidden="16"),
+            seed=3,
+        )
         log = run_episodes(env, agent, 6, seed=3, progress=False)
         return agent, log
 
@@ -126,11 +141,14 @@ def test_every_agent_runs_and_is_reproducible(name):
         assert est.shape == (9,) and np.all(est >= 0)
 
 
+@pytest.mark.slow
 @pytest.mark.finding
 def test_dropout_source_uses_the_service_and_learns_the_noise(finding):
     """source="dropout": MC-dropout samples through the UncertaintyService; its heteroscedastic head
     learns a noisy action's reward variance as aleatoric, not epistemic."""
-    config = AgentConfig(source="dropout", dropout=0.2, hidden="32", min_replay=32, batch_size=32, gamma=0.0, samples=20)
+    config = AgentConfig(
+        source="dropout", dropout=0.2, hidden="32", min_replay=32, batch_size=32, gamma=0.0, samples=20
+    )
     agent = make_agent("total", 2, 2, config, seed=finding.seed(0))
     rng = np.random.default_rng(finding.seed(0))
     s = np.array([1.0, 0.0], dtype=np.float32)
@@ -139,10 +157,22 @@ def test_dropout_source_uses_the_service_and_learns_the_noise(finding):
         agent.observe(s, a, float(rng.normal(0, 2.0)) if a == 1 else 0.5, s, True)  # action 1: pure noise
     unc = agent.uncertainty(torch.as_tensor(s[None]))
     alea = unc.aleatoric_var.sqrt()[0].numpy()
-    finding.check("learned aleatoric std of the noisy action (true 2), relative error", abs(alea[1] / 2.0 - 1), "<", 0.25)
+    finding.check(
+        "learned aleatoric std of the noisy action (true 2), relative error",
+        abs(alea[1] / 2.0 - 1),
+        "<",
+        0.25,
+    )
     finding.check("learned aleatoric std of the constant action (true 0)", alea[0], "<", 0.3)
-    finding.check("Q of the constant action (true 0.5), absolute error", abs(unc.mean[0, 0].item() - 0.5), "<", 0.1)
-    finding.check("noisy action: epistemic over aleatoric variance", (unc.epistemic_var[0, 1] / unc.aleatoric_var[0, 1]).item(), "<", 0.25)
+    finding.check(
+        "Q of the constant action (true 0.5), absolute error", abs(unc.mean[0, 0].item() - 0.5), "<", 0.1
+    )
+    finding.check(
+        "noisy action: epistemic over aleatoric variance",
+        (unc.epistemic_var[0, 1] / unc.aleatoric_var[0, 1]).item(),
+        "<",
+        0.25,
+    )
 
 
 def test_bad_agent_settings_are_named():
@@ -175,7 +205,9 @@ def test_a_run_saved_mid_way_resumes_exactly(name, env_id, one_thread):
 
     def make():
         env = gym.make(env_id, **options)
-        return env, make_agent(name, int(np.prod(env.observation_space.shape)), int(env.action_space.n), config, seed=5)
+        return env, make_agent(
+            name, int(np.prod(env.observation_space.shape)), int(env.action_space.n), config, seed=5
+        )
 
     env, agent = make()
     whole = run_episodes(env, agent, 12, seed=5, progress=False)
@@ -196,7 +228,11 @@ def test_a_run_saved_mid_way_resumes_exactly(name, env_id, one_thread):
     assert resumed.returns == whole.returns and resumed.lengths == whole.lengths
     assert np.array_equal(resumed.visits, whole.visits)
     for key, value in agent.state_dict().items():
-        if isinstance(value, dict) and "state" not in value and all(isinstance(v, torch.Tensor) for v in value.values()):
+        if (
+            isinstance(value, dict)
+            and "state" not in value
+            and all(isinstance(v, torch.Tensor) for v in value.values())
+        ):
             other = agent3.state_dict()[key]
             assert all(torch.equal(value[k], other[k]) for k in value), key
     assert agent3.steps == agent.steps and agent3.updates == agent.updates and agent.updates > 0

@@ -26,7 +26,9 @@ def test_check_env_passes(env_id):
     assert env_id in gym.registry
 
 
-def _reference_deep_sea(size: int, mapping: np.ndarray, actions: list[int]) -> tuple[list[tuple], list[float], bool]:
+def _reference_deep_sea(
+    size: int, mapping: np.ndarray, actions: list[int]
+) -> tuple[list[tuple], list[float], bool]:
     """Deep Sea from its description: fall one row per step; the mapped action moves right (cost
     0.01/N), the other left (clipped); right from the last column pays +1; leaving the diagonal by
     moving left makes the episode bad. Returns the cells after each step ((None) at the end)."""
@@ -128,7 +130,11 @@ def test_stochastic_deep_sea_statistics():
     assert abs(corner_rewards.mean()) < 4 / np.sqrt(len(corner_rewards))
     assert corner_rewards.std() == pytest.approx(1.0, rel=0.08)
     assert stats.kstest(corner_rewards, "norm").pvalue > 1e-4
-    assert env.optimal_return == pytest.approx(optimal_return(size, False)) == pytest.approx((1 - 1 / size) ** (size - 1) - 0.01)
+    assert (
+        env.optimal_return
+        == pytest.approx(optimal_return(size, False))
+        == pytest.approx((1 - 1 / size) ** (size - 1) - 0.01)
+    )
 
 
 def test_noisy_tv_screen_reward_and_info():

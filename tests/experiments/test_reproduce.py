@@ -25,10 +25,13 @@ def reproduced(tmp_path_factory, _mlflow_template):
     with pytest.MonkeyPatch.context() as mp:
         uri = _fresh_store(_mlflow_template, out)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        results = run_reproduce(ReproduceConfig(output=str(out / "run"), seeds=str(seed), **SMALL), progress=False)
+        results = run_reproduce(
+            ReproduceConfig(output=str(out / "run"), seeds=str(seed), **SMALL), progress=False
+        )
     return results, out, uri
 
 
+@pytest.mark.slow
 @pytest.mark.finding
 def test_segmentation_findings(reproduced, finding):
     results, _, _ = reproduced
@@ -38,15 +41,28 @@ def test_segmentation_findings(reproduced, finding):
     finding.check("mutual information, 1/4 over all of the data", f["epistemic_smallest_over_full"], ">", 1.0)
     finding.check("mutual information, indoor OOD over in distribution", f["epistemic_ood_over_in"], ">", 1.3)
     finding.check("OOD AUROC of per-image mutual information", f["ood_auroc"], ">", 0.75)
-    finding.check("Spearman, learned aleatoric entropy vs true label entropy", f["aleatoric_noise_spearman"], ">", 0.5)
-    finding.check("error curve: monotone fraction as uncertain pixels are removed", f["error_curve_monotone_fraction"], ">", 0.8)
+    finding.check(
+        "Spearman, learned aleatoric entropy vs true label entropy", f["aleatoric_noise_spearman"], ">", 0.5
+    )
+    finding.check(
+        "error curve: monotone fraction as uncertain pixels are removed",
+        f["error_curve_monotone_fraction"],
+        ">",
+        0.8,
+    )
     assert f["epistemic_falls_with_data"] and f["epistemic_larger_out_of_distribution"], f
     assert f["error_falls_as_uncertain_pixels_are_removed"], f
     rows = {(r["train"], r["test"]): r for r in results["datasets"]["synthetic-camvid"]["dataset_size"]}
-    full, quarter = rows[("synthetic-camvid", "synthetic-camvid")], rows[("synthetic-camvid/4", "synthetic-camvid")]
-    assert f["epistemic_smallest_over_full"] == pytest.approx(quarter["mutual_information"] / full["mutual_information"])
+    full, quarter = (
+        rows[("synthetic-camvid", "synthetic-camvid")],
+        rows[("synthetic-camvid/4", "synthetic-camvid")],
+    )
+    assert f["epistemic_smallest_over_full"] == pytest.approx(
+        quarter["mutual_information"] / full["mutual_information"]
+    )
 
 
+@pytest.mark.slow
 @pytest.mark.finding
 def test_depth_findings(reproduced, finding):
     results, _, _ = reproduced
@@ -56,20 +72,36 @@ def test_depth_findings(reproduced, finding):
     # third machine, 0.96 at one thread, 1.21 on seed 1 (the mean over 3 seeds is 1.35, README). Asserted is
     # the weaker claim that holds under every perturbation with a margin of about half the spread: a quarter
     # of the data does not make the epistemic variance much smaller (docs/findings.md).
-    finding.check("depth epistemic variance, 1/4 over all of the data", f["epistemic_smallest_over_full"], ">", 0.75)
-    finding.check("Spearman, learned aleatoric std vs true depth noise std", f["aleatoric_noise_spearman"], ">", 0.5)
-    finding.check("error curve: monotone fraction as uncertain pixels are removed", f["error_curve_monotone_fraction"], ">", 0.8)
+    finding.check(
+        "depth epistemic variance, 1/4 over all of the data", f["epistemic_smallest_over_full"], ">", 0.75
+    )
+    finding.check(
+        "Spearman, learned aleatoric std vs true depth noise std", f["aleatoric_noise_spearman"], ">", 0.5
+    )
+    finding.check(
+        "error curve: monotone fraction as uncertain pixels are removed",
+        f["error_curve_monotone_fraction"],
+        ">",
+        0.8,
+    )
     assert f["error_falls_as_uncertain_pixels_are_removed"], f
     # recorded, not asserted: on the (nearer) indoor rooms the epistemic variance in m² follows the depth
     # scale the model predicts there, so its direction varies with the seed and the model (README)
     assert isinstance(f["epistemic_larger_out_of_distribution"], bool) and 0.0 <= f["ood_auroc"] <= 1.0
 
 
+@pytest.mark.slow  # the reproduced study (module fixture, ~3 min)
 def test_tables_plots_and_mlflow_children(reproduced):
     results, out, uri = reproduced
     tables = (out / "run" / "tables.md").read_text()
-    assert "| synthetic-camvid/4 | synthetic-camvid |" in tables and "| synthetic-make3d | synthetic-make3d (indoor OOD) |" in tables
-    assert json.loads((out / "run" / "results.json").read_text())["datasets"].keys() == {"synthetic-camvid", "synthetic-make3d"}
+    assert (
+        "| synthetic-camvid/4 | synthetic-camvid |" in tables
+        and "| synthetic-make3d | synthetic-make3d (indoor OOD) |" in tables
+    )
+    assert json.loads((out / "run" / "results.json").read_text())["datasets"].keys() == {
+        "synthetic-camvid",
+        "synthetic-make3d",
+    }
     for dataset in ("synthetic-camvid", "synthetic-make3d"):
         for plot in ("precision_uncertainty.png", "sparsification.png", "calibration.png"):
             assert (out / "run" / dataset / plot).stat().st_size > 5_000
@@ -77,9 +109,15 @@ def test_tables_plots_and_mlflow_children(reproduced):
     parent = results["datasets"]["synthetic-camvid"]["mlflow_parent_run_id"]
     experiment = client.get_experiment_by_name("dubito-reproduce").experiment_id
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(c.data.tags["dubito.command"] for c in children) == ["evaluate", "evaluate", "train", "train"]
+    assert sorted(c.data.tags["dubito.command"] for c in children) == [
+        "evaluate",
+        "evaluate",
+        "train",
+        "train",
+    ]
 
 
+@pytest.mark.slow  # the reproduced study (module fixture, ~3 min)
 def test_rerun_resumes_without_training_or_evaluating_again(reproduced, capsys):
     results, out, uri = reproduced
     client = MlflowClient(uri)
@@ -87,7 +125,9 @@ def test_rerun_resumes_without_training_or_evaluating_again(reproduced, capsys):
     runs_before = len(client.search_runs([experiment]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        again = run_reproduce(ReproduceConfig(output=str(out / "run"), datasets="synthetic-camvid", **SMALL), progress=False)
+        again = run_reproduce(
+            ReproduceConfig(output=str(out / "run"), datasets="synthetic-camvid", **SMALL), progress=False
+        )
     first = results["datasets"]["synthetic-camvid"]
     assert again["datasets"]["synthetic-camvid"]["dataset_size"] == first["dataset_size"]
     assert again["datasets"]["synthetic-camvid"]["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
@@ -100,11 +140,16 @@ def test_rerun_resumes_without_training_or_evaluating_again(reproduced, capsys):
 
 def test_bad_inputs_are_refused_before_any_training(tmp_path, capsys):
     with pytest.raises(DubitoError, match="--root"):
-        run_reproduce(ReproduceConfig(output=str(tmp_path / "a"), datasets="synthetic-camvid,camvid"), progress=False)
+        run_reproduce(
+            ReproduceConfig(output=str(tmp_path / "a"), datasets="synthetic-camvid,camvid"), progress=False
+        )
     with pytest.raises(DubitoError, match="unknown cityscapes"):
         run_reproduce(ReproduceConfig(output=str(tmp_path / "b"), datasets="cityscapes"), progress=False)
     with pytest.raises(DubitoError, match="dataset root not found"):
-        run_reproduce(ReproduceConfig(output=str(tmp_path / "c"), datasets="camvid", root=str(tmp_path / "nowhere")), progress=False)
+        run_reproduce(
+            ReproduceConfig(output=str(tmp_path / "c"), datasets="camvid", root=str(tmp_path / "nowhere")),
+            progress=False,
+        )
     with pytest.raises(DubitoError, match="--ood-root"):
         run_reproduce(ReproduceConfig(output=str(tmp_path / "d"), ood_dataset="nyuv2"), progress=False)
     assert not (tmp_path / "a" / "synthetic-camvid").exists()  # nothing was trained
@@ -130,19 +175,40 @@ def test_bad_reproduce_settings(tmp_path, capsys):
     assert "--fractions must be numbers" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_several_seeds_are_averaged_and_counted(tmp_path, mlflow_uri):
-    tiny = dict(datasets="synthetic-camvid", variants="both", fractions="0.5,1", height=32, width=40, train_images=16,
-                val_images=4, test_images=4, epochs=2, samples=3)  # fmt: skip
+    tiny = dict(
+        datasets="synthetic-camvid",
+        variants="both",
+        fractions="0.5,1",
+        height=32,
+        width=40,
+        train_images=16,
+        val_images=4,
+        test_images=4,
+        epochs=2,
+        samples=3,
+    )
     results = run_reproduce(ReproduceConfig(output=str(tmp_path / "r"), seeds="0,1", **tiny), progress=False)
     entry = results["datasets"]["synthetic-camvid"]
     assert entry["seeds"] == [0, 1]
     per_seed = [
-        json.loads((tmp_path / "r" / "synthetic-camvid" / f"seed-{s}" / "both" / "evaluation" / "results.json").read_text())["summary"]
+        json.loads(
+            (
+                tmp_path / "r" / "synthetic-camvid" / f"seed-{s}" / "both" / "evaluation" / "results.json"
+            ).read_text()
+        )["summary"]
         for s in (0, 1)
     ]
-    full = next(r for r in entry["dataset_size"] if r["train"] == "synthetic-camvid" and r["test"] == "synthetic-camvid")
+    full = next(
+        r
+        for r in entry["dataset_size"]
+        if r["train"] == "synthetic-camvid" and r["test"] == "synthetic-camvid"
+    )
     assert full["score"] == pytest.approx((per_seed[0]["mean_iou"] + per_seed[1]["mean_iou"]) / 2)
-    assert full["mutual_information"] == pytest.approx((per_seed[0]["mutual_information"] + per_seed[1]["mutual_information"]) / 2)
+    assert full["mutual_information"] == pytest.approx(
+        (per_seed[0]["mutual_information"] + per_seed[1]["mutual_information"]) / 2
+    )
     agreeing = entry["findings"]["seeds_agreeing"]
     assert set(agreeing) >= {"epistemic_falls_with_data", "error_falls_as_uncertain_pixels_are_removed"}
     assert all(v in ("0/2", "1/2", "2/2") for v in agreeing.values())

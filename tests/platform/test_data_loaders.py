@@ -83,7 +83,9 @@ def test_camvid_resize_uses_nearest_for_labels(camvid):
     ds = CamVid(root / "CamVid", "train", size=(18, 24), normalize=None)
     item = ds[0]
     assert item["image"].shape == (3, 18, 24) and item["target"].shape == (18, 24)
-    np.testing.assert_array_equal(item["target"].numpy(), nearest_exact(written["train"]["labels"][0], (18, 24)))
+    np.testing.assert_array_equal(
+        item["target"].numpy(), nearest_exact(written["train"]["labels"][0], (18, 24))
+    )
     np.testing.assert_array_equal(item["mask"].numpy(), item["target"].numpy() != 11)
     # the bilinear image stays within the original range
     assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
@@ -317,7 +319,9 @@ def test_nyuv2_bad_inputs(tmp_path):
 
 def test_nyuv2_split_indices_out_of_range(tmp_path):
     make_nyuv2(tmp_path)
-    scipy.io.savemat(tmp_path / "splits.mat", {"trainNdxs": np.array([[1.0], [7.0]]), "testNdxs": np.array([[2.0]])})
+    scipy.io.savemat(
+        tmp_path / "splits.mat", {"trainNdxs": np.array([[1.0], [7.0]]), "testNdxs": np.array([[2.0]])}
+    )
     with pytest.raises(SizeMismatchError, match="outside 1-6"):
         NYUv2(tmp_path, "train")
 

@@ -7,7 +7,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from dubito import DubitoError
-from dubito.platform.data import CenterCrop, Compose, RandomCrop, RandomHorizontalFlip, Resize, SyntheticCamVid, train_transform
+from dubito.platform.data import (
+    CenterCrop,
+    Compose,
+    RandomCrop,
+    RandomHorizontalFlip,
+    Resize,
+    SyntheticCamVid,
+    train_transform,
+)
 from dubito.platform.data.base import item_generator
 
 
@@ -66,7 +74,8 @@ def test_resize_nearest_for_maps_bilinear_for_image():
 def test_flip_probability_is_respected():
     g = torch.Generator().manual_seed(0)
     flips = sum(
-        bool((RandomHorizontalFlip(0.3)(coordinate_item(), g)["target"][0, 0] % 100) != 0) for _ in range(2000)
+        bool((RandomHorizontalFlip(0.3)(coordinate_item(), g)["target"][0, 0] % 100) != 0)
+        for _ in range(2000)
     )
     assert abs(flips / 2000 - 0.3) < 0.035  # 3.5 binomial standard deviations
     with pytest.raises(DubitoError, match="p must be in"):

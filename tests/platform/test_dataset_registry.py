@@ -8,7 +8,15 @@ import pytest
 
 from dubito import DubitoError
 from dubito.platform.config import check_model, default_model, needs_root
-from dubito.platform.data import DATASETS, HEADLINE, DatasetInfo, Digits, SyntheticMake3D, dataset_info, get_dataset
+from dubito.platform.data import (
+    DATASETS,
+    HEADLINE,
+    DatasetInfo,
+    Digits,
+    SyntheticMake3D,
+    dataset_info,
+    get_dataset,
+)
 
 
 @pytest.fixture
@@ -16,7 +24,9 @@ def extra():
     """Two datasets under names no built-in check could know."""
     added = [
         DATASETS.register(DatasetInfo("my-vectors", Digits, "classification", "bundled", inputs="vectors")),
-        DATASETS.register(DatasetInfo("my-depth", SyntheticMake3D, "depth", "synthetic", ("train", "val", "test"))),
+        DATASETS.register(
+            DatasetInfo("my-depth", SyntheticMake3D, "depth", "synthetic", ("train", "val", "test"))
+        ),
         DATASETS.register(DatasetInfo("my-disk", Digits, "segmentation", "disk")),
     ]
     yield
@@ -34,8 +44,11 @@ def test_builtin_descriptors():
         "synthetic-make3d": ("depth", False, "rms", "tiny"),
         "digits": ("classification", False, "accuracy", "mlp"),
     }
-    assert {t: h for t, h in HEADLINE.items()} == {"segmentation": ("mean_iou", True), "depth": ("rms", False),
-                                                    "classification": ("accuracy", True)}  # fmt: skip
+    assert {t: h for t, h in HEADLINE.items()} == {
+        "segmentation": ("mean_iou", True),
+        "depth": ("rms", False),
+        "classification": ("accuracy", True),
+    }
     with pytest.raises(DubitoError, match="--ood-dataset must be one of"):
         dataset_info("cityscapes", "--ood-dataset")
     with pytest.raises(DubitoError, match="task, source or inputs"):
@@ -62,7 +75,11 @@ def test_a_registered_dataset_is_read_by_its_descriptor(extra, tmp_path):
         get_dataset("my-disk", "train")
 
     # the sweep's metric follows the task, not the name
-    sweep = SweepConfig(kind="label", output=str(tmp_path / "s"), grid=("seed=0",), base={"dataset": "my-depth"})
+    sweep = SweepConfig(
+        kind="label", output=str(tmp_path / "s"), grid=("seed=0",), base={"dataset": "my-depth"}
+    )
     assert sweep.metric_and_mode() == ("test_rms", "min")
-    sweep = SweepConfig(kind="train", output=str(tmp_path / "s"), grid=("seed=0",), base={"dataset": "my-vectors"})
+    sweep = SweepConfig(
+        kind="train", output=str(tmp_path / "s"), grid=("seed=0",), base={"dataset": "my-vectors"}
+    )
     assert sweep.metric_and_mode() == ("val_accuracy", "max")

@@ -63,7 +63,11 @@ def test_item_values(raw):
     with pytest.raises(IndexError):
         test[len(test)]
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=4)))
-    assert batch["image"].shape == (4, 64) and batch["target"].shape == (4,) and batch["id"].tolist() == train.ids[:4]
+    assert (
+        batch["image"].shape == (4, 64)
+        and batch["target"].shape == (4,)
+        and batch["id"].tolist() == train.ids[:4]
+    )
     train.set_epoch(3)  # no-op, but part of the dataset contract
     assert train[0]["id"] == train.ids[0]
 

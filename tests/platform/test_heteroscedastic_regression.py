@@ -18,6 +18,7 @@ def true_sigma(x: torch.Tensor) -> torch.Tensor:
     return 0.05 + 0.125 * (x + 1) + 0.1 * torch.sin(2 * x) ** 2
 
 
+@pytest.mark.slow
 @pytest.mark.finding
 @pytest.mark.parametrize("likelihood", ["gaussian", "laplace"])
 def test_recovers_aleatoric_noise_and_epistemic_grows_off_data(likelihood, finding):
@@ -26,7 +27,9 @@ def test_recovers_aleatoric_noise_and_epistemic_grows_off_data(likelihood, findi
     n = 1024
     x = torch.rand(n, 1, generator=g) * 2 - 1  # training range [-1, 1]
     y = torch.sin(3 * x) + true_sigma(x) * torch.randn(n, 1, generator=g)
-    model = MLP(1, 1, hidden=(128, 128), task="regression", variant="both", dropout=0.1, likelihood=likelihood)
+    model = MLP(
+        1, 1, hidden=(128, 128), task="regression", variant="both", dropout=0.1, likelihood=likelihood
+    )
     loss_fn = gaussian_nll if likelihood == "gaussian" else laplace_nll
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
     for _ in range(2000):
@@ -40,7 +43,9 @@ def test_recovers_aleatoric_noise_and_epistemic_grows_off_data(likelihood, findi
     svc = UncertaintyService(model, samples=100, seed=0, device="cpu")
     held_out = torch.linspace(-0.95, 0.95, 200).unsqueeze(1)  # not the training points
     inside = svc.predict(held_out)
-    rho = spearmanr(inside.aleatoric_var.sqrt().squeeze().numpy(), true_sigma(held_out).squeeze().numpy()).correlation
+    rho = spearmanr(
+        inside.aleatoric_var.sqrt().squeeze().numpy(), true_sigma(held_out).squeeze().numpy()
+    ).correlation
     finding.check("Spearman, learned aleatoric std vs true std", rho, ">", 0.8)
     # the predicted noise is in the right range, not just in the right order. For Gaussian
     # noise fitted with a Laplace likelihood the optimum is b = E|ε| = σ √(2/π), so 2b² = (4/π) σ².
@@ -50,4 +55,9 @@ def test_recovers_aleatoric_noise_and_epistemic_grows_off_data(likelihood, findi
     finding.check("median learned over true std (expected 1)", ratio, "<", 1.4)
 
     outside = svc.predict(torch.cat([torch.linspace(-3, -2, 50), torch.linspace(2, 3, 50)]).unsqueeze(1))
-    finding.check("epistemic variance, off the data over on it", (outside.epistemic_var.mean() / inside.epistemic_var.mean()).item(), ">", 3.0)
+    finding.check(
+        "epistemic variance, off the data over on it",
+        (outside.epistemic_var.mean() / inside.epistemic_var.mean()).item(),
+        ">",
+        3.0,
+    )

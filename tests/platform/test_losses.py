@@ -68,7 +68,11 @@ def np_sampled_ce(logits, s, target, noise, ignore_index=None, weight=None):
 @pytest.mark.parametrize("noise_shape", ["full", "channel", "scalar"])
 def test_gaussian_nll_matches_numpy(shape, noise_shape):
     mean, y = rng.normal(size=shape), rng.normal(size=shape)
-    s = {"full": rng.normal(size=shape), "channel": rng.normal(size=(shape[1],) + (1,) * (len(shape) - 2)), "scalar": np.array(0.3)}[noise_shape]
+    s = {
+        "full": rng.normal(size=shape),
+        "channel": rng.normal(size=(shape[1],) + (1,) * (len(shape) - 2)),
+        "scalar": np.array(0.3),
+    }[noise_shape]
     mask = rng.random(shape) > 0.3
     got = gaussian_nll(t(mean), t(s), t(y))
     assert got.item() == pytest.approx(np_gaussian(mean, s, y), rel=1e-10)
@@ -81,7 +85,9 @@ def test_laplace_nll_matches_numpy(shape):
     mean, y, s = rng.normal(size=shape), rng.normal(size=shape), rng.normal(size=shape)
     mask = rng.random(shape) > 0.5
     assert laplace_nll(t(mean), t(s), t(y)).item() == pytest.approx(np_laplace(mean, s, y), rel=1e-10)
-    assert laplace_nll(t(mean), t(s), t(y), torch.tensor(mask)).item() == pytest.approx(np_laplace(mean, s, y, mask), rel=1e-10)
+    assert laplace_nll(t(mean), t(s), t(y), torch.tensor(mask)).item() == pytest.approx(
+        np_laplace(mean, s, y, mask), rel=1e-10
+    )
 
 
 def test_depth_target_without_channel_axis_and_mask():
@@ -122,7 +128,12 @@ def test_sampled_softmax_ce_matches_numpy(spatial, shared):
     weight = rng.random(4) + 0.1
     for ii, w in [(255, None), (255, weight)]:
         got = sampled_softmax_cross_entropy(
-            t(logits), t(s), torch.tensor(target), ignore_index=ii, weight=None if w is None else t(w), noise=t(noise)
+            t(logits),
+            t(s),
+            torch.tensor(target),
+            ignore_index=ii,
+            weight=None if w is None else t(w),
+            noise=t(noise),
         )
         assert got.item() == pytest.approx(np_sampled_ce(logits, s, target, noise, ii, w), rel=1e-9)
 
@@ -137,8 +148,12 @@ def test_sampled_softmax_ce_tends_to_cross_entropy_as_sigma_vanishes():
     assert got.item() == pytest.approx(ce.item(), abs=1e-3)
     # a log-variance below the documented range means the same as the bound itself
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    at_bound = sampled_softmax_cross_entropy(logits, tiny, target, samples=20, ignore_index=11, weight=weight, generator=g1)
-    below = sampled_softmax_cross_entropy(logits, tiny - 50, target, samples=20, ignore_index=11, weight=weight, generator=g2)
+    at_bound = sampled_softmax_cross_entropy(
+        logits, tiny, target, samples=20, ignore_index=11, weight=weight, generator=g1
+    )
+    below = sampled_softmax_cross_entropy(
+        logits, tiny - 50, target, samples=20, ignore_index=11, weight=weight, generator=g2
+    )
     assert below.item() == at_bound.item()
 
 
@@ -149,7 +164,9 @@ def test_learned_attenuation_confident_wrong_prediction():
     ce = F.cross_entropy(logits, target).item()
     g = torch.Generator().manual_seed(0)
     losses = [
-        sampled_softmax_cross_entropy(logits, torch.tensor([[math.log(v), math.log(v)]]), target, samples=4000, generator=g).item()
+        sampled_softmax_cross_entropy(
+            logits, torch.tensor([[math.log(v), math.log(v)]]), target, samples=4000, generator=g
+        ).item()
         for v in (0.01, 1.0, 9.0)
     ]
     assert losses[0] == pytest.approx(ce, rel=0.01)
@@ -157,7 +174,9 @@ def test_learned_attenuation_confident_wrong_prediction():
     # and for a correct confident prediction, large σ costs more (no free lunch)
     right = torch.tensor([1])
     base = F.cross_entropy(logits, right).item()
-    noisy = sampled_softmax_cross_entropy(logits, torch.full((1, 2), math.log(9.0)), right, samples=4000, generator=g).item()
+    noisy = sampled_softmax_cross_entropy(
+        logits, torch.full((1, 2), math.log(9.0)), right, samples=4000, generator=g
+    ).item()
     assert noisy > base
 
 
@@ -226,10 +245,14 @@ def test_bad_shapes_name_the_function_and_argument():
     with pytest.raises(DubitoError, match="laplace_nll: log_scale"):
         laplace_nll(torch.zeros(2, 3), torch.zeros(4), torch.zeros(2, 3))
     with pytest.raises(DubitoError, match="mask"):
-        gaussian_nll(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), mask=torch.ones(5, dtype=torch.bool))
+        gaussian_nll(
+            torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), mask=torch.ones(5, dtype=torch.bool)
+        )
     with pytest.raises(DubitoError, match="outside 0..2"):
         sampled_softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 7]))
     with pytest.raises(DubitoError, match="weight"):
-        sampled_softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1]), weight=torch.ones(4))
+        sampled_softmax_cross_entropy(
+            torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1]), weight=torch.ones(4)
+        )
     with pytest.raises(DubitoError, match="integer"):
         sampled_softmax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0.0, 1.0]))

@@ -229,7 +229,9 @@ def test_outputs_are_ordinary_tensors_callers_can_edit():
 
 def test_batch_statistics_normalisation_loops_instead_of_mixing_samples():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.Dropout(0.5), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 2)
+    )
     x = torch.randn(6, 4)
     ref = mc_samples(model, x, 6, chunk_size=1, seed=0).mean
     torch.testing.assert_close(mc_samples(model, x, 6, seed=0).mean, ref)  # auto loops

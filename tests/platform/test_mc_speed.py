@@ -23,18 +23,24 @@ def tiny(placement: str = "all", variant: str = "both", seed: int = 0) -> FCDens
 
 
 def active_dropout(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, (nn.Dropout, nn.Dropout2d)) and m.p > 0]
+    return [
+        name for name, m in model.named_modules() if isinstance(m, (nn.Dropout, nn.Dropout2d)) and m.p > 0
+    ]
 
 
 def test_placements_activate_dropout_only_from_their_point_on():
     names = {p: active_dropout(tiny(p)) for p in DROPOUT_PLACEMENTS}
     assert names["head"] == ["head_dropout"]
-    assert set(names["last_block"]) == {"head_dropout"} | {n for n in names["all"] if n.startswith("up_blocks.2.")}
+    assert set(names["last_block"]) == {"head_dropout"} | {
+        n for n in names["all"] if n.startswith("up_blocks.2.")
+    }
     assert names["decoder"] == [n for n in names["all"] if n.startswith(("bottleneck.", "up_blocks."))]
     assert "head_dropout" not in names["all"] and any(n.startswith("transitions_down.") for n in names["all"])
     # every dropout layer of a placement is one of the model's; the weights are the same architecture
     states = [tiny(p).state_dict() for p in DROPOUT_PLACEMENTS]
-    assert all(s.keys() == states[0].keys() and all(torch.equal(s[k], states[0][k]) for k in s) for s in states)
+    assert all(
+        s.keys() == states[0].keys() and all(torch.equal(s[k], states[0][k]) for k in s) for s in states
+    )
     with pytest.raises(DubitoError, match="dropout_at must be one of"):
         FCDenseNet("tiny", dropout_at="encoder")
 
@@ -75,7 +81,9 @@ def test_prefix_cache_gives_the_samples_of_the_full_forward(placement):
     x = torch.randn(3, 3, 20, 28)
     full = mc_samples(model, x, 6, seed=3, probs=True, logit_noise_samples=4, **EXACT)
     for chunk in (1, 4, "auto"):
-        cached = mc_samples(model, x, 6, seed=3, probs=True, logit_noise_samples=4, chunk_size=chunk, channels_last=False)
+        cached = mc_samples(
+            model, x, 6, seed=3, probs=True, logit_noise_samples=4, chunk_size=chunk, channels_last=False
+        )
         assert torch.equal(cached.mean, full.mean) and torch.equal(cached.log_var, full.log_var)
         assert torch.equal(cached.probs, full.probs)
     # the samples do differ (dropout is active) and differ between placements
@@ -100,7 +108,15 @@ def _counter(module: nn.Module) -> list[int]:
 def test_the_deterministic_prefix_runs_once_per_call(placement, prefix_cache, stochastic, expected):
     model = tiny(placement)
     counts = [_counter(model.first), _counter(model.down_blocks[0]), _counter(model.head)]
-    mc_samples(model, torch.randn(2, 3, 16, 16), 5, seed=0, chunk_size=1, prefix_cache=prefix_cache, stochastic=stochastic)
+    mc_samples(
+        model,
+        torch.randn(2, 3, 16, 16),
+        5,
+        seed=0,
+        chunk_size=1,
+        prefix_cache=prefix_cache,
+        stochastic=stochastic,
+    )
     assert tuple(len(c) for c in counts) == expected
 
 
@@ -175,12 +191,16 @@ def test_compile_gives_the_same_samples():
 
 def test_service_and_training_carry_the_options(tmp_path):
     model = tiny("head")
-    service = UncertaintyService(model, samples=4, device="cpu", seed=0, channels_last=False, prefix_cache=False, progress=False)
+    service = UncertaintyService(
+        model, samples=4, device="cpu", seed=0, channels_last=False, prefix_cache=False, progress=False
+    )
     x = torch.randn(2, 3, 16, 16)
     _, samples = service.predict_with_samples(x, seed=5)
     ref = mc_samples(model, x, 4, seed=5, probs=True, **EXACT)
     assert torch.equal(samples.probs, ref.probs)
-    config = TrainConfig(output=str(tmp_path), dropout_at="head", height=16, width=16, train_images=4, val_images=2)
+    config = TrainConfig(
+        output=str(tmp_path), dropout_at="head", height=16, width=16, train_images=4, val_images=2
+    )
     train_set, _ = make_datasets(config)
     built, spec = build_for(config, train_set)
     assert spec["dropout_at"] == "head" and active_dropout(built) == ["head_dropout"]
@@ -228,7 +248,9 @@ def test_cpu_allocation_failure_halves_the_chunk():
 
         def forward(self, x):
             if x.shape[0] > 6:
-                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+                raise RuntimeError(
+                    "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"
+                )
             return self.drop(x)
 
     x = torch.randn(3, 4)

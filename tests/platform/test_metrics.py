@@ -74,7 +74,9 @@ def test_confusion_matrix_against_numpy():
     C = 6
     pred, target = random_segmentation(rng, (3, 17, 23), C)
     mask = rng.random((3, 1, 23)) < 0.8  # broadcastable
-    cm = ConfusionMatrix(C, ignore_index=255).update(t(pred, torch.long), t(target, torch.long), t(mask, torch.bool))
+    cm = ConfusionMatrix(C, ignore_index=255).update(
+        t(pred, torch.long), t(target, torch.long), t(mask, torch.bool)
+    )
     expected = np_confusion(pred, target, C, 255, mask)
     assert cm.matrix.dtype == torch.int64 and cm.matrix.shape == (C, C)
     np.testing.assert_array_equal(cm.matrix.numpy(), expected)
@@ -84,7 +86,9 @@ def test_confusion_matrix_against_numpy():
     assert mean == pytest.approx(np.nanmean(np_iou(expected)), rel=1e-12)
     assert cm.pixel_accuracy() == pytest.approx(np.trace(expected) / expected.sum(), rel=1e-12)
 
-    per_class2, mean2 = mean_iou(t(pred, torch.long), t(target, torch.long), C, ignore_index=255, mask=t(mask, torch.bool))
+    per_class2, mean2 = mean_iou(
+        t(pred, torch.long), t(target, torch.long), C, ignore_index=255, mask=t(mask, torch.bool)
+    )
     assert torch.equal(per_class, per_class2) and mean == mean2
     # numpy inputs are accepted
     per_class3, _ = mean_iou(pred, target, C, ignore_index=255, mask=mask)
@@ -288,7 +292,9 @@ def test_ece_against_numpy_and_reliability():
     rng = np.random.default_rng(4)
     probs = rng.dirichlet(np.full(4, 0.7), size=3000)
     target = rng.integers(0, 4, size=3000)
-    assert expected_calibration_error(probs, target, bins=10) == pytest.approx(np_ece(probs, target, 10), rel=1e-10)
+    assert expected_calibration_error(probs, target, bins=10) == pytest.approx(
+        np_ece(probs, target, 10), rel=1e-10
+    )
     r = reliability_curve(probs, target, bins=10)
     assert r["bin_edges"].tolist() == pytest.approx(np.linspace(0, 1, 11).tolist())
     assert r["count"].sum() == 3000 and r["count"].dtype == torch.int64
@@ -320,9 +326,9 @@ def test_ece_overconfident_matches_expected_gap():
     conf, pred = sharp.max(1)
     p_correct = true.gather(1, pred[:, None]).squeeze(1)
     idx = (conf * 15).floor().long().clamp(max=14)
-    expected = sum(
-        abs(float(p_correct[idx == b].sum() - conf[idx == b].sum())) for b in range(15)
-    ) / len(conf)
+    expected = sum(abs(float(p_correct[idx == b].sum() - conf[idx == b].sum())) for b in range(15)) / len(
+        conf
+    )
     assert expected > 0.1
     assert ece == pytest.approx(expected, abs=0.01)
 
@@ -345,7 +351,9 @@ def test_calibration_ignore_index_mask_streaming_and_errors():
     flat_p, flat_t = probs.transpose(0, 2, 3, 1).reshape(-1, 3), target.reshape(-1)
     keep = (~void & mask).reshape(-1)
     ref = np_ece(flat_p[keep], flat_t[keep], 15)
-    assert expected_calibration_error(probs, with_void, ignore_index=11, mask=mask) == pytest.approx(ref, rel=1e-10)
+    assert expected_calibration_error(probs, with_void, ignore_index=11, mask=mask) == pytest.approx(
+        ref, rel=1e-10
+    )
     assert reliability_curve(probs, with_void, ignore_index=11, mask=mask)["count"].sum() == keep.sum()
 
     hist, a, b = CalibrationHistogram(), CalibrationHistogram(), CalibrationHistogram()
@@ -626,13 +634,17 @@ def test_uncertainty_sample_subsamples_uniformly_and_deterministically():
 def test_auroc_matches_sklearn_with_ties(scores_in, scores_out):
     y = np.r_[np.zeros(len(scores_in)), np.ones(len(scores_out))]
     expected = roc_auc_score(y, np.r_[scores_in, scores_out])
-    assert auroc(torch.from_numpy(scores_in), torch.from_numpy(scores_out)) == pytest.approx(expected, abs=1e-12)
+    assert auroc(torch.from_numpy(scores_in), torch.from_numpy(scores_out)) == pytest.approx(
+        expected, abs=1e-12
+    )
 
 
 def test_auroc_known_values_and_errors():
     rng = np.random.default_rng(19)
     a, b = rng.normal(size=3000), rng.normal(3, 1, size=2000)
-    assert auroc(a, b) == pytest.approx(roc_auc_score(np.r_[np.zeros(3000), np.ones(2000)], np.r_[a, b]), abs=1e-12)
+    assert auroc(a, b) == pytest.approx(
+        roc_auc_score(np.r_[np.zeros(3000), np.ones(2000)], np.r_[a, b]), abs=1e-12
+    )
     assert auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.5, 0.9, 0.3])) == 1.0
     assert auroc(torch.tensor([0.5, 0.9, 0.3]), torch.tensor([0.1, 0.2])) == 0.0
     assert auroc(torch.ones(5), torch.ones(7)) == 0.5

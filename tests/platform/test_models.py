@@ -7,18 +7,30 @@ import torch
 
 from dubito import DubitoError
 from dubito.platform.losses import LearnedLogVariance
-from dubito.platform.models import FC_DENSENET_CONFIGS, MLP, VARIANTS, FCDenseNet, build_model, count_parameters
+from dubito.platform.models import (
+    FC_DENSENET_CONFIGS,
+    MLP,
+    VARIANTS,
+    FCDenseNet,
+    build_model,
+    count_parameters,
+)
 
 
 def test_fc_densenet103_has_9_4_million_parameters():
     n = count_parameters(FCDenseNet("fc_densenet103", num_classes=11, variant="baseline"))
     assert abs(n - 9.4e6) / 9.4e6 <= 0.02, n
     # with the heteroscedastic head (22 output channels) a reference build counted 9.32 M
-    assert count_parameters(FCDenseNet("fc_densenet103", num_classes=11, variant="both")) == pytest.approx(9.32e6, rel=0.002)
+    assert count_parameters(FCDenseNet("fc_densenet103", num_classes=11, variant="both")) == pytest.approx(
+        9.32e6, rel=0.002
+    )
 
 
 def test_configs_grow_in_size():
-    sizes = [count_parameters(FCDenseNet(name, variant="baseline")) for name in ("tiny", "fc_densenet56", "fc_densenet67", "fc_densenet103")]
+    sizes = [
+        count_parameters(FCDenseNet(name, variant="baseline"))
+        for name in ("tiny", "fc_densenet56", "fc_densenet67", "fc_densenet103")
+    ]
     assert sizes == sorted(sizes)
     assert set(FC_DENSENET_CONFIGS) == {"tiny", "fc_densenet56", "fc_densenet67", "fc_densenet103"}
 

@@ -12,7 +12,17 @@ from dubito import DubitoError
 from dubito.platform.cluster import gpu_request
 from dubito.platform.training import TrainConfig, train, train_with_ray
 
-BASE = dict(model="tiny", height=24, width=32, train_images=8, val_images=4, epochs=2, batch_size=4, device="cpu", seed=3)
+BASE = dict(
+    model="tiny",
+    height=24,
+    width=32,
+    train_images=8,
+    val_images=4,
+    epochs=2,
+    batch_size=4,
+    device="cpu",
+    seed=3,
+)
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
@@ -30,12 +40,18 @@ def test_torch_trainer_local_mode_reproduces_the_plain_trainer(tmp_path, mlflow_
     a, b = _weights(tmp_path / "plain" / "model.pt"), _weights(tmp_path / "ray" / "model.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     run = MlflowClient(mlflow_uri).get_run(ray["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and len(MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "val_mean_iou")) == 2
+    assert (
+        run.info.status == "FINISHED"
+        and len(MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "val_mean_iou")) == 2
+    )
     # a third epoch resumes from the checkpoint, under Ray Train as without it
     more = train_with_ray(TrainConfig(output=str(tmp_path / "ray"), **{**BASE, "epochs": 3}), progress=False)
-    assert more["epochs_run"] == 3 and _without_timing(more["history"])[:2] == _without_timing(plain["history"])
+    assert more["epochs_run"] == 3 and _without_timing(more["history"])[:2] == _without_timing(
+        plain["history"]
+    )
 
 
+@pytest.mark.slow
 def test_two_ray_train_workers_train_data_parallel(tmp_path, ray_session, mlflow_uri):
     config = TrainConfig(output=str(tmp_path / "ddp"), workers=2, **BASE)
     results = train_with_ray(config, progress=False)
@@ -44,11 +60,19 @@ def test_two_ray_train_workers_train_data_parallel(tmp_path, ray_session, mlflow
     assert (tmp_path / "ddp" / "model.pt").exists() and (tmp_path / "ddp" / "checkpoint.pt").exists()
     weights = _weights(tmp_path / "ddp" / "model.pt")
     assert not any(k.startswith("module.") for k in weights)  # the model's own weights, not the DDP wrapper's
-    runs = MlflowClient(mlflow_uri).search_runs([MlflowClient(mlflow_uri).get_experiment_by_name("dubito-train").experiment_id])
+    runs = MlflowClient(mlflow_uri).search_runs(
+        [MlflowClient(mlflow_uri).get_experiment_by_name("dubito-train").experiment_id]
+    )
     assert len(runs) == 1 and runs[0].data.tags["dubito.ray_train_workers"] == "2"  # rank 0 only
     # a third epoch: both workers resume from rank 0's checkpoint, into the same MLflow run
-    more = train_with_ray(TrainConfig(output=str(tmp_path / "ddp"), workers=2, **{**BASE, "epochs": 3}), progress=False)
-    assert more["epochs_run"] == 3 and more["history"][:2] == results["history"] and more["mlflow_run_id"] == runs[0].info.run_id
+    more = train_with_ray(
+        TrainConfig(output=str(tmp_path / "ddp"), workers=2, **{**BASE, "epochs": 3}), progress=False
+    )
+    assert (
+        more["epochs_run"] == 3
+        and more["history"][:2] == results["history"]
+        and more["mlflow_run_id"] == runs[0].info.run_id
+    )
 
 
 def test_a_dubito_error_in_a_worker_reaches_the_user_unwrapped():
@@ -59,7 +83,9 @@ def test_a_dubito_error_in_a_worker_reaches_the_user_unwrapped():
     try:
         raise DubitoError("--root /nowhere: not found")
     except DubitoError as err:
-        wrapped = RayTaskError("train", "traceback", err).as_instanceof_cause()  # what Ray raises in the driver
+        wrapped = RayTaskError(
+            "train", "traceback", err
+        ).as_instanceof_cause()  # what Ray raises in the driver
     outer = RuntimeError("training failed")
     outer.worker_failures = {0: wrapped}  # Ray Train's WorkerGroupError carries the workers' errors so
     cause = dubito_cause(outer)

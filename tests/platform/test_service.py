@@ -66,7 +66,9 @@ def test_variant_decides_test_time_dropout():
 
 def test_users_own_module_works_with_task_given():
     model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 1))
-    u = UncertaintyService(model, task="regression", samples=10, device="cpu", seed=0).predict(torch.randn(5, 3))
+    u = UncertaintyService(model, task="regression", samples=10, device="cpu", seed=0).predict(
+        torch.randn(5, 3)
+    )
     assert u.mean.shape == (5, 1) and (u.epistemic_var > 0).all()
     with pytest.raises(DubitoError, match="task"):
         UncertaintyService(model)
@@ -125,7 +127,9 @@ def test_predict_with_samples_returns_the_draws_it_decomposed():
 
     model = MLP(6, 4, hidden=(16,), variant="both", dropout=0.3)
     x = torch.randn(5, 6)
-    u, samples = UncertaintyService(model, samples=7, seed=3, progress=False, device="cpu").predict_with_samples(x)
+    u, samples = UncertaintyService(
+        model, samples=7, seed=3, progress=False, device="cpu"
+    ).predict_with_samples(x)
     assert samples.probs.shape == (7, 5, 4)
     again = classification_uncertainty(samples.probs, samples.mean)
     torch.testing.assert_close(u.mutual_information, again.mutual_information)

@@ -156,7 +156,14 @@ def test_dusk_images_are_darker_lower_contrast_and_noisier():
     brightness = lambda its: np.mean([float(i["image"].mean()) for i in its])  # noqa: E731
     # contrast of the scene: spread of the per-class mean colours
     contrast = lambda its: np.mean(  # noqa: E731
-        [float(torch.stack([i["image"][:, i["target"] == c].mean(1) for c in i["target"].unique()]).std(0).mean()) for i in its]
+        [
+            float(
+                torch.stack([i["image"][:, i["target"] == c].mean(1) for c in i["target"].unique()])
+                .std(0)
+                .mean()
+            )
+            for i in its
+        ]
     )
     assert brightness(dusk) < 0.6 * brightness(day)
     assert contrast(dusk) < 0.5 * contrast(day)
@@ -167,7 +174,9 @@ def test_depth_noise_is_gaussian_with_the_documented_std_growing_with_depth():
     z, depth, noise = [], [], []
     for it in items(ds):
         clean = it["clean_target"]
-        quiet = it["mask"] & torch.isclose(it["noise"], 0.05 + 0.0004 * clean**2)  # outside the boundary bands
+        quiet = it["mask"] & torch.isclose(
+            it["noise"], 0.05 + 0.0004 * clean**2
+        )  # outside the boundary bands
         z.append(((it["target"] - clean) / it["noise"])[quiet])
         depth.append(clean[quiet])
         noise.append(it["noise"][quiet])
@@ -180,7 +189,9 @@ def test_depth_noise_is_gaussian_with_the_documented_std_growing_with_depth():
 
 def test_depth_boundary_bands_take_the_neighbours_depth_at_the_documented_rate():
     p = 0.3
-    ds = SyntheticMake3D(n=30, size=(48, 36), seed=7, static_fraction=0.0, boundary_flip=p, sensor_noise=(0.01, 5e-5))
+    ds = SyntheticMake3D(
+        n=30, size=(48, 36), seed=7, static_fraction=0.0, boundary_flip=p, sensor_noise=(0.01, 5e-5)
+    )
     taken, total = 0, 0
     for it in items(ds):
         clean, target, noise = it["clean_target"], it["target"], it["noise"]
@@ -190,7 +201,9 @@ def test_depth_boundary_bands_take_the_neighbours_depth_at_the_documented_rate()
         # "flying pixels" sit far off their own surface (the sensor noise is < 0.5 % of the depth here)
         flying = band & ((target - clean).abs() > 0.05 * clean)
         # there the neighbour's depth ≈ the target, so the mixture std is known: sqrt(p(1-p)) |Δ| dominates
-        np.testing.assert_allclose(noise[flying], math.sqrt(p * (1 - p)) * (target - clean)[flying].abs(), rtol=0.1)
+        np.testing.assert_allclose(
+            noise[flying], math.sqrt(p * (1 - p)) * (target - clean)[flying].abs(), rtol=0.1
+        )
         taken += int(flying.sum())
         total += int(band.sum())
     assert total > 1000
@@ -218,7 +231,9 @@ def test_depth_static_is_uniform_random_depth():
 @pytest.mark.parametrize("cls", [SyntheticCamVid, SyntheticMake3D])
 def test_ood_variant_differs_in_input_statistics(cls):
     def colour_balance(ood: bool) -> np.ndarray:  # per image: mean red minus mean blue
-        ds = cls(n=40, size=(30, 40), seed=10, ood=ood, normalize=None, static_fraction=0.0, dusk_fraction=0.0)
+        ds = cls(
+            n=40, size=(30, 40), seed=10, ood=ood, normalize=None, static_fraction=0.0, dusk_fraction=0.0
+        )
         return np.array([float(it["image"][0].mean() - it["image"][2].mean()) for it in items(ds)])
 
     inside, outside = colour_balance(False), colour_balance(True)
@@ -228,8 +243,14 @@ def test_ood_variant_differs_in_input_statistics(cls):
 
 
 def test_ood_depth_is_indoor_range():
-    streets = [it["clean_target"][it["mask"]].median() for it in items(SyntheticMake3D(n=10, size=(32, 24), static_fraction=0))]
-    rooms = [it["clean_target"][it["mask"]].median() for it in items(SyntheticMake3D(n=10, size=(32, 24), static_fraction=0, ood=True))]
+    streets = [
+        it["clean_target"][it["mask"]].median()
+        for it in items(SyntheticMake3D(n=10, size=(32, 24), static_fraction=0))
+    ]
+    rooms = [
+        it["clean_target"][it["mask"]].median()
+        for it in items(SyntheticMake3D(n=10, size=(32, 24), static_fraction=0, ood=True))
+    ]
     assert max(rooms) < 10 < np.median(streets)
 
 

@@ -44,9 +44,11 @@ def test_segmentation_losses_ignore_masked_pixels():
     torch.manual_seed(1)
     # the same loss restricted to the valid pixels (each pixel is independent)
     ref = sampled_softmax_cross_entropy(
-        logits.permute(0, 2, 3, 1)[mask].unsqueeze(-1), log_var.permute(0, 2, 3, 1)[mask].unsqueeze(-1),
-        target[mask].unsqueeze(-1), noise=noise.permute(0, 1, 3, 4, 2)[:, mask].unsqueeze(-1),
-    )  # fmt: skip
+        logits.permute(0, 2, 3, 1)[mask].unsqueeze(-1),
+        log_var.permute(0, 2, 3, 1)[mask].unsqueeze(-1),
+        target[mask].unsqueeze(-1),
+        noise=noise.permute(0, 1, 3, 4, 2)[:, mask].unsqueeze(-1),
+    )
     assert got.item() == pytest.approx(ref.item(), rel=0.15)  # different ε draws, same expectation
     assert torch.isfinite(got)
 
@@ -58,8 +60,12 @@ def test_depth_losses():
     batch = {"target": target, "mask": mask}
     l1 = FCDenseNet("tiny", task="depth", variant="baseline", likelihood="laplace")
     l2 = FCDenseNet("tiny", task="depth", variant="baseline", likelihood="gaussian")
-    assert task_loss(l1, mean, batch).item() == pytest.approx((mean[:, 0] - target)[mask].abs().mean().item(), rel=1e-6)
-    assert task_loss(l2, mean, batch).item() == pytest.approx(((mean[:, 0] - target)[mask] ** 2).mean().item(), rel=1e-6)
+    assert task_loss(l1, mean, batch).item() == pytest.approx(
+        (mean[:, 0] - target)[mask].abs().mean().item(), rel=1e-6
+    )
+    assert task_loss(l2, mean, batch).item() == pytest.approx(
+        ((mean[:, 0] - target)[mask] ** 2).mean().item(), rel=1e-6
+    )
     hetero = FCDenseNet("tiny", task="depth", variant="aleatoric", likelihood="gaussian")
     log_var = torch.randn(2, 1, 4, 5)
     assert task_loss(hetero, (mean, log_var), batch).item() == pytest.approx(
@@ -118,7 +124,9 @@ def test_train_records_everything_in_mlflow_and_reloads(tmp_path, mlflow_uri):
 
 
 def test_depth_training_reports_depth_errors(tmp_path):
-    results = train(small_config(tmp_path, dataset="synthetic-make3d", epochs=1, variant="aleatoric"), progress=False)
+    results = train(
+        small_config(tmp_path, dataset="synthetic-make3d", epochs=1, variant="aleatoric"), progress=False
+    )
     assert {"val_rel", "val_rms", "val_delta1"} <= set(results["history"][0])
     assert results["spec"]["task"] == "depth" and results["spec"]["likelihood"] == "laplace"
 
@@ -135,7 +143,9 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
 
     model, spec = load_model(tmp_path / "run" / "model.pt")
     _, val_set = make_datasets(config)
-    assert validate(model, val_set, spec, torch.device("cpu"), 8)["val_mean_iou"] == pytest.approx(scores[best - 1])
+    assert validate(model, val_set, spec, torch.device("cpu"), 8)["val_mean_iou"] == pytest.approx(
+        scores[best - 1]
+    )
 
 
 def test_resume_refuses_a_folder_with_other_settings(tmp_path):
@@ -150,13 +160,18 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path, mlflow_uri):
     config = small_config(tmp_path, "uninterrupted", epochs=4)
     train(config, progress=False)
     reference = _final_weights(tmp_path / "uninterrupted")
 
     out = tmp_path / "killed"
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(replace(config, output=str(out))).items() if not isinstance(v, bool)]
+    args = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in asdict(replace(config, output=str(out))).items()
+        if not isinstance(v, bool)
+    ]
     command = [sys.executable, "-m", "dubito", "train", *args, "--no-progress"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

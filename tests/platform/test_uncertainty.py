@@ -45,7 +45,9 @@ def test_classification_identities_and_numpy(logits):
     np.testing.assert_allclose(pe, np_entropy(probs.mean(0), axis=1), atol=1e-9)
     np.testing.assert_allclose(ae, np_entropy(probs, axis=2).mean(0), atol=1e-9)
     assert (pe <= np.log(probs.shape[2]) + 1e-9).all()
-    np.testing.assert_allclose(u.epistemic_logit_variance.numpy(), logits.var(axis=0).mean(axis=1), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        u.epistemic_logit_variance.numpy(), logits.var(axis=0).mean(axis=1), rtol=1e-9, atol=1e-9
+    )
     # variation ratio: 1 − (count of the modal argmax)/T
     T = probs.shape[0]
     votes = probs.argmax(axis=2)
@@ -85,7 +87,9 @@ def test_regression_identities_and_numpy(T, shape, likelihood, data):
     np.testing.assert_allclose(u.mean.numpy(), means.mean(0), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(u.epistemic_var.numpy(), means.var(0), rtol=1e-9, atol=1e-6)
     np.testing.assert_allclose(u.aleatoric_var.numpy(), aleatoric.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(u.total_var.numpy(), u.aleatoric_var.numpy() + u.epistemic_var.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        u.total_var.numpy(), u.aleatoric_var.numpy() + u.epistemic_var.numpy(), rtol=1e-12
+    )
     assert (u.epistemic_var.numpy() >= 0).all()
     # The paper's form (docs/formulas.md): Var[y] = 1/T Σ ŷ² − (1/T Σ ŷ)² + 1/T Σ σ̂²
     paper = (means**2).mean(0) - means.mean(0) ** 2 + aleatoric.mean(0)
@@ -141,6 +145,8 @@ def test_aleatoric_variance_uses_the_losses_range():
     from dubito.platform.losses import LOG_SCALE_MAX, LOG_VAR_MAX
 
     means = torch.zeros(2, 3)
-    assert regression_uncertainty(means, torch.full((2, 3), 30.0)).aleatoric_var[0].item() == pytest.approx(np.exp(LOG_VAR_MAX), rel=1e-5)
+    assert regression_uncertainty(means, torch.full((2, 3), 30.0)).aleatoric_var[0].item() == pytest.approx(
+        np.exp(LOG_VAR_MAX), rel=1e-5
+    )
     laplace = regression_uncertainty(means, torch.full((2, 3), 30.0), likelihood="laplace")
     assert laplace.aleatoric_var[0].item() == pytest.approx(2 * np.exp(2 * LOG_SCALE_MAX), rel=1e-5)

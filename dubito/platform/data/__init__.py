@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dubito import DubitoError
-from dubito.platform.registry import Registry
 from dubito.platform.data.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -41,6 +40,7 @@ from dubito.platform.data.transforms import (
     Resize,
     train_transform,
 )
+from dubito.platform.registry import Registry
 
 __all__ = [
     "DATASETS",
@@ -106,8 +106,14 @@ class DatasetInfo:
     inputs: str = "images"
 
     def __post_init__(self) -> None:
-        if self.task not in HEADLINE or self.source not in ("disk", "synthetic", "bundled") or self.inputs not in ("images", "vectors"):
-            raise DubitoError(f"dataset {self.name!r}: task, source or inputs not one dubito knows ({self.task}, {self.source}, {self.inputs})")
+        if (
+            self.task not in HEADLINE
+            or self.source not in ("disk", "synthetic", "bundled")
+            or self.inputs not in ("images", "vectors")
+        ):
+            raise DubitoError(
+                f"dataset {self.name!r}: task, source or inputs not one dubito knows ({self.task}, {self.source}, {self.inputs})"
+            )
 
     @property
     def needs_root(self) -> bool:
@@ -142,7 +148,9 @@ class DatasetInfo:
 
 def _check_entry(entry: object) -> None:
     if not isinstance(entry, DatasetInfo):
-        raise DubitoError(f"a dataset entry must be a dubito.platform.data.DatasetInfo, got {type(entry).__name__}")
+        raise DubitoError(
+            f"a dataset entry must be a dubito.platform.data.DatasetInfo, got {type(entry).__name__}"
+        )
 
 
 #: dataset names accepted by ``get_dataset`` (and the commands' ``--dataset``), each with its descriptor

@@ -169,10 +169,16 @@ def read_mat(path: Path, key: str, integer: bool = False) -> np.ndarray:
 def check_numeric(values: np.ndarray, path, key: str, integer: bool = False) -> np.ndarray:
     """``values`` if it is a non-empty real numeric array (of whole numbers when ``integer``), else a
     CorruptFileError naming the file and variable."""
-    if values.dtype == bool or not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+    if (
+        values.dtype == bool
+        or not np.issubdtype(values.dtype, np.number)
+        or np.issubdtype(values.dtype, np.complexfloating)
+    ):
         raise CorruptFileError(path, f"variable {key!r} holds {values.dtype} values, expected real numbers")
     if integer and values.size and not np.array_equal(values, np.round(values)):
-        raise CorruptFileError(path, f"variable {key!r} must hold whole numbers, found {values[values != np.round(values)][0]}")
+        raise CorruptFileError(
+            path, f"variable {key!r} must hold whole numbers, found {values[values != np.round(values)][0]}"
+        )
     return values
 
 
@@ -221,7 +227,9 @@ class FileDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _read(self, index: int, size: tuple[int, int] | None) -> tuple[dict, tuple[int, int]]:  # pragma: no cover
+    def _read(
+        self, index: int, size: tuple[int, int] | None
+    ) -> tuple[dict, tuple[int, int]]:  # pragma: no cover
         raise NotImplementedError
 
     def path_of(self, index: int) -> str:
@@ -276,7 +284,9 @@ def check_size(size, minimum: int = 1) -> tuple[int, int]:
     return h, w
 
 
-def normalize_image(image: torch.Tensor, normalize: tuple[Sequence[float], Sequence[float]] | None) -> torch.Tensor:
+def normalize_image(
+    image: torch.Tensor, normalize: tuple[Sequence[float], Sequence[float]] | None
+) -> torch.Tensor:
     """``(image - mean) / std`` per channel for an image (3, H, W) in [0, 1]; unchanged when None."""
     if normalize is None:
         return image

@@ -35,11 +35,33 @@ from dubito.platform.data.base import (
 __all__ = ["CamVid", "CAMVID_CLASSES", "CAMVID_CLASS_WEIGHTS", "CAMVID_VOID"]
 
 CAMVID_CLASSES = (
-    "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist",
-)  # fmt: skip
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
+)
 CAMVID_VOID = 11
 #: SegNet's median-frequency class weights (SegNet-Tutorial's segnet_train.prototxt)
-CAMVID_CLASS_WEIGHTS = (0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614)
+CAMVID_CLASS_WEIGHTS = (
+    0.2595,
+    0.1826,
+    4.5640,
+    0.1417,
+    0.9051,
+    0.3826,
+    9.6446,
+    1.8418,
+    0.6823,
+    6.2478,
+    7.3614,
+)
 SPLITS = ("train", "val", "test")
 
 
@@ -77,9 +99,13 @@ class CamVid(FileDataset):
         if listing.is_file():
             pairs = self._pairs_from_list(listing)
         elif (self.root / split).is_dir():
-            pairs = [(p, self.root / f"{split}annot" / p.name) for p in sorted((self.root / split).glob("*.png"))]
+            pairs = [
+                (p, self.root / f"{split}annot" / p.name) for p in sorted((self.root / split).glob("*.png"))
+            ]
         else:
-            raise MissingDataError(self.root / split, f"CamVid split {split!r} not found (no {split}.txt, no {split}/ folder)")
+            raise MissingDataError(
+                self.root / split, f"CamVid split {split!r} not found (no {split}.txt, no {split}/ folder)"
+            )
         for position, (image, label) in enumerate(pairs):
             if not image.is_file():
                 self._problem(MissingDataError(image, "image listed but not found"))
@@ -102,11 +128,17 @@ class CamVid(FileDataset):
             if not parts:
                 continue
             if len(parts) > 2:
-                self._problem(MissingDataError(listing, f"line {number}: expected 'image label', got {line!r}"))
+                self._problem(
+                    MissingDataError(listing, f"line {number}: expected 'image label', got {line!r}")
+                )
                 continue
             try:
                 image = self._under_root(parts[0], self.split)
-                label = self._under_root(parts[1], f"{self.split}annot") if len(parts) == 2 else self.root / f"{self.split}annot" / image.name
+                label = (
+                    self._under_root(parts[1], f"{self.split}annot")
+                    if len(parts) == 2
+                    else self.root / f"{self.split}annot" / image.name
+                )
             except MissingDataError as err:
                 self._problem(MissingDataError(listing, f"line {number}: {err.problem}"))
                 continue
@@ -121,7 +153,10 @@ class CamVid(FileDataset):
             raise MissingDataError(self.root, f"list entry {listed!r} names no file")
         kept = parts[-2:] if len(parts) >= 2 else [folder, parts[0]]
         if any(p in (".", "..") for p in kept):  # e.g. /x/../outside.png: a file outside the root
-            raise MissingDataError(self.root, f"list entry {listed!r} resolves outside --root {self.root}; entries name files under it")
+            raise MissingDataError(
+                self.root,
+                f"list entry {listed!r} resolves outside --root {self.root}; entries name files under it",
+            )
         return self.root.joinpath(*kept)
 
     def __len__(self) -> int:

@@ -67,8 +67,12 @@ class SplitSummary:
         else:
             depth = target[mask]
             if depth.size:
-                self.depth_min = float(depth.min()) if self.depth_min is None else min(self.depth_min, float(depth.min()))
-                self.depth_max = float(depth.max()) if self.depth_max is None else max(self.depth_max, float(depth.max()))
+                self.depth_min = (
+                    float(depth.min()) if self.depth_min is None else min(self.depth_min, float(depth.min()))
+                )
+                self.depth_max = (
+                    float(depth.max()) if self.depth_max is None else max(self.depth_max, float(depth.max()))
+                )
                 self.depth_sum += float(depth.sum())
             hist, _ = np.histogram(depth, bins=DEPTH_BINS, range=(0.0, dataset.max_depth))
             self.depth_histogram = hist if self.depth_histogram is None else self.depth_histogram + hist
@@ -142,7 +146,10 @@ class CheckReport:
             out["median_frequency_weights"] = {n: round(w, 4) for n, w in zip(self.class_names, weights)}
         hist = self._total("depth_histogram")
         if hist is not None:
-            out["depth_histogram"] = {"bin_edges_m": np.linspace(0, self.max_depth, DEPTH_BINS + 1).tolist(), "counts": hist.tolist()}
+            out["depth_histogram"] = {
+                "bin_edges_m": np.linspace(0, self.max_depth, DEPTH_BINS + 1).tolist(),
+                "counts": hist.tolist(),
+            }
         return out
 
     def format(self) -> str:
@@ -160,13 +167,18 @@ class CheckReport:
             invalid = s["invalid_pixel_fraction"]
             what = "void" if self.task == "segmentation" else "invalid depth"
             if self.task == "segmentation":
-                lines.append(f"{name}: label values {s['label_min']}-{s['label_max']}, {what} {_pct(invalid)}")
+                lines.append(
+                    f"{name}: label values {s['label_min']}-{s['label_max']}, {what} {_pct(invalid)}"
+                )
             else:
                 lo, hi = s["depth_min"], s["depth_max"]
                 rng = "-" if lo is None else f"{lo:.2f}-{hi:.2f} m"
                 lines.append(f"{name}: valid depth {rng} (cap {self.max_depth:g} m), {what} {_pct(invalid)}")
         if "class_frequencies" in d:
-            lines += ["", f"{'class (' + d['class_statistics_split'] + ')':14s}{'frequency':>10s}{'median-freq. weight':>21s}"]
+            lines += [
+                "",
+                f"{'class (' + d['class_statistics_split'] + ')':14s}{'frequency':>10s}{'median-freq. weight':>21s}",
+            ]
             for n, f in d["class_frequencies"].items():
                 bar = "#" * int(round(f * 50))
                 lines.append(f"{n:14s}{f * 100:9.2f}%{d['median_frequency_weights'][n]:21.4f}  {bar}")
@@ -190,11 +202,27 @@ class CheckReport:
         paths = [out / "results.json"]
         if "class_frequencies" in d:
             freq = d["class_frequencies"]
-            paths.append(histogram_figure(list(freq), list(freq.values()), out / "class_frequencies.png", f"{self.dataset}: class frequencies", "fraction of labelled pixels"))
+            paths.append(
+                histogram_figure(
+                    list(freq),
+                    list(freq.values()),
+                    out / "class_frequencies.png",
+                    f"{self.dataset}: class frequencies",
+                    "fraction of labelled pixels",
+                )
+            )
         elif "depth_histogram" in d:
             edges = d["depth_histogram"]["bin_edges_m"]
             labels = [f"{edges[i]:.0f}" for i in range(len(edges) - 1)]
-            paths.append(histogram_figure(labels, d["depth_histogram"]["counts"], out / "depth_histogram.png", f"{self.dataset}: valid depth (m)", "pixels"))
+            paths.append(
+                histogram_figure(
+                    labels,
+                    d["depth_histogram"]["counts"],
+                    out / "depth_histogram.png",
+                    f"{self.dataset}: valid depth (m)",
+                    "pixels",
+                )
+            )
         return paths
 
 
@@ -216,7 +244,9 @@ def _open(name: str, root, split: str, task: str | None) -> FileDataset:
     return NYUv2(root, split, task=task or "depth", normalize=None, strict=False)
 
 
-def _read_all(ds: FileDataset, desc: str, summary: SplitSummary | None, problems: list[Problem], progress: bool) -> None:
+def _read_all(
+    ds: FileDataset, desc: str, summary: SplitSummary | None, problems: list[Problem], progress: bool
+) -> None:
     """Read every item of ``ds``, adding it to ``summary`` (if any) and every failure to ``problems``."""
     for i in tqdm(range(len(ds)), desc=desc, unit="img", disable=not progress):
         try:
@@ -225,13 +255,17 @@ def _read_all(ds: FileDataset, desc: str, summary: SplitSummary | None, problems
             problems.append(Problem.from_error(err))
             continue
         except Exception as err:  # broken in a way no check foresaw: report it and go on
-            problems.append(Problem(ds.path_of(i), f"unexpected {type(err).__name__}: {err}", "UnexpectedError"))
+            problems.append(
+                Problem(ds.path_of(i), f"unexpected {type(err).__name__}: {err}", "UnexpectedError")
+            )
             continue
         if summary is not None:
             summary.add(item, native, ds)
 
 
-def check_dataset(name: str, root: str | Path, *, task: str | None = None, progress: bool = True) -> CheckReport:
+def check_dataset(
+    name: str, root: str | Path, *, task: str | None = None, progress: bool = True
+) -> CheckReport:
     """Read every item of dataset ``name`` ("camvid", "make3d" or "nyuv2") under ``root``.
 
     Returns the report; never stops at the first bad file. A missing root raises ``DatasetError``.
@@ -267,7 +301,13 @@ def check_dataset(name: str, root: str | Path, *, task: str | None = None, progr
         summaries.append(summary)
         if name == "nyuv2" and task == "segmentation":  # the depths of the same images, problems only
             try:
-                _read_all(_open(name, root, split, "depth"), f"checking {name} {split} depths", None, problems, progress)
+                _read_all(
+                    _open(name, root, split, "depth"),
+                    f"checking {name} {split} depths",
+                    None,
+                    problems,
+                    progress,
+                )
             except DatasetError as err:
                 problems.append(Problem.from_error(err))
     return CheckReport(

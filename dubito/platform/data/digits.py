@@ -65,12 +65,18 @@ class Digits(Dataset):
     ignore_index = None
     class_names = tuple(str(d) for d in range(10))
 
-    def __init__(self, split: str = "train", *, seed: int = 0, test_fraction: float = 0.25, normalize: bool = True) -> None:
+    def __init__(
+        self, split: str = "train", *, seed: int = 0, test_fraction: float = 0.25, normalize: bool = True
+    ) -> None:
         if split not in _SPLITS:
             raise DubitoError(f"digits: split must be one of {_SPLITS}, got {split!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise DubitoError(f"digits: seed must be a non-negative integer, got {seed!r}")
-        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
+        if (
+            isinstance(test_fraction, bool)
+            or not isinstance(test_fraction, (int, float))
+            or not 0.0 < test_fraction < 1.0
+        ):
             raise DubitoError(f"digits: test_fraction must be a number in (0, 1), got {test_fraction!r}")
         train_ids, test_ids = split_ids(int(seed), float(test_fraction))
         if len(train_ids) == 0 or len(test_ids) == 0:

@@ -67,7 +67,9 @@ def write_make3d_split(
     names = list(names) if names is not None else [f"{split}-{i:04d}" for i in range(len(images))]
     paths = []
     for name, image, depth in zip(names, images, depths):
-        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(image_dir / f"img-{name}.jpg", quality=quality)
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(
+            image_dir / f"img-{name}.jpg", quality=quality
+        )
         grid = np.zeros((*depth.shape, 4))
         grid[..., 3] = depth
         scipy.io.savemat(depth_dir / f"depth_sph_corr-{name}.mat", {"Position3DGrid": grid})
@@ -100,8 +102,13 @@ def write_nyuv2(
             f["labels"] = np.asarray(labels, dtype=np.uint16).transpose(0, 2, 1)
     scipy.io.savemat(
         root / "splits.mat",
-        {"trainNdxs": np.asarray(train, dtype=np.float64).reshape(-1, 1) + 1, "testNdxs": np.asarray(test, dtype=np.float64).reshape(-1, 1) + 1},
+        {
+            "trainNdxs": np.asarray(train, dtype=np.float64).reshape(-1, 1) + 1,
+            "testNdxs": np.asarray(test, dtype=np.float64).reshape(-1, 1) + 1,
+        },
     )
     if class_map is not None:
-        scipy.io.savemat(root / "classMapping40.mat", {"mapClass": np.asarray(class_map, dtype=np.float64).reshape(1, -1)})
+        scipy.io.savemat(
+            root / "classMapping40.mat", {"mapClass": np.asarray(class_map, dtype=np.float64).reshape(1, -1)}
+        )
     return root / "nyu_depth_v2_labeled.mat"

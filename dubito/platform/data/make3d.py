@@ -78,13 +78,17 @@ class Make3D(FileDataset):
             raise MissingDataError(self.root / _IMAGE_DIRS[split][0], f"Make3D {split} images not found")
         depth_dirs = [self.root / d for d in _DEPTH_DIRS[split] if (self.root / d).is_dir()]
         if not depth_dirs:
-            raise MissingDataError(self.root / _DEPTH_DIRS[split][0], f"Make3D {split} depth folder not found")
+            raise MissingDataError(
+                self.root / _DEPTH_DIRS[split][0], f"Make3D {split} depth folder not found"
+            )
         self.files: list[tuple[Path, Path]] = []
         for position, image in enumerate(sorted(image_dir.glob("img-*.jpg"))):
             name = "depth_sph_corr-" + image.stem[len("img-") :] + ".mat"
             depth = next((d / name for d in depth_dirs if (d / name).is_file()), None)
             if depth is None:
-                self._problem(MissingDataError(image, f"image without its depth (expected {depth_dirs[0] / name})"))
+                self._problem(
+                    MissingDataError(image, f"image without its depth (expected {depth_dirs[0] / name})")
+                )
             else:
                 self.files.append((image, depth))
                 self.ids.append(position)
@@ -102,7 +106,9 @@ class Make3D(FileDataset):
         image = read_image(image_path, draft_size=size)
         grid = read_mat(depth_path, "Position3DGrid")
         if grid.ndim != 3 or grid.shape[2] < 4 or grid.shape[0] == 0 or grid.shape[1] == 0:
-            raise SizeMismatchError(depth_path, f"Position3DGrid has shape {grid.shape}, expected (rows, cols, 4)")
+            raise SizeMismatchError(
+                depth_path, f"Position3DGrid has shape {grid.shape}, expected (rows, cols, 4)"
+            )
         depth = grid[..., 3].astype(np.float32)
         if np.isnan(depth).any():
             raise InvalidDepthError(depth_path, f"{int(np.isnan(depth).sum())} NaN depth values")
@@ -111,7 +117,9 @@ class Make3D(FileDataset):
         valid = (depth > 0) & (depth <= self.max_depth)
         out_size = size if size is not None else image.shape[:2]
         item = {
-            "image": resize_map(torch.from_numpy(image).permute(2, 0, 1).float() / 255.0, out_size, image=True),
+            "image": resize_map(
+                torch.from_numpy(image).permute(2, 0, 1).float() / 255.0, out_size, image=True
+            ),
             "target": resize_map(torch.from_numpy(np.where(valid, depth, 0.0).astype(np.float32)), out_size),
             "mask": resize_map(torch.from_numpy(valid), out_size),
         }

@@ -104,7 +104,9 @@ class NYUv2(FileDataset):
                 raise MissingDataError(mapping, "40-class mapping file needed for NYUv2 segmentation")
             table = read_mat(mapping, "mapClass", integer=True).astype(np.int64).ravel()
             if table.size == 0 or table.min() < 1:
-                raise LabelValueError(mapping, f"mapClass values must be >= 1, found {table.min() if table.size else 'none'}")
+                raise LabelValueError(
+                    mapping, f"mapClass values must be >= 1, found {table.min() if table.size else 'none'}"
+                )
             self.num_classes = int(table.max())
             self.ignore_index = self.num_classes
             # lookup: raw label 0 (unlabelled) → ignore; raw k → mapClass[k-1] - 1
@@ -120,17 +122,22 @@ class NYUv2(FileDataset):
 
         missing = [k for k in keys if not isinstance(f.get(k), h5py.Dataset)]
         if missing:
-            raise MatKeyError(self.labeled, f"no variable {missing[0]!r} (an array) in the NYUv2 labeled .mat")
+            raise MatKeyError(
+                self.labeled, f"no variable {missing[0]!r} (an array) in the NYUv2 labeled .mat"
+            )
         for k in keys:
             check_numeric(np.empty(0, dtype=f[k].dtype), self.labeled, k)
         shapes = {k: f[k].shape for k in keys}
         if len(shapes["images"]) != 4 or shapes["images"][1] != 3:
-            raise SizeMismatchError(self.labeled, f"images has shape {shapes['images']}, expected (N, 3, W, H) in HDF5")
+            raise SizeMismatchError(
+                self.labeled, f"images has shape {shapes['images']}, expected (N, 3, W, H) in HDF5"
+            )
         count, _, width, height = shapes["images"]
         for k in keys[1:]:
             if shapes[k] != (count, width, height):
                 raise SizeMismatchError(
-                    self.labeled, f"{k} has shape {shapes[k]} but images is {shapes['images']} (HDF5 axis order)"
+                    self.labeled,
+                    f"{k} has shape {shapes[k]} but images is {shapes['images']} (HDF5 axis order)",
                 )
         return int(count)
 

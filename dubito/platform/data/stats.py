@@ -7,7 +7,9 @@ import torch
 __all__ = ["median_frequency_weights"]
 
 
-def median_frequency_weights(counts: torch.Tensor, present_pixels: torch.Tensor | None = None) -> torch.Tensor:
+def median_frequency_weights(
+    counts: torch.Tensor, present_pixels: torch.Tensor | None = None
+) -> torch.Tensor:
     """Median-frequency balancing (Eigen & Fergus 2015, SegNet's CamVid weights): ``median(f) / f_c``.
 
     ``counts`` (C,): pixels of each class (or frequencies). ``present_pixels`` (C,): the total pixels

@@ -58,11 +58,28 @@ __all__ = [
 SKY, BUILDING, POLE, ROAD, PAVEMENT, TREE, SIGN, FENCE, CAR, PEDESTRIAN, BICYCLIST = range(11)
 NUM_CLASSES = len(CAMVID_CLASSES)
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-DEFAULT_COUNTS = {"camvid": {"train": 367, "val": 101, "test": 233}, "make3d": {"train": 400, "val": 100, "test": 134}}
+DEFAULT_COUNTS = {
+    "camvid": {"train": 367, "val": 101, "test": 233},
+    "make3d": {"train": 400, "val": 100, "test": 134},
+}
 #: CamVid's class frequencies implied by SegNet's median-frequency weights (frequency ∝ 1 / weight)
-CAMVID_FREQUENCIES = tuple(round((1 / w) / sum(1 / v for v in CAMVID_CLASS_WEIGHTS), 4) for w in CAMVID_CLASS_WEIGHTS)
+CAMVID_FREQUENCIES = tuple(
+    round((1 / w) / sum(1 / v for v in CAMVID_CLASS_WEIGHTS), 4) for w in CAMVID_CLASS_WEIGHTS
+)
 #: SyntheticCamVid's clean-label frequencies, measured on the train split (200 images, 90x120, seed 0)
-SYNTHETIC_CAMVID_FREQUENCIES = (0.1478, 0.2375, 0.008, 0.3433, 0.0456, 0.13, 0.005, 0.0177, 0.0526, 0.0068, 0.0059)
+SYNTHETIC_CAMVID_FREQUENCIES = (
+    0.1478,
+    0.2375,
+    0.008,
+    0.3433,
+    0.0456,
+    0.13,
+    0.005,
+    0.0177,
+    0.0526,
+    0.0068,
+    0.0059,
+)
 CLEAN_INPUT_NOISE, DUSK_INPUT_NOISE = 0.015, 0.06
 STATIC_INPUT_NOISE = 1 / math.sqrt(12)
 
@@ -108,8 +125,21 @@ def _jitter(rng, color, amount=0.06):
     return tuple(float(np.clip(c + rng.uniform(-amount, amount), 0, 1)) for c in color)
 
 
-_BUILDING_COLORS = [(0.55, 0.35, 0.28), (0.7, 0.68, 0.62), (0.82, 0.76, 0.6), (0.45, 0.45, 0.48), (0.6, 0.5, 0.42)]
-_CAR_COLORS = [(0.75, 0.1, 0.1), (0.1, 0.2, 0.6), (0.85, 0.85, 0.85), (0.12, 0.12, 0.12), (0.6, 0.6, 0.62), (0.9, 0.75, 0.1)]
+_BUILDING_COLORS = [
+    (0.55, 0.35, 0.28),
+    (0.7, 0.68, 0.62),
+    (0.82, 0.76, 0.6),
+    (0.45, 0.45, 0.48),
+    (0.6, 0.5, 0.42),
+]
+_CAR_COLORS = [
+    (0.75, 0.1, 0.1),
+    (0.1, 0.2, 0.6),
+    (0.85, 0.85, 0.85),
+    (0.12, 0.12, 0.12),
+    (0.6, 0.6, 0.62),
+    (0.9, 0.75, 0.1),
+]
 _CLOTHES = [(0.15, 0.15, 0.35), (0.6, 0.1, 0.15), (0.2, 0.2, 0.2), (0.8, 0.7, 0.5), (0.1, 0.4, 0.3)]
 _SIGN_COLORS = [(0.8, 0.1, 0.1), (0.1, 0.25, 0.75), (0.95, 0.8, 0.1)]
 
@@ -124,7 +154,9 @@ def _box(surfaces, rng, x, z, width, height, length, cls, color, texture, cam_x,
     """A box's back face at depth ``z`` and the side face the camera can see."""
     surfaces.append(Surface(2, z, ((x - width / 2, x + width / 2), (y0, y0 + height)), cls, color, texture))
     side = x - width / 2 if x > cam_x else x + width / 2
-    surfaces.append(Surface(0, side, ((y0, y0 + height), (z, z + length)), cls, _jitter(rng, color, 0.03), texture))
+    surfaces.append(
+        Surface(0, side, ((y0, y0 + height), (z, z + length)), cls, _jitter(rng, color, 0.03), texture)
+    )
 
 
 def street_scene(rng: np.random.Generator) -> Scene:
@@ -146,7 +178,16 @@ def street_scene(rng: np.random.Generator) -> Scene:
             length = _u(rng, 8, 30)
             if rng.random() < 0.18:  # a gap: a row of trees set back
                 h = _u(rng, 4, 10)
-                s.append(Surface(0, x + side * 3, ((0, h), (z, z + length)), TREE, _jitter(rng, (0.2, 0.42, 0.16)), "leaves"))
+                s.append(
+                    Surface(
+                        0,
+                        x + side * 3,
+                        ((0, h), (z, z + length)),
+                        TREE,
+                        _jitter(rng, (0.2, 0.42, 0.16)),
+                        "leaves",
+                    )
+                )
             else:
                 h = _u(rng, 6, 24)
                 color = _jitter(rng, _BUILDING_COLORS[rng.integers(len(_BUILDING_COLORS))])
@@ -155,7 +196,16 @@ def street_scene(rng: np.random.Generator) -> Scene:
         if rng.random() < 0.6:  # a fence along the pavement
             z0 = _u(rng, 2, 20)
             fx = x - side * 0.3
-            s.append(Surface(0, fx, ((0, _u(rng, 1.0, 2.0)), (z0, z0 + _u(rng, 15, 50))), FENCE, _jitter(rng, (0.45, 0.38, 0.3)), "slats"))
+            s.append(
+                Surface(
+                    0,
+                    fx,
+                    ((0, _u(rng, 1.0, 2.0)), (z0, z0 + _u(rng, 15, 50))),
+                    FENCE,
+                    _jitter(rng, (0.45, 0.38, 0.3)),
+                    "slats",
+                )
+            )
     for _ in range(rng.integers(2, 7)):  # trees on the pavement
         side = rng.choice([-1, 1])
         x = (fac_l + 1.2) if side < 0 else (fac_r - 1.2)
@@ -181,11 +231,24 @@ def street_scene(rng: np.random.Generator) -> Scene:
         side = rng.choice([-1, 1])
         x = side * (road + _u(rng, 0.5, 1.5))
         z, h = _u(rng, 3, 25), _u(rng, 1.55, 1.9)
-        s.append(Surface(2, z, ((x - 0.3, x + 0.3), (0, h)), PEDESTRIAN, _CLOTHES[rng.integers(len(_CLOTHES))], "person"))
+        s.append(
+            Surface(
+                2,
+                z,
+                ((x - 0.3, x + 0.3), (0, h)),
+                PEDESTRIAN,
+                _CLOTHES[rng.integers(len(_CLOTHES))],
+                "person",
+            )
+        )
     for _ in range(rng.integers(0, 4)):  # cyclists at the road's edge
         x = rng.choice([-1, 1]) * (road - _u(rng, 0.4, 1.0))
         z = _u(rng, 4, 30)
-        s.append(Surface(2, z, ((x - 0.3, x + 0.3), (0, 1.75)), BICYCLIST, _jitter(rng, (0.2, 0.2, 0.25)), "person"))
+        s.append(
+            Surface(
+                2, z, ((x - 0.3, x + 0.3), (0, 1.75)), BICYCLIST, _jitter(rng, (0.2, 0.2, 0.25)), "person"
+            )
+        )
         s.append(Surface(0, x, ((0, 1.1), (z, z + 1.7)), BICYCLIST, (0.12, 0.12, 0.12)))
     sky_top = _jitter(rng, (0.35, 0.55, 0.9), 0.08)
     return Scene(
@@ -209,8 +272,14 @@ def room_scene(rng: np.random.Generator) -> Scene:
     width, depth, height = _u(rng, 3.0, 6.0), _u(rng, 4.0, 9.0), _u(rng, 2.4, 3.2)
     cam_x = _u(rng, -0.25, 0.25) * width
     wall = _jitter(rng, (0.85, 0.78, 0.65), 0.08)
-    s.append(Surface(1, 0.0, ((-width / 2, width / 2), (0, depth)), ROAD, _jitter(rng, (0.5, 0.33, 0.18)), "planks"))
-    s.append(Surface(1, height, ((-width / 2, width / 2), (0, depth)), SKY, _jitter(rng, (0.92, 0.9, 0.86), 0.04)))
+    s.append(
+        Surface(
+            1, 0.0, ((-width / 2, width / 2), (0, depth)), ROAD, _jitter(rng, (0.5, 0.33, 0.18)), "planks"
+        )
+    )
+    s.append(
+        Surface(1, height, ((-width / 2, width / 2), (0, depth)), SKY, _jitter(rng, (0.92, 0.9, 0.86), 0.04))
+    )
     s.append(Surface(0, -width / 2, ((0, height), (0, depth)), BUILDING, wall))
     s.append(Surface(0, width / 2, ((0, height), (0, depth)), BUILDING, _jitter(rng, wall, 0.04)))
     s.append(Surface(2, depth, ((-width / 2, width / 2), (0, height)), BUILDING, _jitter(rng, wall, 0.04)))
@@ -218,17 +287,46 @@ def room_scene(rng: np.random.Generator) -> Scene:
     s.append(Surface(2, depth - 0.02, ((wx - ww / 2, wx + ww / 2), (1.0, 2.1)), BUILDING, (0.95, 0.95, 0.85)))
     if rng.random() < 0.7:
         px = _u(rng, -width / 3, width / 3)
-        s.append(Surface(2, depth - 0.02, ((px - 0.4, px + 0.4), (1.3, 1.9)), SIGN, _jitter(rng, (0.3, 0.5, 0.6), 0.2)))
+        s.append(
+            Surface(
+                2, depth - 0.02, ((px - 0.4, px + 0.4), (1.3, 1.9)), SIGN, _jitter(rng, (0.3, 0.5, 0.6), 0.2)
+            )
+        )
     for _ in range(rng.integers(1, 5)):
         w, h, z = _u(rng, 0.6, 2.0), _u(rng, 0.5, 2.0), _u(rng, 1.5, depth - 0.6)
         x = _u(rng, -width / 2 + w / 2, width / 2 - w / 2)
-        _box(s, rng, x, z, w, h, _u(rng, 0.4, 1.0), FENCE, _jitter(rng, (0.35, 0.22, 0.12), 0.1), "plain", cam_x)
+        _box(
+            s,
+            rng,
+            x,
+            z,
+            w,
+            h,
+            _u(rng, 0.4, 1.0),
+            FENCE,
+            _jitter(rng, (0.35, 0.22, 0.12), 0.1),
+            "plain",
+            cam_x,
+        )
     if rng.random() < 0.6:
         x, z = _u(rng, -width / 3, width / 3), _u(rng, 1.5, depth - 0.5)
-        s.append(Surface(2, z, ((x - 0.25, x + 0.25), (0, _u(rng, 1.5, 1.9))), PEDESTRIAN, _CLOTHES[rng.integers(5)], "person"))
+        s.append(
+            Surface(
+                2,
+                z,
+                ((x - 0.25, x + 0.25), (0, _u(rng, 1.5, 1.9))),
+                PEDESTRIAN,
+                _CLOTHES[rng.integers(5)],
+                "person",
+            )
+        )
     if rng.random() < 0.5:
         x, z = rng.choice([-1, 1]) * (width / 2 - 0.5), _u(rng, 1.0, depth - 0.5)
-        s.append(Surface(2, z, ((x - 0.4, x + 0.4), (0.5, 1.3)), TREE, (0.15, 0.5, 0.2), "leaves", disc=(x, 0.9, 0.4)))
+        s.append(
+            Surface(
+                2, z, ((x - 0.4, x + 0.4), (0.5, 1.3)), TREE, (0.15, 0.5, 0.2), "leaves", disc=(x, 0.9, 0.4)
+            )
+        )
     if rng.random() < 0.5:
         x, z = rng.choice([-1, 1]) * (width / 2 - 0.3), _u(rng, 1.0, depth - 0.3)
         s.append(Surface(2, z, ((x - 0.03, x + 0.03), (0, 1.6)), POLE, (0.2, 0.2, 0.2)))
@@ -371,7 +469,13 @@ def _texture(kind: str, p: np.ndarray, grain: np.ndarray) -> np.ndarray:
         seam = (np.mod(z, 1.2) < 0.06) | (np.mod(x, 1.2) < 0.06)
         return np.where(seam, 0.75, 0.95 + 0.1 * grain)
     if kind == "windows":
-        window = (np.mod(z, 3.0) > 0.9) & (np.mod(z, 3.0) < 2.1) & (np.mod(y, 3.2) > 1.0) & (np.mod(y, 3.2) < 2.3) & (y > 2.5)
+        window = (
+            (np.mod(z, 3.0) > 0.9)
+            & (np.mod(z, 3.0) < 2.1)
+            & (np.mod(y, 3.2) > 1.0)
+            & (np.mod(y, 3.2) < 2.3)
+            & (y > 2.5)
+        )
         return np.where(window, 0.45, 0.95 + 0.1 * grain)
     if kind == "leaves":
         return 0.6 + 0.8 * grain
@@ -392,8 +496,12 @@ def _boundary_neighbour(values: np.ndarray, width: int, differs: Callable) -> tu
     for k in range(1, width + 1):
         for dy, dx in ((k, 0), (-k, 0), (0, k), (0, -k)):
             shifted = np.empty_like(values)
-            ys, yd = (slice(dy, None), slice(None, h - dy)) if dy >= 0 else (slice(None, h + dy), slice(-dy, None))
-            xs, xd = (slice(dx, None), slice(None, w - dx)) if dx >= 0 else (slice(None, w + dx), slice(-dx, None))
+            ys, yd = (
+                (slice(dy, None), slice(None, h - dy)) if dy >= 0 else (slice(None, h + dy), slice(-dy, None))
+            )
+            xs, xd = (
+                (slice(dx, None), slice(None, w - dx)) if dx >= 0 else (slice(None, w + dx), slice(-dx, None))
+            )
             shifted[...] = values
             shifted[yd, xd] = values[ys, xs]
             new = ~found & differs(values, shifted)
@@ -444,14 +552,24 @@ class SyntheticScenes(torch.utils.data.Dataset):
         if self.n < 0:
             raise DubitoError(f"n must be >= 0, got {n}")
         self.size = check_size(size, minimum=8)
-        for arg, value in (("static_fraction", static_fraction), ("dusk_fraction", dusk_fraction), ("boundary_flip", boundary_flip)):
+        for arg, value in (
+            ("static_fraction", static_fraction),
+            ("dusk_fraction", dusk_fraction),
+            ("boundary_flip", boundary_flip),
+        ):
             if not 0.0 <= value <= 1.0:
                 raise DubitoError(f"{arg} must be in [0, 1], got {value}")
         if int(seed) < 0:
             raise DubitoError(f"seed must be >= 0, got {seed}")
         self.split, self.seed, self.ood = split, int(seed), bool(ood)
-        self.static_fraction, self.dusk_fraction, self.boundary_flip = static_fraction, dusk_fraction, boundary_flip
-        self.boundary_width = max(1, round(min(self.size) / 180)) if boundary_width is None else int(boundary_width)
+        self.static_fraction, self.dusk_fraction, self.boundary_flip = (
+            static_fraction,
+            dusk_fraction,
+            boundary_flip,
+        )
+        self.boundary_width = (
+            max(1, round(min(self.size) / 180)) if boundary_width is None else int(boundary_width)
+        )
         self.transform, self.normalize = transform, normalize
         self.epoch = 0
 
@@ -516,7 +634,9 @@ class SyntheticScenes(torch.utils.data.Dataset):
         item["id"] = index
         return item
 
-    def _targets(self, rendered: Rendered, rng: np.random.Generator, static: np.ndarray) -> dict:  # pragma: no cover
+    def _targets(
+        self, rendered: Rendered, rng: np.random.Generator, static: np.ndarray
+    ) -> dict:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -591,7 +711,19 @@ class SyntheticMake3D(SyntheticScenes):
         transform: Callable | None = None,
         normalize: tuple[Sequence[float], Sequence[float]] | None = (IMAGENET_MEAN, IMAGENET_STD),
     ):
-        super().__init__(split, n, size, seed, static_fraction, dusk_fraction, boundary_flip, boundary_width, ood, transform, normalize)
+        super().__init__(
+            split,
+            n,
+            size,
+            seed,
+            static_fraction,
+            dusk_fraction,
+            boundary_flip,
+            boundary_width,
+            ood,
+            transform,
+            normalize,
+        )
         if not max_depth > 1.0:
             raise DubitoError(f"max_depth must be > 1 metre, got {max_depth}")
         if min(sensor_noise) < 0:

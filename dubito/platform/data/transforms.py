@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 from dubito import DubitoError
 
-__all__ = ["Compose", "Resize", "resize_map", "RandomCrop", "CenterCrop", "RandomHorizontalFlip", "train_transform"]
+__all__ = [
+    "Compose",
+    "Resize",
+    "resize_map",
+    "RandomCrop",
+    "CenterCrop",
+    "RandomHorizontalFlip",
+    "train_transform",
+]
 
 
 def _spatial_keys(item: dict) -> list[str]:
