@@ -84,7 +84,8 @@ class Acquisition:
         kinds: uncertainty kinds it supports, a subset of ``("classification", "regression")``.
         doc: what the score is, per kind.
         fn: ``fn(u, generator)`` → scores; ``fn(u, generator, samples)`` when ``needs`` has
-            ``"samples"``.
+            ``"samples"`` (the labeling loop passes them as the service made them, on its device;
+            the modAL estimator on the CPU in float32).
         needs: what it reads beyond the decomposition, a subset of :data:`NEEDS`.
     """
 

@@ -174,24 +174,21 @@ def install_plugins(found: dict[str, dict[str, Any]]) -> None:
 
 
 def _pickle_by_value(entries: Any) -> None:
+    """Mark the modules that define the entries' functions to be pickled by value (a user's file,
+    notebook or folder a worker may not import); the standard library, dubito and the libraries it
+    builds on stay by reference."""
     import sys
 
     try:
         from ray import cloudpickle
     except ImportError:  # no Ray: nothing travels
         return
+    keep = {"dubito", "builtins", "torch", "numpy", "ray", "sklearn", "scipy", *sys.stdlib_module_names}
     for entry in entries:
         for obj in (entry, *vars(entry).values()) if hasattr(entry, "__dict__") else (entry,):
             module = getattr(obj, "__module__", None) or type(obj).__module__
-            if (
-                module
-                and module.split(".")[0] not in ("dubito", "builtins", "torch", "numpy")
-                and module in sys.modules
-                and module != "__main__"
-            ):
+            if module and module.split(".")[0] not in keep and module in sys.modules and module != "__main__":
                 try:
                     cloudpickle.register_pickle_by_value(sys.modules[module])
-                except (
-                    ValueError
-                ):  # not a module cloudpickle can take by value (a package it imports by reference)
+                except ValueError:  # not a module cloudpickle can take by value
                     pass
