@@ -201,15 +201,8 @@ CLS = ("classification",)
 REG = ("regression",)
 
 
-def _check_entry(entry: object) -> None:
-    if not isinstance(entry, Acquisition):
-        raise DubitoError(
-            f"an acquisition entry must be a dubito.acquisition.Acquisition, got {type(entry).__name__}"
-        )
-
-
 #: every acquisition by name: dubito's own, those registered, and those of installed entry points
-ACQUISITIONS: Registry[Acquisition] = Registry("acquisition", "dubito.acquisitions", _check_entry, __name__)
+ACQUISITIONS: Registry[Acquisition] = Registry("acquisition", "dubito.acquisitions", Acquisition, __name__)
 
 for _acquisition in (
     Acquisition(

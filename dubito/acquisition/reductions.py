@@ -60,15 +60,8 @@ class Reduction:
             raise DubitoError(f"reduction {self.name!r}: an option needs parse (its text → value)")
 
 
-def _check_entry(entry: object) -> None:
-    if not isinstance(entry, Reduction):
-        raise DubitoError(
-            f"a reduction entry must be a dubito.acquisition.reductions.Reduction, got {type(entry).__name__}"
-        )
-
-
 #: every reduction by name: dubito's own, those registered, and those of installed entry points
-REDUCTIONS: Registry[Reduction] = Registry("reduction", "dubito.reductions", _check_entry, __name__)
+REDUCTIONS: Registry[Reduction] = Registry("reduction", "dubito.reductions", Reduction, __name__)
 
 
 def _valid(scores: Tensor, mask: Tensor | None) -> Tensor:

@@ -69,15 +69,8 @@ class Selection:
             raise DubitoError(f"selection {self.name!r}: needs must be among {NEEDS}, got {self.needs!r}")
 
 
-def _check_entry(entry: object) -> None:
-    if not isinstance(entry, Selection):
-        raise DubitoError(
-            f"a selection entry must be a dubito.acquisition.selection.Selection, got {type(entry).__name__}"
-        )
-
-
 #: every selection by name: dubito's own, those registered, and those of installed entry points
-SELECTIONS: Registry[Selection] = Registry("selection", "dubito.selections", _check_entry, __name__)
+SELECTIONS: Registry[Selection] = Registry("selection", "dubito.selections", Selection, __name__)
 SCORE_FLOOR = 1e-12
 MAX_EXACT_CONFIGS = 4096  # BatchBALD: enumerate the selected set's labelings while C^|set| ≤ this
 MC_CONFIGS = 4096  # BatchBALD: labelings sampled per step beyond that

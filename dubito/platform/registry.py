@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from dubito import DubitoError
@@ -34,10 +34,10 @@ class Registry(Mapping[str, T], Generic[T]):
     iteration in registration order) plus :meth:`register`. Entry points of ``group`` are loaded
     at the first read."""
 
-    def __init__(self, kind: str, group: str, check: Callable[[Any], None], home: str) -> None:
+    def __init__(self, kind: str, group: str, entry_type: type, home: str) -> None:
         """``home``: the module that creates the registry (and declares dubito's entries): a Ray
         worker imports it before registering plugins there."""
-        self.kind, self.group, self._check, self.home = kind, group, check, home
+        self.kind, self.group, self.entry_type, self.home = kind, group, entry_type, home
         self._entries: dict[str, T] = {}
         self._builtin: set[str] = set()
         self._outside: set[str] = set()  # names loaded from entry points or installed from a driver's plugins
@@ -49,7 +49,11 @@ class Registry(Mapping[str, T], Generic[T]):
     def register(self, entry: T, *, replace: bool = False, builtin: bool = False) -> T:
         """Add ``entry`` under ``entry.name``; a name taken by another entry needs ``replace``
         (dubito's own entries cannot be replaced). Returns the entry."""
-        self._check(entry)
+        if not isinstance(entry, self.entry_type):
+            raise DubitoError(
+                f"a {self.kind} entry must be an instance of {self.entry_type.__name__} "
+                f"({self.entry_type.__module__}), got {type(entry).__name__}"
+            )
         name = getattr(entry, "name", None)
         if not isinstance(name, str) or not name or any(c in name for c in ",: \t\n"):
             raise DubitoError(f"a {self.kind} needs a name without spaces, commas or colons, got {name!r}")

@@ -164,7 +164,7 @@ def test_registration_is_checked(registered):
         register_selection("odd", farthest, needs=("labels",))
     with pytest.raises(DubitoError, match="without spaces, commas or colons"):
         register_reduction("a:b", quantile)
-    with pytest.raises(DubitoError, match="must be a dubito.acquisition.Acquisition"):
+    with pytest.raises(DubitoError, match="must be an instance of Acquisition"):
         ACQUISITIONS.register(object())
     with pytest.raises(DubitoError, match="cannot be removed"):
         SELECTIONS.unregister("topk")

@@ -146,15 +146,8 @@ class DatasetInfo:
         return self.cls(root, split, **options)
 
 
-def _check_entry(entry: object) -> None:
-    if not isinstance(entry, DatasetInfo):
-        raise DubitoError(
-            f"a dataset entry must be a dubito.platform.data.DatasetInfo, got {type(entry).__name__}"
-        )
-
-
 #: dataset names accepted by ``get_dataset`` (and the commands' ``--dataset``), each with its descriptor
-DATASETS: Registry[DatasetInfo] = Registry("dataset", "dubito.datasets", _check_entry, __name__)
+DATASETS: Registry[DatasetInfo] = Registry("dataset", "dubito.datasets", DatasetInfo, __name__)
 for _info in (
     DatasetInfo("camvid", CamVid, "segmentation", "disk", ("train", "val", "test")),
     DatasetInfo("make3d", Make3D, "depth", "disk"),
