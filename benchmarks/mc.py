@@ -449,7 +449,7 @@ def memory_child(pool: int, samples: int, height: int, width: int) -> dict:
     from dubito.acquisition.scoring import score_pool
     from dubito.platform.training import build_for
 
-    config = LoopConfig(
+    config = LoopConfig.flat(
         pool_images=pool, samples=samples, height=height, width=width, test_images=1, device="cpu"
     )
     _, data, _ = pool_datasets(config)

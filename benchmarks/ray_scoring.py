@@ -32,7 +32,7 @@ def bench(
 
     cpu = torch.device("cpu")
     connect()
-    config = LoopConfig(
+    config = LoopConfig.flat(
         dataset="synthetic-camvid",
         model=model_name,
         height=size[0],
@@ -65,7 +65,7 @@ def bench(
     ]
     for actors, per_actor in ((1, None), (2, None), (2, 1)):
         with RayPoolScorer(
-            config.pool(), config.scoring(), spec, actors, device=config.device, threads=per_actor
+            config.pool(), config.scoring(), spec, actors, device=config.train.device, threads=per_actor
         ) as scorer:
             scorer.devices()  # started and holding the pool before the clock runs
             seconds, scores = timed(scorer)

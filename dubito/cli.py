@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 from dubito import DubitoError, __version__
+from dubito.platform.config import flag, flat_fields, from_flat
 
 __all__ = ["main", "add_config_arguments", "config_from_args"]
 
@@ -18,35 +17,30 @@ __all__ = ["main", "add_config_arguments", "config_from_args"]
 def add_config_arguments(
     parser: argparse.ArgumentParser, config_cls: type, exclude: Sequence[str] = ()
 ) -> None:
-    """One ``--flag`` per field of a config dataclass (but ``exclude``), typed and defaulted from it."""
-    hints = typing.get_type_hints(config_cls)
-    for field in dataclasses.fields(config_cls):
-        if field.name in exclude:
+    """One ``--flag`` per setting of a config dataclass (but ``exclude``), nested configs'
+    settings under their own names, typed and defaulted from it; a list setting is given as
+    ``a,b,c``."""
+    for name, f in flat_fields(config_cls).items():
+        if name in exclude:
             continue
-        kind = hints[field.name]
-        optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(
-            None
-        ) in typing.get_args(kind)
-        if optional:  # "X | None": a flag of type X whose absence keeps None
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        flag = "--" + field.name.replace("_", "-")
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
-        if kind is bool:
+        if f.type is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=field.metadata.get("help")
+                flag(name), action=argparse.BooleanOptionalAction, default=f.default, help=f.help
             )
         else:
+            is_list = f.is_list()
             parser.add_argument(
-                flag,
-                type=kind,
-                default=default,
-                metavar=field.name.upper(),
-                help=field.metadata.get("help", " "),
+                flag(name),
+                type=str if is_list else f.type,
+                default=",".join(map(str, f.default)) if is_list and f.default is not None else f.default,
+                metavar=name.upper(),
+                help=f.help,
             )
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace):
-    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+    """The config object the flags describe (nested configs built from their flags)."""
+    return from_flat(config_cls, {name: getattr(args, name) for name in flat_fields(config_cls)})
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -250,9 +244,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             raise DubitoError("give a sweep kind (label, explore, train) or --resume DIR")
         target = SweepConfig(kind=args.kind).target()
         base = {
-            f.name: getattr(args, f.name)
-            for f in dataclasses.fields(target)
-            if f.name not in _SWEEP_EXCLUDE[args.kind]
+            name: getattr(args, name) for name in flat_fields(target) if name not in _SWEEP_EXCLUDE[args.kind]
         }
         sweep = {
             f.name: getattr(args, f.name)

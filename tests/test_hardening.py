@@ -396,7 +396,7 @@ def finished_loop(tmp_path_factory, _mlflow_template):
     with pytest.MonkeyPatch.context() as mp:
         uri = _fresh_store(_mlflow_template, out / "store")
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        results = run_loop(LoopConfig(output=str(out / "loop"), **TINY), progress=False)
+        results = run_loop(LoopConfig.flat(output=str(out / "loop"), **TINY), progress=False)
     return out / "loop", results, uri
 
 
@@ -448,7 +448,7 @@ def test_a_damaged_ledger_is_refused_and_nothing_is_trained_over_it(
     loop = _damaged(finished_loop, tmp_path, damage)
     before = _tree(loop, lock=False)
     with pytest.raises(LedgerError, match=match) as err:
-        run_loop(LoopConfig(output=str(loop), **TINY), progress=False)
+        run_loop(LoopConfig.flat(output=str(loop), **TINY), progress=False)
     assert "new --output" in str(err.value)  # how to recover
     assert _tree(loop, lock=False) == before
 
@@ -464,14 +464,14 @@ def test_a_loop_that_cannot_go_on_is_refused_before_any_mlflow_run_is_opened(
     before = store.read_bytes()
     shrunk = {**TINY, "rounds": 0}
     with pytest.raises(DubitoError, match="cannot shrink it"):
-        run_loop(LoopConfig(output=str(study / acquisition / "seed-0"), **shrunk), progress=False)
+        run_loop(LoopConfig.flat(output=str(study / acquisition / "seed-0"), **shrunk), progress=False)
     with pytest.raises(DubitoError, match="cannot shrink it"):
         run_labeling(
-            LabelConfig(output=str(study), acquisition=acquisition, seeds="0", **shrunk), progress=False
+            LabelConfig.flat(output=str(study), acquisition=acquisition, seeds="0", **shrunk), progress=False
         )
     with pytest.raises(DubitoError, match="other settings"):
         run_labeling(
-            LabelConfig(output=str(study), acquisition=acquisition, seeds="0", **{**TINY, "lr": 0.01}),
+            LabelConfig.flat(output=str(study), acquisition=acquisition, seeds="0", **{**TINY, "lr": 0.01}),
             progress=False,
         )
     assert store.read_bytes() == before and not (study / "study.json").exists()
@@ -487,7 +487,7 @@ def test_a_copied_loop_resumes_in_place_never_touching_the_original(finished_loo
     before = _tree(original)
     copy = tmp_path / "copy"
     shutil.copytree(original, copy)
-    extended = run_loop(LoopConfig(output=str(copy), **{**TINY, "rounds": 2}), progress=False)
+    extended = run_loop(LoopConfig.flat(output=str(copy), **{**TINY, "rounds": 2}), progress=False)
     assert extended["finished"] and [c["round"] for c in extended["curve"]] == [0, 1, 2]
     assert extended["curve"][:2] == results["curve"]
     assert _tree(original) == before  # nothing of the original was written
@@ -505,13 +505,13 @@ def test_a_copied_loop_resumes_in_place_never_touching_the_original(finished_loo
 # ----------------------------------------------------------------------------- human loop
 def _human(tmp_path: Path, mlflow_uri: str) -> tuple[Path, list[int]]:
     out = tmp_path / "human"
-    results = run_loop(LoopConfig(output=str(out), oracle="human", **TINY), progress=False)
+    results = run_loop(LoopConfig.flat(output=str(out), oracle="human", **TINY), progress=False)
     return out, results["waiting_for_labels"]
 
 
 def test_export_never_deletes_what_dubito_did_not_write(tmp_path, mlflow_uri, capsys):
     out, waiting = _human(tmp_path, mlflow_uri)
-    config = LoopConfig(output=str(out), oracle="human", **TINY)
+    config = LoopConfig.flat(output=str(out), oracle="human", **TINY)
     thesis = tmp_path / "mine"
     thesis.mkdir()
     (thesis / "thesis.txt").write_text("three years of work")
@@ -618,10 +618,10 @@ def test_a_dataset_list_entry_outside_the_root_is_refused_by_name(tmp_path):
 def test_model_defaults_follow_the_dataset(tmp_path, mlflow_uri):
     from dubito.platform.training import TrainConfig, train
 
-    assert LoopConfig(dataset="digits").model == "mlp" and LoopConfig().model == "tiny"
+    assert LoopConfig.flat(dataset="digits").train.model == "mlp" and LoopConfig().train.model == "tiny"
     assert TrainConfig(dataset="digits").model == "mlp" and TrainConfig().model == "tiny"
     with pytest.raises(DubitoError, match="--model tiny is an image model; --dataset digits holds vectors"):
-        LoopConfig(dataset="digits", model="tiny").validate()
+        LoopConfig.flat(dataset="digits", model="tiny").validate()
     results = train(TrainConfig(dataset="digits", epochs=2, output=str(tmp_path / "digits")), progress=False)
     assert results["spec"]["model"] == "mlp" and results["history"][-1]["val_accuracy"] > 0.5
 

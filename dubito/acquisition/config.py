@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,7 @@ from dubito.acquisition.pool import PoolSpec
 from dubito.acquisition.reductions import parse_reduction
 from dubito.acquisition.scoring import ScoringSpec
 from dubito.acquisition.selection import SELECTIONS
-from dubito.platform.config import check_device, check_finite, check_range, default_model
-from dubito.platform.data import DATASETS
-from dubito.platform.models import DROPOUT_PLACEMENTS
+from dubito.platform.config import Nested, check_finite, check_range, flat_fields, from_flat, nested, to_flat
 from dubito.platform.training import TrainConfig
 
 __all__ = ["LEDGER", "LoopConfig", "loop_config", "loop_folder"]
@@ -37,21 +35,46 @@ _RESUMABLE = (
     "scorers",
     "scorer_gpus",
     "scorer_threads",
+    "loader_workers",
+)
+# settings newer than the first ledgers (left out of a ledger at their defaults)
+_ADDED = ("dropout_at", "likelihood", "weight_decay", "logit_noise_samples", "grad_clip", "amp")
+# training settings a loop sets itself (seed, where it writes) or does not use (the pool decides
+# the data and its augmentation; every round trains its epochs without validation or early stopping)
+_NOT_IN_A_LOOP = (
+    "output",
+    "experiment",
+    "seed",
+    "crop",
+    "flip",
+    "train_images",
+    "val_images",
+    "fraction",
+    "val_fraction",
+    "max_depth",
+    "class_weights",
+    "patience",
+    "workers",
+    "gpu",
 )
 
 
 @dataclass
-class LoopConfig:
-    """Settings of one labeling loop (one acquisition, one seed)."""
+class LoopConfig(Nested):
+    """Settings of one labeling loop (one acquisition, one seed); ``train`` holds its rounds'
+    training settings. Flags, the ledger and MLflow name every setting flat (``--epochs``)."""
 
     output: str = field(
         default="runs/label", metadata={"help": "folder for the ledger, round checkpoints, results.json"}
     )
-    dataset: str = field(
-        default="synthetic-camvid",
-        metadata={"help": f"one of {', '.join(DATASETS.builtin_names())}, or one registered"},
+    train: TrainConfig = nested(
+        TrainConfig,
+        height=32,
+        width=40,
+        epochs=8,
+        omit=_NOT_IN_A_LOOP,
+        help="the training settings of every round (from scratch; its seed is seed x 1000 + round)",
     )
-    root: str = field(default="", metadata={"help": "dataset folder (real datasets)"})
     acquisition: str = field(
         default="bald", metadata={"help": "acquisition function (dubito.acquisition.ACQUISITIONS)"}
     )
@@ -69,37 +92,13 @@ class LoopConfig:
         default=80, metadata={"help": "synthetic datasets: scenes in the unlabelled pool"}
     )
     test_images: int = field(default=16, metadata={"help": "synthetic datasets: test scenes"})
-    static_fraction: float = field(
-        default=0.2, metadata={"help": "synthetic datasets: pool images with TV static"}
-    )
-    model: str = field(
-        default="auto",
-        metadata={"help": "auto (mlp for digits, tiny for images), tiny, fc_densenet56/67/103, or mlp"},
-    )
-    variant: str = field(
-        default="both", metadata={"help": "baseline, homoscedastic, aleatoric, epistemic, both"}
-    )
-    dropout: float = field(default=0.2, metadata={"help": "dropout p"})
-    dropout_at: str = field(
-        default="all",
-        metadata={
-            "help": "FC-DenseNet dropout placement: all (paper), decoder, last_block or head (fastest scoring)"
-        },
-    )
-    height: int = field(default=32, metadata={"help": "image height"})
-    width: int = field(default=40, metadata={"help": "image width"})
-    epochs: int = field(default=8, metadata={"help": "training epochs per round (from scratch)"})
-    batch_size: int = field(default=8, metadata={"help": "batch size (training and scoring)"})
-    lr: float = field(default=1e-3, metadata={"help": "RMSProp learning rate"})
     samples: int = field(default=8, metadata={"help": "MC-dropout samples T for scoring"})
     seed: int = field(
         default=0, metadata={"help": "seed of the initial set, training, MC samples and selection"}
     )
-    data_seed: int = field(default=0, metadata={"help": "seed of the synthetic scenes / the digits split"})
     oracle: str = field(
         default="simulated", metadata={"help": "simulated (ground truth) or human (export / import)"}
     )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     scorers: int = field(
         default=0,
         metadata={"help": "Ray actors scoring the pool (0: score in this process); same scores either way"},
@@ -117,18 +116,10 @@ class LoopConfig:
     )
     experiment: str = field(default="dubito-label", metadata={"help": "MLflow experiment name"})
 
-    def __post_init__(self) -> None:
-        if self.model == "auto":  # recorded as the model it stands for (ledger, MLflow)
-            self.model = default_model(self.dataset)
-
     def validate(self) -> None:
         """Every setting, before anything is written (:class:`DubitoError` naming the flag)."""
         check_finite(self)
-        if self.dataset not in DATASETS:
-            raise DubitoError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         self.train_config(0).validate()  # the training settings every round uses
-        check_range("static_fraction", self.static_fraction, 0.0, 1.0)
-        check_device("device", self.device)
         if self.scorer_gpus != "auto":
             try:
                 check_range("scorer_gpus", float(self.scorer_gpus), 0.0)
@@ -146,7 +137,7 @@ class LoopConfig:
                 raise DubitoError(f"{flag}: {err}") from None
         if self.selection not in SELECTIONS:
             raise DubitoError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
-        for name in ("initial", "query", "pool_images", "test_images", "epochs", "batch_size", "samples"):
+        for name in ("initial", "query", "pool_images", "test_images", "samples"):
             if getattr(self, name) < 1:
                 raise DubitoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.rounds < 0 or self.budget < 0:
@@ -160,10 +151,6 @@ class LoopConfig:
                 f"--scorers and --scorer-threads must be >= 0, got {self.scorers} and {self.scorer_threads}"
             )
         check_range("temperature", self.temperature, 0.0, low_open=True)
-        if self.dropout_at not in DROPOUT_PLACEMENTS or (self.dropout_at != "all" and self.model == "mlp"):
-            raise DubitoError(
-                f"--dropout-at must be one of {', '.join(DROPOUT_PLACEMENTS)} (FC-DenseNet models only), got {self.dropout_at!r}"
-            )
 
     def check_pool(self, size: int) -> None:
         """The pool holds the initial set and every query round's labels."""
@@ -179,22 +166,26 @@ class LoopConfig:
         return math.ceil((self.budget - self.initial) / self.query) if self.budget else self.rounds
 
     def settings(self) -> dict[str, Any]:
-        settings = {k: v for k, v in asdict(self).items() if k not in _RESUMABLE}
-        if settings["dropout_at"] == "all":  # as ledgers written before placements existed record it
-            del settings["dropout_at"]
+        """The settings a resumed loop must share (flat names, as the ledger records them)."""
+        settings = {k: v for k, v in to_flat(self).items() if k not in _RESUMABLE}
+        defaults = flat_fields(LoopConfig)
+        for name in _ADDED:  # left out at their defaults, as the ledgers written before them are
+            if settings[name] == defaults[name].default:
+                del settings[name]
         return settings
 
     def pool(self) -> PoolSpec:
         """The pool's datasets, as a small picklable spec (Ray actors rebuild the pool from it)."""
+        train = self.train
         return PoolSpec(
-            dataset=self.dataset,
-            root=self.root,
-            height=self.height,
-            width=self.width,
+            dataset=train.dataset,
+            root=train.root,
+            height=train.height,
+            width=train.width,
             pool_images=self.pool_images,
             test_images=self.test_images,
-            static_fraction=self.static_fraction,
-            data_seed=self.data_seed,
+            static_fraction=train.static_fraction,
+            data_seed=train.data_seed,
         )
 
     def scoring(self) -> ScoringSpec:
@@ -204,36 +195,21 @@ class LoopConfig:
             reduction=self.reduction,
             selection=self.selection,
             samples=self.samples,
-            batch_size=self.batch_size,
+            batch_size=self.train.batch_size,
             seed=self.seed,
         )
 
     def train_config(self, round: int) -> TrainConfig:
-        return TrainConfig(
-            dataset=self.dataset,
-            root=self.root,
-            model=self.model,
-            variant=self.variant,
-            dropout=self.dropout,
-            dropout_at=self.dropout_at,
-            height=self.height,
-            width=self.width,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            seed=self.seed * 1000 + round,
-            data_seed=self.data_seed,
-            device=self.device,
-        )
+        """Round ``round``'s training settings."""
+        return dataclasses.replace(self.train, seed=self.seed * 1000 + round)
 
 
 def loop_config(output: Path, ledger: Ledger) -> LoopConfig:
     """The settings a loop's ledger was written with."""
     settings = ledger.get_meta("settings")
-    known = {f.name for f in dataclasses.fields(LoopConfig)}
-    if not isinstance(settings, dict) or set(settings) - known:
+    if not isinstance(settings, dict) or set(settings) - set(flat_fields(LoopConfig)):
         raise DubitoError(f"{ledger.path}: no loop settings this version of dubito can read")
-    return LoopConfig(output=str(output), **settings)
+    return from_flat(LoopConfig, {**settings, "output": str(output)})
 
 
 def loop_folder(output: str | Path) -> Path:

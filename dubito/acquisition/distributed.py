@@ -30,9 +30,9 @@ from dubito import DubitoError
 from dubito.acquisition.pool import PoolSpec
 from dubito.acquisition.scoring import Scored, ScoringSpec, score_batches
 from dubito.platform.cluster import check_gpu_capacity, connect, gpu_request
+from dubito.platform.models import ModelSpec
 from dubito.platform.registry import install_plugins, plugins
 from dubito.platform.service import resolve_device
-from dubito.platform.training import model_from_spec
 
 __all__ = ["RayPoolScorer", "shards"]
 
@@ -56,7 +56,7 @@ class _Scorer:
         self,
         pool: PoolSpec,
         scoring: ScoringSpec,
-        spec: dict[str, Any],
+        spec: ModelSpec,
         device: str,
         threads: int,
         found: dict[str, Any],
@@ -67,7 +67,7 @@ class _Scorer:
         self.scoring, self.spec = scoring, spec
         self.device = resolve_device(device)
         self.pool = pool.datasets()[1]
-        self.model = model_from_spec(spec).to(self.device).eval()
+        self.model = spec.build().to(self.device).eval()
 
     def set_weights(self, state: dict[str, Tensor]) -> None:
         self.model.load_state_dict(state)
@@ -91,7 +91,7 @@ class RayPoolScorer:
         self,
         pool: PoolSpec,
         scoring: ScoringSpec,
-        spec: dict[str, Any],
+        spec: ModelSpec,
         actors: int,
         *,
         device: str = "auto",

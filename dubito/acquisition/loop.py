@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,10 @@ from dubito.acquisition.human import HumanLabels, export_queries
 from dubito.acquisition.ledger import INITIAL, Ledger, LedgerError
 from dubito.acquisition.pool import Pool, pool_datasets
 from dubito.acquisition.scoring import choose, labeled_features, score_pool
+from dubito.platform.config import to_flat
 from dubito.platform.data import HEADLINE
 from dubito.platform.files import check_output, exclusive, read_json, write_json
+from dubito.platform.models import ModelSpec
 from dubito.platform.service import resolve_device
 from dubito.platform.tracking import check_tracking, tracked_run
 from dubito.platform.training import fit, load_model, save_model, validate
@@ -59,7 +61,7 @@ class _Scoring:
         self.config = config
         self.scorer: RayPoolScorer | None = None
 
-    def get(self, spec: dict[str, Any]) -> RayPoolScorer | None:
+    def get(self, spec: ModelSpec) -> RayPoolScorer | None:
         if self.config.scorers == 0:
             return None
         if self.scorer is None:
@@ -69,7 +71,7 @@ class _Scoring:
                 c.scoring(),
                 spec,
                 c.scorers,
-                device=c.device,
+                device=c.train.device,
                 gpus=c.scorer_gpus,
                 threads=c.scorer_threads or None,
             )
@@ -107,7 +109,7 @@ class _Loop:
         return self.pool.subset(data, labeled)
 
     def query(
-        self, model: torch.nn.Module, spec: dict[str, Any], labeled: list[int], round: int
+        self, model: torch.nn.Module, spec: ModelSpec, labeled: list[int], round: int
     ) -> tuple[list[int], list[float], list[dict]]:
         """Round ``round``'s choice: score the unlabelled pool with its model, reduce per image,
         select a batch; returns (ids, their scores, their flags)."""
@@ -125,7 +127,9 @@ class _Loop:
             scorer=self.scoring.get(spec),
         )
         known = (
-            labeled_features(model, self.pool.data, self.pool.positions(labeled), c.batch_size, self.device)
+            labeled_features(
+                model, self.pool.data, self.pool.positions(labeled), c.train.batch_size, self.device
+            )
             if scored.features is not None
             else None
         )
@@ -164,7 +168,7 @@ def run_loop(
     config.validate()
     out = check_output(config.output)
     check_tracking()
-    device = resolve_device(config.device)
+    device = resolve_device(config.train.device)
     pool_train, plain, test = pool_datasets(config)
     pool = Pool(plain)
     config.check_pool(len(pool))
@@ -259,7 +263,8 @@ def _round(loop: _Loop, r: int, total: int, run: Any) -> tuple[dict[str, Any], l
         desc=f"round {r}: training on {len(labeled)} labels",
     )
     metrics = {
-        f"test_{k[4:]}": v for k, v in validate(model, loop.test, spec, loop.device, c.batch_size).items()
+        f"test_{k[4:]}": v
+        for k, v in validate(model, loop.test, spec, loop.device, c.train.batch_size).items()
     }
     checkpoint = save_model(loop.out / "rounds" / f"round-{r:03d}.pt", model, spec)
     queried, scores, flags = loop.query(model, spec, labeled, r) if r < total else ([], None, None)
@@ -360,7 +365,7 @@ def _results(config: LoopConfig, ledger: Ledger, waiting: list[int]) -> dict[str
     bought = [q for r in rounds for q in ledger.queries(r["round"])]
     static = [bool(q["flags"].get("has_static")) for q in bought if q["flags"] and "has_static" in q["flags"]]
     return {
-        "config": asdict(config),
+        "config": to_flat(config, text=True),
         "curve": [{"round": r["round"], "labels": r["labels"], **r["metrics"]} for r in rounds],
         "initial": [q["id"] for q in ledger.queries(INITIAL)],
         "queried": {r["round"]: r["queried"] for r in rounds if r["queried"]},

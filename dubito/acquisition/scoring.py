@@ -33,6 +33,7 @@ from dubito.acquisition.functions import Acquisition, get_acquisition
 from dubito.acquisition.reductions import REDUCTIONS, parse_reduction, reduce_scores
 from dubito.acquisition.selection import SELECTIONS, select
 from dubito.platform.mc import MCSamples
+from dubito.platform.models import ModelSpec
 from dubito.platform.service import UncertaintyService, check_finite_outputs
 
 __all__ = [
@@ -147,7 +148,7 @@ def score_items(
 
 def score_batches(
     model: torch.nn.Module,
-    model_spec: dict[str, Any],
+    model_spec: ModelSpec,
     data: Dataset,
     batches: list[tuple[int, list[int]]],
     spec: ScoringSpec,
@@ -176,7 +177,7 @@ def score_batches(
         u, samples = service.predict_with_samples(batch["image"], seed=seed)
         check_finite_outputs(u, batch["id"], f"round {round}'s model")
         scores = score_items(
-            acquisition, u, samples, torch.Generator().manual_seed(seed), reduction, model_spec["num_classes"]
+            acquisition, u, samples, torch.Generator().manual_seed(seed), reduction, model_spec.num_classes
         )
         results.append(
             Scored(
@@ -192,7 +193,7 @@ def score_batches(
 
 def score_pool(
     model: torch.nn.Module,
-    model_spec: dict[str, Any],
+    model_spec: ModelSpec,
     data: Dataset,
     positions: list[int],
     spec: ScoringSpec,
@@ -204,7 +205,7 @@ def score_pool(
     """The :class:`Scored` of ``data[positions]``. ``scorer`` (a
     :class:`~dubito.acquisition.distributed.RayPoolScorer`) spreads the batches over Ray actors;
     the numbers are the same as scoring here."""
-    spec.check(model_spec["task"])
+    spec.check(model_spec.task)
     batches = pool_batches(positions, spec.batch_size)
     if scorer is not None:
         parts = scorer.score(model, batches, round, progress)

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from dubito import DubitoError
 from dubito.agents.replay import ReplayBuffer
-from dubito.platform.config import check_range, flag
+from dubito.platform.config import check_range, coerce_lists, flag
 from dubito.platform.losses import gaussian_nll
 from dubito.platform.mc import mc_samples
 from dubito.platform.models import MLP, EnsembleMLP
@@ -59,8 +59,8 @@ __all__ = ["AGENTS", "AgentConfig", "Agent", "make_agent"]
 class AgentConfig:
     """Hyperparameters of every agent (each is a ``dubito explore`` flag; each agent reads its own)."""
 
-    hidden: str = field(
-        default="64,64", metadata={"help": "hidden layer sizes of every network, comma-separated"}
+    hidden: tuple[int, ...] = field(
+        default=(64, 64), metadata={"help": "hidden layer sizes of every network, comma-separated"}
     )
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     gamma: float = field(default=0.99, metadata={"help": "discount"})
@@ -89,6 +89,7 @@ class AgentConfig:
     rnd_scale: float = field(default=0.1, metadata={"help": "rnd: scale of the normalised intrinsic reward"})
 
     def __post_init__(self) -> None:
+        coerce_lists(self)
         self.hidden_sizes()
         for name in (
             "batch_size",
@@ -120,15 +121,11 @@ class AgentConfig:
             raise DubitoError(f"--dropout must be in [0, 1), got {self.dropout!r}")
 
     def hidden_sizes(self) -> tuple[int, ...]:
-        try:
-            sizes = tuple(int(v) for v in str(self.hidden).split(",") if v.strip())
-        except ValueError:
-            sizes = ()
-        if not sizes or min(sizes) < 1:
+        if not self.hidden or min(self.hidden) < 1:
             raise DubitoError(
-                f"hidden must be comma-separated positive layer sizes such as '64,64', got {self.hidden!r}"
+                f"--hidden must be comma-separated positive layer sizes such as '64,64', got {self.hidden!r}"
             )
-        return sizes
+        return self.hidden
 
 
 def _adam(params, lr: float) -> torch.optim.Adam:

@@ -5,25 +5,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dubito import DubitoError
+from dubito.platform.config import parse_list
 
 __all__ = ["int_list", "seed_std", "area_under_curve", "record_study"]
 
 
-def int_list(flag: str, text: str, low: int = 0) -> list[int]:
-    """Distinct integers >= ``low`` from a comma-separated flag value such as ``--seeds 0,1,2``."""
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise DubitoError(f"{flag} must be integers separated by commas, got {text!r}") from None
+def int_list(flag: str, values: str | Sequence[int], low: int = 0) -> list[int]:
+    """Distinct integers >= ``low`` from a list setting such as ``--seeds`` (a tuple, or its text
+    ``"0,1,2"``)."""
+    values = list(parse_list(flag.removeprefix("--").replace("-", "_"), values, int))
     if not values or len(set(values)) != len(values) or min(values) < low:
-        raise DubitoError(f"{flag} must be distinct integers >= {low}, got {text!r}")
+        shown = ",".join(str(v) for v in values)
+        raise DubitoError(f"{flag} must be distinct integers >= {low}, got {shown!r}")
     return values
 
 

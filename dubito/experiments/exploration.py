@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import numpy as np
 from dubito import DubitoError
 from dubito.agents.agents import AGENTS, AgentConfig
 from dubito.experiments import int_list, record_study
+from dubito.platform.config import Nested, coerce_lists, nested, to_flat
 from dubito.platform.files import check_output, exclusive, file_errors, read_json, write_json
 from dubito.platform.tracking import check_tracking, tracked_run
 
@@ -54,24 +55,24 @@ __all__ = [
 STUDIES: dict[str, dict[str, Any]] = {
     "deep-sea": {
         "env": "dubito/DeepSea-v0",
-        "agents": "dqn,bootstrapped,thompson,epistemic",
-        "sizes": "5,8,11,14,17,20",
+        "agents": ("dqn", "bootstrapped", "thompson", "epistemic"),
+        "sizes": (5, 8, 11, 14, 17, 20),
         "episodes": 1000,
         "gamma": 0.99,
         "stop_when_solved": True,
     },
     "deep-sea-stochastic": {
         "env": "dubito/DeepSeaStochastic-v0",
-        "agents": "dqn,bootstrapped,epistemic,total",
-        "sizes": "5,8,11,14",
+        "agents": ("dqn", "bootstrapped", "epistemic", "total"),
+        "sizes": (5, 8, 11, 14),
         "episodes": 1000,
         "gamma": 0.99,
         "stop_when_solved": True,
     },
     "noisy-tv": {
         "env": "dubito/NoisyTV-v0",
-        "agents": "epistemic,total,rnd,dqn",
-        "sizes": "5",
+        "agents": ("epistemic", "total", "rnd", "dqn"),
+        "sizes": (5,),
         "episodes": 300,
         "gamma": 0.9,
         "stop_when_solved": False,
@@ -79,13 +80,8 @@ STUDIES: dict[str, dict[str, Any]] = {
 }
 
 
-def _agent_field(name: str) -> Any:
-    f = AgentConfig.__dataclass_fields__[name]
-    return field(default=f.default, metadata=f.metadata)
-
-
 @dataclass
-class ExploreConfig:
+class ExploreConfig(Nested):
     """Settings of an exploration study (each is a ``dubito explore`` flag). Fields left at None
     take the study's value from :data:`STUDIES`."""
 
@@ -93,11 +89,13 @@ class ExploreConfig:
     output: str = field(
         default="runs/explore", metadata={"help": "folder: runs/, results.json, tables.md, plots"}
     )
-    agents: str | None = field(
+    agents: tuple[str, ...] | None = field(
         default=None, metadata={"help": f"agents, comma-separated, from {', '.join(AGENTS)}"}
     )
-    sizes: str | None = field(default=None, metadata={"help": "environment sizes N, comma-separated"})
-    seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds"})
+    sizes: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "environment sizes N, comma-separated"}
+    )
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "comma-separated seeds"})
     episodes: int | None = field(default=None, metadata={"help": "episode budget per run"})
     stop_when_solved: bool | None = field(
         default=None, metadata={"help": "Deep Sea: end a run once bsuite's solved criterion holds"}
@@ -108,37 +106,27 @@ class ExploreConfig:
     noise_scale: float = field(default=0.3, metadata={"help": "noisy TV: std of the TV's zero-mean reward"})
     screen: int = field(default=8, metadata={"help": "noisy TV: random screen features on the TV"})
     gamma: float | None = field(default=None, metadata={"help": "discount (deep-sea 0.99, noisy-tv 0.9)"})
-    hidden: str = _agent_field("hidden")
-    lr: float = _agent_field("lr")
-    batch_size: int = _agent_field("batch_size")
-    buffer_size: int = _agent_field("buffer_size")
-    min_replay: int = _agent_field("min_replay")
-    train_every: int = _agent_field("train_every")
-    target_every: int = _agent_field("target_every")
-    epsilon: float = _agent_field("epsilon")
-    ensemble: int = _agent_field("ensemble")
-    prior_scale: float = _agent_field("prior_scale")
-    mask_prob: float = _agent_field("mask_prob")
-    dropout: float = _agent_field("dropout")
-    samples: int = _agent_field("samples")
-    kappa: float = _agent_field("kappa")
-    source: str = _agent_field("source")
-    rnd_scale: float = _agent_field("rnd_scale")
+    agent: AgentConfig = nested(
+        AgentConfig, omit=("gamma",), help="every agent's hyperparameters (each agent reads its own)"
+    )
     workers: int = field(
         default=0, metadata={"help": "parallel processes (0: one per CPU core, at most the number of runs)"}
     )
     experiment: str = field(default="dubito-explore", metadata={"help": "MLflow experiment"})
+
+    def __post_init__(self) -> None:
+        coerce_lists(self)
 
     def resolved(self) -> dict[str, Any]:
         """The study's settings with every None filled in, validated."""
         if self.study not in STUDIES:
             raise DubitoError(f"--study must be one of {', '.join(STUDIES)}, got {self.study!r}")
         preset = STUDIES[self.study]
-        agents = [a.strip() for a in (self.agents or preset["agents"]).split(",") if a.strip()]
+        agents = list(self.agents or preset["agents"])
         unknown = [a for a in agents if a not in AGENTS]
         if not agents or unknown or len(set(agents)) != len(agents):
             raise DubitoError(
-                f"--agents must name distinct agents from {', '.join(AGENTS)}, got {self.agents!r}"
+                f"--agents must name distinct agents from {', '.join(AGENTS)}, got {','.join(agents)!r}"
             )
         sizes = int_list("--sizes", self.sizes or preset["sizes"], low=3 if self.study == "noisy-tv" else 2)
         seeds = int_list("--seeds", self.seeds, low=0)
@@ -165,15 +153,15 @@ class ExploreConfig:
             "stop_when_solved": preset["stop_when_solved"]
             if self.stop_when_solved is None
             else self.stop_when_solved,
-            "agent": asdict(agent),
+            "agent": to_flat(agent, text=True),  # as run records written before lists were tuples hold it
         }
 
     def agent_config(self) -> AgentConfig:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(AgentConfig) if f.name != "gamma"}
+        """The agents' settings, with the study's discount unless ``gamma`` is given."""
         gamma = (
             self.gamma if self.gamma is not None else STUDIES.get(self.study, STUDIES["deep-sea"])["gamma"]
         )
-        return AgentConfig(gamma=gamma, **values)
+        return dataclasses.replace(self.agent, gamma=gamma)
 
 
 def solve_episode(bad: list[bool], stochastic: bool = False) -> int | None:
@@ -650,7 +638,7 @@ def summarize(
         for (a, n, s), r in sorted(records.items())
     }
     return {
-        "config": asdict(config),
+        "config": to_flat(config, text=True),
         "settings": settings,
         "study": config.study,
         "summary": summary,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,85 +21,56 @@ from dubito.acquisition.config import LoopConfig
 from dubito.acquisition.loop import check_resume, headline_metric, run_loop
 from dubito.acquisition.pool import pool_datasets
 from dubito.experiments import area_under_curve, int_list, record_study, seed_std
+from dubito.platform.config import Nested, coerce_lists, nested, to_flat
 from dubito.platform.files import check_output, exclusive, read_json, write_json
 from dubito.platform.tracking import check_tracking, tracked_run
 
 __all__ = ["LabelConfig", "run_labeling", "format_labeling"]
 
-# the loop settings a study shares (all of LoopConfig but where each loop writes and which one it is)
-_PER_LOOP = ("output", "acquisition", "seed")
-
-
-def _same(name: str) -> Any:
-    """A field with LoopConfig's default and help."""
-    f = LoopConfig.__dataclass_fields__[name]
-    return field(default=f.default, metadata=f.metadata)
-
 
 @dataclass
-class LabelConfig:
-    """Settings of a labeling-budget study (each is a ``dubito label`` flag)."""
+class LabelConfig(Nested):
+    """Settings of a labeling-budget study (each is a ``dubito label`` flag): which loops to run
+    (acquisitions × seeds) and, in ``loop``, the settings every loop shares."""
 
     output: str = field(
         default="runs/label",
         metadata={"help": "folder: one sub-folder per acquisition and seed, results.json, plots"},
     )
-    acquisition: str = field(
-        default="random,entropy,bald,aleatoric,epistemic",
+    acquisition: tuple[str, ...] = field(
+        default=("random", "entropy", "bald", "aleatoric", "epistemic"),
         metadata={"help": "acquisition functions, comma-separated"},
     )
-    seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds"})
-    dataset: str = _same("dataset")
-    root: str = _same("root")
-    initial: int = _same("initial")
-    query: int = _same("query")
-    rounds: int = _same("rounds")
-    budget: int = _same("budget")
-    reduction: str = _same("reduction")
-    selection: str = _same("selection")
-    temperature: float = _same("temperature")
-    pool_images: int = _same("pool_images")
-    test_images: int = _same("test_images")
-    static_fraction: float = _same("static_fraction")
-    model: str = _same("model")
-    variant: str = _same("variant")
-    dropout: float = _same("dropout")
-    dropout_at: str = _same("dropout_at")
-    height: int = _same("height")
-    width: int = _same("width")
-    epochs: int = _same("epochs")
-    batch_size: int = _same("batch_size")
-    lr: float = _same("lr")
-    samples: int = _same("samples")
-    data_seed: int = _same("data_seed")
-    oracle: str = _same("oracle")
-    device: str = _same("device")
-    scorers: int = _same("scorers")
-    scorer_gpus: str = _same("scorer_gpus")
-    scorer_threads: int = _same("scorer_threads")
-    experiment: str = _same("experiment")
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "comma-separated seeds"})
+    loop: LoopConfig = nested(
+        LoopConfig,
+        omit=("output", "acquisition", "seed"),
+        help="the settings every loop of the study shares (each writes to OUTPUT/ACQUISITION/seed-S)",
+    )
+
+    def __post_init__(self) -> None:
+        coerce_lists(self)
 
     def parsed(self) -> tuple[list[str], list[int]]:
-        acquisitions = [a.strip() for a in self.acquisition.split(",") if a.strip()]
+        acquisitions = list(self.acquisition)
         if not acquisitions or len(set(acquisitions)) != len(acquisitions):
-            raise DubitoError(f"--acquisition must name distinct acquisitions, got {self.acquisition!r}")
+            raise DubitoError(
+                f"--acquisition must name distinct acquisitions, got {','.join(self.acquisition)!r}"
+            )
         seeds = int_list("--seeds", self.seeds)
-        if self.oracle == "human" and len(acquisitions) * len(seeds) > 1:
+        if self.loop.oracle == "human" and len(acquisitions) * len(seeds) > 1:
             raise DubitoError("--oracle human runs one loop: give one --acquisition and one --seeds")
         return acquisitions, seeds
 
-    def loop(self, acquisition: str, seed: int) -> LoopConfig:
-        shared = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(LoopConfig) if f.name not in _PER_LOOP
-        }
+    def loop_for(self, acquisition: str, seed: int) -> LoopConfig:
         output = Path(self.output) / acquisition / f"seed-{seed}"
-        return LoopConfig(output=str(output), acquisition=acquisition, seed=seed, **shared)
+        return dataclasses.replace(self.loop, output=str(output), acquisition=acquisition, seed=seed)
 
 
 def run_labeling(config: LabelConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the study; returns what ``--output/results.json`` holds."""
     acquisitions, seeds = config.parsed()
-    loops = {(a, s): config.loop(a, s) for a in acquisitions for s in seeds}
+    loops = {(a, s): config.loop_for(a, s) for a in acquisitions for s in seeds}
     for loop in loops.values():
         loop.validate()  # every setting checked before anything is written
     out = check_output(config.output)
@@ -126,8 +97,8 @@ def _run_labeling(
     started = time.perf_counter()
     per_loop: dict[tuple[str, int], dict] = {}
     with tracked_run(
-        config.experiment,
-        run_name=f"label-{config.dataset}",
+        config.loop.experiment,
+        run_name=f"label-{config.loop.train.dataset}",
         params=config,
         tags={"dubito.command": "label"},
         run_id=parent_id,
@@ -166,7 +137,13 @@ def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dic
         for (a, s), r in per_loop.items()
     }
     if not finished:  # e.g. a human-oracle loop waiting for its initial labels
-        return {"config": asdict(config), "metric": None, "curves": {}, "summary": {}, "loops": loops}
+        return {
+            "config": to_flat(config, text=True),
+            "metric": None,
+            "curves": {},
+            "summary": {},
+            "loops": loops,
+        }
     name, _, higher = headline_metric(next(iter(finished.values()))["curve"][0])
     curves, static_curves, summary = {}, {}, {}
     known = all("static_fraction" in c for r in finished.values() for c in r["curve"])  # synthetic pools only
@@ -206,7 +183,7 @@ def summarize(config: LabelConfig, per_loop: dict[tuple[str, int], dict]) -> dic
             reached = [n for n, m in zip(c["labels"], c["mean"]) if (m >= target if higher else m <= target)]
             summary[a]["labels_to_reach_random_final"] = reached[0] if reached else None
     return {
-        "config": asdict(config),
+        "config": to_flat(config, text=True),
         "metric": name,
         "higher_is_better": higher,
         "curves": curves,

@@ -28,6 +28,7 @@ from typing import Any
 
 from dubito import DubitoError
 from dubito.experiments import int_list
+from dubito.platform.config import coerce_lists, to_flat
 from dubito.platform.data import DATASETS, get_dataset
 from dubito.platform.evaluation import EVALUATION_FORMAT, EvalConfig, evaluate
 from dubito.platform.files import check_output, copy_file, exclusive, read_json, write_json, write_text
@@ -53,8 +54,8 @@ class ReproduceConfig:
     --model fc_densenet103 --height 360 --width 480 --epochs 100 --ood-dataset nyuv2 --ood-root DIR``."""
 
     output: str = field(default="runs/reproduce", metadata={"help": "folder for tables, plots, results.json"})
-    datasets: str = field(
-        default="synthetic-camvid,synthetic-make3d", metadata={"help": "comma-separated datasets"}
+    datasets: tuple[str, ...] = field(
+        default=("synthetic-camvid", "synthetic-make3d"), metadata={"help": "comma-separated datasets"}
     )
     root: str = field(default="", metadata={"help": "folder of a real dataset in --datasets"})
     ood_dataset: str = field(
@@ -67,10 +68,12 @@ class ReproduceConfig:
     model: str = field(
         default="tiny", metadata={"help": "tiny, fc_densenet56, fc_densenet67, fc_densenet103"}
     )
-    variants: str = field(
-        default="baseline,aleatoric,epistemic,both", metadata={"help": "study (a): variants"}
+    variants: tuple[str, ...] = field(
+        default=("baseline", "aleatoric", "epistemic", "both"), metadata={"help": "study (a): variants"}
     )
-    fractions: str = field(default="0.25,0.5,1", metadata={"help": "study (b): training-set fractions"})
+    fractions: tuple[float, ...] = field(
+        default=(0.25, 0.5, 1.0), metadata={"help": "study (b): training-set fractions"}
+    )
     height: int = field(default=64, metadata={"help": "item height"})
     width: int = field(default=80, metadata={"help": "item width"})
     train_images: int = field(default=96, metadata={"help": "synthetic: training scenes"})
@@ -82,32 +85,30 @@ class ReproduceConfig:
     batch_size: int = field(default=8, metadata={"help": "batch size"})
     lr: float = field(default=1e-3, metadata={"help": "RMSProp learning rate"})
     samples: int = field(default=10, metadata={"help": "MC-dropout samples T at test time (paper: 50)"})
-    seeds: str = field(
-        default="0", metadata={"help": "comma-separated seeds; tables and findings average over them"}
+    seeds: tuple[int, ...] = field(
+        default=(0,), metadata={"help": "comma-separated seeds; tables and findings average over them"}
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     experiment: str = field(default="dubito-reproduce", metadata={"help": "MLflow experiment"})
+
+    def __post_init__(self) -> None:
+        coerce_lists(self)
 
     def seed_list(self) -> list[int]:
         return int_list("--seeds", self.seeds)
 
     def parsed(self) -> tuple[list[str], list[str], list[float]]:
         self.seed_list()
-        datasets = [d.strip() for d in self.datasets.split(",") if d.strip()]
-        variants = [v.strip() for v in self.variants.split(",") if v.strip()]
-        try:
-            fractions = sorted({float(f) for f in self.fractions.split(",") if f.strip()})
-        except ValueError:
-            raise DubitoError(
-                f"--fractions must be numbers separated by commas, got {self.fractions!r}"
-            ) from None
+        datasets, variants, fractions = list(self.datasets), list(self.variants), sorted(set(self.fractions))
         if not datasets:
             raise DubitoError("--datasets is empty")
         bad = [v for v in variants if v not in VARIANTS]
         if bad or not variants:
-            raise DubitoError(f"--variants must be from {', '.join(VARIANTS)}, got {self.variants!r}")
+            raise DubitoError(f"--variants must be from {', '.join(VARIANTS)}, got {','.join(variants)!r}")
         if not fractions or fractions[-1] != 1.0 or fractions[0] <= 0:
-            raise DubitoError(f"--fractions must be in (0, 1] and include 1, got {self.fractions!r}")
+            raise DubitoError(
+                f"--fractions must be in (0, 1] and include 1, got {','.join(map(str, self.fractions))!r}"
+            )
         return datasets, variants, fractions
 
 
@@ -245,7 +246,10 @@ def _run_reproduce(
     ]
     total, step, started = len(plan), 0, time.perf_counter()
     previous = read_json(out / "results.json") if (out / "results.json").exists() else {}
-    results: dict[str, Any] = {"config": asdict(config), "datasets": dict(previous.get("datasets", {}))}
+    results: dict[str, Any] = {
+        "config": to_flat(config, text=True),
+        "datasets": dict(previous.get("datasets", {})),
+    }
     for dataset in datasets:
         folder = out / dataset
         folder.mkdir(parents=True, exist_ok=True)

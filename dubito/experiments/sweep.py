@@ -42,6 +42,7 @@ import numpy as np
 
 from dubito import DubitoError
 from dubito.experiments import area_under_curve, record_study, seed_std
+from dubito.platform.config import flat_fields, from_flat
 from dubito.platform.files import (
     check_free,
     check_output,
@@ -157,12 +158,10 @@ class SweepConfig:
         return self.experiment or f"dubito-sweep-{self.kind}"
 
     def base_config(self) -> Any:
-        cls = self.target()
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(self.base) - known
+        unknown = set(self.base) - set(flat_fields(self.target()))
         if unknown:
             raise DubitoError(f"unknown {self.kind} settings {sorted(unknown)}")
-        return cls(**self.base)
+        return _config(self.kind, self.base)
 
     def space(self) -> tuple[dict[str, list[Any]], dict[str, tuple[str, list[Any]]]]:
         """(grid axes, sampled fields), values typed as the target's fields."""
@@ -177,7 +176,8 @@ class SweepConfig:
         else:
             from dubito.platform.data import dataset_info
 
-            metric = ("test_" if self.kind == "label" else "val_") + dataset_info(base.dataset).headline
+            dataset = base.train.dataset if self.kind == "label" else base.dataset
+            metric = ("test_" if self.kind == "label" else "val_") + dataset_info(dataset).headline
         mode = self.mode or (
             "min"
             if metric.endswith(("rms", "rel", "loss", "log10", "episode", "regret", "fraction"))
@@ -195,7 +195,6 @@ class SweepConfig:
         points = [{}]
         for name, values in grid.items():
             points = [{**p, name: v} for p in points for v in values]
-        cls = self.target()
         out = []
         candidates = {k: _candidates(d) for k, d in sampled.items()}
         first = {k: c[0] for k, c in candidates.items()}
@@ -214,7 +213,7 @@ class SweepConfig:
                     "experiment": self.experiment_name(),
                 }
                 try:
-                    _check(self.kind, cls(**values))
+                    _check(self.kind, _config(self.kind, values))
                 except DubitoError as err:
                     which = ", ".join(f"{k}={v}" for k, v in {**point, **variant}.items())
                     raise DubitoError(f"trial {which}: {err}") from None
@@ -282,31 +281,22 @@ def _check(kind: str, config: Any) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _pool_images(dataset: str, root: str, pool_images: int, data_seed: int, height: int, width: int) -> int:
-    from dubito.acquisition.pool import PoolSpec
-
-    spec = PoolSpec(
-        dataset=dataset, root=root, pool_images=pool_images, data_seed=data_seed, height=height, width=width
-    )
+def _pool_images(spec: Any) -> int:
     return len(spec.datasets()[1])  # synthetic pools are counted without rendering a scene
 
 
 def _pool_size(config: Any) -> int:
     """Images in a label trial's pool (one look at a real dataset's folder for every trial)."""
-    return _pool_images(
-        config.dataset, config.root, config.pool_images, config.data_seed, config.height, config.width
-    )
+    return _pool_images(config.pool())
 
 
-def _field_types(kind: str) -> dict[str, type]:
-    cls = _config_class(kind)
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in dataclasses.fields(cls):
-        t = hints[f.name]
-        args = [a for a in typing.get_args(t) if a is not type(None)]
-        out[f.name] = args[0] if args else t
-    return out
+def _field_types(kind: str) -> dict[str, Any]:
+    return {name: f.type for name, f in flat_fields(_config_class(kind)).items()}
+
+
+def _config(kind: str, values: dict[str, Any]) -> Any:
+    """The kind's config object from a trial's flat settings."""
+    return from_flat(_config_class(kind), values)
 
 
 def _typed(kind: str, name: str, text: str, flag: str) -> Any:
@@ -318,6 +308,8 @@ def _typed(kind: str, name: str, text: str, flag: str) -> Any:
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(text)
             return text.lower() in ("true", "1", "yes")
+        if typing.get_origin(t) is tuple:  # a list setting: the trial's config reads the text
+            return text
         return t(text)
     except ValueError:
         raise DubitoError(f"{flag} {name}: {text!r} is not a valid {t.__name__}") from None
@@ -567,7 +559,7 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
         inject = context.get("inject")
         write_json(folder / "trial.json", {"params": params, "key": key, "trial_id": trial.get_trial_id()})
         try:  # every value was checked before Ray started; a config error left is not worth Tune's retries
-            _check(context["kind"], _config_class(context["kind"])(**values))
+            _check(context["kind"], _config(context["kind"], values))
         except DubitoError as err:
             write_json(folder / "config_error.json", {"error": str(err)})
             _report(
@@ -581,9 +573,9 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
 
 def _label_trial(values, params, folder, tags, inject, context) -> None:
     from dubito.acquisition.ledger import Ledger
-    from dubito.acquisition.loop import LEDGER, LoopConfig, run_loop
+    from dubito.acquisition.loop import LEDGER, run_loop
 
-    config = LoopConfig(**values)
+    config = _config("label", values)
 
     def on_round(record: dict[str, Any]) -> None:
         r = record["round"]
@@ -602,7 +594,6 @@ def _label_trial(values, params, folder, tags, inject, context) -> None:
 
 def _explore_trial(values, params, folder, tags, inject, context) -> None:
     from dubito.experiments.exploration import (
-        ExploreConfig,
         episode_series,
         log_run,
         run_one,
@@ -612,7 +603,7 @@ def _explore_trial(values, params, folder, tags, inject, context) -> None:
     )
     from dubito.platform.files import save_torch
 
-    config = ExploreConfig(**values)
+    config = _config("explore", values)
     settings, specs = run_specs(config, folder)
     spec = specs[0]
     (folder / "runs").mkdir(exist_ok=True)
@@ -707,9 +698,9 @@ def _explore_trial(values, params, folder, tags, inject, context) -> None:
 
 
 def _train_trial(values, params, folder, tags, inject, context) -> None:
-    from dubito.platform.training import CHECKPOINT, TrainConfig, train
+    from dubito.platform.training import CHECKPOINT, train
 
-    config = TrainConfig(**values)
+    config = _config("train", values)
 
     def on_epoch(metrics: dict[str, Any], checkpoint: Path | None) -> None:
         epoch = metrics["epoch"]
@@ -920,10 +911,9 @@ def _absolute_paths(base: dict[str, Any]) -> dict[str, Any]:
 
 def _budget(config: SweepConfig) -> int:
     """Steps a trial reports at most (rounds + 1, episodes, or epochs), over every grid point."""
-    cls = config.target()
     steps = []
     for values in config.trial_configs(every=True):
-        trial = cls(**values)
+        trial = _config(config.kind, values)
         steps.append(
             trial.total_rounds() + 1
             if config.kind == "label"

@@ -23,6 +23,7 @@ from dubito.platform import metrics as M
 from dubito.platform.config import needs_root
 from dubito.platform.data import DATASETS, dataset_info, get_dataset
 from dubito.platform.files import check_output, exclusive, write_json
+from dubito.platform.models import ModelSpec
 from dubito.platform.service import UncertaintyService, check_finite_outputs, resolve_device
 from dubito.platform.tracking import check_tracking, tracked_run
 
@@ -81,17 +82,19 @@ class EvalConfig:
 
 
 def evaluation_dataset(
-    name: str, split: str, root: str, spec: dict[str, Any], config: EvalConfig, ood: bool = False
+    name: str, split: str, root: str, spec: ModelSpec, config: EvalConfig, ood: bool = False
 ) -> Dataset:
     """The dataset to test on, at the model's resolution."""
     info = dataset_info(name)
     if (
         info.source == "bundled"
     ):  # digits: the split of the seed the model was trained with (its items are held out)
-        return get_dataset(name, split, seed=spec.get("data_seed", config.data_seed))
-    options: dict[str, Any] = {"size": (spec["height"], spec["width"])}
-    if name in ("make3d", "synthetic-make3d") and spec.get("max_depth"):
-        options["max_depth"] = spec["max_depth"]  # the cap the model was trained with
+        return get_dataset(
+            name, split, seed=spec.data_seed if spec.data_seed is not None else config.data_seed
+        )
+    options: dict[str, Any] = {"size": (spec.height, spec.width)}
+    if info.task == "depth" and spec.max_depth:
+        options["max_depth"] = spec.max_depth  # the cap the model was trained with
     if info.synthetic:
         options.update(
             n=config.images,
@@ -105,14 +108,14 @@ def evaluation_dataset(
 class Accumulator:
     """Streaming evaluation state for one dataset (the task metrics only when ``labels``)."""
 
-    def __init__(self, spec: dict[str, Any], labels: bool, seed: int) -> None:
+    def __init__(self, spec: ModelSpec, labels: bool, seed: int) -> None:
         self.spec, self.labels = spec, labels
-        self.classes = spec["task"] in ("segmentation", "classification")  # per pixel, or per item (digits)
+        self.classes = spec.task in ("segmentation", "classification")  # per pixel, or per item (digits)
         self.sums: dict[str, float] = {}
         self.pixels = 0
         self.image_scores: list[Tensor] = []
         if self.classes:
-            self.confusion = M.ConfusionMatrix(spec["num_classes"], spec["ignore_index"])
+            self.confusion = M.ConfusionMatrix(spec.num_classes, spec.ignore_index)
             self.calibration = M.CalibrationHistogram(15)
             self.names = {
                 "total": "predictive_entropy",
@@ -121,7 +124,7 @@ class Accumulator:
             }
         else:
             self.depth = M.DepthMetrics()
-            self.calibration = M.RegressionCalibration(likelihood=spec["likelihood"])
+            self.calibration = M.RegressionCalibration(likelihood=spec.likelihood)
             self.names = {"total": "total_var", "aleatoric": "aleatoric_var", "epistemic": "epistemic_var"}
         self.samples = {
             k: M.UncertaintySample(SAMPLE_POINTS, seed=seed + i) for i, k in enumerate(self.names)
@@ -188,7 +191,7 @@ class Accumulator:
             out.update(
                 mean_iou=miou, pixel_accuracy=self.confusion.pixel_accuracy(), ece=self.calibration.ece()
             )
-            if self.spec["task"] == "classification":  # one label per item: the accuracy is the items'
+            if self.spec.task == "classification":  # one label per item: the accuracy is the items'
                 out["accuracy"] = out.pop("pixel_accuracy")
             out["per_class_iou"] = [None if math.isnan(v) else float(v) for v in per_class.tolist()]
         else:
@@ -272,7 +275,7 @@ def evaluate(
     check_tracking()
     device = resolve_device(config.device)
     model, spec = load_model(config.model, device)
-    name = config.dataset or spec["dataset"]
+    name = config.dataset or spec.dataset
     data = evaluation_dataset(name, config.split, config.root, spec, config)
     _check_fits(data, spec, name, config.model)
     ood_name = config.ood_dataset or (name if DATASETS[name].synthetic else "")
@@ -288,7 +291,7 @@ def _evaluate(
     config: EvalConfig,
     out: Path,
     model: torch.nn.Module,
-    spec: dict[str, Any],
+    spec: ModelSpec,
     name: str,
     data: Dataset,
     ood_name: str,
@@ -316,7 +319,7 @@ def _evaluate(
     with tracked_run(
         config.experiment,
         run_name=f"{out.parent.name}/{out.name}",
-        params={**asdict(config), "spec": spec},
+        params={**asdict(config), "spec": spec.as_dict()},
         tags={"dubito.command": "evaluate", **(tags or {})},
     ) as run:
         acc = Accumulator(spec, labels=True, seed=config.seed)
@@ -327,7 +330,7 @@ def _evaluate(
         curves = acc.curves()
         results: dict[str, Any] = {
             "config": asdict(config),
-            "spec": spec,
+            "spec": spec.as_dict(),
             "dataset": name,
             "summary": summary,
             "curves": curves,
@@ -363,7 +366,7 @@ def _evaluate(
             figures.append(uncertainty_figure(rows, out / "uncertainty.png"))
         if curves:
             ylabel = {"segmentation": "pixel error rate", "classification": "error rate"}.get(
-                spec["task"], "mean |depth error| (m)"
+                spec.task, "mean |depth error| (m)"
             )
             figures.append(uncertainty_curves_figure(curves, out / "precision_uncertainty.png", ylabel))
             figures.append(sparsification_figure(curves, out / "sparsification.png"))
@@ -387,7 +390,7 @@ def _evaluate(
     return results
 
 
-def _check_fits(data: Dataset, spec: dict[str, Any], name: str, model: str, labels: bool = True) -> None:
+def _check_fits(data: Dataset, spec: ModelSpec, name: str, model: str, labels: bool = True) -> None:
     """A model is tested on data of its task and classes; OOD images (``labels=False``) only
     need to be images (a CamVid model may be shown NYUv2)."""
     from dubito.platform.training import base_dataset
@@ -395,31 +398,31 @@ def _check_fits(data: Dataset, spec: dict[str, Any], name: str, model: str, labe
     if not labels or _same_task(data, spec):
         return
     base = base_dataset(data)
-    if base.task != spec["task"]:
-        raise DubitoError(f"{model} is a {spec['task']} model; {name} is a {base.task} dataset")
+    if base.task != spec.task:
+        raise DubitoError(f"{model} is a {spec.task} model; {name} is a {base.task} dataset")
     raise DubitoError(
-        f"{model} predicts {spec['num_classes']} classes; {name} has {getattr(base, 'num_classes', None)}"
+        f"{model} predicts {spec.num_classes} classes; {name} has {getattr(base, 'num_classes', None)}"
     )
 
 
-def _same_task(data: Dataset, spec: dict[str, Any]) -> bool:
+def _same_task(data: Dataset, spec: ModelSpec) -> bool:
     """Whether ``data`` is labelled for the model's task (and, for segmentation, its classes)."""
     from dubito.platform.training import base_dataset
 
     base = base_dataset(data)
-    if base.task != spec["task"]:
+    if base.task != spec.task:
         return False
-    return base.task != "segmentation" or getattr(base, "num_classes", None) == spec["num_classes"]
+    return base.task != "segmentation" or getattr(base, "num_classes", None) == spec.num_classes
 
 
 def format_evaluation(results: dict[str, Any]) -> str:
     """The headline numbers of an evaluation as text."""
-    s, spec = results["summary"], results["spec"]
-    lines = [f"{spec['model']}/{spec['variant']} on {results['dataset']} ({results['config']['split']})"]
-    if spec["task"] == "classification":
+    s, spec = results["summary"], ModelSpec.of(results["spec"])
+    lines = [f"{spec.model}/{spec.variant} on {results['dataset']} ({results['config']['split']})"]
+    if spec.task == "classification":
         lines.append(f"accuracy {s['accuracy']:.4f}   mean IoU {s['mean_iou']:.4f}   ECE {s['ece']:.4f}")
         keys = ("accuracy", "aleatoric_entropy", "mutual_information", "epistemic_logit_variance")
-    elif spec["task"] == "segmentation":
+    elif spec.task == "segmentation":
         lines.append(
             f"mean IoU {s['mean_iou']:.4f}   pixel accuracy {s['pixel_accuracy']:.4f}   ECE {s['ece']:.4f}"
         )
@@ -430,7 +433,7 @@ def format_evaluation(results: dict[str, Any]) -> str:
             + f"   calibration error {s['calibration_error']:.4f}"
         )
         keys = ("rms", "predicted_depth", "aleatoric_var", "epistemic_var", "relative_epistemic_std")
-    if spec["task"] == "segmentation":
+    if spec.task == "segmentation":
         keys = ("mean_iou", *keys)
     lines.append(
         f"{'':28s}{'in distribution':>18s}" + (f"{'out of distribution':>22s}" if "ood_auroc" in s else "")

@@ -36,6 +36,7 @@ __all__ = [
     "VARIANTS",
     "DROPOUT_PLACEMENTS",
     "FCDenseNetConfig",
+    "ModelSpec",
     "FC_DENSENET_CONFIGS",
     "FCDenseNet",
     "MLP",
@@ -541,3 +542,62 @@ def build_model(name: str, **kwargs) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a trained model is: enough to rebuild it for its weights (:meth:`build`) and to test
+    it as it was trained (task, classes, resolution, depth cap, digits split). Model files and
+    checkpoints hold it as a plain dict (:meth:`as_dict`), so ``torch.load(weights_only=True)``
+    reads them; :meth:`of` reads those dicts back, older ones included."""
+
+    model: str  # an FC-DenseNet configuration (``tiny``, ``fc_densenet103``, ...) or ``mlp``
+    task: str  # segmentation, depth or classification
+    variant: str
+    dropout: float
+    likelihood: str = "laplace"  # regression heads: laplace (the paper's L1) or gaussian
+    dropout_at: str = "all"  # FC-DenseNet placement; files written before placements: everywhere
+    num_classes: int | None = None  # classes (segmentation, classification)
+    ignore_index: int | None = None  # the void label of the dataset's targets
+    dataset: str = ""  # the dataset it was trained on
+    height: int | None = None  # the item size it was trained at
+    width: int | None = None
+    max_depth: float | None = None  # depth: larger depth was masked out of training (m)
+    in_features: int | None = None  # the MLP's input size (vector data)
+    data_seed: int | None = None  # bundled data (digits): the seed of the split it was trained on
+
+    @classmethod
+    def of(cls, spec: ModelSpec | dict[str, Any], where: str = "model spec") -> ModelSpec:
+        """A spec from a saved dict (unknown keys of later versions ignored)."""
+        if isinstance(spec, ModelSpec):
+            return spec
+        if not isinstance(spec, dict):
+            raise DubitoError(f"{where}: expected a model spec, got {type(spec).__name__}")
+        known = {k: v for k, v in spec.items() if k in cls.__dataclass_fields__}
+        missing = [k for k in ("model", "task", "variant", "dropout") if k not in known]
+        if missing:
+            raise DubitoError(f"{where}: the model spec lacks {', '.join(missing)}")
+        return cls(**known)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The dict model files hold (the fields a model of its kind does not have left out)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for optional in ("in_features", "data_seed"):
+            if out[optional] is None:
+                del out[optional]
+        return out
+
+    def build(self) -> nn.Module:
+        """A fresh (untrained) model of this spec."""
+        kwargs: dict[str, Any] = {"task": self.task, "variant": self.variant, "dropout": self.dropout}
+        if self.dropout_at != "all":
+            kwargs["dropout_at"] = self.dropout_at
+        if self.model == "mlp":
+            kwargs.update(in_features=self.in_features, out_features=self.num_classes or 1)
+            if self.task != "classification":
+                kwargs["likelihood"] = self.likelihood
+        elif self.task == "segmentation":
+            kwargs["num_classes"] = self.num_classes
+        else:
+            kwargs["likelihood"] = self.likelihood
+        return build_model(self.model, **kwargs)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dubito import DubitoError
+from dubito.platform.config import to_flat
 
 __all__ = [
     "default_tracking_uri",
@@ -109,9 +110,10 @@ def artifact_location(uri: str) -> str | None:
 
 
 def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
-    """A config dataclass (or mapping) as flat ``{"a.b": "value"}`` MLflow params."""
+    """A config dataclass (its settings under their flat names, lists comma-joined, as the flags
+    name them) or a mapping (nested mappings as ``{"a.b": "value"}``) as MLflow params."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
+        config = to_flat(config, text=True)
     out: dict[str, str] = {}
     for key, value in dict(config).items():
         name = f"{prefix}{key}"

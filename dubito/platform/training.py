@@ -54,7 +54,7 @@ from dubito.platform.files import (
     write_json,
 )
 from dubito.platform.losses import gaussian_nll, laplace_nll, sampled_softmax_cross_entropy
-from dubito.platform.models import DROPOUT_PLACEMENTS, VARIANTS, build_model
+from dubito.platform.models import DROPOUT_PLACEMENTS, VARIANTS, ModelSpec
 from dubito.platform.service import resolve_device
 from dubito.platform.tracking import check_tracking, default_tracking_uri, tracked_run
 
@@ -66,7 +66,6 @@ __all__ = [
     "validate",
     "make_datasets",
     "build_for",
-    "model_from_spec",
     "load_model",
     "save_model",
     "task_loss",
@@ -268,6 +267,8 @@ def make_datasets(config: TrainConfig, split_for_val: str = "val") -> tuple[Data
     size = (config.height, config.width)
     transform = train_transform((config.crop, config.crop) if config.crop else None, flip=config.flip)
     options: dict[str, Any] = {"size": size}
+    if info.task == "depth":  # larger depth is masked out of the loss (evaluation keeps the same cap)
+        options["max_depth"] = config.max_depth
     if info.synthetic:
         options.update(seed=config.data_seed, static_fraction=config.static_fraction)
         train_set = get_dataset(
@@ -275,8 +276,6 @@ def make_datasets(config: TrainConfig, split_for_val: str = "val") -> tuple[Data
         )
         val_set = get_dataset(config.dataset, split_for_val, n=config.val_images, **options)
     else:
-        if config.dataset in ("make3d", "nyuv2"):
-            options["max_depth"] = config.max_depth
         if "val" in info.splits:  # CamVid: its own validation split
             train_set = get_dataset(config.dataset, "train", config.root, transform=transform, **options)
             val_set = get_dataset(config.dataset, "val", config.root, **options)
@@ -291,60 +290,42 @@ def make_datasets(config: TrainConfig, split_for_val: str = "val") -> tuple[Data
     return _subset(train_set, config.fraction, config.data_seed), val_set
 
 
-def build_for(config: TrainConfig, dataset: Dataset) -> tuple[nn.Module, dict[str, Any]]:
+def build_for(config: TrainConfig, dataset: Dataset) -> tuple[nn.Module, ModelSpec]:
     """The model ``config`` asks for, shaped for ``dataset``, and its spec (what ``load_model`` needs)."""
     data = base_dataset(dataset)
-    spec = {
-        "model": config.model,
-        "task": data.task,
-        "num_classes": getattr(data, "num_classes", None),
-        "ignore_index": getattr(data, "ignore_index", None),
-        "variant": config.variant,
-        "dropout": config.dropout,
-        "dropout_at": config.dropout_at,
-        "likelihood": config.likelihood,
-        "dataset": config.dataset,
-        "height": config.height,
-        "width": config.width,
-        "max_depth": getattr(data, "max_depth", None),
-    }
-    if config.model == "mlp":  # vector inputs (digits): the input size comes from the data
-        spec["in_features"] = int(data[0]["image"].numel())
-    if (
-        DATASETS[config.dataset].source == "bundled"
-    ):  # digits: its train/test split depends on the seed, evaluation uses the same one
-        spec["data_seed"] = config.data_seed
-    return model_from_spec(spec), spec
+    spec = ModelSpec(
+        model=config.model,
+        task=data.task,
+        num_classes=getattr(data, "num_classes", None),
+        ignore_index=getattr(data, "ignore_index", None),
+        variant=config.variant,
+        dropout=config.dropout,
+        dropout_at=config.dropout_at,
+        likelihood=config.likelihood,
+        dataset=config.dataset,
+        height=config.height,
+        width=config.width,
+        max_depth=getattr(data, "max_depth", None),
+        # vector inputs (digits): the input size comes from the data
+        in_features=int(data[0]["image"].numel()) if config.model == "mlp" else None,
+        # digits: its train/test split depends on the seed, evaluation uses the same one
+        data_seed=config.data_seed if DATASETS[config.dataset].source == "bundled" else None,
+    )
+    return spec.build(), spec
 
 
-def model_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """A fresh (untrained) model of a saved spec (:func:`build_for` makes the spec)."""
-    kwargs = {"task": spec["task"], "variant": spec["variant"], "dropout": spec["dropout"]}
-    if spec.get("dropout_at", "all") != "all":  # older specs have no placement: dropout everywhere
-        kwargs["dropout_at"] = spec["dropout_at"]
-    if spec["model"] == "mlp":
-        kwargs.update(in_features=spec["in_features"], out_features=spec["num_classes"] or 1)
-        if spec["task"] != "classification":
-            kwargs["likelihood"] = spec["likelihood"]
-    elif spec["task"] == "segmentation":
-        kwargs["num_classes"] = spec["num_classes"]
-    else:
-        kwargs["likelihood"] = spec["likelihood"]
-    return build_model(spec["model"], **kwargs)
-
-
-def save_model(path: str | Path, model: nn.Module, spec: dict[str, Any]) -> Path:
+def save_model(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path:
     """Write ``{"spec", "state_dict"}`` atomically (loadable with ``weights_only=True``)."""
-    return save_torch({"spec": spec, "state_dict": model.state_dict()}, Path(path))
+    return save_torch({"spec": ModelSpec.of(spec).as_dict(), "state_dict": model.state_dict()}, Path(path))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
     """Rebuild the model saved by :func:`save_model` (or a training ``checkpoint.pt``)."""
     path = Path(path)
     saved = load_torch(path, "model file", map_location=device)
     try:
-        spec = saved["spec"]
-        model = model_from_spec(spec)
+        spec = ModelSpec.of(saved["spec"], str(path))
+        model = spec.build()
         model.load_state_dict(saved["state_dict"] if "state_dict" in saved else saved["model"])
     except DubitoError:
         raise
@@ -394,14 +375,14 @@ def task_loss(
 # ----------------------------------------------------------------------------- validation
 @torch.no_grad()
 def validate(
-    model: nn.Module, data: Dataset, spec: dict[str, Any], device: torch.device, batch_size: int
+    model: nn.Module, data: Dataset, spec: ModelSpec, device: torch.device, batch_size: int
 ) -> dict[str, float]:
     """One deterministic pass (dropout off): mean IoU and pixel accuracy, or depth errors."""
     from dubito.platform.metrics import ConfusionMatrix, DepthMetrics
 
     model.eval()
-    classes = spec["task"] in ("segmentation", "classification")
-    acc = ConfusionMatrix(spec["num_classes"], spec["ignore_index"]) if classes else DepthMetrics()
+    classes = spec.task in ("segmentation", "classification")
+    acc = ConfusionMatrix(spec.num_classes, spec.ignore_index) if classes else DepthMetrics()
     # its own generator: creating a DataLoader iterator otherwise draws from the global RNG
     for batch in DataLoader(data, batch_size=batch_size, generator=torch.Generator().manual_seed(0)):
         out = model(batch["image"].to(device))
@@ -410,7 +391,7 @@ def validate(
             acc.update(pred.argmax(1), batch["target"], batch["mask"])
         else:
             acc.update(pred[:, 0], batch["target"], batch["mask"])
-    if spec["task"] == "classification":
+    if spec.task == "classification":
         return {"val_accuracy": acc.pixel_accuracy()}
     if classes:
         _, miou = acc.iou()
@@ -427,17 +408,17 @@ def _score(metrics: dict[str, float], task: str) -> float:
 
 
 # ----------------------------------------------------------------------------- the loop
-def _class_weights(train_set: Dataset, spec: dict[str, Any], progress: bool) -> Tensor:
+def _class_weights(train_set: Dataset, spec: ModelSpec, progress: bool) -> Tensor:
     data = base_dataset(train_set)
     try:
         return data.class_weights().float()
     except (DubitoError, AttributeError):
         from dubito.platform.data import median_frequency_weights
 
-        counts = torch.zeros(spec["num_classes"], dtype=torch.float64)
+        counts = torch.zeros(spec.num_classes, dtype=torch.float64)
         for item in tqdm(train_set, desc="class frequencies", unit="img", disable=not progress, leave=False):
-            counts += torch.bincount(item["target"][item["mask"]].flatten(), minlength=spec["num_classes"])[
-                : spec["num_classes"]
+            counts += torch.bincount(item["target"][item["mask"]].flatten(), minlength=spec.num_classes)[
+                : spec.num_classes
             ]
         return median_frequency_weights(counts)
 
@@ -635,7 +616,7 @@ class _Run:
     out: Path
     model: nn.Module
     net: nn.Module  # what the forward / backward passes run through (DDP with several workers)
-    spec: dict[str, Any]
+    spec: ModelSpec
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None  # None: full precision
@@ -668,7 +649,7 @@ def _train(
     run, state = _set_up(config, out, datasets, rank, world, progress and rank == 0)
     started = time.perf_counter()
     with _tracking(run, state, tags) as tracker:
-        if config.class_weights and run.spec["task"] == "segmentation":
+        if config.class_weights and run.spec.task == "segmentation":
             run.weight = _class_weights(run.train_set, run.spec, run.progress).to(run.device)
         epochs = tqdm(
             range(state["epoch"], config.epochs),
@@ -850,7 +831,7 @@ def _epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
 def _keep_best(run: _Run, state: dict[str, Any], metrics: dict[str, Any], epoch: int) -> None:
     """The best epoch's model is saved (rank 0); history and early stopping (rank 0 decides under DDP:
     validation on other hardware may round differently)."""
-    score = _score(metrics, run.spec["task"])
+    score = _score(metrics, run.spec.task)
     if state["best"] is None or score > state["best"]:
         state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
         if run.rank == 0:
@@ -869,7 +850,7 @@ def _save_checkpoint(run: _Run, state: dict[str, Any], rng: dict[str, Any]) -> N
     save_torch(
         {
             "config": asdict(run.config),
-            "spec": run.spec,
+            "spec": run.spec.as_dict(),
             "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),
@@ -884,7 +865,7 @@ def _finish(run: _Run, state: dict[str, Any], tracker: Any, seconds: float) -> d
     """The run's results; rank 0 writes results.json and the curves and logs them with the model."""
     results = {
         "config": asdict(run.config),
-        "spec": run.spec,
+        "spec": run.spec.as_dict(),
         "epochs_run": state["epoch"],
         "stopped_early": bool(state.get("stopped_early")),
         "best_epoch": state["best_epoch"],

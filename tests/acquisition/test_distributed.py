@@ -48,12 +48,12 @@ def test_shards_cover_every_batch_once_in_order():
 )
 @pytest.mark.slow
 def test_two_actors_score_exactly_as_local_scoring(settings, selection, ray_session):
-    config = LoopConfig(**settings, selection=selection, epochs=1, samples=3, batch_size=4, device="cpu")
+    config = LoopConfig.flat(**settings, selection=selection, epochs=1, samples=3, batch_size=4, device="cpu")
     train_set, pool, _ = pool_datasets(config)
     model, spec, _ = fit(config.train_config(0), Subset(train_set, list(range(8))), device=CPU)
     positions = list(range(8, min(len(pool), 60)))
     local = score_pool(model, spec, pool, positions, config.scoring(), 3, CPU, progress=False)
-    with RayPoolScorer(config.pool(), config.scoring(), spec, 2, device=config.device) as scorer:
+    with RayPoolScorer(config.pool(), config.scoring(), spec, 2, device=config.train.device) as scorer:
         assert scorer.devices() == ["cpu", "cpu"]
         remote = score_pool(
             model, spec, pool, positions, config.scoring(), 3, CPU, progress=False, scorer=scorer
@@ -89,21 +89,25 @@ def test_loop_with_scoring_actors_buys_the_same_labels(tmp_path, ray_session, ml
         device="cpu",
         acquisition="bald",
     )
-    local = run_loop(LoopConfig(output=str(tmp_path / "local"), **settings), progress=False)
-    remote = run_loop(LoopConfig(output=str(tmp_path / "ray"), scorers=2, **settings), progress=False)
+    local = run_loop(LoopConfig.flat(output=str(tmp_path / "local"), **settings), progress=False)
+    remote = run_loop(LoopConfig.flat(output=str(tmp_path / "ray"), scorers=2, **settings), progress=False)
     assert remote["queried"] == local["queried"] and remote["curve"] == local["curve"]
     # --scorers may change when a loop resumes (it changes where scoring runs, not what it gives): the
     # rounds added locally are the ones a loop scored on actors throughout would have made
     longer = {**settings, "rounds": 3}
-    resumed = run_loop(LoopConfig(output=str(tmp_path / "ray"), scorers=0, **longer), progress=False)
-    remote_all = run_loop(LoopConfig(output=str(tmp_path / "ray-all"), scorers=2, **longer), progress=False)
+    resumed = run_loop(LoopConfig.flat(output=str(tmp_path / "ray"), scorers=0, **longer), progress=False)
+    remote_all = run_loop(
+        LoopConfig.flat(output=str(tmp_path / "ray-all"), scorers=2, **longer), progress=False
+    )
     assert resumed["queried"] == remote_all["queried"] and len(resumed["queried"]) == 3
     assert resumed["curve"] == remote_all["curve"]
 
 
 def test_scorer_refuses_gpus_the_cluster_lacks(ray_session):
-    config = LoopConfig(device="auto", scorer_gpus="1")
+    config = LoopConfig.flat(device="auto", scorer_gpus="1")
     with pytest.raises(DubitoError, match="no GPU"):
-        RayPoolScorer(config.pool(), config.scoring(), {}, 1, device=config.device, gpus=config.scorer_gpus)
+        RayPoolScorer(
+            config.pool(), config.scoring(), {}, 1, device=config.train.device, gpus=config.scorer_gpus
+        )
     with pytest.raises(DubitoError, match="--scorers and --scorer-threads must be >= 0"):
-        LoopConfig(scorers=-1).validate()
+        LoopConfig.flat(scorers=-1).validate()

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op thre
 
 
 def _config(output: Path, **changes) -> LoopConfig:
-    return LoopConfig(**{**TINY, "oracle": "human", "output": str(output), **changes})
+    return LoopConfig.flat(**{**TINY, "oracle": "human", "output": str(output), **changes})
 
 
 def _truth(config: LoopConfig) -> dict[int, np.ndarray]:
@@ -136,7 +136,9 @@ def test_human_round_trip_until_finished(tmp_path, mlflow_uri):
     # an honest annotator's labels are the dataset's targets: the human loop trains, scores and
     # queries exactly as the simulated oracle does (the imported labels are used, aligned with
     # the training flips)
-    simulated = run_loop(LoopConfig(**TINY, oracle="simulated", output=str(tmp_path / "sim")), progress=False)
+    simulated = run_loop(
+        LoopConfig.flat(**TINY, oracle="simulated", output=str(tmp_path / "sim")), progress=False
+    )
     assert simulated["initial"] == results["initial"]
     assert simulated["queried"] == results["queried"]
     assert simulated["curve"] == results["curve"]

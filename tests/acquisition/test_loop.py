@@ -60,7 +60,7 @@ def _flags(args: dict) -> list[str]:
 @pytest.mark.slow
 def test_killed_label_run_resumes_to_the_same_results(tmp_path, mlflow_uri):
     settings = dict(TINY, acquisition="bald", seeds="0")
-    reference = run_labeling(LabelConfig(output=str(tmp_path / "whole"), **settings), progress=False)
+    reference = run_labeling(LabelConfig.flat(output=str(tmp_path / "whole"), **settings), progress=False)
 
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "dubito", "label", f"--output={out}", *_flags(settings), "--no-progress"]
@@ -111,7 +111,7 @@ def test_epistemic_acquisition_avoids_the_noisy_tv(tmp_path, mlflow_uri, finding
     spent: dict[str, list[float]] = {}
     for seed in (finding.seed(0), finding.seed(1)):
         for acquisition in ("entropy", "aleatoric", "epistemic"):
-            config = LoopConfig(
+            config = LoopConfig.flat(
                 output=str(tmp_path / f"{acquisition}-{seed}"), acquisition=acquisition, seed=seed, **NOISY
             )
             results = run_loop(config, progress=False)
@@ -155,7 +155,7 @@ def test_bald_beats_random_on_real_digits(tmp_path, mlflow_uri, finding):
         acquisition="random,bald",
         seeds=",".join(str(finding.seed(s)) for s in (0, 1, 2)),
     )
-    results = run_labeling(LabelConfig(output=str(tmp_path / "digits"), **settings), progress=False)
+    results = run_labeling(LabelConfig.flat(output=str(tmp_path / "digits"), **settings), progress=False)
     s = results["summary"]
     assert results["metric"] == "test_accuracy" and s["bald"]["seeds"] == 3
     finding.check(
@@ -228,14 +228,16 @@ def test_bad_label_settings_are_refused_before_any_work(tmp_path, capsys):
     assert "nonsense" in capsys.readouterr().err
     assert not (tmp_path / "a" / "random").exists()
     with pytest.raises(DubitoError, match="--seeds"):
-        LabelConfig(seeds="0,x").parsed()
+        LabelConfig.flat(seeds="0,x").parsed()
     with pytest.raises(DubitoError, match="pool"):
-        run_loop(LoopConfig(output=str(tmp_path / "b"), **{**TINY, "pool_images": 10}), progress=False)
+        run_loop(LoopConfig.flat(output=str(tmp_path / "b"), **{**TINY, "pool_images": 10}), progress=False)
     with pytest.raises(DubitoError, match="--reduction"):
-        LoopConfig(reduction="median").validate()
-    run_loop(LoopConfig(output=str(tmp_path / "c"), **{**TINY, "rounds": 1}), progress=False)
+        LoopConfig.flat(reduction="median").validate()
+    run_loop(LoopConfig.flat(output=str(tmp_path / "c"), **{**TINY, "rounds": 1}), progress=False)
     with pytest.raises(DubitoError, match="other settings .*query"):
-        run_loop(LoopConfig(output=str(tmp_path / "c"), **{**TINY, "rounds": 1, "query": 2}), progress=False)
+        run_loop(
+            LoopConfig.flat(output=str(tmp_path / "c"), **{**TINY, "rounds": 1, "query": 2}), progress=False
+        )
 
 
 @pytest.mark.parametrize("dataset", ["camvid", "make3d", "synthetic-make3d"])
@@ -251,7 +253,7 @@ def test_loop_on_real_layouts_and_depth(tmp_path, mlflow_uri, dataset):
     elif dataset == "make3d":
         make_make3d(tmp_path / "data", counts=(12, 3))
         root = str(tmp_path / "data")
-    config = LoopConfig(
+    config = LoopConfig.flat(
         output=str(tmp_path / "run"),
         **{
             **TINY,
@@ -288,24 +290,25 @@ def test_batch_aware_selections_run_in_the_loop(tmp_path, mlflow_uri, selection)
         device="cpu",
     )
     results = run_loop(
-        LoopConfig(output=str(tmp_path / selection), acquisition="bald", **settings), progress=False
+        LoopConfig.flat(output=str(tmp_path / selection), acquisition="bald", **settings), progress=False
     )
     queried = [i for ids in results["queried"].values() for i in ids]
     assert len(queried) == len(set(queried)) == 8 and not set(queried) & set(results["initial"])
     again = run_loop(
-        LoopConfig(output=str(tmp_path / f"{selection}-again"), acquisition="bald", **settings),
+        LoopConfig.flat(output=str(tmp_path / f"{selection}-again"), acquisition="bald", **settings),
         progress=False,
     )
     assert again["queried"] == results["queried"]  # reproducible from the seed
     with pytest.raises(DubitoError, match="batchbald"):
         run_loop(
-            LoopConfig(output=str(tmp_path / "seg"), **{**TINY, "selection": "batchbald"}), progress=False
+            LoopConfig.flat(output=str(tmp_path / "seg"), **{**TINY, "selection": "batchbald"}),
+            progress=False,
         )
 
 
 def test_a_label_budget_is_never_exceeded(tmp_path, mlflow_uri):
     results = run_loop(
-        LoopConfig(output=str(tmp_path / "b"), **{**TINY, "budget": 9, "rounds": 0}), progress=False
+        LoopConfig.flat(output=str(tmp_path / "b"), **{**TINY, "budget": 9, "rounds": 0}), progress=False
     )
     assert [c["labels"] for c in results["curve"]] == [4, 7, 9] and results["finished"]
     assert [len(v) for v in results["queried"].values()] == [3, 2]
@@ -313,19 +316,19 @@ def test_a_label_budget_is_never_exceeded(tmp_path, mlflow_uri):
 
 @pytest.mark.slow
 def test_a_finished_loop_given_a_larger_budget_continues_as_one_long_run(tmp_path, mlflow_uri):
-    long = run_loop(LoopConfig(output=str(tmp_path / "long"), **{**TINY, "rounds": 3}), progress=False)
-    short = run_loop(LoopConfig(output=str(tmp_path / "grown"), **{**TINY, "rounds": 1}), progress=False)
+    long = run_loop(LoopConfig.flat(output=str(tmp_path / "long"), **{**TINY, "rounds": 3}), progress=False)
+    short = run_loop(LoopConfig.flat(output=str(tmp_path / "grown"), **{**TINY, "rounds": 1}), progress=False)
     assert short["finished"] and [c["labels"] for c in short["curve"]] == [4, 7]
-    grown = run_loop(LoopConfig(output=str(tmp_path / "grown"), **{**TINY, "rounds": 3}), progress=False)
+    grown = run_loop(LoopConfig.flat(output=str(tmp_path / "grown"), **{**TINY, "rounds": 3}), progress=False)
     assert grown["curve"] == long["curve"] and grown["queried"] == long["queried"]
     with pytest.raises(DubitoError, match="cannot shrink"):
-        run_loop(LoopConfig(output=str(tmp_path / "grown"), **{**TINY, "rounds": 1}), progress=False)
+        run_loop(LoopConfig.flat(output=str(tmp_path / "grown"), **{**TINY, "rounds": 1}), progress=False)
 
 
 def test_labels_are_imported_only_into_human_loops(tmp_path, mlflow_uri, capsys):
     from dubito.acquisition.human import import_labels
 
-    run_loop(LoopConfig(output=str(tmp_path / "sim"), **{**TINY, "rounds": 1}), progress=False)
+    run_loop(LoopConfig.flat(output=str(tmp_path / "sim"), **{**TINY, "rounds": 1}), progress=False)
     with pytest.raises(DubitoError, match="--oracle simulated"):
         import_labels(tmp_path / "sim", tmp_path)
     assert main(["label", "export", "--output", str(tmp_path / "sim")]) == 2

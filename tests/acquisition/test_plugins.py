@@ -185,13 +185,13 @@ def test_a_selection_returning_bad_positions_is_refused(registered):
 @pytest.mark.slow
 def test_a_labeling_loop_runs_with_the_plugins(registered, tmp_path, ray_session, mlflow_uri):
     settings = dict(acquisition="mean_std", reduction="quantile:0.9", selection="farthest", **TINY)
-    results = run_loop(LoopConfig(output=str(tmp_path / "loop"), **settings), progress=False)
+    results = run_loop(LoopConfig.flat(output=str(tmp_path / "loop"), **settings), progress=False)
     assert results["finished"] and len(results["queried"]) == 2
     with Ledger(tmp_path / "loop" / LEDGER) as ledger:
         bought = [q["id"] for r in (0, 1) for q in ledger.queries(r)]
     assert len(set(bought)) == len(bought) == 4 and not set(bought) & set(results["initial"])
     # scored on two Ray actors, which never ran the registrations: they get them from this process
-    remote = run_loop(LoopConfig(output=str(tmp_path / "actors"), scorers=2, **settings), progress=False)
+    remote = run_loop(LoopConfig.flat(output=str(tmp_path / "actors"), scorers=2, **settings), progress=False)
     assert remote["queried"] == results["queried"] and remote["curve"] == results["curve"]
 
 
@@ -239,7 +239,9 @@ def test_a_two_trial_sweep_runs_the_plugins_in_ray_workers(registered, tmp_path,
         torch.set_num_threads(1)  # a 1-CPU trial's count (CPU sums depend on it at float rounding)
         try:
             direct = run_loop(
-                LoopConfig(output=str(tmp_path / f"direct-{acquisition}"), acquisition=acquisition, **base),
+                LoopConfig.flat(
+                    output=str(tmp_path / f"direct-{acquisition}"), acquisition=acquisition, **base
+                ),
                 progress=False,
             )
         finally:

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from dubito import DubitoError
 from dubito.experiments.exploration import ExploreConfig, _within_state_slope, run_exploration, solve_episode
+from dubito.platform.config import to_flat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,7 +47,7 @@ def test_within_state_slope_recovers_a_power_law():
 @pytest.mark.finding
 def test_deep_sea_10_uncertainty_agents_solve_and_dithering_does_not(tmp_path, mlflow_uri, finding):
     seeds = ",".join(str(finding.seed(s)) for s in (0, 1, 2))
-    config = ExploreConfig(
+    config = ExploreConfig.flat(
         study="deep-sea",
         agents="epistemic,bootstrapped,dqn",
         sizes="10",
@@ -102,10 +103,10 @@ def test_deep_sea_10_uncertainty_agents_solve_and_dithering_does_not(tmp_path, m
     assert again["summary"] == results["summary"]
     assert len(client.search_runs([exp.experiment_id])) == 10
     with pytest.raises(DubitoError, match="other settings"):
-        run_exploration(ExploreConfig(**{**config.__dict__, "kappa": 1.0}), progress=False)
+        run_exploration(ExploreConfig.flat(**{**to_flat(config), "kappa": 1.0}), progress=False)
     with pytest.raises(DubitoError, match="holds the 'deep-sea' study"):
         run_exploration(
-            ExploreConfig(**{**config.__dict__, "study": "noisy-tv", "sizes": "5"}), progress=False
+            ExploreConfig.flat(**{**to_flat(config), "study": "noisy-tv", "sizes": "5"}), progress=False
         )
     # a run finished but never logged (the study was killed in between) is logged when the study resumes
     path = out / "runs" / f"dqn-N10-seed{finding.seed(0)}.json"
@@ -121,7 +122,7 @@ def test_deep_sea_10_uncertainty_agents_solve_and_dithering_does_not(tmp_path, m
 @pytest.mark.finding
 def test_noisy_tv_noise_seekers_watch_and_the_epistemic_agent_does_not(tmp_path, mlflow_uri, finding):
     seeds = ",".join(str(finding.seed(s)) for s in (0, 1, 2, 3))
-    config = ExploreConfig(
+    config = ExploreConfig.flat(
         study="noisy-tv",
         agents="epistemic,total,rnd",
         seeds=seeds,
@@ -162,7 +163,7 @@ def test_noisy_tv_noise_seekers_watch_and_the_epistemic_agent_does_not(tmp_path,
 
 
 def test_stochastic_deep_sea_study_runs(tmp_path):
-    config = ExploreConfig(
+    config = ExploreConfig.flat(
         study="deep-sea-stochastic",
         agents="bootstrapped",
         sizes="4",
@@ -185,15 +186,15 @@ def test_stochastic_deep_sea_study_runs(tmp_path):
 
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(DubitoError, match="--study"):
-        run_exploration(ExploreConfig(study="mountain-car", output=str(tmp_path)))
+        run_exploration(ExploreConfig.flat(study="mountain-car", output=str(tmp_path)))
     with pytest.raises(DubitoError, match="--agents"):
-        run_exploration(ExploreConfig(agents="dqn,ucb", output=str(tmp_path)))
+        run_exploration(ExploreConfig.flat(agents="dqn,ucb", output=str(tmp_path)))
     with pytest.raises(DubitoError, match="--sizes"):
-        run_exploration(ExploreConfig(sizes="10,x", output=str(tmp_path)))
+        run_exploration(ExploreConfig.flat(sizes="10,x", output=str(tmp_path)))
     with pytest.raises(DubitoError, match="--mapping-seed"):
-        run_exploration(ExploreConfig(mapping_seed=-1, output=str(tmp_path)))
+        run_exploration(ExploreConfig.flat(mapping_seed=-1, output=str(tmp_path)))
     with pytest.raises(DubitoError, match="--noise-scale"):
-        run_exploration(ExploreConfig(study="noisy-tv", noise_scale=-1.0, output=str(tmp_path)))
+        run_exploration(ExploreConfig.flat(study="noisy-tv", noise_scale=-1.0, output=str(tmp_path)))
     with pytest.raises(DubitoError, match="--min-replay"):
-        run_exploration(ExploreConfig(min_replay=100, buffer_size=50, output=str(tmp_path)))
+        run_exploration(ExploreConfig.flat(min_replay=100, buffer_size=50, output=str(tmp_path)))
     assert not (tmp_path / "study.json").exists()  # nothing started

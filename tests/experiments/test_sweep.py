@@ -346,7 +346,8 @@ def test_two_by_two_label_sweep_is_one_mlflow_study(tmp_path, ray_session, mlflo
     # a trial is the plain labeling loop: the same curve as run_loop with the same settings
     with _trial_threads():
         direct = run_loop(
-            LoopConfig(output=str(tmp_path / "direct"), acquisition="bald", seed=1, **LABEL), progress=False
+            LoopConfig.flat(output=str(tmp_path / "direct"), acquisition="bald", seed=1, **LABEL),
+            progress=False,
         )
     trial = results["trials"]["acquisition=bald,seed=1"]
     assert trial["curve"]["y"] == [c["test_mean_iou"] for c in direct["curve"]]
@@ -382,7 +383,8 @@ def test_failed_trial_is_retried_from_its_checkpoint(tmp_path, ray_session, mlfl
     assert [c["round"] for c in ledger_rounds] == [0, 1, 2]
     with _trial_threads():
         direct = run_loop(
-            LoopConfig(output=str(tmp_path / "direct"), acquisition="bald", seed=1, **LABEL), progress=False
+            LoopConfig.flat(output=str(tmp_path / "direct"), acquisition="bald", seed=1, **LABEL),
+            progress=False,
         )
     assert [c["test_mean_iou"] for c in ledger_rounds] == [c["test_mean_iou"] for c in direct["curve"]]
     assert json.loads((folder / "results.json").read_text())["queried"] == json.loads(
@@ -461,7 +463,7 @@ def test_explore_sweep_resumes_a_run_mid_way_to_the_same_episodes(
         folder = _trial_folder(root, f"agents={agent}")
         (record_path,) = (folder / "runs").glob("*.json")
         record = json.loads(record_path.read_text())
-        _, specs = run_specs(ExploreConfig(**{**base, "agents": agent}), tmp_path / f"direct-{agent}")
+        _, specs = run_specs(ExploreConfig.flat(**{**base, "agents": agent}), tmp_path / f"direct-{agent}")
         (tmp_path / f"direct-{agent}" / "runs").mkdir(parents=True)
         with _trial_threads():
             direct = run_one(specs[0])

@@ -65,7 +65,7 @@ def test_a_registered_dataset_is_read_by_its_descriptor(extra, tmp_path):
     with pytest.raises(DubitoError, match="holds vectors"):
         check_model("my-vectors", "tiny")
     assert TrainConfig(dataset="my-vectors").model == "mlp"
-    LoopConfig(dataset="my-vectors", output=str(tmp_path / "a")).validate()
+    LoopConfig.flat(dataset="my-vectors", output=str(tmp_path / "a")).validate()
     assert len(get_dataset("my-vectors", "train", seed=0)) == len(Digits("train", seed=0))
 
     assert needs_root("my-disk")

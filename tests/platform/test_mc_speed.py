@@ -9,6 +9,7 @@ from torch import nn
 
 from dubito import DubitoError
 from dubito.platform import mc
+from dubito.platform.files import save_torch
 from dubito.platform.mc import _chunk_cache, dropout_modules, mc_samples
 from dubito.platform.models import DROPOUT_PLACEMENTS, FCDenseNet, _DenseBlock
 from dubito.platform.service import UncertaintyService
@@ -203,13 +204,13 @@ def test_service_and_training_carry_the_options(tmp_path):
     )
     train_set, _ = make_datasets(config)
     built, spec = build_for(config, train_set)
-    assert spec["dropout_at"] == "head" and active_dropout(built) == ["head_dropout"]
+    assert spec.dropout_at == "head" and active_dropout(built) == ["head_dropout"]
     save_model(tmp_path / "model.pt", built, spec)
     loaded, _ = load_model(tmp_path / "model.pt")
     assert loaded.dropout_at == "head"
-    old = dict(spec)
+    old = spec.as_dict()
     del old["dropout_at"]  # a model saved before placements existed: dropout everywhere
-    save_model(tmp_path / "old.pt", tiny("all"), old)
+    save_torch({"spec": old, "state_dict": tiny("all").state_dict()}, tmp_path / "old.pt")
     assert load_model(tmp_path / "old.pt")[0].dropout_at == "all"
     with pytest.raises(DubitoError, match="--dropout-at must be one of"):
         TrainConfig(dropout_at="middle").validate()

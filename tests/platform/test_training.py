@@ -115,7 +115,7 @@ def test_train_records_everything_in_mlflow_and_reloads(tmp_path, mlflow_uri):
     assert (out / "training.png").stat().st_size > 5_000
     # model.pt rebuilds the best epoch's model
     model, spec = load_model(out / "model.pt")
-    assert spec["variant"] == "both" and spec["num_classes"] == 11
+    assert spec.variant == "both" and spec.num_classes == 11
     best = max(results["history"], key=lambda h: h["val_mean_iou"])
     assert results["best_epoch"] == best["epoch"]
     x = torch.randn(1, 3, 32, 40)
@@ -215,3 +215,52 @@ def test_a_deleted_mlflow_run_is_replaced_on_resume(tmp_path, mlflow_uri):
     second = train(small_config(tmp_path, epochs=2), progress=False)
     assert second["mlflow_run_id"] != first["mlflow_run_id"] and second["epochs_run"] == 2
     assert MlflowClient(mlflow_uri).get_run(second["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_model_spec_reads_the_dicts_model_files_hold(tmp_path):
+    from dubito.platform.data import get_dataset
+    from dubito.platform.files import save_torch
+    from dubito.platform.models import ModelSpec
+    from dubito.platform.training import build_for, save_model
+
+    config = TrainConfig(dataset="digits", data_seed=3)
+    model, spec = build_for(config, get_dataset("digits", "train", seed=3))
+    assert isinstance(spec, ModelSpec)
+    assert (spec.task, spec.model, spec.in_features, spec.num_classes, spec.data_seed) == (
+        "classification",
+        "mlp",
+        64,
+        10,
+        3,
+    )
+    # a digits model file as the release before the typed spec wrote it (a plain dict, no placement)
+    old = {
+        "model": "mlp",
+        "task": "classification",
+        "num_classes": 10,
+        "ignore_index": None,
+        "variant": "both",
+        "dropout": 0.2,
+        "likelihood": "laplace",
+        "dataset": "digits",
+        "height": 72,
+        "width": 96,
+        "max_depth": None,
+        "in_features": 64,
+        "data_seed": 3,
+    }
+    save_torch({"spec": old, "state_dict": model.state_dict()}, tmp_path / "old.pt")
+    loaded, read = load_model(tmp_path / "old.pt")
+    assert read == spec and read.as_dict() == {**old, "dropout_at": "all"}
+    x = torch.randn(5, 64)
+    torch.manual_seed(0)
+    assert torch.equal(loaded.eval()(x)[0], model.eval()(x)[0])
+    # written and read back: the same spec; a segmentation spec has no MLP or digits fields
+    save_model(tmp_path / "new.pt", model, spec)
+    assert load_model(tmp_path / "new.pt")[1] == spec
+    seg = ModelSpec(model="tiny", task="segmentation", variant="baseline", dropout=0.2, num_classes=11)
+    assert "in_features" not in seg.as_dict() and ModelSpec.of(seg.as_dict()) == seg
+    broken = {k: v for k, v in old.items() if k != "task"}
+    save_torch({"spec": broken, "state_dict": model.state_dict()}, tmp_path / "broken.pt")
+    with pytest.raises(DubitoError, match=r"broken.pt: the model spec lacks task"):
+        load_model(tmp_path / "broken.pt")
