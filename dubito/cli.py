@@ -114,7 +114,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
     results = run_labeling(config, progress=not args.no_progress)
     print(format_labeling(results))
     waiting = [k for k, v in results["loops"].items() if not v["finished"]]
-    if waiting and config.oracle == "human":
+    if waiting and config.loop.oracle == "human":
         loop = results["loops"][waiting[0]]["output"]
         print(
             f"waiting for labels: label the images in {loop}/queries/, then `dubito label import --output {loop} "

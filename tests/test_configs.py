@@ -189,6 +189,9 @@ def test_bad_flat_settings_name_the_setting():
     with pytest.raises(DubitoError, match="--hidden must be comma-separated positive"):
         AgentConfig(hidden="0")
     assert parse_list("seeds", " 1, 2 ,", int) == (1, 2)
+    assert LabelConfig.flat(seeds=3).seeds == (3,) and ReproduceConfig(seeds=0).seeds == (0,)  # one value
+    with pytest.raises(DubitoError, match="--sizes must be integers"):
+        ExploreConfig.flat(sizes=[5, "x"])
 
 
 @dataclasses.dataclass
@@ -258,3 +261,31 @@ def test_a_sweep_takes_nested_settings_by_their_flat_names():
         kind="explore", base={"episodes": 5, "sizes": "5", "seeds": "0"}, grid=("agent=dqn,bootstrapped",)
     )
     assert [t["agents"] for t in explore.trial_configs()] == ["dqn", "bootstrapped"]
+
+
+def test_exploration_run_files_compare_their_agent_settings_as_values():
+    from dubito.experiments.exploration import _same_settings
+
+    current = {"episodes": 5, "agent_config": to_flat(AgentConfig(), text=True)}
+    # typed with spaces, and written before a setting existed (it counts at its default)
+    older = {"episodes": 5, "agent_config": {**current["agent_config"], "hidden": " 64 ,64"}}
+    del older["agent_config"]["rnd_scale"]
+    assert _same_settings(older, current)
+    assert not _same_settings({**older, "episodes": 6}, current)
+    changed = {**current, "agent_config": {**current["agent_config"], "kappa": 1.0}}
+    assert not _same_settings(older, changed) and not _same_settings(None, current)
+
+
+def test_the_depth_cap_goes_to_the_datasets_that_take_it():
+    from dubito.platform.data import DATASETS, DatasetInfo
+
+    assert DATASETS["make3d"].takes("max_depth") and DATASETS["synthetic-make3d"].takes("max_depth")
+
+    class NoCap:
+        def __init__(self, root, split="train", size=None, transform=None):
+            pass
+
+    assert not DatasetInfo("no-cap", NoCap, "depth", "disk").takes("max_depth")
+    with pytest.raises(DubitoError, match="--max-depth must be > 1"):
+        TrainConfig(dataset="synthetic-make3d", max_depth=1.0).validate()
+    TrainConfig(dataset="synthetic-make3d", max_depth=30.0).validate()

@@ -37,8 +37,33 @@ _RESUMABLE = (
     "scorer_threads",
     "loader_workers",
 )
-# settings newer than the first ledgers (left out of a ledger at their defaults)
-_ADDED = ("dropout_at", "likelihood", "weight_decay", "logit_noise_samples", "grad_clip", "amp")
+# the settings the first ledgers recorded; any other (a training setting added since) is left out
+# of a ledger while at its default, so the ledgers written before it compare equal and resume
+_FIRST_LEDGERS = (
+    "acquisition",
+    "batch_size",
+    "data_seed",
+    "dataset",
+    "dropout",
+    "epochs",
+    "height",
+    "initial",
+    "lr",
+    "model",
+    "oracle",
+    "pool_images",
+    "query",
+    "reduction",
+    "root",
+    "samples",
+    "seed",
+    "selection",
+    "static_fraction",
+    "temperature",
+    "test_images",
+    "variant",
+    "width",
+)
 # training settings a loop sets itself (seed, where it writes) or does not use (the pool decides
 # the data and its augmentation; every round trains its epochs without validation or early stopping)
 _NOT_IN_A_LOOP = (
@@ -73,8 +98,13 @@ class LoopConfig(Nested):
         width=40,
         epochs=8,
         omit=_NOT_IN_A_LOOP,
-        help="the training settings of every round (from scratch; its seed is seed x 1000 + round)",
-    )
+        helps={
+            "epochs": "training epochs per round (each round trains from scratch)",
+            "batch_size": "batch size (training and scoring)",
+            "static_fraction": "synthetic datasets: pool images with TV static",
+            "data_seed": "seed of the synthetic scenes / the digits split",
+        },
+    )  # the training settings of every round (its seed: seed x 1000 + round)
     acquisition: str = field(
         default="bald", metadata={"help": "acquisition function (dubito.acquisition.ACQUISITIONS)"}
     )
@@ -169,10 +199,7 @@ class LoopConfig(Nested):
         """The settings a resumed loop must share (flat names, as the ledger records them)."""
         settings = {k: v for k, v in to_flat(self).items() if k not in _RESUMABLE}
         defaults = flat_fields(LoopConfig)
-        for name in _ADDED:  # left out at their defaults, as the ledgers written before them are
-            if settings[name] == defaults[name].default:
-                del settings[name]
-        return settings
+        return {k: v for k, v in settings.items() if k in _FIRST_LEDGERS or v != defaults[k].default}
 
     def pool(self) -> PoolSpec:
         """The pool's datasets, as a small picklable spec (Ray actors rebuild the pool from it)."""

@@ -91,7 +91,7 @@ class RayPoolScorer:
         self,
         pool: PoolSpec,
         scoring: ScoringSpec,
-        spec: ModelSpec,
+        spec: ModelSpec | dict[str, Any],
         actors: int,
         *,
         device: str = "auto",
@@ -115,7 +115,7 @@ class RayPoolScorer:
         # actors use this process's count, so their scores are bit-identical to local scoring
         # (``threads`` overrides it: faster where actors share cores, equal only to float rounding)
         threads = (threads or torch.get_num_threads()) if want == 0 else 0
-        found = plugins()
+        found, spec = plugins(), ModelSpec.of(spec)
         self.actors = [remote.remote(pool, scoring, spec, device, threads, found) for _ in range(actors)]
         self.gpus = want
 

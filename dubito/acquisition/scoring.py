@@ -148,7 +148,7 @@ def score_items(
 
 def score_batches(
     model: torch.nn.Module,
-    model_spec: ModelSpec,
+    model_spec: ModelSpec | dict[str, Any],
     data: Dataset,
     batches: list[tuple[int, list[int]]],
     spec: ScoringSpec,
@@ -159,6 +159,7 @@ def score_batches(
     """The :class:`Scored` of each of ``batches`` — ``(index, positions in data)`` — with the
     selection's inputs where it declared them. Batch ``index`` is seeded by :func:`batch_seed`
     whoever scores it."""
+    model_spec = ModelSpec.of(model_spec)  # or the dict a model file holds
     acquisition = get_acquisition(spec.acquisition)
     reduction = parse_reduction(spec.reduction)
     needs = spec.needs()
@@ -193,7 +194,7 @@ def score_batches(
 
 def score_pool(
     model: torch.nn.Module,
-    model_spec: ModelSpec,
+    model_spec: ModelSpec | dict[str, Any],
     data: Dataset,
     positions: list[int],
     spec: ScoringSpec,
@@ -205,6 +206,7 @@ def score_pool(
     """The :class:`Scored` of ``data[positions]``. ``scorer`` (a
     :class:`~dubito.acquisition.distributed.RayPoolScorer`) spreads the batches over Ray actors;
     the numbers are the same as scoring here."""
+    model_spec = ModelSpec.of(model_spec)  # or the dict a model file holds
     spec.check(model_spec.task)
     batches = pool_batches(positions, spec.batch_size)
     if scorer is not None:

@@ -34,7 +34,7 @@ import numpy as np
 from dubito import DubitoError
 from dubito.agents.agents import AGENTS, AgentConfig
 from dubito.experiments import int_list, record_study
-from dubito.platform.config import Nested, coerce_lists, nested, to_flat
+from dubito.platform.config import Nested, coerce_lists, nested, parse_list, to_flat
 from dubito.platform.files import check_output, exclusive, file_errors, read_json, write_json
 from dubito.platform.tracking import check_tracking, tracked_run
 
@@ -106,9 +106,7 @@ class ExploreConfig(Nested):
     noise_scale: float = field(default=0.3, metadata={"help": "noisy TV: std of the TV's zero-mean reward"})
     screen: int = field(default=8, metadata={"help": "noisy TV: random screen features on the TV"})
     gamma: float | None = field(default=None, metadata={"help": "discount (deep-sea 0.99, noisy-tv 0.9)"})
-    agent: AgentConfig = nested(
-        AgentConfig, omit=("gamma",), help="every agent's hyperparameters (each agent reads its own)"
-    )
+    agent: AgentConfig = nested(AgentConfig, omit=("gamma",))  # every agent's hyperparameters
     workers: int = field(
         default=0, metadata={"help": "parallel processes (0: one per CPU core, at most the number of runs)"}
     )
@@ -399,6 +397,22 @@ def run_specs(config: ExploreConfig, out: Path) -> tuple[dict[str, Any], list[di
     return settings, specs
 
 
+def _same_settings(stored: Any, current: dict[str, Any]) -> bool:
+    """A run file's settings against this study's: agent settings the file lacks (added since it
+    was written) count at their defaults, and layer sizes compare as numbers, however typed."""
+
+    def comparable(settings: dict[str, Any]) -> dict[str, Any]:
+        settings = json.loads(json.dumps(settings))
+        agent = {**to_flat(AgentConfig(), text=True), **settings.get("agent_config", {})}
+        try:
+            agent["hidden"] = list(parse_list("hidden", agent["hidden"], int))
+        except DubitoError:
+            pass  # compared as written
+        return {**settings, "agent_config": agent}
+
+    return isinstance(stored, dict) and comparable(stored) == comparable(current)
+
+
 def run_params(
     config: ExploreConfig, settings: dict[str, Any], agent: str, size: int, seed: int
 ) -> dict[str, Any]:
@@ -461,7 +475,7 @@ def _run_exploration(
         path = Path(spec["path"])
         if path.exists():
             record = read_json(path, "dubito wrote it: delete it and the study runs that run again")
-            if record.get("settings") != json.loads(json.dumps(spec["settings"])):
+            if not _same_settings(record.get("settings"), spec["settings"]):
                 raise DubitoError(
                     f"{path} was run with other settings ({record.get('settings')}); use another --output or delete it"
                 )

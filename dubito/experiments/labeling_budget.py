@@ -45,8 +45,7 @@ class LabelConfig(Nested):
     loop: LoopConfig = nested(
         LoopConfig,
         omit=("output", "acquisition", "seed"),
-        help="the settings every loop of the study shares (each writes to OUTPUT/ACQUISITION/seed-S)",
-    )
+    )  # the settings every loop of the study shares (each writes to OUTPUT/ACQUISITION/seed-S)
 
     def __post_init__(self) -> None:
         coerce_lists(self)

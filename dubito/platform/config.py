@@ -136,13 +136,25 @@ def needs_root(dataset: str) -> bool:
 # ``from_flat`` builds the nested object from them and ``to_flat`` gives them back.
 
 
-def nested(config_cls: type, *, omit: tuple[str, ...] = (), help: str = "", **defaults: Any) -> Any:
+def nested(
+    config_cls: type,
+    *,
+    omit: tuple[str, ...] = (),
+    helps: Mapping[str, str] | None = None,
+    **defaults: Any,
+) -> Any:
     """A field holding a ``config_cls`` whose own fields become the outer config's (under their
-    names), with ``defaults`` in place of the class's. ``omit``: its fields the outer config sets
-    itself or does not use; they are neither flags nor settings and keep their defaults."""
+    names), with ``defaults`` in place of the class's and ``helps`` in place of their help where
+    they mean something more specific here. ``omit``: its fields the outer config sets itself or
+    does not use; they are neither flags nor settings and keep their defaults."""
     return dataclasses.field(
         default_factory=lambda: config_cls(**defaults),
-        metadata={"nested": config_cls, "omit": tuple(omit), "defaults": dict(defaults), "help": help},
+        metadata={
+            "nested": config_cls,
+            "omit": tuple(omit),
+            "defaults": dict(defaults),
+            "helps": dict(helps or {}),
+        },
     )
 
 
@@ -182,16 +194,21 @@ def _hints(config_cls: type) -> dict[str, Any]:
 @functools.cache
 def flat_fields(config_cls: type) -> dict[str, FlatField]:
     """The leaf settings of ``config_cls`` by flat name, in field order (nested configs in place)."""
-    return _flat(config_cls, (), {}, ())
+    return _flat(config_cls, (), {}, (), {})
 
 
-def _flat(config_cls: type, prefix: tuple[str, ...], defaults: dict, omit: tuple[str, ...]) -> dict:
+def _flat(
+    config_cls: type, prefix: tuple[str, ...], defaults: dict, omit: tuple[str, ...], helps: dict
+) -> dict:
     out: dict[str, FlatField] = {}
     for f in dataclasses.fields(config_cls):
         if f.name in omit:
             continue
         if "nested" in f.metadata:
-            inner = _flat(f.metadata["nested"], (*prefix, f.name), f.metadata["defaults"], f.metadata["omit"])
+            meta = f.metadata
+            inner = _flat(
+                meta["nested"], (*prefix, f.name), meta["defaults"], meta["omit"], {**meta["helps"], **helps}
+            )
         else:
             kind = _hints(config_cls)[f.name]
             args = [a for a in typing.get_args(kind) if a is not type(None)]
@@ -204,7 +221,7 @@ def _flat(config_cls: type, prefix: tuple[str, ...], defaults: dict, omit: tuple
                     type=args[0] if optional else kind,
                     optional=optional,
                     default=defaults.get(f.name, default),
-                    help=f.metadata.get("help", " "),
+                    help=helps.get(f.name, f.metadata.get("help", " ")),
                 )
             }
         clash = set(inner) & set(out)
@@ -258,8 +275,13 @@ _KINDS = {int: "integers", float: "numbers", str: "names"}
 def parse_list(name: str, value: Any, item_type: type) -> tuple:
     """A list setting given as ``"a,b"`` (a flag, a sweep value), a list or a tuple, as a tuple of
     ``item_type`` (a :class:`DubitoError` naming the flag otherwise)."""
-    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
     try:
+        if isinstance(value, str):
+            items: list[Any] = [v.strip() for v in value.split(",")]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:  # one value (``seeds=3``) is a list of one
+            items = [value]
         return tuple(item_type(v) for v in items if not (isinstance(v, str) and not v))
     except (TypeError, ValueError):
         raise DubitoError(

@@ -93,7 +93,7 @@ def evaluation_dataset(
             name, split, seed=spec.data_seed if spec.data_seed is not None else config.data_seed
         )
     options: dict[str, Any] = {"size": (spec.height, spec.width)}
-    if info.task == "depth" and spec.max_depth:
+    if info.task == "depth" and spec.max_depth and info.takes("max_depth"):
         options["max_depth"] = spec.max_depth  # the cap the model was trained with
     if info.synthetic:
         options.update(
@@ -108,7 +108,8 @@ def evaluation_dataset(
 class Accumulator:
     """Streaming evaluation state for one dataset (the task metrics only when ``labels``)."""
 
-    def __init__(self, spec: ModelSpec, labels: bool, seed: int) -> None:
+    def __init__(self, spec: ModelSpec | dict[str, Any], labels: bool, seed: int) -> None:
+        spec = ModelSpec.of(spec)
         self.spec, self.labels = spec, labels
         self.classes = spec.task in ("segmentation", "classification")  # per pixel, or per item (digits)
         self.sums: dict[str, float] = {}

@@ -67,6 +67,7 @@ __all__ = [
     "make_datasets",
     "build_for",
     "load_model",
+    "model_from_spec",
     "save_model",
     "task_loss",
     "base_dataset",
@@ -176,7 +177,9 @@ class TrainConfig:
         check_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
         check_range("lr", self.lr, 0.0, low_open=True)
         check_range("static_fraction", self.static_fraction, 0.0, 1.0)
-        check_range("max_depth", self.max_depth, 0.0, low_open=True)
+        synthetic_depth = self.dataset in DATASETS and DATASETS[self.dataset].synthetic
+        synthetic_depth = synthetic_depth and DATASETS[self.dataset].task == "depth"
+        check_range("max_depth", self.max_depth, 1.0 if synthetic_depth else 0.0, low_open=True)
         for name in ("seed", "data_seed"):
             check_range(name, getattr(self, name), 0)
         check_device("device", self.device)
@@ -267,7 +270,8 @@ def make_datasets(config: TrainConfig, split_for_val: str = "val") -> tuple[Data
     size = (config.height, config.width)
     transform = train_transform((config.crop, config.crop) if config.crop else None, flip=config.flip)
     options: dict[str, Any] = {"size": size}
-    if info.task == "depth":  # larger depth is masked out of the loss (evaluation keeps the same cap)
+    # larger depth is masked out of the loss (evaluation keeps the cap)
+    if info.task == "depth" and info.takes("max_depth"):
         options["max_depth"] = config.max_depth
     if info.synthetic:
         options.update(seed=config.data_seed, static_fraction=config.static_fraction)
@@ -312,6 +316,11 @@ def build_for(config: TrainConfig, dataset: Dataset) -> tuple[nn.Module, ModelSp
         data_seed=config.data_seed if DATASETS[config.dataset].source == "bundled" else None,
     )
     return spec.build(), spec
+
+
+def model_from_spec(spec: ModelSpec | dict[str, Any]) -> nn.Module:
+    """A fresh (untrained) model of a spec, or of the dict a model file holds (``ModelSpec.of(spec).build()``)."""
+    return ModelSpec.of(spec).build()
 
 
 def save_model(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path:
@@ -375,11 +384,12 @@ def task_loss(
 # ----------------------------------------------------------------------------- validation
 @torch.no_grad()
 def validate(
-    model: nn.Module, data: Dataset, spec: ModelSpec, device: torch.device, batch_size: int
+    model: nn.Module, data: Dataset, spec: ModelSpec | dict[str, Any], device: torch.device, batch_size: int
 ) -> dict[str, float]:
     """One deterministic pass (dropout off): mean IoU and pixel accuracy, or depth errors."""
     from dubito.platform.metrics import ConfusionMatrix, DepthMetrics
 
+    spec = ModelSpec.of(spec)
     model.eval()
     classes = spec.task in ("segmentation", "classification")
     acc = ConfusionMatrix(spec.num_classes, spec.ignore_index) if classes else DepthMetrics()

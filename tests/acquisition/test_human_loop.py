@@ -270,3 +270,17 @@ def test_imported_depth_with_unknown_pixels_is_masked(tmp_path):
         assert int((~item["mask"]).sum()) == unknown
         known = item["mask"]
         torch.testing.assert_close(item["target"][known], want["target"][known].to(item["target"].dtype))
+
+
+def test_dubito_label_with_a_human_oracle_says_what_to_do_next(tmp_path, mlflow_uri, capsys):
+    from dubito.cli import main
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    out = tmp_path / "study"
+    argv = ["label", "--output", str(out), "--oracle", "human", "--acquisition", "bald", "--seeds", "0"]
+    assert main([*argv, *flags, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    loop = out / "bald" / "seed-0"
+    assert f"waiting for labels: label the images in {loop}/queries/" in printed
+    assert f"dubito label import --output {loop}" in printed
+    assert len(_export(loop, "initial")["ids"]) == TINY["initial"]

@@ -9,6 +9,7 @@ digits (vectors, for the MLP), and synthetic scenes with known noise. Items are 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,10 @@ class DatasetInfo:
     def default_model(self) -> str:
         """``--model auto``: the MLP for vectors, the tiny FC-DenseNet for images."""
         return "mlp" if self.inputs == "vectors" else "tiny"
+
+    def takes(self, option: str) -> bool:
+        """Whether its constructor accepts ``option`` (e.g. ``max_depth``: the built-in depth datasets)."""
+        return option in inspect.signature(self.cls).parameters
 
     def open(self, split: str = "train", root: str | Path | None = None, **options):
         if not self.needs_root:
