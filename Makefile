@@ -16,12 +16,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/dubito label --output runs/demo
 
+# pytest-xdist: one worker per core (JOBS=0 runs the suite in this process), each with its share
+# of the cores' threads; a file's tests run in one worker, the Ray tests' files all in one
+# (tests/conftest.py)
+JOBS ?= auto
+PYTEST := $(BIN)/python -m pytest -n $(JOBS) --dist loadfile
+
 test: lint
-	$(BIN)/python -m pytest --durations=10
+	$(PYTEST) --durations=10
 
 # the development loop: every test but the end-to-end studies (marked slow), in a few minutes
 test-fast: lint
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(PYTEST) -m "not slow" -q
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

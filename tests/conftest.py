@@ -45,8 +45,14 @@ def _threads() -> int | None:
     return int(value) if value else None
 
 
+def _worker_threads() -> int | None:
+    """Under pytest-xdist: the machine's cores shared among the workers (at least one each)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    return max(1, (os.cpu_count() or 1) // int(workers)) if workers else None
+
+
 def pytest_configure(config) -> None:
-    threads = _threads()
+    threads = _threads() or _worker_threads()
     if threads:
         import torch
 
@@ -74,6 +80,41 @@ def pytest_configure(config) -> None:
 
         for module in (dubito.platform.mc, dubito.platform.service, dubito.agents.agents, dubito.platform):
             module.mc_samples = perturbed
+
+
+# the test files that use the one shared Ray instance (``ray_session``): ``make test``'s workers run
+# them all in one worker (pytest-xdist with ``--dist loadfile``; the other files go to any worker)
+RAY_TEST_FILES = (
+    "tests/acquisition/test_distributed.py",
+    "tests/acquisition/test_plugins.py",
+    "tests/experiments/test_sweep.py",
+    "tests/platform/test_ray_train.py",
+    "tests/test_benchmarks.py",
+)
+
+
+def pytest_itemcollected(item) -> None:
+    file = item.nodeid.split("::", 1)[0]
+    if "ray_session" in getattr(item, "fixturenames", ()) and file not in RAY_TEST_FILES:
+        raise pytest.UsageError(
+            f"{item.nodeid} uses ray_session: add {file} to RAY_TEST_FILES in tests/conftest.py"
+        )
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (a file's tests in one worker, so its module-scoped trained fixtures are
+    built once), with the files of :data:`RAY_TEST_FILES` as one unit: one worker, one Ray instance.
+    (pytest-xdist's ``loadgroup`` marks are not read with pytest 9.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _Files(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "ray" if file in RAY_TEST_FILES else file
+
+    return _Files(config, log)
 
 
 _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}

@@ -85,6 +85,12 @@ def test_prefix_cache_gives_the_samples_of_the_full_forward(placement):
         cached = mc_samples(
             model, x, 6, seed=3, probs=True, logit_noise_samples=4, chunk_size=chunk, channels_last=False
         )
+        if chunk == "auto":  # the chunk is chosen by timing: another batch size, equal to float rounding
+            for got, want in zip(
+                (cached.mean, cached.log_var, cached.probs), (full.mean, full.log_var, full.probs)
+            ):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            continue
         assert torch.equal(cached.mean, full.mean) and torch.equal(cached.log_var, full.log_var)
         assert torch.equal(cached.probs, full.probs)
     # the samples do differ (dropout is active) and differ between placements
