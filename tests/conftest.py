@@ -46,9 +46,12 @@ def _threads() -> int | None:
 
 
 def _worker_threads() -> int | None:
-    """Under pytest-xdist: the machine's cores shared among the workers (at least one each)."""
+    """Under pytest-xdist: the cores this process may use shared among the workers (one at least)."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    return max(1, (os.cpu_count() or 1) // int(workers)) if workers else None
+    if not workers:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(workers))
 
 
 def pytest_configure(config) -> None:
@@ -93,19 +96,26 @@ RAY_TEST_FILES = (
 )
 
 
-def pytest_itemcollected(item) -> None:
+def _misplaced(item) -> str | None:
     file = item.nodeid.split("::", 1)[0]
     if "ray_session" in getattr(item, "fixturenames", ()) and file not in RAY_TEST_FILES:
-        raise pytest.UsageError(
-            f"{item.nodeid} uses ray_session: add {file} to RAY_TEST_FILES in tests/conftest.py"
-        )
+        return f"{item.nodeid} uses ray_session: add {file} to RAY_TEST_FILES in tests/conftest.py"
+    return None
 
 
+def pytest_runtest_setup(item) -> None:
+    """A Ray test outside :data:`RAY_TEST_FILES` fails (its worker would start a Ray of its own)."""
+    message = _misplaced(item)
+    if message:
+        pytest.fail(message, pytrace=False)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist the suite runs in one process
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadfile`` (a file's tests in one worker, so its module-scoped trained fixtures are
-    built once), with the files of :data:`RAY_TEST_FILES` as one unit: one worker, one Ray instance.
-    (pytest-xdist's ``loadgroup`` marks are not read with pytest 9.)"""
-    if config.getvalue("dist") != "loadfile":
+    """``--dist loadfile`` (and plain ``-n N``): a file's tests in one worker, so its module-scoped
+    trained fixtures are built once, with the files of :data:`RAY_TEST_FILES` as one unit: one
+    worker, one Ray instance. (pytest-xdist's ``loadgroup`` marks are not read under pytest 9.)"""
+    if config.getvalue("dist") not in ("load", "loadfile"):
         return None
     from xdist.scheduler import LoadScopeScheduling
 

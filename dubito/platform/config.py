@@ -8,7 +8,7 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dubito import DubitoError
@@ -278,7 +278,7 @@ def parse_list(name: str, value: Any, item_type: type) -> tuple:
     try:
         if isinstance(value, str):
             items: list[Any] = [v.strip() for v in value.split(",")]
-        elif isinstance(value, (list, tuple)):
+        elif isinstance(value, Iterable):
             items = list(value)
         else:  # one value (``seeds=3``) is a list of one
             items = [value]

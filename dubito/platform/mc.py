@@ -11,9 +11,10 @@ How sampling works
   generator seeded from ``(seed, t)``. Sample ``t`` therefore sees the same masks
   whether it runs alone or replicated with others in a chunk, so the result does not
   depend on the chunk size, and the same ``seed`` gives the same samples on a device.
-  On a CPU chunked and looped samples are bit-identical; on CUDA they agree to float
-  rounding (about 1e-4 for FC-DenseNet103 on an H200), since cuDNN picks its
-  convolution kernels by batch size.
+  On a CPU chunked and looped samples are usually bit-identical (on 2 threads here), but
+  the kernels may depend on the batch size and thread count (with one thread a chunk of 6
+  differed from looping by 4e-7); on CUDA they agree to float rounding (about 1e-4 for
+  FC-DenseNet103 on an H200), since cuDNN picks its convolution kernels by batch size.
 * Samples run as chunks: the batch is replicated ``k`` times (``k·N`` rows) per forward
   pass. ``chunk_size="auto"`` picks ``k`` per device and input size. On a CPU, small
   inputs (vectors, RL states: at most ``CPU_REPLICATION_ELEMENTS`` per batch) replicate
@@ -30,9 +31,9 @@ How sampling works
   forward as consecutive stages; the stages before the first one with an active dropout
   layer (p > 0) run once per call and only the rest is replicated per chunk. With dropout
   only before the 1×1 head (``FCDenseNet(dropout_at="head")``) T samples cost little
-  more than one pass. The masks are the same, so the samples are too (bit-identical on a
-  CPU). A model whose class overrides the forward its stages describe, or with hooks on the
-  model itself, runs whole.
+  more than one pass. The masks are the same, so the samples are too (to float rounding;
+  bit-identical for the same chunk size on a CPU). A model whose class overrides the
+  forward its stages describe, or with hooks on the model itself, runs whole.
 * Image batches run in channels-last memory format by default (``channels_last``), which
   oneDNN and cuDNN convolutions prefer; the samples then agree with contiguous ones to
   float rounding (about 1e-6).

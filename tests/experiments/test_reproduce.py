@@ -125,6 +125,12 @@ def test_rerun_resumes_without_training_or_evaluating_again(reproduced, capsys):
     runs_before = len(client.search_runs([experiment]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for name in ("train", "evaluate"):  # everything is read back from the folder
+
+            def refuse(*args, name=name, **kwargs):
+                raise AssertionError(f"reproduce called {name} again")
+
+            mp.setattr(f"dubito.experiments.reproduce.{name}", refuse)
         again = run_reproduce(
             ReproduceConfig(output=str(out / "run"), datasets="synthetic-camvid", **SMALL), progress=False
         )
@@ -132,7 +138,6 @@ def test_rerun_resumes_without_training_or_evaluating_again(reproduced, capsys):
     assert again["datasets"]["synthetic-camvid"]["dataset_size"] == first["dataset_size"]
     assert again["datasets"]["synthetic-camvid"]["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
     assert len(client.search_runs([experiment])) == runs_before  # the same runs, reopened
-    assert again["seconds"] < results["seconds"] / 4
     # the other dataset's results, run earlier into this folder, are kept
     assert again["datasets"].keys() == {"synthetic-camvid", "synthetic-make3d"}
     assert "## synthetic-make3d" in (out / "run" / "tables.md").read_text()

@@ -141,7 +141,11 @@ class DatasetInfo:
 
     def takes(self, option: str) -> bool:
         """Whether its constructor accepts ``option`` (e.g. ``max_depth``: the built-in depth datasets)."""
-        return option in inspect.signature(self.cls).parameters
+        try:
+            parameters = inspect.signature(self.cls).parameters
+        except (TypeError, ValueError):  # no signature to read: give it nothing it may not take
+            return False
+        return option in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
     def open(self, split: str = "train", root: str | Path | None = None, **options):
         if not self.needs_root:
