@@ -125,12 +125,13 @@ def test_rerun_resumes_without_training_or_evaluating_again(reproduced, capsys):
     runs_before = len(client.search_runs([experiment]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for name in ("train", "evaluate"):  # everything is read back from the folder
+        # everything is read back from the folder: no training epoch, no evaluation runs again
+        for target in ("dubito.platform.training._epoch", "dubito.experiments.reproduce.evaluate"):
 
-            def refuse(*args, name=name, **kwargs):
-                raise AssertionError(f"reproduce called {name} again")
+            def refuse(*args, target=target, **kwargs):
+                raise AssertionError(f"reproduce ran {target} again")
 
-            mp.setattr(f"dubito.experiments.reproduce.{name}", refuse)
+            mp.setattr(target, refuse)
         again = run_reproduce(
             ReproduceConfig(output=str(out / "run"), datasets="synthetic-camvid", **SMALL), progress=False
         )
