@@ -1,0 +1,98 @@
+"""Deep ensembles as an epistemic source: the members are the samples of the decomposition,
+batched members give the loop's outputs, and the variances have closed forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dubito import DubitoError
+from dubito.platform.ensemble import Ensemble, ensemble_samples
+from dubito.platform.mc import _sample_seed, mc_samples
+from dubito.platform.models import MLP, FCDenseNet
+from dubito.platform.uncertainty import classification_uncertainty, regression_uncertainty
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _regressors(k: int, seed: int = 0) -> Ensemble:
+    torch.manual_seed(seed)
+    return Ensemble([MLP(3, 1, (16,), task="regression", variant="both", dropout=0.2) for _ in range(k)])
+
+
+def test_members_are_the_samples_of_the_decomposition():
+    ens, x = _regressors(4), torch.randn(7, 3)
+    out = ensemble_samples(ens, x, batched=False, seed=1)
+    assert out.mean.shape == (4, 7, 1) and out.log_var.shape == (4, 7, 1)
+    with torch.no_grad():  # each member's deterministic forward, by hand
+        means = np.stack([m.eval()(x)[0].numpy() for m in ens.members])
+        log_vars = np.stack([m.eval()(x)[1].numpy() for m in ens.members])
+    np.testing.assert_allclose(out.mean.numpy(), means, rtol=1e-6, atol=1e-6)
+    u = regression_uncertainty(out.mean, out.log_var)
+    np.testing.assert_allclose(u.epistemic_var.numpy(), means.var(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(u.aleatoric_var.numpy(), np.exp(log_vars).mean(0), rtol=1e-5)
+    # identical members: no epistemic spread, whatever their noise
+    same = Ensemble([ens.members[0]] * 3)
+    assert torch.count_nonzero(regression_uncertainty(*ensemble_samples(same, x)[:2]).epistemic_var) == 0
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_batched_members_give_the_loops_outputs(task):
+    torch.manual_seed(3)
+    members = [MLP(5, 4, (12, 12), task=task, variant="both", dropout=0.3) for _ in range(5)]
+    ens, x = Ensemble(members), torch.randn(6, 5)
+    loop = ensemble_samples(
+        ens, x, probs=task == "classification", logit_noise_samples=8, seed=2, batched=False
+    )
+    batched = ensemble_samples(
+        ens, x, probs=task == "classification", logit_noise_samples=8, seed=2, batched=True
+    )
+    torch.testing.assert_close(batched.mean, loop.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched.log_var, loop.log_var, rtol=1e-5, atol=1e-6)
+    if task == "classification":  # the same ε per member: probabilities agree too
+        torch.testing.assert_close(batched.probs, loop.probs, rtol=1e-5, atol=1e-6)
+        u = classification_uncertainty(batched.probs, batched.mean)
+        assert torch.all(u.mutual_information >= -1e-6)
+    assert all(m.training for m in members)  # the members' modes are left as they were
+
+
+def test_batched_fc_densenet_members_give_the_loops_outputs():
+    torch.manual_seed(0)
+    members = [FCDenseNet("tiny", num_classes=5, variant="both", dropout=0.2).eval() for _ in range(3)]
+    for m in members:  # running statistics other than the initial ones
+        for b in m.buffers():
+            if b.dtype.is_floating_point:
+                b.add_(torch.rand_like(b) * 0.1)
+    ens, x = Ensemble(members), torch.randn(2, 3, 16, 24)
+    loop = ensemble_samples(ens, x, probs=True, logit_noise_samples=4, seed=5, batched=False)
+    batched = ensemble_samples(ens, x, probs=True, logit_noise_samples=4, seed=5, batched=True)
+    assert batched.mean.shape == (3, 2, 5, 16, 24)
+    torch.testing.assert_close(batched.mean, loop.mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batched.probs, loop.probs, rtol=1e-4, atol=1e-4)
+
+
+def test_ensemble_plus_dropout_stacks_each_members_dropout_samples():
+    ens, x = _regressors(3, seed=4), torch.randn(5, 3)
+    out = ensemble_samples(ens, x, 4, seed=9)
+    assert out.mean.shape == (12, 5, 1)
+    for k, member in enumerate(ens.members):  # member-major rows, member k's own seed
+        alone = mc_samples(member, x, 4, seed=_sample_seed(9, k))
+        assert torch.equal(out.mean[4 * k : 4 * k + 4], alone.mean)
+    assert not torch.equal(out.mean[0], out.mean[1])  # dropout is active within a member
+
+
+def test_bad_ensembles_are_refused():
+    with pytest.raises(DubitoError, match="at least one member"):
+        Ensemble([])
+    with pytest.raises(DubitoError, match="disagree on task"):
+        Ensemble([MLP(3, 2, task="classification"), MLP(3, 1, task="regression")])
+    mixed = Ensemble([MLP(3, 1, (8,), task="regression"), MLP(3, 1, (16,), task="regression")])
+    assert not mixed.same_architecture()
+    with pytest.raises(DubitoError, match="one architecture"):
+        ensemble_samples(mixed, torch.randn(2, 3), batched=True)
+    assert ensemble_samples(mixed, torch.randn(2, 3)).mean.shape == (2, 2, 1)  # auto: a loop
+    with pytest.raises(DubitoError, match="no single forward"):
+        mixed(torch.randn(2, 3))
+    with pytest.raises(DubitoError, match="samples must be"):
+        ensemble_samples(mixed, torch.randn(2, 3), 0)
