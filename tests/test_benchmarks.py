@@ -102,3 +102,13 @@ def test_mc_memory_and_quality_benchmarks_run_on_small_data(capsys):
     )
     out = capsys.readouterr().out
     assert "| head | 0 |" in out and "peak / smallest pool's" in out
+
+
+def test_ensemble_benchmark_rows_show_the_loops_uncertainties(capsys):
+    from benchmarks.ensemble import main
+
+    rows = main(["--quick", "--members", "3"])
+    assert [r["members"] for r in rows] == [3, 3] and "speed-up" in capsys.readouterr().out
+    for row in rows:  # the batched path computes what the loop does (its speed is the benchmark's to say)
+        assert row["max_output_deviation"] < 1e-4 and row["max_epistemic_deviation"] < 1e-4
+        assert row["loop_items_per_s"] > 0 and row["batched_items_per_s"] > 0

@@ -12,7 +12,10 @@ change: the members are the samples.
 Two ways to run the members, with the same outputs to float rounding:
 
 - ``batched``: members of one architecture (the same parameter and buffer names and shapes)
-  run as one forward through ``torch.func.stack_module_state`` + ``vmap``;
+  run as one forward through ``torch.func.stack_module_state`` + ``vmap``. ``"auto"`` does so
+  for non-convolutional members (MLPs: 1.2-1.4x the loop on 2 CPU cores); for FC-DenseNets the
+  vmapped forward loses the engine's fast paths (preallocated dense blocks, channels-last) and
+  ran at 0.67-0.76x the loop (``python -m benchmarks.ensemble``), so they loop;
 - a loop over the members, each through :func:`~dubito.platform.mc.mc_samples` with one
   deterministic pass.
 
@@ -89,7 +92,7 @@ def ensemble_samples(
 
     ``samples``: T, dropout samples per member (1: each member's deterministic pass, the plain
     ensemble). ``batched``: run members of one architecture as one vmapped forward (``"auto"``:
-    when they share it and T = 1). ``probs`` / ``logit_noise_samples``: as in
+    when they share it, T = 1 and they have no convolutions: see the module docstring). ``probs`` / ``logit_noise_samples``: as in
     :func:`~dubito.platform.mc.mc_samples`; member k draws its ε from the seed ``(seed, k)``
     either way. ``mc_options`` go to the MC engine (chunk size, channels-last, ...).
     """
@@ -100,8 +103,9 @@ def ensemble_samples(
     if seed is None:
         seed = int(torch.randint(0, 1 << 62, (1,)).item())
     seeds = [_sample_seed(seed, k) for k in range(len(ensemble))]
-    if batched == "auto":
-        batched = samples == 1 and len(ensemble) > 1 and ensemble.same_architecture()
+    if batched == "auto":  # vmap loses the engine's convolution paths: 0.67-0.76x the loop on 2 CPU cores
+        convolutional = any(isinstance(m, nn.Conv2d) for m in ensemble.members[0].modules())
+        batched = samples == 1 and len(ensemble) > 1 and not convolutional and ensemble.same_architecture()
     if batched:
         if samples != 1:
             raise DubitoError("batched members run without dropout: use samples=1 (or batched=False)")
