@@ -10,6 +10,22 @@ from dubito.platform.data.layouts import write_camvid_split, write_make3d_split,
 
 CAMVID_HW = (36, 48)
 
+#: a labeling loop small enough for a test of what runs where (Ray actors, sweep trials)
+TINY_LOOP = dict(
+    dataset="synthetic-camvid",
+    height=24,
+    width=32,
+    pool_images=16,
+    test_images=4,
+    initial=4,
+    query=2,
+    rounds=2,
+    epochs=1,
+    samples=2,
+    batch_size=4,
+    device="cpu",
+)
+
 
 def make_camvid(root: Path, counts=(3, 2, 2), seed: int = 0, hw=CAMVID_HW) -> dict:
     """CamVid/{train,val,test}[annot] + list files; returns the arrays written, per split."""

@@ -15,6 +15,7 @@ from dubito.acquisition.loop import run_loop
 from dubito.acquisition.pool import pool_datasets
 from dubito.acquisition.scoring import pool_batches, score_pool
 from dubito.platform.training import fit
+from tests.fixtures import TINY_LOOP
 
 CPU = torch.device("cpu")
 
@@ -74,21 +75,7 @@ def test_two_actors_score_exactly_as_local_scoring(settings, selection, ray_sess
 
 @pytest.mark.slow
 def test_loop_with_scoring_actors_buys_the_same_labels(tmp_path, ray_session, mlflow_uri):
-    settings = dict(
-        dataset="synthetic-camvid",
-        height=24,
-        width=32,
-        pool_images=16,
-        test_images=4,
-        initial=4,
-        query=2,
-        rounds=2,
-        epochs=1,
-        samples=2,
-        batch_size=4,
-        device="cpu",
-        acquisition="bald",
-    )
+    settings = dict(TINY_LOOP, acquisition="bald")
     local = run_loop(LoopConfig.flat(output=str(tmp_path / "local"), **settings), progress=False)
     remote = run_loop(LoopConfig.flat(output=str(tmp_path / "ray"), scorers=2, **settings), progress=False)
     assert remote["queried"] == local["queried"] and remote["curve"] == local["curve"]

@@ -21,21 +21,9 @@ from dubito import DubitoError
 from dubito.acquisition.config import LoopConfig
 from dubito.acquisition.loop import run_loop
 from dubito.experiments.sweep import FAIL_ONCE_ENV, SweepConfig, parse_space, run_sweep
+from tests.fixtures import TINY_LOOP
 
-LABEL = dict(
-    dataset="synthetic-camvid",
-    height=24,
-    width=32,
-    pool_images=16,
-    test_images=4,
-    initial=4,
-    query=2,
-    rounds=2,
-    epochs=1,
-    samples=2,
-    batch_size=4,
-    device="cpu",
-)
+LABEL = dict(TINY_LOOP)
 
 
 def _runs(uri: str, experiment: str):
