@@ -32,7 +32,14 @@ import torch
 from torch import Tensor, nn
 
 from dubito import DubitoError
-from dubito.platform.mc import MCSamples, _sample_seed, _split_output, expected_softmax, mc_samples
+from dubito.platform.mc import (
+    MCSamples,
+    _check_temperature,
+    _sample_seed,
+    _split_output,
+    mc_samples,
+    scaled_softmax,
+)
 
 __all__ = ["Ensemble", "ensemble_samples"]
 
@@ -86,6 +93,7 @@ def ensemble_samples(
     logit_noise_samples: int = 16,
     seed: int | None = None,
     batched: bool | str = "auto",
+    temperature: float = 1.0,
     **mc_options,
 ) -> MCSamples:
     """The members' outputs on the batch ``x``, stacked on a leading axis of K·T rows.
@@ -94,12 +102,14 @@ def ensemble_samples(
     ensemble). ``batched``: run members of one architecture as one vmapped forward (``"auto"``:
     when they share it, T = 1 and they have no convolutions: see the module docstring). ``probs`` / ``logit_noise_samples``: as in
     :func:`~dubito.platform.mc.mc_samples`; member k draws its ε from the seed ``(seed, k)``
-    either way. ``mc_options`` go to the MC engine (chunk size, channels-last, ...).
+    either way. ``temperature``: as in :func:`~dubito.platform.mc.mc_samples` (post-hoc
+    temperature scaling of the probabilities). ``mc_options`` go to the MC engine (chunk size, channels-last, ...).
     """
     if not isinstance(ensemble, Ensemble):
         raise DubitoError(f"ensemble_samples needs an Ensemble, got {type(ensemble).__name__}")
     if not isinstance(samples, int) or samples < 1:
         raise DubitoError(f"samples must be a positive integer, got {samples!r}")
+    _check_temperature(temperature)
     if seed is None:
         seed = int(torch.randint(0, 1 << 62, (1,)).item())
     seeds = [_sample_seed(seed, k) for k in range(len(ensemble))]
@@ -111,7 +121,7 @@ def ensemble_samples(
             raise DubitoError("batched members run without dropout: use samples=1 (or batched=False)")
         if not ensemble.same_architecture():
             raise DubitoError("batched members need one architecture (the same parameters and buffers)")
-        return _batched(ensemble, x, probs, logit_noise_samples, seeds)
+        return _batched(ensemble, x, probs, logit_noise_samples, seeds, temperature)
     parts = [
         mc_samples(
             member,
@@ -121,6 +131,7 @@ def ensemble_samples(
             logit_noise_samples=logit_noise_samples,
             seed=member_seed,
             stochastic=samples > 1,
+            temperature=temperature,
             **mc_options,
         )
         for member, member_seed in zip(ensemble.members, seeds)
@@ -133,7 +144,7 @@ def ensemble_samples(
 
 
 def _batched(
-    ensemble: Ensemble, x: Tensor, probs: bool, logit_noise_samples: int, seeds: list[int]
+    ensemble: Ensemble, x: Tensor, probs: bool, logit_noise_samples: int, seeds: list[int], temperature: float
 ) -> MCSamples:
     """Every member in one vmapped forward (eval mode, no dropout)."""
     from torch.func import functional_call, stack_module_state, vmap
@@ -159,7 +170,9 @@ def _batched(
         generators = [torch.Generator(device=x.device).manual_seed(_sample_seed(s, 0)) for s in seeds]
         p = torch.stack(
             [
-                expected_softmax(mean[k], None if log_var is None else log_var[k], logit_noise_samples, g)
+                scaled_softmax(
+                    mean[k], None if log_var is None else log_var[k], logit_noise_samples, g, temperature
+                )
                 for k, g in enumerate(generators)
             ]
         )

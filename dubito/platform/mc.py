@@ -51,6 +51,7 @@ the global RNG (their samples are then not chunk-invariant).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -408,6 +409,7 @@ def mc_samples(
     channels_last: bool | str = "auto",
     prefix_cache: bool = True,
     compile: bool | str = False,
+    temperature: float = 1.0,
 ) -> MCSamples:
     """Run ``samples`` MC-dropout forward passes of ``model`` on the batch ``x``.
 
@@ -430,11 +432,15 @@ def mc_samples(
         compile: run the (stochastic part of the) forward through ``torch.compile``, compiled
             once per model and process (the first call pays the compilation); ``True`` for
             the inductor backend, or a backend name.
+        temperature: the class probabilities are those of logits / ``temperature`` (with a
+            log-variance head, of noise σ / ``temperature`` too): post-hoc temperature scaling
+            (:mod:`dubito.platform.calibration`). ``mean`` keeps the model's own logits.
     Returns:
         :class:`MCSamples` with a leading T axis. When dropout is off or the model has no
         dropout with p > 0, a single pass is made and T is 1.
     """
     _check_arguments(samples, compile, channels_last)
+    _check_temperature(temperature)
     if seed is None:
         seed = int(torch.randint(0, 1 << 62, (1,)).item())
     samples, stochastic = _effective_samples(model, samples, stochastic)
@@ -458,7 +464,7 @@ def mc_samples(
             started = _clock()
             try:
                 chunk = _run_chunk(
-                    forward, state, k, x, autocast, probs, logit_noise_samples, source.generators
+                    forward, state, k, x, autocast, probs, logit_noise_samples, source.generators, temperature
                 )
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 if k == 1 or not _out_of_memory(err):
@@ -482,6 +488,25 @@ def _check_arguments(samples: int, compile: bool | str, channels_last: bool | st
         raise DubitoError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
     if channels_last not in (True, False, "auto"):
         raise DubitoError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise DubitoError(f"temperature must be a positive number, got {temperature!r}")
+
+
+def scaled_softmax(
+    logits: Tensor,
+    log_var: Tensor | None,
+    noise_samples: int,
+    generator: torch.Generator | None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """:func:`expected_softmax` of ``logits / temperature`` (noise σ / temperature)."""
+    if temperature != 1.0:
+        logits = logits.float() / temperature
+        log_var = None if log_var is None else log_var.float() - 2.0 * math.log(temperature)
+    return expected_softmax(logits, log_var, noise_samples, generator)
 
 
 def _effective_samples(model: nn.Module, samples: int, stochastic: bool) -> tuple[int, bool]:
@@ -520,6 +545,7 @@ def _run_chunk(
     probs: bool,
     logit_noise_samples: int,
     generators: list[torch.Generator],
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``k`` samples in one pass of the replicated state: means and log-variances (k, N, ...), float32,
     and the class probabilities of each sample when asked."""
@@ -533,7 +559,9 @@ def _run_chunk(
     if probs:
         p = torch.stack(
             [
-                expected_softmax(mean[j], None if log_var is None else log_var[j], logit_noise_samples, g)
+                scaled_softmax(
+                    mean[j], None if log_var is None else log_var[j], logit_noise_samples, g, temperature
+                )
                 for j, g in enumerate(generators)
             ]
         )

@@ -1,7 +1,14 @@
 """The UncertaintyService: one object that turns a model into uncertainty estimates.
 
 Acquisition functions score a pool with it and agents ask it for exploration bonuses;
-both get the same decomposition from the same MC engine.
+both get the same decomposition from the same samples, whatever their epistemic source:
+
+- ``dropout``: T MC-dropout passes of one model (the MC engine, :mod:`dubito.platform.mc`);
+- ``ensemble``: one deterministic pass of each of K members (:mod:`dubito.platform.ensemble`);
+- ``ensemble+dropout``: T dropout passes of each member, K·T samples.
+
+The samples are stacked on one leading axis in every case, so every consumer (reductions,
+selections such as BatchBALD, evaluation, agents) sees the same objects.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra iterator (DataLoader workers)
 
 from dubito import DubitoError
+from dubito.platform.calibration import Calibration
+from dubito.platform.ensemble import Ensemble, ensemble_samples
 from dubito.platform.mc import MCSamples, mc_samples
 from dubito.platform.uncertainty import (
     LIKELIHOODS,
@@ -24,7 +33,12 @@ from dubito.platform.uncertainty import (
     regression_uncertainty,
 )
 
-__all__ = ["UncertaintyService", "check_finite_outputs", "default_device", "TASKS"]
+__all__ = ["UncertaintyService", "check_finite_outputs", "default_device", "TASKS", "EPISTEMIC"]
+
+#: the epistemic sources the service offers
+EPISTEMIC = ("dropout", "ensemble", "ensemble+dropout")
+#: dropout samples per source when ``samples`` is not given
+DEFAULT_SAMPLES = {"dropout": 50, "ensemble": 1, "ensemble+dropout": 10}
 
 #: accepted task names → the kind of decomposition they use
 TASKS = {
@@ -59,14 +73,23 @@ class UncertaintyService:
 
     Args:
         model: any module following the forward contract of docs/architecture.md (a tensor, or
-            ``(mean_or_logits, log_var)``). It is moved to ``device``.
+            ``(mean_or_logits, log_var)``), or an :class:`~dubito.platform.ensemble.Ensemble`
+            (a list of such modules is made one). It is moved to ``device``.
         task: ``classification``/``segmentation`` or ``regression``/``depth``; defaults to
             ``model.task`` for dubito models.
-        samples: T, MC-dropout samples.
+        samples: T, MC-dropout samples (per member for ``ensemble+dropout``); defaults to 50
+            for ``dropout``, 10 for ``ensemble+dropout``; ``ensemble`` takes 1 (each member's
+            deterministic pass).
+        epistemic: the epistemic source, one of :data:`EPISTEMIC`; defaults to ``ensemble``
+            for an ensemble and ``dropout`` for one model.
+        calibration: a :class:`~dubito.platform.calibration.Calibration` (or its dict or
+            ``calibration.json`` path) applied to every prediction: temperature-scaled
+            probabilities, scaled regression variances.
         device: defaults to CUDA when available, else CPU.
-        mc_dropout: sample dropout at test time; defaults to ``model.mc_dropout`` for
-            dubito models (true for the ``epistemic`` and ``both`` variants), else true.
-            When false one deterministic pass is made and epistemic terms are zero.
+        mc_dropout: sample dropout at test time (``dropout`` source); defaults to
+            ``model.mc_dropout`` for dubito models (true for the ``epistemic`` and ``both``
+            variants), else true. When false one deterministic pass is made and epistemic
+            terms are zero.
         likelihood: regression noise model (``gaussian``: log σ²; ``laplace``: log b);
             defaults to ``model.likelihood`` or ``gaussian``.
         logit_noise_samples: ε draws per dropout sample for heads with logit noise.
@@ -80,10 +103,12 @@ class UncertaintyService:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Ensemble | list[nn.Module],
         task: str | None = None,
-        samples: int = 50,
+        samples: int | None = None,
         *,
+        epistemic: str | None = None,
+        calibration: Calibration | dict | str | None = None,
         device: str | torch.device | None = None,
         mc_dropout: bool | None = None,
         likelihood: str | None = None,
@@ -97,11 +122,12 @@ class UncertaintyService:
         batch_size: int = 8,
         progress: bool = True,
     ) -> None:
+        if isinstance(model, (list, tuple)):
+            model = Ensemble(model)
+        epistemic, samples = _source(model, epistemic, samples)
         task = task if task is not None else getattr(model, "task", None)
         if task not in TASKS:
             raise DubitoError(f"task must be one of {sorted(TASKS)} (or a model with a .task), got {task!r}")
-        if not isinstance(samples, int) or samples < 1:
-            raise DubitoError(f"samples must be a positive integer, got {samples!r}")
         likelihood = likelihood or getattr(model, "likelihood", "gaussian")
         if likelihood not in LIKELIHOODS:
             raise DubitoError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -112,6 +138,9 @@ class UncertaintyService:
         self.task = task
         self.kind = TASKS[task]
         self.samples = samples
+        self.epistemic = epistemic
+        self.members = len(model) if isinstance(model, Ensemble) else 1
+        self.calibration = Calibration.of(calibration)
         self.mc_dropout = bool(getattr(model, "mc_dropout", True) if mc_dropout is None else mc_dropout)
         self.likelihood = likelihood
         self.logit_noise_samples = logit_noise_samples
@@ -125,6 +154,14 @@ class UncertaintyService:
         self.batch_size = batch_size
         self.progress = progress
         self._rng = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def describe(self) -> str:
+        """The epistemic source in words: ``MC dropout T=50``, ``ensemble K=5``, ``ensemble K=5 × dropout T=10``."""
+        if self.epistemic == "dropout":
+            return f"MC dropout T={self.samples}"
+        if self.epistemic == "ensemble":
+            return f"ensemble K={self.members}"
+        return f"ensemble K={self.members} × dropout T={self.samples}"
 
     def state_dict(self) -> dict[str, Any]:
         """Where the service's seed stream stands (its model's weights are the model's own
@@ -154,21 +191,28 @@ class UncertaintyService:
         next seed of the service's own sequence): a batch scored with the same seed anywhere —
         another process, another Ray actor — gets the same samples."""
         x = x.to(self.device, non_blocking=True)
-        out = mc_samples(
-            self.model,
-            x,
-            self.samples,
+        options = dict(
             chunk_size=self.chunk_size,
             autocast=self.autocast,
             probs=self.kind == "classification",
             logit_noise_samples=self.logit_noise_samples,
             seed=self._next_seed() if seed is None else seed,
-            stochastic=self.mc_dropout,
+            temperature=self.calibration.temperature if self.calibration else 1.0,
             **self.engine_options,
         )
+        if self.epistemic == "dropout":
+            out = mc_samples(self.model, x, self.samples, stochastic=self.mc_dropout, **options)
+        else:
+            out = ensemble_samples(self.model, x, self.samples, **options)
         if self.kind == "classification":
             return classification_uncertainty(out.probs, out.mean), out
-        return regression_uncertainty(out.mean, out.log_var, self.likelihood), out
+        u = regression_uncertainty(out.mean, out.log_var, self.likelihood)
+        return (self.calibration.scale(u) if self.calibration else u), out
+
+    @property
+    def draws(self) -> int:
+        """Samples per prediction: T for dropout, K for an ensemble, K·T for both."""
+        return self.members * self.samples
 
     def stream(
         self,
@@ -190,7 +234,7 @@ class UncertaintyService:
         wanted = None if fields is None else set(fields)
         total = len(data) if hasattr(data, "__len__") else None
         show = self.progress if progress is None else progress
-        bar = tqdm(data, total=total, desc=f"MC scoring (T={self.samples})", unit="batch", disable=not show)
+        bar = tqdm(data, total=total, desc=f"scoring ({self.describe()})", unit="batch", disable=not show)
         for index, batch in enumerate(bar):
             x, ids, mask = _unpack(batch, index)
             unc = self.predict(x)
@@ -204,6 +248,31 @@ class UncertaintyService:
                     raise DubitoError(f"unknown fields {sorted(unknown)}; available: {sorted(values)}")
                 values = {k: v for k, v in values.items() if k in wanted}
             yield ids, {k: v.detach().float().cpu() for k, v in values.items()}
+
+
+def _source(model: nn.Module, epistemic: str | None, samples: int | None) -> tuple[str, int]:
+    """The epistemic source and the dropout samples per model, checked against the model."""
+    ensemble = isinstance(model, Ensemble)
+    if epistemic is None:
+        epistemic = "ensemble" if ensemble else "dropout"
+    if epistemic not in EPISTEMIC:
+        raise DubitoError(f"epistemic must be one of {', '.join(EPISTEMIC)}, got {epistemic!r}")
+    if ensemble != (epistemic != "dropout"):
+        what = "an Ensemble" if ensemble else f"one {type(model).__name__}"
+        raise DubitoError(
+            f"epistemic={epistemic!r} does not fit {what}: 'dropout' samples one model, "
+            "'ensemble' and 'ensemble+dropout' need an Ensemble (or a list of members)"
+        )
+    if samples is None:
+        samples = DEFAULT_SAMPLES[epistemic]
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise DubitoError(f"samples must be a positive integer, got {samples!r}")
+    if epistemic == "ensemble" and samples != 1:
+        raise DubitoError(
+            f"epistemic='ensemble' runs each member once (samples=1), got samples={samples}: "
+            "use 'ensemble+dropout' for dropout samples per member"
+        )
+    return epistemic, samples
 
 
 def check_finite_outputs(

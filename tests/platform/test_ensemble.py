@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from dubito import DubitoError
+from dubito.acquisition.selection import select
 from dubito.platform.ensemble import Ensemble, ensemble_samples
 from dubito.platform.mc import _sample_seed, mc_samples
 from dubito.platform.models import MLP, FCDenseNet
+from dubito.platform.service import UncertaintyService
 from dubito.platform.uncertainty import classification_uncertainty, regression_uncertainty
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,3 +98,53 @@ def test_bad_ensembles_are_refused():
         mixed(torch.randn(2, 3))
     with pytest.raises(DubitoError, match="samples must be"):
         ensemble_samples(mixed, torch.randn(2, 3), 0)
+
+
+# --- the ensemble behind the uncertainty service -------------------------------------------
+
+
+def test_service_ensemble_source_is_the_members_decomposition():
+    ens, x = _regressors(4, seed=5), torch.randn(9, 3)
+    svc = UncertaintyService(ens, device="cpu", seed=0)
+    assert (svc.epistemic, svc.samples, svc.draws) == ("ensemble", 1, 4)
+    u = svc.predict(x)
+    with torch.no_grad():
+        means = np.stack([m.eval()(x)[0].numpy() for m in ens.members])
+        variances = np.stack([np.exp(m.eval()(x)[1].numpy()) for m in ens.members])
+    np.testing.assert_allclose(u.mean.numpy(), means.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(u.epistemic_var.numpy(), means.var(0), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(u.aleatoric_var.numpy(), variances.mean(0), rtol=1e-5)
+    # a plain list of members is an ensemble too, and gives the same answer
+    listed = UncertaintyService(list(ens.members), device="cpu", seed=0).predict(x)
+    torch.testing.assert_close(listed.epistemic_var, u.epistemic_var)
+
+
+def test_service_ensemble_plus_dropout_feeds_batchbald_and_streams():
+    torch.manual_seed(0)
+    members = [MLP(4, 3, (16,), task="classification", variant="epistemic", dropout=0.3) for _ in range(3)]
+    svc = UncertaintyService(members, epistemic="ensemble+dropout", samples=5, device="cpu", seed=1)
+    x = torch.randn(12, 4)
+    u, out = svc.predict_with_samples(x)
+    assert out.probs.shape == (15, 12, 3) and svc.draws == 15 and "K=3" in svc.describe()
+    # the mutual information is that of the K·T stacked probabilities, by hand
+    p = out.probs.double()
+    mean = p.mean(0)
+    mi = -(mean * mean.log()).sum(-1) + (p * p.log()).sum(-1).mean(0)
+    torch.testing.assert_close(u.mutual_information.double(), mi.clamp_min(0), rtol=1e-4, atol=1e-6)
+    picked = select(u.mutual_information, 4, "batchbald", prob_samples=out.probs, seed=0)
+    assert len(set(picked.tolist())) == 4
+    data = [{"image": x[:6], "id": torch.arange(6)}, {"image": x[6:], "id": torch.arange(6, 12)}]
+    ids, values = zip(*svc.stream(data, progress=False))
+    assert torch.cat(ids).tolist() == list(range(12)) and "mutual_information" in values[0]
+
+
+def test_service_refuses_a_source_that_does_not_fit_the_model():
+    ens = _regressors(2)
+    with pytest.raises(DubitoError, match="does not fit an Ensemble"):
+        UncertaintyService(ens, epistemic="dropout")
+    with pytest.raises(DubitoError, match="does not fit one MLP"):
+        UncertaintyService(ens.members[0], epistemic="ensemble")
+    with pytest.raises(DubitoError, match="ensemble\\+dropout"):
+        UncertaintyService(ens, epistemic="ensemble", samples=10)
+    with pytest.raises(DubitoError, match="epistemic must be one of"):
+        UncertaintyService(ens, epistemic="laplace")
