@@ -20,6 +20,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra itera
 
 from dubito import DubitoError
 from dubito.platform import metrics as M
+from dubito.platform.calibration import Calibration, classification_nll, fit_calibration, regression_nll
 from dubito.platform.config import needs_root
 from dubito.platform.data import DATASETS, dataset_info, get_dataset
 from dubito.platform.files import check_output, exclusive, write_json
@@ -34,9 +35,10 @@ __all__ = [
     "format_evaluation",
     "Accumulator",
     "evaluation_dataset",
+    "calibration_dataset",
 ]
 
-EVALUATION_FORMAT = 2  # raised when results.json gains or changes measures
+EVALUATION_FORMAT = 3  # raised when results.json gains or changes measures
 SAMPLE_POINTS = 200_000  # pixels kept per uncertainty for curves, AUSE and rank correlations
 
 
@@ -67,6 +69,13 @@ class EvalConfig:
     )
     data_seed: int = field(default=0, metadata={"help": "seed of the synthetic scenes"})
     seed: int = field(default=0, metadata={"help": "seed of the MC samples"})
+    calibrate: bool = field(
+        default=False,
+        metadata={
+            "help": "fit temperature scaling (classes) or variance scaling (depth) on the validation "
+            "split; report ECE, NLL and coverage before and after; write calibration.json"
+        },
+    )
     figures: int = field(default=3, metadata={"help": "test images shown in uncertainty.png"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     experiment: str = field(default="dubito-evaluate", metadata={"help": "MLflow experiment name"})
@@ -103,6 +112,24 @@ def evaluation_dataset(
             ood=ood,
         )
     return get_dataset(name, split, root or None, **options)
+
+
+def calibration_dataset(name: str, root: str, spec: ModelSpec, config: EvalConfig) -> Dataset:
+    """The held-out data calibration is fit on: the validation set training uses (the dataset's
+    val split, fresh synthetic val scenes, or the seeded fraction of train held out of training)."""
+    from dubito.platform.training import TrainConfig, make_datasets
+
+    train = TrainConfig(
+        dataset=name,
+        root=root,
+        height=spec.height or TrainConfig.height,
+        width=spec.width or TrainConfig.width,
+        data_seed=spec.data_seed if spec.data_seed is not None else config.data_seed,
+        val_images=config.images,
+        static_fraction=config.static_fraction,
+        max_depth=spec.max_depth or TrainConfig.max_depth,
+    )
+    return make_datasets(train)[1]
 
 
 class Accumulator:
@@ -166,14 +193,20 @@ class Accumulator:
         target = batch["target"]
         if self.classes:
             pred = u.prediction.cpu()
+            probs = u.mean_probs.float().cpu()
             self.confusion.update(pred, target, mask)
-            self.calibration.update(u.mean_probs.float().cpu(), target, mask=mask)
+            self.calibration.update(probs, target, mask=mask)
+            classes = probs.movedim(1, -1)[mask]  # (M, C) at the valid pixels
+            nll = classification_nll(classes, target[mask])
             error = (pred != target).double()
         else:
             pred = u.mean[:, 0].float().cpu()
+            var = u.total_var[:, 0].float().cpu()
             self.depth.update(pred, target, mask)
-            self.calibration.update(pred, u.total_var[:, 0].float().cpu(), target, mask=mask)
+            self.calibration.update(pred, var, target, mask=mask)
+            nll = regression_nll(pred[mask], var[mask], target[mask], self.spec.likelihood)
             error = (pred - target).abs().double()
+        self.sums["nll"] = self.sums.get("nll", 0.0) + float(nll.sum())
         for kind, name in self.names.items():
             value = fields[name].float().cpu()
             value = value[:, 0] if value.dim() == 4 else value
@@ -284,8 +317,11 @@ def evaluate(
     ood_data = None
     if config.ood and ood_name:  # opened now, so a wrong folder is reported before any work
         ood_data = evaluation_dataset(ood_name, "test", config.ood_root, spec, config, ood=ood_synthetic)
+    held_out = calibration_dataset(name, config.root, spec, config) if config.calibrate else None
     with exclusive(out):
-        return _evaluate(config, out, model, spec, name, data, ood_name, ood_data, device, progress, tags)
+        return _evaluate(
+            config, out, model, spec, name, data, ood_name, ood_data, held_out, device, progress, tags
+        )
 
 
 def _evaluate(
@@ -297,6 +333,7 @@ def _evaluate(
     data: Dataset,
     ood_name: str,
     ood_data: Dataset | None,
+    held_out: Dataset | None,
     device: torch.device,
     progress: bool,
     tags: dict[str, str] | None,
@@ -308,14 +345,17 @@ def _evaluate(
         uncertainty_figure,
     )
 
-    service = UncertaintyService(
-        model,
-        samples=config.samples,
-        device=device,
-        seed=config.seed,
-        logit_noise_samples=config.logit_noise_samples,
-        progress=False,
-    )
+    def service(calibration: Calibration | None = None, seed: int = config.seed) -> UncertaintyService:
+        return UncertaintyService(
+            model,
+            samples=config.samples,
+            device=device,
+            seed=seed,
+            logit_noise_samples=config.logit_noise_samples,
+            calibration=calibration,
+            progress=False,
+        )
+
     started = time.perf_counter()
     with tracked_run(
         config.experiment,
@@ -324,8 +364,9 @@ def _evaluate(
         tags={"dubito.command": "evaluate", **(tags or {})},
     ) as run:
         acc = Accumulator(spec, labels=True, seed=config.seed)
+        scorer = service()  # one seed stream for the test and the OOD data
         rows = _run(
-            service, data, acc, config, f"evaluating on {name} {config.split}", progress, config.figures
+            scorer, data, acc, config, f"evaluating on {name} {config.split}", progress, config.figures
         )
         summary = acc.summary()
         curves = acc.curves()
@@ -349,7 +390,7 @@ def _evaluate(
             # also get the task metrics: how wrong the model is where its uncertainty should be high
             ood_acc = Accumulator(spec, labels=_same_task(ood_data, spec), seed=config.seed)
             rows += _run(
-                service,
+                scorer,
                 ood_data,
                 ood_acc,
                 config,
@@ -361,6 +402,11 @@ def _evaluate(
             summary.update({f"ood_{k}": v for k, v in ood_summary.items()})
             summary["ood_auroc"] = M.auroc(torch.cat(acc.image_scores), torch.cat(ood_acc.image_scores))
             results["ood_dataset"] = f"{ood_name} (indoor OOD)" if DATASETS[ood_name].synthetic else ood_name
+        calibrated = None
+        if held_out is not None:
+            calibrated = _calibrate(service, held_out, data, spec, name, config, out, progress)
+            results["calibration"] = calibrated
+            summary.update({f"calibrated_{k}": v for k, v in calibrated["after"].items()})
         summary["seconds"] = time.perf_counter() - started
         figures = []
         if rows:
@@ -374,21 +420,79 @@ def _evaluate(
         if acc.classes:
             figures.append(
                 calibration_figure(
-                    results["reliability"], out / "calibration.png", kind="classification", ece=summary["ece"]
+                    results["reliability"],
+                    out / "calibration.png",
+                    kind="classification",
+                    ece=summary["ece"],
+                    calibrated=calibrated and calibrated["reliability"],
+                    calibrated_ece=calibrated and calibrated["after"]["ece"],
                 )
             )
         else:
             figures.append(
-                calibration_figure(results["coverage"], out / "calibration.png", kind="regression")
+                calibration_figure(
+                    results["coverage"],
+                    out / "calibration.png",
+                    kind="regression",
+                    calibrated=calibrated and calibrated["coverage"],
+                )
             )
         results["mlflow_run_id"] = run.run_id
         write_json(out / "results.json", results)
         run.log_metrics(
             {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         )
-        for path in (out / "results.json", *figures):
+        extra = [out / "calibration.json"] if held_out is not None else []
+        for path in (out / "results.json", *extra, *figures):
             run.log_artifact(path)
     return results
+
+
+def _calibrate(
+    service,
+    held_out: Dataset,
+    data: Dataset,
+    spec: ModelSpec,
+    name: str,
+    config: EvalConfig,
+    out: Path,
+    progress: bool,
+) -> dict[str, Any]:
+    """Fit the calibration on ``held_out`` (a seed of its own), evaluate the test data again with
+    it (the same seed as the uncalibrated pass: the same dropout masks) and write calibration.json;
+    returns the before/after record of results.json."""
+    loader = DataLoader(held_out, batch_size=config.batch_size)
+    calibration, fit = fit_calibration(
+        service(seed=config.seed + 1), loader, seed=config.seed, progress=progress
+    )
+    acc = Accumulator(spec, labels=True, seed=config.seed)
+    _run(
+        service(calibration),
+        data,
+        acc,
+        config,
+        f"evaluating on {name} {config.split}, calibrated",
+        progress,
+        0,
+    )
+    after = acc.summary()
+    keys = ("ece", "nll") if acc.classes else ("calibration_error", "nll")
+    fit = {"dataset": name, "split": "validation", "items": len(held_out), **fit}
+    calibration.save(out / "calibration.json", fit=fit)
+    record: dict[str, Any] = {
+        "method": "temperature scaling" if acc.classes else "variance scaling",
+        **calibration.as_dict(),
+        "fit": fit,
+        "after": {k: after[k] for k in keys},
+    }
+    if acc.classes:
+        record["reliability"] = {k: v.tolist() for k, v in acc.calibration.reliability().items()}
+    else:
+        record["coverage"] = {
+            "levels": acc.calibration.levels.tolist(),
+            "observed": acc.calibration.observed().tolist(),
+        }
+    return record
 
 
 def _check_fits(data: Dataset, spec: ModelSpec, name: str, model: str, labels: bool = True) -> None:
@@ -446,6 +550,18 @@ def format_evaluation(results: dict[str, Any]) -> str:
         lines.append(row)
     if "ood_auroc" in s:
         lines.append(f"OOD detection AUROC (per-image epistemic): {s['ood_auroc']:.3f}")
+    if "calibration" in results:
+        c = results["calibration"]
+        what = (
+            f"temperature {c['temperature']:.3f}"
+            if "ece" in c["after"]
+            else f"variance x{c['variance_scale']:.3f}"
+        )
+        first = "ece" if "ece" in c["after"] else "calibration_error"
+        lines.append(
+            f"calibrated ({c['method']}, {what}, fit on {c['fit']['points']} validation pixels): "
+            f"{first.replace('_', ' ')} {s[first]:.4f} -> {c['after'][first]:.4f}, NLL {s['nll']:.4f} -> {c['after']['nll']:.4f}"
+        )
     if "noise_spearman" in s:
         lines.append(f"aleatoric vs true noise, per-pixel Spearman: {s['noise_spearman']:.3f}")
     ause = ", ".join(

@@ -174,9 +174,17 @@ def sparsification_figure(curves: dict[str, dict], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def calibration_figure(data: dict, path: str | Path, kind: str, ece: float | None = None) -> Path:
+def calibration_figure(
+    data: dict,
+    path: str | Path,
+    kind: str,
+    ece: float | None = None,
+    calibrated: dict | None = None,
+    calibrated_ece: float | None = None,
+) -> Path:
     """A reliability diagram (classification: accuracy against confidence per bin, with the
-    bin counts) or a coverage plot (regression: observed against nominal interval level)."""
+    bin counts) or a coverage plot (regression: observed against nominal interval level).
+    ``calibrated``: the same data after post-hoc calibration, drawn over it."""
     fig, ax = plt.subplots(figsize=(4.2, 4))
     ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", label="perfect calibration")
     if kind == "classification":
@@ -184,21 +192,39 @@ def calibration_figure(data: dict, path: str | Path, kind: str, ece: float | Non
         centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
         acc = np.nan_to_num(np.asarray(data["accuracy"], dtype=float))
         ax.bar(centres, acc, width=width * 0.95, color="#4477aa", alpha=0.8, label="accuracy")
-        conf = np.asarray(data["confidence"], dtype=float)
-        ok = ~np.isnan(conf)
-        ax.plot(
-            conf[ok],
-            np.asarray(data["accuracy"], dtype=float)[ok],
-            "o",
-            color="#ee6677",
-            ms=3,
-            label="bin mean confidence",
-        )
+        for values, color, name in (
+            (data, "#ee6677", "bin mean confidence"),
+            (calibrated, "#228833", "calibrated"),
+        ):
+            if values is None:
+                continue
+            conf = np.asarray(values["confidence"], dtype=float)
+            ok = ~np.isnan(conf)
+            ax.plot(
+                conf[ok],
+                np.asarray(values["accuracy"], dtype=float)[ok],
+                "o-" if values is calibrated else "o",
+                color=color,
+                ms=3,
+                label=name,
+            )
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
-        ax.set_title("reliability" + (f" (ECE {ece:.3f})" if ece is not None else ""))
+        title = "reliability" + (f" (ECE {ece:.3f}" if ece is not None else "")
+        if ece is not None:
+            title += f" → {calibrated_ece:.3f})" if calibrated_ece is not None else ")"
+        ax.set_title(title)
     else:
         ax.plot(data["levels"], data["observed"], marker="o", ms=3, color="#4477aa", label="observed")
+        if calibrated is not None:
+            ax.plot(
+                calibrated["levels"],
+                calibrated["observed"],
+                marker="o",
+                ms=3,
+                color="#228833",
+                label="calibrated",
+            )
         ax.set_xlabel("nominal level of the central interval")
         ax.set_ylabel("fraction of targets inside")
         ax.set_title("regression calibration")

@@ -157,3 +157,53 @@ def test_fit_calibration_streams_held_out_batches():
     with pytest.raises(DubitoError, match="uncalibrated"):
         fit_calibration(UncertaintyService(model, calibration=calibration), batches)
     assert math.isfinite(fit["nll_after"])
+
+
+@pytest.mark.slow
+@pytest.mark.finding
+def test_temperature_scaling_lowers_the_ece_of_an_overconfident_segmentation_model(finding):
+    """A tiny FC-DenseNet trained to be over-confident: its cross-entropy saw logits / 4, so the
+    logits it outputs are about four times too sharp. Temperature scaling fit on the validation
+    scenes must bring the ECE of unseen test scenes down."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from dubito.platform.evaluation import EvalConfig, evaluation_dataset
+    from dubito.platform.metrics import CalibrationHistogram
+    from dubito.platform.training import TrainConfig, build_for, make_datasets
+
+    config = TrainConfig(
+        train_images=24, val_images=12, height=32, width=40, flip=False, data_seed=finding.seed(0)
+    )
+    train_set, val_set = make_datasets(config)
+    torch.manual_seed(finding.seed(0))
+    model, spec = build_for(TrainConfig(**{**config.__dict__, "variant": "baseline"}), train_set)
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    loader = DataLoader(
+        train_set, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(finding.seed(0))
+    )
+    for _ in range(25):
+        for batch in loader:
+            logits = model(batch["image"])
+            target = torch.where(batch["mask"], batch["target"], -100)
+            loss = F.cross_entropy(logits / 4, target, ignore_index=-100)  # trained to be 4x too sure
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    service = UncertaintyService(model, device="cpu", seed=0, progress=False)
+    calibration, fit = fit_calibration(service, DataLoader(val_set, batch_size=6))
+    test = evaluation_dataset(
+        "synthetic-camvid", "test", "", spec, EvalConfig(images=12, data_seed=finding.seed(0))
+    )
+    ece = {}
+    for name, c in (("before", None), ("after", calibration)):
+        hist = CalibrationHistogram(15)
+        scorer = UncertaintyService(model, device="cpu", seed=0, calibration=c, progress=False)
+        for batch in DataLoader(test, batch_size=6):
+            hist.update(scorer.predict(batch["image"]).mean_probs, batch["target"], mask=batch["mask"])
+        ece[name] = hist.ece()
+    finding.check("over-confident model: fitted temperature", calibration.temperature, ">", 2.0)
+    finding.check("over-confident model: ECE before", ece["before"], ">", 0.1)
+    finding.check("over-confident model: ECE after over before", ece["after"] / ece["before"], "<", 0.5)
+    assert fit["nll_after"] < fit["nll_before"]

@@ -61,3 +61,47 @@ def test_recovers_aleatoric_noise_and_epistemic_grows_off_data(likelihood, findi
         ">",
         3.0,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.finding
+def test_ensemble_recovers_aleatoric_noise_and_its_spread_grows_off_data(finding):
+    """The same behaviour with the second epistemic source: five heteroscedastic MLPs of
+    different initialisations and data orders, scored as an ensemble by the service."""
+    g = torch.Generator().manual_seed(finding.seed(0))
+    n = 1024
+    x = torch.rand(n, 1, generator=g) * 2 - 1  # training range [-1, 1]
+    y = torch.sin(3 * x) + true_sigma(x) * torch.randn(n, 1, generator=g)
+    members = []
+    for k in range(5):
+        torch.manual_seed(finding.seed(100 + k))  # each member its own initialisation ...
+        order = torch.Generator().manual_seed(finding.seed(200 + k))  # ... and data order
+        model = MLP(1, 1, hidden=(64, 64), task="regression", variant="aleatoric", dropout=0.0)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
+        for _ in range(1500):
+            idx = torch.randint(0, n, (128,), generator=order)
+            mean, log_var = model(x[idx])
+            loss = gaussian_nll(mean, log_var, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        members.append(model)
+
+    svc = UncertaintyService(members, device="cpu", seed=0)
+    assert svc.epistemic == "ensemble"
+    held_out = torch.linspace(-0.95, 0.95, 200).unsqueeze(1)
+    inside = svc.predict(held_out)
+    rho = spearmanr(
+        inside.aleatoric_var.sqrt().squeeze().numpy(), true_sigma(held_out).squeeze().numpy()
+    ).correlation
+    finding.check("ensemble: Spearman, learned aleatoric std vs true std", rho, ">", 0.8)
+    ratio = (inside.aleatoric_var.sqrt() / true_sigma(held_out)).median().item()
+    finding.check("ensemble: median learned over true std (expected 1)", ratio, ">", 0.7)
+    finding.check("ensemble: median learned over true std (expected 1)", ratio, "<", 1.4)
+    outside = svc.predict(torch.cat([torch.linspace(-3, -2, 50), torch.linspace(2, 3, 50)]).unsqueeze(1))
+    finding.check(
+        "ensemble: epistemic variance, off the data over on it",
+        (outside.epistemic_var.mean() / inside.epistemic_var.mean()).item(),
+        ">",
+        3.0,
+    )
