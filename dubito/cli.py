@@ -68,6 +68,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     _use_address(args)
     config = config_from_args(TrainConfig, args)
+    if args.ensemble:
+        return _train_ensemble(config, args)
     results = train_with_ray(config, progress=not args.no_progress)
     last = results["history"][-1] if results["history"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_"))
@@ -75,6 +77,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(
         f"wrote {results['model']}, {config.output}/results.json, {config.output}/training.png; "
         f"MLflow run {results['mlflow_run_id']}"
+    )
+    return 0
+
+
+def _train_ensemble(config, args: argparse.Namespace) -> int:
+    from dubito.platform.ensemble_training import train_ensemble
+
+    results = train_ensemble(config, args.ensemble, progress=not args.no_progress)
+    for m in results["member_results"]:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in m["best"].items())
+        print(
+            f"member {m['member']} (seed {m['seed']}): best epoch {m['best_epoch']} of {m['epochs_run']}: {shown}"
+        )
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in results["ensemble_validation"].items())
+    print(f"ensemble of {results['members']} (mean prediction): {shown}")
+    print(
+        f"wrote {results['model']}, {config.output}/results.json, {config.output}/training.png; "
+        f"MLflow run {results['mlflow_run_id']} (one child run per member)"
     )
     return 0
 
@@ -360,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--address", help="with --workers N: the Ray cluster (default: RAY_ADDRESS, else a local instance)"
+    )
+    train.add_argument(
+        "--ensemble",
+        type=int,
+        default=0,
+        metavar="K",
+        help="train a deep ensemble of K members with distinct seeds into OUTPUT/member-k (each resumable; "
+        "with --workers N as N parallel Ray tasks); OUTPUT/model.pt holds them all",
     )
     _config_command(
         sub,

@@ -78,6 +78,21 @@ class Ensemble(nn.Module):
         first = shapes(self.members[0])
         return all(shapes(m) == first for m in self.members[1:])
 
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """The ensemble's deterministic prediction (members in eval mode, dropout off): the
+        members' mean class probabilities (N, C, ...) for classification tasks, their mean
+        first output otherwise. What validation reads (its argmax, or the depth)."""
+        classes = getattr(self, "task", None) in ("segmentation", "classification")
+        total = None
+        for member in self.members:
+            was = member.training
+            out, _ = _split_output(member.eval()(x), "ensemble member")
+            member.train(was)
+            out = torch.softmax(out.float(), 1) if classes else out.float()
+            total = out if total is None else total + out
+        return total / len(self.members)
+
     def forward(self, x: Tensor):
         raise DubitoError(
             "an Ensemble has no single forward: score it with ensemble_samples (or the uncertainty service)"

@@ -25,7 +25,14 @@ from dubito.platform.config import needs_root
 from dubito.platform.data import DATASETS, dataset_info, get_dataset
 from dubito.platform.files import check_output, exclusive, write_json
 from dubito.platform.models import ModelSpec
-from dubito.platform.service import UncertaintyService, check_finite_outputs, resolve_device
+from dubito.platform.service import (
+    EPISTEMIC,
+    UncertaintyService,
+    check_finite_outputs,
+    check_source,
+    resolve_device,
+    source_options,
+)
 from dubito.platform.tracking import check_tracking, tracked_run
 
 __all__ = [
@@ -61,7 +68,16 @@ class EvalConfig:
         default="", metadata={"help": "real OOD dataset, e.g. nyuv2 (default: the synthetic OOD variant)"}
     )
     ood_root: str = field(default="", metadata={"help": "folder of --ood-dataset"})
-    samples: int = field(default=20, metadata={"help": "MC-dropout samples T (paper: 50)"})
+    samples: int = field(
+        default=20, metadata={"help": "MC-dropout samples T (paper: 50); per member with ensemble+dropout"}
+    )
+    epistemic: str = field(
+        default="",
+        metadata={
+            "help": "epistemic source: dropout, ensemble or ensemble+dropout (default: ensemble for an "
+            "ensemble's model file, else dropout)"
+        },
+    )
     logit_noise_samples: int = field(default=10, metadata={"help": "logit-noise samples per pass"})
     batch_size: int = field(default=4, metadata={"help": "images per batch"})
     static_fraction: float = field(
@@ -86,6 +102,8 @@ class EvalConfig:
                 raise DubitoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.figures < 0:
             raise DubitoError(f"--figures must be >= 0, got {self.figures}")
+        if self.epistemic and self.epistemic not in EPISTEMIC:
+            raise DubitoError(f"--epistemic must be one of {', '.join(EPISTEMIC)}, got {self.epistemic!r}")
         if self.ood_dataset and needs_root(self.ood_dataset) and not self.ood_root:
             raise DubitoError(f"--ood-dataset {self.ood_dataset} is read from disk: give --ood-root DIR")
 
@@ -309,6 +327,7 @@ def evaluate(
     check_tracking()
     device = resolve_device(config.device)
     model, spec = load_model(config.model, device)
+    check_source(model, **source_options(model, config.epistemic or None, config.samples))
     name = config.dataset or spec.dataset
     data = evaluation_dataset(name, config.split, config.root, spec, config)
     _check_fits(data, spec, name, config.model)
@@ -348,7 +367,7 @@ def _evaluate(
     def service(calibration: Calibration | None = None, seed: int = config.seed) -> UncertaintyService:
         return UncertaintyService(
             model,
-            samples=config.samples,
+            **source_options(model, config.epistemic or None, config.samples),
             device=device,
             seed=seed,
             logit_noise_samples=config.logit_noise_samples,
@@ -373,6 +392,7 @@ def _evaluate(
         results: dict[str, Any] = {
             "config": asdict(config),
             "spec": spec.as_dict(),
+            "epistemic": scorer.describe(),
             "dataset": name,
             "summary": summary,
             "curves": curves,
@@ -523,7 +543,8 @@ def _same_task(data: Dataset, spec: ModelSpec) -> bool:
 def format_evaluation(results: dict[str, Any]) -> str:
     """The headline numbers of an evaluation as text."""
     s, spec = results["summary"], ModelSpec.of(results["spec"])
-    lines = [f"{spec.model}/{spec.variant} on {results['dataset']} ({results['config']['split']})"]
+    source = f", {results['epistemic']}" if "epistemic" in results else ""
+    lines = [f"{spec.model}/{spec.variant}{source} on {results['dataset']} ({results['config']['split']})"]
     if spec.task == "classification":
         lines.append(f"accuracy {s['accuracy']:.4f}   mean IoU {s['mean_iou']:.4f}   ECE {s['ece']:.4f}")
         keys = ("accuracy", "aleatoric_entropy", "mutual_information", "epistemic_logit_variance")

@@ -24,6 +24,7 @@ __all__ = [
     "uncertainty_curves_figure",
     "sparsification_figure",
     "calibration_figure",
+    "ensemble_curves",
     "histogram_figure",
     "samples_figure",
     "CAMVID_COLORS",
@@ -133,6 +134,41 @@ def training_curves(history: Sequence[dict], path: str | Path) -> Path:
     for ax, key in zip(axes[0, 1:], val_keys):
         ax.plot(epochs, [h[key] for h in history], marker="o", color="#ee6677")
         ax.set_title(key.replace("_", " "))
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def ensemble_curves(
+    histories: Sequence[Sequence[dict]], ensemble: dict[str, float], path: str | Path
+) -> Path:
+    """Each member's training loss and validation metrics against the epoch, with the
+    ensemble's own validation metrics (``ensemble``, the members' mean prediction) as dashed lines."""
+    val_keys = [k for k in (histories[0][0] if histories and histories[0] else {}) if k.startswith("val_")]
+    fig, axes = plt.subplots(
+        1, 1 + max(1, len(val_keys)), figsize=(4.2 * (1 + max(1, len(val_keys))), 3.2), squeeze=False
+    )
+    colors = plt.get_cmap("tab10")
+    for k, history in enumerate(histories):
+        epochs = [h["epoch"] for h in history]
+        axes[0, 0].plot(
+            epochs,
+            [h["train_loss"] for h in history],
+            marker="o",
+            ms=3,
+            color=colors(k % 10),
+            label=f"member {k}",
+        )
+        for ax, key in zip(axes[0, 1:], val_keys):
+            ax.plot(epochs, [h[key] for h in history], marker="o", ms=3, color=colors(k % 10))
+    for ax, key in zip(axes[0, 1:], val_keys):
+        if key in ensemble:
+            ax.axhline(ensemble[key], color="#222222", linestyle="--", label="ensemble")
+            ax.legend(fontsize=8)
+        ax.set_title(key.replace("_", " "))
+    axes[0, 0].set_title("training loss")
+    axes[0, 0].legend(fontsize=7)
     for ax in axes[0]:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

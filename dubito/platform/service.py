@@ -33,7 +33,15 @@ from dubito.platform.uncertainty import (
     regression_uncertainty,
 )
 
-__all__ = ["UncertaintyService", "check_finite_outputs", "default_device", "TASKS", "EPISTEMIC"]
+__all__ = [
+    "UncertaintyService",
+    "check_finite_outputs",
+    "default_device",
+    "source_options",
+    "check_source",
+    "TASKS",
+    "EPISTEMIC",
+]
 
 #: the epistemic sources the service offers
 EPISTEMIC = ("dropout", "ensemble", "ensemble+dropout")
@@ -124,7 +132,7 @@ class UncertaintyService:
     ) -> None:
         if isinstance(model, (list, tuple)):
             model = Ensemble(model)
-        epistemic, samples = _source(model, epistemic, samples)
+        epistemic, samples = check_source(model, epistemic, samples)
         task = task if task is not None else getattr(model, "task", None)
         if task not in TASKS:
             raise DubitoError(f"task must be one of {sorted(TASKS)} (or a model with a .task), got {task!r}")
@@ -250,7 +258,15 @@ class UncertaintyService:
             yield ids, {k: v.detach().float().cpu() for k, v in values.items()}
 
 
-def _source(model: nn.Module, epistemic: str | None, samples: int | None) -> tuple[str, int]:
+def source_options(model: nn.Module, epistemic: str | None, samples: int) -> dict[str, Any]:
+    """The service's ``epistemic`` and ``samples`` for a command's ``--epistemic`` (empty: the
+    model's own source, ``ensemble`` for an ensemble's file) and ``--samples`` (dropout samples,
+    per member for ``ensemble+dropout``; a plain ensemble runs each member once)."""
+    epistemic = epistemic or ("ensemble" if isinstance(model, Ensemble) else "dropout")
+    return {"epistemic": epistemic, "samples": None if epistemic == "ensemble" else samples}
+
+
+def check_source(model: nn.Module, epistemic: str | None, samples: int | None) -> tuple[str, int]:
     """The epistemic source and the dropout samples per model, checked against the model."""
     ensemble = isinstance(model, Ensemble)
     if epistemic is None:

@@ -44,6 +44,7 @@ from dubito.platform.config import (
     needs_root,
 )
 from dubito.platform.data import DATASETS, get_dataset, train_transform
+from dubito.platform.ensemble import Ensemble
 from dubito.platform.files import (
     check_output,
     exclusive,
@@ -62,6 +63,8 @@ __all__ = [
     "TrainConfig",
     "train",
     "fit",
+    "fit_ensemble",
+    "member_config",
     "train_epoch",
     "validate",
     "make_datasets",
@@ -74,6 +77,8 @@ __all__ = [
     "train_with_ray",
 ]
 
+#: member k of an ensemble trains with seed + k × MEMBER_SEED_STRIDE (member 0: the seed itself)
+MEMBER_SEED_STRIDE = 1_000_003
 IGNORE = -100  # label of the pixels outside the mask inside the loss
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -324,18 +329,29 @@ def model_from_spec(spec: ModelSpec | dict[str, Any]) -> nn.Module:
 
 
 def save_model(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path:
-    """Write ``{"spec", "state_dict"}`` atomically (loadable with ``weights_only=True``)."""
-    return save_torch({"spec": ModelSpec.of(spec).as_dict(), "state_dict": model.state_dict()}, Path(path))
+    """Write ``{"spec", "state_dict"}`` atomically (loadable with ``weights_only=True``); an
+    :class:`~dubito.platform.ensemble.Ensemble` as ``{"spec", "members": [state_dict, ...]}``
+    (its members share the spec)."""
+    spec = ModelSpec.of(spec).as_dict()
+    if isinstance(model, Ensemble):
+        return save_torch({"spec": spec, "members": [m.state_dict() for m in model.members]}, Path(path))
+    return save_torch({"spec": spec, "state_dict": model.state_dict()}, Path(path))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
-    """Rebuild the model saved by :func:`save_model` (or a training ``checkpoint.pt``)."""
+    """Rebuild the model saved by :func:`save_model` (or a training ``checkpoint.pt``): one
+    model, or an :class:`~dubito.platform.ensemble.Ensemble` for an ensemble's file."""
     path = Path(path)
     saved = load_torch(path, "model file", map_location=device)
     try:
         spec = ModelSpec.of(saved["spec"], str(path))
-        model = spec.build()
-        model.load_state_dict(saved["state_dict"] if "state_dict" in saved else saved["model"])
+        if "members" in saved:
+            model = Ensemble([spec.build() for _ in saved["members"]])
+            for member, state in zip(model.members, saved["members"]):
+                member.load_state_dict(state)
+        else:
+            model = spec.build()
+            model.load_state_dict(saved["state_dict"] if "state_dict" in saved else saved["model"])
     except DubitoError:
         raise
     except Exception as err:
@@ -386,7 +402,8 @@ def task_loss(
 def validate(
     model: nn.Module, data: Dataset, spec: ModelSpec | dict[str, Any], device: torch.device, batch_size: int
 ) -> dict[str, float]:
-    """One deterministic pass (dropout off): mean IoU and pixel accuracy, or depth errors."""
+    """One deterministic pass (dropout off): mean IoU and pixel accuracy, or depth errors. An
+    :class:`~dubito.platform.ensemble.Ensemble` predicts with its members' mean."""
     from dubito.platform.metrics import ConfusionMatrix, DepthMetrics
 
     spec = ModelSpec.of(spec)
@@ -395,8 +412,12 @@ def validate(
     acc = ConfusionMatrix(spec.num_classes, spec.ignore_index) if classes else DepthMetrics()
     # its own generator: creating a DataLoader iterator otherwise draws from the global RNG
     for batch in DataLoader(data, batch_size=batch_size, generator=torch.Generator().manual_seed(0)):
-        out = model(batch["image"].to(device))
-        pred = (out[0] if isinstance(out, tuple) else out).float().cpu()
+        x = batch["image"].to(device)
+        if isinstance(model, Ensemble):  # the members' mean probabilities (or depth)
+            pred = model.predict(x).cpu()
+        else:
+            out = model(x)
+            pred = (out[0] if isinstance(out, tuple) else out).float().cpu()
         if classes:
             acc.update(pred.argmax(1), batch["target"], batch["mask"])
         else:
@@ -534,6 +555,39 @@ def fit(
             train_epoch(model, loader, optimizer, config, device, desc=f"{desc}, epoch {epoch + 1}")
         )
     return model.eval(), spec, losses
+
+
+def member_config(config: TrainConfig, k: int, **changes: Any) -> TrainConfig:
+    """Member ``k`` of an ensemble of ``config``: its own seed (initialisation, batch order,
+    dropout masks), the same data; member 0 is ``config`` itself."""
+    return dataclasses.replace(config, seed=config.seed + MEMBER_SEED_STRIDE * k, **changes)
+
+
+def fit_ensemble(
+    config: TrainConfig,
+    train_set: Dataset,
+    members: int,
+    *,
+    device: torch.device | None = None,
+    progress: bool = False,
+    desc: str = "training",
+) -> tuple[Ensemble, ModelSpec, list[list[float]]]:
+    """:func:`fit` of each of ``members`` members (:func:`member_config`), one after the other,
+    as an :class:`~dubito.platform.ensemble.Ensemble`; returns it, the members' spec and each
+    member's per-epoch losses."""
+    if members < 1:
+        raise DubitoError(f"an ensemble needs at least one member, got {members}")
+    fitted = [
+        fit(
+            member_config(config, k),
+            train_set,
+            device=device,
+            progress=progress,
+            desc=f"{desc}, member {k + 1}/{members}",
+        )
+        for k in range(members)
+    ]
+    return Ensemble([m for m, _, _ in fitted]), fitted[0][1], [losses for _, _, losses in fitted]
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:

@@ -110,3 +110,26 @@ def test_gpus_are_only_asked_of_clusters_that_have_them(ray_session, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything is written
     with pytest.raises(DubitoError, match="--workers N"):
         TrainConfig(gpu=True).validate()
+
+
+@pytest.mark.slow
+def test_ensemble_members_train_as_parallel_ray_tasks(tmp_path, ray_session, mlflow_uri):
+    from dubito.platform.ensemble_training import train_ensemble
+    from dubito.platform.training import MEMBER_SEED_STRIDE, load_model
+
+    config = TrainConfig(output=str(tmp_path / "ens"), workers=2, **{**BASE, "epochs": 1})
+    results = train_ensemble(config, 2, progress=False)
+    assert [m["seed"] for m in results["member_results"]] == [3, 3 + MEMBER_SEED_STRIDE]
+    model, _ = load_model(tmp_path / "ens" / "model.pt")
+    assert len(model) == 2
+    client = MlflowClient(mlflow_uri)
+    children = client.search_runs(
+        [client.get_run(results["mlflow_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{results['mlflow_run_id']}'",
+    )
+    assert sorted(r.data.tags["dubito.member"] for r in children) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    # the members were trained in Ray workers; the same seeds in this process give the same first epoch
+    again = train_ensemble(TrainConfig(output=str(tmp_path / "local"), **{**BASE, "epochs": 1}), 2, progress=False)
+    for a, b in zip(results["member_results"], again["member_results"]):
+        assert a["best"]["val_mean_iou"] == pytest.approx(b["best"]["val_mean_iou"], abs=0.05)

@@ -1,0 +1,179 @@
+"""``dubito train --ensemble K``: a deep ensemble of K members of one training configuration.
+
+Member k is an ordinary training run (:func:`~dubito.platform.training.train`) in
+``<output>/member-k`` with its own seed (:func:`~dubito.platform.training.member_config`:
+initialisation, batch order and dropout masks differ, the data is the same), its own
+``checkpoint.pt`` and its own MLflow run, a child of the ensemble's run. A killed ensemble is
+resumed by the same command: finished members return from their checkpoints, an interrupted
+one continues from its last epoch. The members run one after the other, or as parallel Ray
+tasks with ``--workers N`` (N at once on a local instance) or on a Ray cluster
+(``--address`` / ``RAY_ADDRESS``), one CPU (or GPU with ``--gpu``) each.
+
+When every member is done, ``<output>/model.pt`` holds the members' best weights and their
+shared spec (``{"spec", "members"}``, readable with ``weights_only``):
+:func:`~dubito.platform.training.load_model` gives an
+:class:`~dubito.platform.ensemble.Ensemble`, which ``dubito evaluate``, ``label`` and
+``reproduce`` score through the uncertainty service. ``results.json`` has each member's best
+validation metrics and the ensemble's own (the members' mean prediction), ``training.png``
+their curves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from dubito import DubitoError
+from dubito.platform.ensemble import Ensemble
+from dubito.platform.files import check_output, exclusive, read_json, write_json
+from dubito.platform.service import resolve_device
+from dubito.platform.tracking import check_tracking, default_tracking_uri, tracked_run
+from dubito.platform.training import (
+    MODEL,
+    TrainConfig,
+    _datasets,
+    load_model,
+    member_config,
+    save_model,
+    train,
+    validate,
+)
+
+__all__ = ["train_ensemble", "ENSEMBLE_RECORD"]
+
+#: the ensemble's own record in its folder: member count and its MLflow parent run
+ENSEMBLE_RECORD = "ensemble.json"
+
+
+def train_ensemble(
+    config: TrainConfig, members: int, *, progress: bool = True, tags: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Train (or resume) ``members`` members of ``config`` into ``config.output`` (module
+    docstring); returns what ``results.json`` holds."""
+    if not isinstance(members, int) or members < 2:
+        raise DubitoError(f"--ensemble must be at least 2 members, got {members}")
+    config.validate()
+    out = check_output(config.output)
+    check_tracking()
+    _datasets(config)  # a missing or damaged dataset is named before anything is written
+    record = out / ENSEMBLE_RECORD
+    if (out / "checkpoint.pt").exists():
+        raise DubitoError(f"{out} holds a single model's training run; give the ensemble another --output")
+    if record.exists():
+        earlier = read_json(record, "dubito wrote it: delete it and run again (the members resume)")
+        if earlier.get("members", members) > members:
+            raise DubitoError(
+                f"{out} is an ensemble of {earlier['members']} members; --ensemble {members} would drop some "
+                f"(give --ensemble {earlier['members']} or more, or another --output)"
+            )
+    parallel = config.workers > 0 or bool(os.environ.get("RAY_ADDRESS"))
+    if parallel:  # the cluster is asked before anything is written
+        from dubito.platform.cluster import check_gpu_capacity, connect, gpu_request
+
+        connect(num_cpus=config.workers or None, quiet=not progress)
+        if config.gpu:
+            gpu_request(1, "--gpu")
+            check_gpu_capacity(1, 1, "--ensemble with --gpu")
+    with exclusive(out):
+        return _train_ensemble(config, members, out, parallel, progress, tags or {})
+
+
+def _train_ensemble(
+    config: TrainConfig, members: int, out: Path, parallel: bool, progress: bool, tags: dict[str, str]
+) -> dict[str, Any]:
+    from dubito.platform.plots import ensemble_curves
+
+    started = time.perf_counter()
+    record_path = out / ENSEMBLE_RECORD
+    record = read_json(record_path, "dubito wrote it") if record_path.exists() else {}
+    here = str(out.resolve())  # a copied or moved ensemble gets a parent run of its own
+    parent_id = record.get("mlflow_parent_run_id") if record.get("folder") == here else None
+    # absolute paths: Ray tasks run in folders of their own
+    root = str(Path(config.root).expanduser().resolve()) if config.root and parallel else config.root
+    configs = [
+        member_config(config, k, output=str(out.resolve() / f"member-{k}"), workers=0, root=root)
+        for k in range(members)
+    ]
+    with tracked_run(
+        config.experiment,
+        run_name=f"ensemble-{out.name}",
+        params={**asdict(config), "ensemble": members},
+        tags={"dubito.command": "train", "dubito.ensemble": str(members), **tags},
+        run_id=parent_id,
+    ) as parent:
+        write_json(record_path, {"mlflow_parent_run_id": parent.run_id, "folder": here, "members": members})
+        child = {"mlflow.parentRunId": parent.run_id}
+        if parallel:
+            runs = _on_ray(configs, child, config.gpu)
+        else:
+            runs = []
+            for k, c in enumerate(configs):
+                if progress:
+                    print(f"[member {k + 1}/{members}] seed {c.seed} -> {c.output}", flush=True)
+                runs.append(train(c, progress=progress, tags={**child, "dubito.member": str(k)}))
+        loaded = [load_model(r["model"]) for r in runs]
+        ensemble, spec = Ensemble([m for m, _ in loaded]), loaded[0][1]
+        model_path = save_model(out / MODEL, ensemble, spec)
+        device = resolve_device(config.device)
+        _, val_set = _datasets(config)
+        ensemble_val = validate(ensemble.to(device), val_set, spec, device, config.batch_size)
+        results = {
+            "config": asdict(config),
+            "spec": spec.as_dict(),
+            "members": members,
+            "model": str(model_path),
+            "member_results": [_member_summary(k, c, r) for k, (c, r) in enumerate(zip(configs, runs))],
+            "ensemble_validation": ensemble_val,
+            "seconds_this_session": time.perf_counter() - started,
+            "mlflow_run_id": parent.run_id,
+        }
+        figure = ensemble_curves([r["history"] for r in runs], ensemble_val, out / "training.png")
+        write_json(out / "results.json", results)
+        parent.log_metrics(ensemble_val)
+        for path in (out / "results.json", figure, model_path):
+            parent.log_artifact(path)
+    return results
+
+
+def _member_summary(k: int, config: TrainConfig, run: dict[str, Any]) -> dict[str, Any]:
+    best = next((h for h in run["history"] if h["epoch"] == run["best_epoch"]), {})
+    return {
+        "member": k,
+        "seed": config.seed,
+        "output": config.output,
+        "epochs_run": run["epochs_run"],
+        "best_epoch": run["best_epoch"],
+        "best": {key: v for key, v in best.items() if key.startswith("val_")},
+        "mlflow_run_id": run["mlflow_run_id"],
+    }
+
+
+def _train_member(config: dict[str, Any], tags: dict[str, str], tracking_uri: str) -> dict[str, Any]:
+    """One member, in a Ray task: :func:`train` into its own folder (which it locks)."""
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the driver's store, whatever the worker inherited
+    return train(config, progress=False, tags=tags)
+
+
+def _on_ray(configs: list[TrainConfig], child: dict[str, str], gpu: bool) -> list[dict[str, Any]]:
+    """Every member as a Ray task (one CPU, or one GPU each); their results in member order."""
+    import ray
+
+    from dubito.platform.cluster import dubito_cause
+
+    task = ray.remote(_train_member).options(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)
+    uri = default_tracking_uri()
+    refs = [task.remote(asdict(c), {**child, "dubito.member": str(k)}, uri) for k, c in enumerate(configs)]
+    try:
+        return ray.get(refs)
+    except Exception as err:  # a member's DubitoError (a bad flag, a missing file) is what the user must see
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        cause = dubito_cause(err)
+        if cause is not None and cause is not err:
+            raise DubitoError(str(cause)) from err
+        raise
