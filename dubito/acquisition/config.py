@@ -20,6 +20,7 @@ from dubito.acquisition.reductions import parse_reduction
 from dubito.acquisition.scoring import ScoringSpec
 from dubito.acquisition.selection import SELECTIONS
 from dubito.platform.config import Nested, check_finite, check_range, flat_fields, from_flat, nested, to_flat
+from dubito.platform.service import parse_epistemic
 from dubito.platform.training import TrainConfig
 
 __all__ = ["LEDGER", "LoopConfig", "loop_config", "loop_folder"]
@@ -122,7 +123,16 @@ class LoopConfig(Nested):
         default=80, metadata={"help": "synthetic datasets: scenes in the unlabelled pool"}
     )
     test_images: int = field(default=16, metadata={"help": "synthetic datasets: test scenes"})
-    samples: int = field(default=8, metadata={"help": "MC-dropout samples T for scoring"})
+    samples: int = field(
+        default=8, metadata={"help": "MC-dropout samples T for scoring (per member with ensemble+dropout)"}
+    )
+    epistemic: str = field(
+        default="dropout",
+        metadata={
+            "help": "epistemic source of scoring: dropout (one model, T samples), ensemble:K (each round "
+            "trains K members with distinct seeds) or ensemble+dropout:K (K members x T samples)"
+        },
+    )
     seed: int = field(
         default=0, metadata={"help": "seed of the initial set, training, MC samples and selection"}
     )
@@ -157,6 +167,7 @@ class LoopConfig(Nested):
                 raise DubitoError(
                     f"--scorer-gpus must be auto or a number >= 0, got {self.scorer_gpus!r}"
                 ) from None
+        parse_epistemic(self.epistemic)
         for flag, check, value in (
             ("--acquisition", get_acquisition, self.acquisition),
             ("--reduction", parse_reduction, self.reduction),
@@ -224,6 +235,7 @@ class LoopConfig(Nested):
             samples=self.samples,
             batch_size=self.train.batch_size,
             seed=self.seed,
+            epistemic=self.epistemic,
         )
 
     def train_config(self, round: int) -> TrainConfig:

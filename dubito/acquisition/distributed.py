@@ -67,7 +67,7 @@ class _Scorer:
         self.scoring, self.spec = scoring, spec
         self.device = resolve_device(device)
         self.pool = pool.datasets()[1]
-        self.model = spec.build().to(self.device).eval()
+        self.model = scoring.build(spec).to(self.device).eval()
 
     def set_weights(self, state: dict[str, Tensor]) -> None:
         self.model.load_state_dict(state)

@@ -37,9 +37,9 @@ from dubito.platform.config import to_flat
 from dubito.platform.data import HEADLINE
 from dubito.platform.files import check_output, exclusive, read_json, write_json
 from dubito.platform.models import ModelSpec
-from dubito.platform.service import resolve_device
+from dubito.platform.service import parse_epistemic, resolve_device
 from dubito.platform.tracking import check_tracking, tracked_run
-from dubito.platform.training import fit, load_model, save_model, validate
+from dubito.platform.training import fit, fit_ensemble, load_model, save_model, validate
 
 __all__ = [
     "LEDGER",
@@ -251,28 +251,33 @@ def _waiting(loop: _Loop) -> list[int]:
 
 
 def _round(loop: _Loop, r: int, total: int, run: Any) -> tuple[dict[str, Any], list[int]]:
-    """Round ``r``: train (from scratch, seeded) → test → score → reduce → select → record.
-    Returns the round's record (for ``on_round``) and the ids it queried."""
+    """Round ``r``: train (from scratch, seeded; K members for an ensemble) → test → score →
+    reduce → select → record. Returns the round's record (for ``on_round``) and the ids it
+    queried. The round's cost (training and scoring seconds) is recorded beside it."""
     c, ledger, started = loop.config, loop.ledger, time.perf_counter()
     labeled = ledger.labeled_ids()
-    model, spec, _ = fit(
-        c.train_config(r),
-        loop.training_set(labeled),
-        device=loop.device,
-        progress=loop.progress,
-        desc=f"round {r}: training on {len(labeled)} labels",
-    )
+    members = c.scoring().members()
+    model, spec = _fit_round(loop, r, labeled, members)
+    trained = time.perf_counter()
     metrics = {
         f"test_{k[4:]}": v
         for k, v in validate(model, loop.test, spec, loop.device, c.train.batch_size).items()
     }
     checkpoint = save_model(loop.out / "rounds" / f"round-{r:03d}.pt", model, spec)
+    scoring = time.perf_counter()
     queried, scores, flags = loop.query(model, spec, labeled, r) if r < total else ([], None, None)
+    cost = {
+        "train_seconds": trained - started,
+        "score_seconds": time.perf_counter() - scoring if r < total else 0.0,
+        "models": members,
+        "samples": c.samples if parse_epistemic(c.epistemic)[0] != "ensemble" else 1,
+    }
     # synthetic pools know which images carry TV static: the share of bought labels on them
     static = {"static_fraction": _static_fraction(ledger)} if loop.pool.has_flags else {}
     # MLflow first: a kill between the two repeats this round (same values, same step)
-    # rather than leaving a recorded round without its metrics
-    run.log_metrics({**metrics, "labels": len(labeled), **static}, step=r)
+    # rather than leaving a recorded round without its metrics; the cost too (rewritten then)
+    run.log_metrics({**metrics, "labels": len(labeled), **static, **_cost_metrics(cost)}, step=r)
+    ledger.set_meta(f"cost/{r}", cost)
     ledger.record_round(
         r,
         metrics={**metrics, **static},
@@ -283,6 +288,25 @@ def _round(loop: _Loop, r: int, total: int, run: Any) -> tuple[dict[str, Any], l
         flags=flags,
     )
     return {"round": r, "labels": len(labeled), **metrics, **static}, queried
+
+
+def _fit_round(loop: _Loop, r: int, labeled: list[int], members: int) -> tuple[torch.nn.Module, ModelSpec]:
+    """Round ``r``'s model, or its ensemble of ``members`` members (member seeds as ``dubito
+    train --ensemble``)."""
+    c = loop.config
+    desc = f"round {r}: training on {len(labeled)} labels"
+    data = loop.training_set(labeled)
+    if members == 1:
+        model, spec, _ = fit(c.train_config(r), data, device=loop.device, progress=loop.progress, desc=desc)
+    else:
+        model, spec, _ = fit_ensemble(
+            c.train_config(r), data, members, device=loop.device, progress=loop.progress, desc=desc
+        )
+    return model, spec
+
+
+def _cost_metrics(cost: dict[str, Any]) -> dict[str, float]:
+    return {"train_seconds": cost["train_seconds"], "score_seconds": cost["score_seconds"]}
 
 
 def _extend(loop: _Loop, total: int) -> None:
@@ -373,6 +397,7 @@ def _results(config: LoopConfig, ledger: Ledger, waiting: list[int]) -> dict[str
         "finished": len(rounds) == config.total_rounds() + 1,
         "waiting_for_labels": waiting,
         "seconds": sum(r["seconds"] or 0.0 for r in rounds),
+        "cost": [{"round": r["round"], **(ledger.get_meta(f"cost/{r['round']}") or {})} for r in rounds],
     }
 
 

@@ -81,7 +81,10 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         lr, weight_decay: of the optimizer.
         batch_size: training minibatch size.
         optimizer: ``"adam"`` or ``"rmsprop"``.
-        samples: T, MC-dropout samples for :meth:`predict_proba` and :meth:`uncertainty`.
+        samples: T, MC-dropout samples for :meth:`predict_proba` and :meth:`uncertainty` (per
+            member with ``ensemble+dropout``).
+        epistemic: ``dropout`` (one MLP, T samples), ``ensemble:K`` (K MLPs trained with
+            distinct seeds, one pass each) or ``ensemble+dropout:K`` (K MLPs x T samples).
         logit_noise_samples: ε draws of the logit-noise loss and predictions (``both``/``aleatoric``).
         seed: seeds initialisation, shuffling, dropout masks and MC sampling: the same seed and
             the same data give the same weights and predictions (on the same device).
@@ -91,7 +94,8 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         classes: all class labels. Default: ``arange(data.num_classes)`` when ``data`` has
             ``num_classes``, else the labels seen by :meth:`fit` (``np.unique(y)``).
 
-    Fitted attributes: ``model_`` (the MLP, in eval mode), ``classes_`` (C,), ``n_features_in_``.
+    Fitted attributes: ``model_`` (the MLP, or the :class:`~dubito.platform.ensemble.Ensemble`
+    of K, in eval mode), ``classes_`` (C,), ``n_features_in_``.
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         optimizer: str = "adam",
         samples: int = 20,
         logit_noise_samples: int = 16,
+        epistemic: str = "dropout",
         seed: int = 0,
         device: str = "cpu",
         data: Any = None,
@@ -121,6 +126,7 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
         self.optimizer = optimizer
         self.samples = samples
         self.logit_noise_samples = logit_noise_samples
+        self.epistemic = epistemic
         self.seed = seed
         self.device = device
         self.data = data
@@ -154,6 +160,9 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
             raise DubitoError(f"TorchEstimator: hidden layer sizes must be >= 1, got {self.hidden!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise DubitoError(f"TorchEstimator: seed must be a non-negative integer, got {self.seed!r}")
+        from dubito.platform.service import parse_epistemic
+
+        parse_epistemic(self.epistemic, "TorchEstimator: epistemic")
 
     def _positions(self, X: Any, name: str = "X") -> np.ndarray:
         """X as (n,) positions into ``data``."""
@@ -263,9 +272,9 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
 
         ``y`` may be None when ``data`` is given: the targets are then read from it.
         """
-        from dubito.platform.models import build_model
-        from dubito.platform.service import resolve_device
-        from dubito.platform.training import TrainConfig, train_epoch
+        from dubito.platform.ensemble import Ensemble
+        from dubito.platform.service import parse_epistemic, resolve_device
+        from dubito.platform.training import MEMBER_SEED_STRIDE
 
         self._check_params()
         device = resolve_device(self.device)
@@ -287,8 +296,24 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
                 f"TorchEstimator: y holds label {labels[unknown][0]!r}, not among the classes {classes.tolist()}"
             )
         target = torch.as_tensor(encoded, dtype=torch.long)
+        members = parse_epistemic(self.epistemic, "TorchEstimator: epistemic")[1]
+        fitted = [
+            self._train(x, target, int(classes.size), int(self.seed) + MEMBER_SEED_STRIDE * k, device)
+            for k in range(members)
+        ]
+        model = fitted[0] if members == 1 else Ensemble(fitted).eval()
+        self.model_ = model
+        self.classes_ = classes
+        self.n_features_in_ = int(x.shape[1])
+        return self
 
-        seed = int(self.seed)
+    def _train(
+        self, x: Tensor, target: Tensor, classes: int, seed: int, device: torch.device
+    ) -> torch.nn.Module:
+        """One MLP trained from scratch with ``seed`` (initialisation, shuffling, dropout masks)."""
+        from dubito.platform.models import build_model
+        from dubito.platform.training import TrainConfig, train_epoch
+
         devices = (
             [device.index if device.index is not None else torch.cuda.current_device()]
             if device.type == "cuda"
@@ -299,7 +324,7 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
             model = build_model(
                 "mlp",
                 in_features=int(x.shape[1]),
-                out_features=int(classes.size),
+                out_features=classes,
                 hidden=tuple(int(h) for h in self.hidden),
                 task="classification",
                 variant=self.variant,
@@ -320,11 +345,7 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
             settings = TrainConfig(logit_noise_samples=int(self.logit_noise_samples), grad_clip=0.0)
             for epoch in range(int(self.epochs)):
                 train_epoch(model, loader, opt, settings, device, desc=f"TorchEstimator epoch {epoch + 1}")
-            model.eval()
-        self.model_ = model
-        self.classes_ = classes
-        self.n_features_in_ = int(x.shape[1])
-        return self
+        return model.eval()
 
     # ------------------------------------------------------------------ prediction
     def _mc(
@@ -332,17 +353,24 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
     ) -> tuple[ClassificationUncertainty, MCSamples | None]:
         """The service's uncertainty of X (fields on the CPU) and, if asked, the MC samples it was
         computed from (on the CPU; ``probs`` (T, N, C))."""
-        from dubito.platform.service import UncertaintyService, check_finite_outputs, resolve_device
+        from dubito.platform.service import (
+            UncertaintyService,
+            check_finite_outputs,
+            parse_epistemic,
+            resolve_device,
+            source_options,
+        )
 
         self._check_fitted()
         T = int(self.samples) if samples is None else samples
         if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
             raise DubitoError(f"TorchEstimator: samples must be a positive integer, got {samples!r}")
         # A fresh service per call: the same X gives the same MC samples on every call.
+        source = parse_epistemic(self.epistemic, "TorchEstimator: epistemic")[0]
         service = UncertaintyService(
             self.model_,
             task="classification",
-            samples=int(T),
+            **source_options(self.model_, source, int(T)),
             device=resolve_device(self.device),
             logit_noise_samples=int(self.logit_noise_samples),
             seed=int(self.seed),

@@ -32,9 +32,10 @@ from dubito import DubitoError
 from dubito.acquisition.functions import Acquisition, get_acquisition
 from dubito.acquisition.reductions import REDUCTIONS, parse_reduction, reduce_scores
 from dubito.acquisition.selection import SELECTIONS, select
+from dubito.platform.ensemble import Ensemble
 from dubito.platform.mc import MCSamples
 from dubito.platform.models import ModelSpec
-from dubito.platform.service import UncertaintyService, check_finite_outputs
+from dubito.platform.service import UncertaintyService, check_finite_outputs, parse_epistemic, source_options
 
 __all__ = [
     "ScoringSpec",
@@ -63,6 +64,17 @@ class ScoringSpec:
     samples: int = 8
     batch_size: int = 8
     seed: int = 0
+    epistemic: str = "dropout"  # dropout, ensemble:K or ensemble+dropout:K (the loop trains the members)
+
+    def members(self) -> int:
+        """Models per round: K for an ensemble, else 1."""
+        return parse_epistemic(self.epistemic)[1]
+
+    def build(self, spec: ModelSpec) -> torch.nn.Module:
+        """A fresh model (or ensemble of ``members()`` models) of ``spec``, for weights to load into."""
+        if self.members() == 1:
+            return spec.build()
+        return Ensemble([spec.build() for _ in range(self.members())])
 
     def needs(self) -> tuple[str, ...]:
         """The inputs the selection declared (``features``, ``prob_samples``)."""
@@ -163,12 +175,15 @@ def score_batches(
     acquisition = get_acquisition(spec.acquisition)
     reduction = parse_reduction(spec.reduction)
     needs = spec.needs()
-    service = UncertaintyService(model, samples=spec.samples, device=device, progress=False)
+    source = parse_epistemic(spec.epistemic)[0]
+    service = UncertaintyService(
+        model, **source_options(model, source, spec.samples), device=device, progress=False
+    )
     results = []
     total = sum(len(p) for _, p in batches)
     for index, positions in tqdm(
         batches,
-        desc=f"round {round}: scoring {total} pool images (T={spec.samples})",
+        desc=f"round {round}: scoring {total} pool images ({service.describe()})",
         unit="batch",
         leave=False,
         disable=not progress,

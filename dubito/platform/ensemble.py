@@ -93,6 +93,11 @@ class Ensemble(nn.Module):
             total = out if total is None else total + out
         return total / len(self.members)
 
+    @torch.no_grad()
+    def features(self, x: Tensor) -> Tensor:
+        """The members' features (each member's ``features``), side by side on axis 1."""
+        return torch.cat([m.features(x) for m in self.members], 1)
+
     def forward(self, x: Tensor):
         raise DubitoError(
             "an Ensemble has no single forward: score it with ensemble_samples (or the uncertainty service)"

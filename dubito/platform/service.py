@@ -38,6 +38,7 @@ __all__ = [
     "check_finite_outputs",
     "default_device",
     "source_options",
+    "parse_epistemic",
     "check_source",
     "TASKS",
     "EPISTEMIC",
@@ -256,6 +257,27 @@ class UncertaintyService:
                     raise DubitoError(f"unknown fields {sorted(unknown)}; available: {sorted(values)}")
                 values = {k: v for k, v in values.items() if k in wanted}
             yield ids, {k: v.detach().float().cpu() for k, v in values.items()}
+
+
+#: members of an ensemble when ``--epistemic ensemble`` names no K (Beluch et al. 2018's choice)
+DEFAULT_MEMBERS = 5
+
+
+def parse_epistemic(text: str, flag: str = "--epistemic") -> tuple[str, int]:
+    """``dropout`` → ``("dropout", 1)``; ``ensemble:K`` / ``ensemble+dropout:K`` → the source and
+    its K members (``ensemble`` alone: K = 5)."""
+    source, _, count = str(text).partition(":")
+    if source not in EPISTEMIC or (source == "dropout" and count):
+        raise DubitoError(f"{flag} must be dropout, ensemble:K or ensemble+dropout:K, got {text!r}")
+    if source == "dropout":
+        return source, 1
+    try:
+        members = int(count) if count else DEFAULT_MEMBERS
+    except ValueError:
+        members = 0
+    if members < 2:
+        raise DubitoError(f"{flag} {text}: an ensemble needs K >= 2 members")
+    return source, members
 
 
 def source_options(model: nn.Module, epistemic: str | None, samples: int) -> dict[str, Any]:

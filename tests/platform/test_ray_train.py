@@ -130,6 +130,8 @@ def test_ensemble_members_train_as_parallel_ray_tasks(tmp_path, ray_session, mlf
     assert sorted(r.data.tags["dubito.member"] for r in children) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in children)
     # the members were trained in Ray workers; the same seeds in this process give the same first epoch
-    again = train_ensemble(TrainConfig(output=str(tmp_path / "local"), **{**BASE, "epochs": 1}), 2, progress=False)
+    again = train_ensemble(
+        TrainConfig(output=str(tmp_path / "local"), **{**BASE, "epochs": 1}), 2, progress=False
+    )
     for a, b in zip(results["member_results"], again["member_results"]):
         assert a["best"]["val_mean_iou"] == pytest.approx(b["best"]["val_mean_iou"], abs=0.05)
