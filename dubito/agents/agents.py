@@ -1,6 +1,9 @@
 """Uncertainty-driven DQN agents. One replay buffer, one update skeleton (double Q-learning
 targets), the platform's networks (``MLP`` with its variants, ``EnsembleMLP``), its MC engine,
-its UncertaintyService and its decomposition (``regression_uncertainty``).
+its UncertaintyService and its decomposition (``regression_uncertainty``). The ``epistemic``,
+``total`` and ``bootstrapped`` agents' members (with their randomized priors) are a packed
+ensemble that the service scores with its ensemble backend, the path labeling's ensembles take;
+``source="dropout"`` and ``thompson`` use its dropout backend.
 
 ================ =================================================================================
 agent            how it explores
@@ -50,7 +53,7 @@ from dubito.platform.losses import gaussian_nll
 from dubito.platform.mc import mc_samples
 from dubito.platform.models import MLP, EnsembleMLP
 from dubito.platform.service import UncertaintyService
-from dubito.platform.uncertainty import RegressionUncertainty, regression_uncertainty
+from dubito.platform.uncertainty import RegressionUncertainty
 
 __all__ = ["AGENTS", "AgentConfig", "Agent", "make_agent"]
 
@@ -249,6 +252,8 @@ class Agent:
         for name, value in vars(self).items():
             if isinstance(value, AgentConfig):
                 continue
+            if isinstance(value, UncertaintyService) and value.state_dict()["rng"] is None:
+                continue  # no seed stream: nothing to restore (its model is the agent's own networks)
             if not isinstance(value, (*_STATEFUL, np.random.Generator, bool, int, float, str, type(None))):
                 raise DubitoError(
                     f"{type(self).__name__}.{name} ({type(value).__name__}) cannot be checkpointed"
@@ -367,15 +372,44 @@ class ThompsonDropoutAgent(_QNetworkAgent):
         return unc.epistemic_var.sqrt().mean(dim=1).numpy()
 
 
+class _PriorEnsemble(nn.Module):
+    """The K members with their randomized priors as one packed ensemble, for the uncertainty
+    service (``epistemic="ensemble"``): ``forward(x)`` gives Q_k(x) = f_k(x) + β·p_k(x), (K, N, A),
+    or with a noise head the pair (Q_k, log σ²_k). It holds the agent's own networks."""
+
+    def __init__(
+        self, online: EnsembleMLP, prior: EnsembleMLP, scale: float, n_actions: int, noise: bool
+    ) -> None:
+        super().__init__()
+        self.online, self.prior = online, prior
+        self.scale, self.n_actions, self.noise = scale, n_actions, noise
+        self.packed_members = online.members
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        out, prior = self.online(x), self.scale * self.prior(x)
+        if self.noise:
+            return out[..., : self.n_actions] + prior, out[..., self.n_actions :]
+        return out + prior
+
+
+def _ensemble_service(
+    online: EnsembleMLP, prior: EnsembleMLP, config: AgentConfig, n_actions: int, noise: bool
+) -> UncertaintyService:
+    """The platform's ensemble backend over the agent's members (the path labeling scores with)."""
+    members = _PriorEnsemble(online, prior, config.prior_scale, n_actions, noise)
+    return UncertaintyService(members, "regression", epistemic="ensemble", device="cpu", progress=False)
+
+
 class UncertaintyBonusAgent(Agent):
     """Kendall & Gal Q-network: a heteroscedastic head (aleatoric variance of the TD target, Gaussian
     NLL) and an epistemic sampler; acts on argmax Q̄ + κ·σ, with σ² the epistemic variance
     (``epistemic``) or epistemic + aleatoric (``total``). The TD target carries no bonus.
 
     ``source="ensemble"`` (default): the samples are K members with randomized priors (mean_k =
-    f_k + β·p_k, log σ²_k = g_k), the members' spread is the epistemic part — it falls as a state
-    is visited. ``source="dropout"``: one MC-dropout network through the UncertaintyService.
-    Both are decomposed by the same ``regression_uncertainty``.
+    f_k + β·p_k, log σ²_k = g_k), scored by the UncertaintyService's ensemble backend; the
+    members' spread is the epistemic part — it falls as a state is visited.
+    ``source="dropout"``: one MC-dropout network through the service's dropout backend. Both are
+    decomposed by the same ``regression_uncertainty``.
     """
 
     def __init__(
@@ -391,6 +425,7 @@ class UncertaintyBonusAgent(Agent):
         if self.source == "ensemble":
             self.online = EnsembleMLP(obs_dim, 2 * n_actions, config.ensemble, hidden)
             self.prior = EnsembleMLP(obs_dim, n_actions, config.ensemble, hidden).requires_grad_(False)
+            self.service = _ensemble_service(self.online, self.prior, config, n_actions, noise=True)
         else:
             self.online = MLP(
                 obs_dim, n_actions, hidden, task="regression", variant="both", dropout=config.dropout
@@ -419,8 +454,7 @@ class UncertaintyBonusAgent(Agent):
         measuring seed stream (dropout source), not the acting one."""
         if self.source == "dropout":
             return (self.probe if probe else self.service).predict(x)
-        with torch.no_grad():
-            return regression_uncertainty(*self._heads(self.online, x))
+        return self.service.predict(x)  # no randomness: acting and measuring see the same members
 
     def _bonus_std(self, unc: RegressionUncertainty) -> Tensor:
         return (unc.epistemic_var if self.kind == "epistemic" else unc.total_var).sqrt()
@@ -484,6 +518,7 @@ class BootstrappedPriorAgent(Agent):
         self.prior = EnsembleMLP(obs_dim, n_actions, config.ensemble, hidden).requires_grad_(False)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.optimizer = _adam(self.online.parameters(), config.lr)
+        self.service = _ensemble_service(self.online, self.prior, config, n_actions, noise=False)
         self.head = 0
 
     def _q(self, net: nn.Module, x: Tensor, prior: Tensor | None = None) -> Tensor:
@@ -515,11 +550,8 @@ class BootstrappedPriorAgent(Agent):
         return self._step(self.optimizer, loss)
 
     def epistemic(self, obs: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            q = self._q(
-                self.online, torch.as_tensor(obs, dtype=torch.float32)
-            )  # (K, N, A): members as samples
-        return regression_uncertainty(q).epistemic_var.sqrt().mean(dim=1).numpy()
+        u = self.service.predict(torch.as_tensor(obs, dtype=torch.float32))  # the K heads as samples
+        return u.epistemic_var.sqrt().mean(dim=1).numpy()
 
 
 class RNDAgent(_QNetworkAgent):

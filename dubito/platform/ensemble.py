@@ -41,7 +41,22 @@ from dubito.platform.mc import (
     scaled_softmax,
 )
 
-__all__ = ["Ensemble", "ensemble_samples"]
+__all__ = ["Ensemble", "ensemble_samples", "packed_members", "ensemble_size"]
+
+
+def packed_members(model: nn.Module) -> int | None:
+    """K for a *packed* ensemble: one module whose forward runs K members at once and stacks
+    their outputs on a leading axis, (K, N, ...) (or a ``(mean, log_var)`` pair of such), and
+    says so with an integer ``packed_members`` attribute (e.g.
+    :class:`~dubito.platform.models.EnsembleMLP`, the agents' Q-ensembles with randomized
+    priors). ``None`` for any other module."""
+    k = getattr(model, "packed_members", None)
+    return k if isinstance(k, int) and not isinstance(model, Ensemble) else None
+
+
+def ensemble_size(model: nn.Module) -> int | None:
+    """K of an :class:`Ensemble` or of a packed ensemble; ``None`` for one model."""
+    return len(model) if isinstance(model, Ensemble) else packed_members(model)
 
 
 class Ensemble(nn.Module):
@@ -125,14 +140,23 @@ def ensemble_samples(
     either way. ``temperature``: as in :func:`~dubito.platform.mc.mc_samples` (post-hoc
     temperature scaling of the probabilities). ``mc_options`` go to the MC engine (chunk size, channels-last, ...).
     """
-    if not isinstance(ensemble, Ensemble):
-        raise DubitoError(f"ensemble_samples needs an Ensemble, got {type(ensemble).__name__}")
+    k = ensemble_size(ensemble)
+    if k is None:
+        raise DubitoError(
+            f"ensemble_samples needs an Ensemble or a packed ensemble, got {type(ensemble).__name__}"
+        )
     if not isinstance(samples, int) or samples < 1:
         raise DubitoError(f"samples must be a positive integer, got {samples!r}")
     _check_temperature(temperature)
     if seed is None:
         seed = int(torch.randint(0, 1 << 62, (1,)).item())
-    seeds = [_sample_seed(seed, k) for k in range(len(ensemble))]
+    seeds = [_sample_seed(seed, j) for j in range(k)]
+    if packed_members(ensemble) is not None:  # its own forward stacks the members
+        if samples != 1:
+            raise DubitoError("a packed ensemble runs its members once: use samples=1")
+        with torch.inference_mode():
+            out = ensemble(x)
+        return _stacked(out, k, probs, logit_noise_samples, seeds, temperature, x.device)
     if batched == "auto":  # vmap loses the engine's convolution paths: 0.67-0.76x the loop on 2 CPU cores
         convolutional = any(isinstance(m, nn.Conv2d) for m in ensemble.members[0].modules())
         batched = samples == 1 and len(ensemble) > 1 and not convolutional and ensemble.same_architecture()
@@ -182,18 +206,35 @@ def _batched(
     # paths (preallocated buffers) are for plain tensors, not for vmap's batched ones
     with torch.enable_grad():
         out = vmap(one, in_dims=(0, 0, None))(params, buffers, x)
-    mean, log_var = _split_output(out, "ensemble member")
+    return _stacked(out, len(ensemble), probs, logit_noise_samples, seeds, temperature, x.device)
+
+
+def _stacked(
+    out,
+    k: int,
+    probs: bool,
+    logit_noise_samples: int,
+    seeds: list[int],
+    temperature: float,
+    device: torch.device,
+) -> MCSamples:
+    """MC samples from the members' outputs stacked on a leading axis of ``k``."""
+    mean, log_var = _split_output(out, "ensemble")
+    if mean.shape[0] != k:
+        raise DubitoError(
+            f"the ensemble's output has {mean.shape[0]} rows on its leading axis, not its {k} members"
+        )
     mean = mean.float()
     log_var = None if log_var is None else torch.broadcast_to(log_var.float(), mean.shape)
     p = None
     if probs:
-        generators = [torch.Generator(device=x.device).manual_seed(_sample_seed(s, 0)) for s in seeds]
+        generators = [torch.Generator(device=device).manual_seed(_sample_seed(s, 0)) for s in seeds]
         p = torch.stack(
             [
                 scaled_softmax(
-                    mean[k], None if log_var is None else log_var[k], logit_noise_samples, g, temperature
+                    mean[j], None if log_var is None else log_var[j], logit_noise_samples, g, temperature
                 )
-                for k, g in enumerate(generators)
+                for j, g in enumerate(generators)
             ]
         )
     return MCSamples(mean=mean, log_var=log_var, probs=p)

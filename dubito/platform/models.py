@@ -501,6 +501,12 @@ class EnsembleMLP(nn.Module):
         self.out_features = out_features
         self.members = members
 
+    @property
+    def packed_members(self) -> int:
+        """K: a packed ensemble (its forward stacks the members), which the uncertainty service
+        scores as ``epistemic="ensemble"``."""
+        return self.members
+
     def forward(self, x: Tensor) -> Tensor:
         params = self._parameters
         w0 = params["w0"]

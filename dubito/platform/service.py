@@ -23,7 +23,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra itera
 
 from dubito import DubitoError
 from dubito.platform.calibration import Calibration
-from dubito.platform.ensemble import Ensemble, ensemble_samples
+from dubito.platform.ensemble import Ensemble, ensemble_samples, ensemble_size, packed_members
 from dubito.platform.mc import MCSamples, mc_samples
 from dubito.platform.uncertainty import (
     LIKELIHOODS,
@@ -83,7 +83,9 @@ class UncertaintyService:
     Args:
         model: any module following the forward contract of docs/architecture.md (a tensor, or
             ``(mean_or_logits, log_var)``), or an :class:`~dubito.platform.ensemble.Ensemble`
-            (a list of such modules is made one). It is moved to ``device``.
+            (a list of such modules is made one), or a packed ensemble (one module whose
+            forward stacks K members' outputs, with a ``packed_members`` attribute: see
+            :func:`~dubito.platform.ensemble.packed_members`). It is moved to ``device``.
         task: ``classification``/``segmentation`` or ``regression``/``depth``; defaults to
             ``model.task`` for dubito models.
         samples: T, MC-dropout samples (per member for ``ensemble+dropout``); defaults to 50
@@ -148,7 +150,7 @@ class UncertaintyService:
         self.kind = TASKS[task]
         self.samples = samples
         self.epistemic = epistemic
-        self.members = len(model) if isinstance(model, Ensemble) else 1
+        self.members = ensemble_size(model) or 1
         self.calibration = Calibration.of(calibration)
         self.mc_dropout = bool(getattr(model, "mc_dropout", True) if mc_dropout is None else mc_dropout)
         self.likelihood = likelihood
@@ -284,19 +286,19 @@ def source_options(model: nn.Module, epistemic: str | None, samples: int) -> dic
     """The service's ``epistemic`` and ``samples`` for a command's ``--epistemic`` (empty: the
     model's own source, ``ensemble`` for an ensemble's file) and ``--samples`` (dropout samples,
     per member for ``ensemble+dropout``; a plain ensemble runs each member once)."""
-    epistemic = epistemic or ("ensemble" if isinstance(model, Ensemble) else "dropout")
+    epistemic = epistemic or ("ensemble" if ensemble_size(model) else "dropout")
     return {"epistemic": epistemic, "samples": None if epistemic == "ensemble" else samples}
 
 
 def check_source(model: nn.Module, epistemic: str | None, samples: int | None) -> tuple[str, int]:
     """The epistemic source and the dropout samples per model, checked against the model."""
-    ensemble = isinstance(model, Ensemble)
+    ensemble = ensemble_size(model) is not None
     if epistemic is None:
         epistemic = "ensemble" if ensemble else "dropout"
     if epistemic not in EPISTEMIC:
         raise DubitoError(f"epistemic must be one of {', '.join(EPISTEMIC)}, got {epistemic!r}")
     if ensemble != (epistemic != "dropout"):
-        what = "an Ensemble" if ensemble else f"one {type(model).__name__}"
+        what = f"the ensemble {type(model).__name__}" if ensemble else f"one {type(model).__name__}"
         raise DubitoError(
             f"epistemic={epistemic!r} does not fit {what}: 'dropout' samples one model, "
             "'ensemble' and 'ensemble+dropout' need an Ensemble (or a list of members)"
@@ -305,6 +307,11 @@ def check_source(model: nn.Module, epistemic: str | None, samples: int | None) -
         samples = DEFAULT_SAMPLES[epistemic]
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise DubitoError(f"samples must be a positive integer, got {samples!r}")
+    if epistemic == "ensemble+dropout" and packed_members(model) is not None:
+        raise DubitoError(
+            f"{type(model).__name__} is a packed ensemble (one forward for all members): it takes "
+            "epistemic='ensemble', not 'ensemble+dropout'"
+        )
     if epistemic == "ensemble" and samples != 1:
         raise DubitoError(
             f"epistemic='ensemble' runs each member once (samples=1), got samples={samples}: "

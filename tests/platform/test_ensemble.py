@@ -140,7 +140,7 @@ def test_service_ensemble_plus_dropout_feeds_batchbald_and_streams():
 
 def test_service_refuses_a_source_that_does_not_fit_the_model():
     ens = _regressors(2)
-    with pytest.raises(DubitoError, match="does not fit an Ensemble"):
+    with pytest.raises(DubitoError, match="does not fit the ensemble Ensemble"):
         UncertaintyService(ens, epistemic="dropout")
     with pytest.raises(DubitoError, match="does not fit one MLP"):
         UncertaintyService(ens.members[0], epistemic="ensemble")
@@ -148,3 +148,43 @@ def test_service_refuses_a_source_that_does_not_fit_the_model():
         UncertaintyService(ens, epistemic="ensemble", samples=10)
     with pytest.raises(DubitoError, match="epistemic must be one of"):
         UncertaintyService(ens, epistemic="laplace")
+
+
+def test_a_packed_ensemble_is_scored_as_its_stacked_members():
+    from dubito.platform.models import EnsembleMLP
+
+    torch.manual_seed(0)
+    packed, x = EnsembleMLP(3, 2, members=6, hidden=(8,)), torch.randn(5, 3)
+    svc = UncertaintyService(packed, "regression", device="cpu")
+    assert (svc.epistemic, svc.draws) == ("ensemble", 6)
+    with torch.no_grad():
+        q = packed(x).numpy()  # (K, N, A)
+    u = svc.predict(x)
+    np.testing.assert_allclose(u.mean.numpy(), q.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(u.epistemic_var.numpy(), q.var(0), rtol=1e-5, atol=1e-8)
+    assert torch.count_nonzero(u.aleatoric_var) == 0  # no noise head
+    with pytest.raises(DubitoError, match="packed ensemble"):
+        UncertaintyService(packed, "regression", epistemic="ensemble+dropout")
+
+
+def test_the_agents_members_are_scored_by_the_service():
+    from dubito.agents.agents import AgentConfig, make_agent
+
+    obs = np.eye(6, dtype=np.float32)
+    agent = make_agent("epistemic", 6, 3, AgentConfig(ensemble=4), seed=0)
+    assert agent.service.epistemic == "ensemble" and agent.service.draws == 4
+    with torch.no_grad():  # the members with their priors, by hand
+        out = agent.online(torch.as_tensor(obs))
+        mean = out[..., :3] + agent.config.prior_scale * agent.prior(torch.as_tensor(obs))
+        var = torch.exp(out[..., 3:])
+    np.testing.assert_allclose(
+        agent.epistemic(obs), mean.var(0, unbiased=False).sqrt().mean(1).numpy(), rtol=1e-5
+    )
+    np.testing.assert_allclose(agent.aleatoric(obs), var.mean(0).sqrt().mean(1).numpy(), rtol=1e-5)
+    assert "service" not in agent.state_dict()  # no seed stream: checkpoints are as before
+    boot = make_agent("bootstrapped", 6, 3, AgentConfig(ensemble=4), seed=0)
+    with torch.no_grad():
+        q = boot.online(torch.as_tensor(obs)) + boot.config.prior_scale * boot.prior(torch.as_tensor(obs))
+    np.testing.assert_allclose(
+        boot.epistemic(obs), q.var(0, unbiased=False).sqrt().mean(1).numpy(), rtol=1e-5
+    )

@@ -78,7 +78,7 @@ def test_members_are_runs_of_their_own_seeds_and_the_file_is_an_ensemble(tmp_pat
         progress=False,
     )
     assert both["epistemic"] == "ensemble K=3 × dropout T=2"
-    with pytest.raises(DubitoError, match="does not fit an Ensemble"):
+    with pytest.raises(DubitoError, match="does not fit the ensemble Ensemble"):
         evaluate(
             EvalConfig(model=str(out / "model.pt"), output=str(tmp_path / "ev3"), epistemic="dropout"),
             progress=False,
