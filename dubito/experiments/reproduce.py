@@ -7,7 +7,11 @@ For each dataset:
 (b) the ``both`` model trained on nested fractions of the training set (1/4, 1/2, all; each with the
     same number of gradient steps, i.e. trained to a comparable point) and tested in and out of
     distribution: a table like the paper's dataset-size table (IoU or RMS, aleatoric, epistemic);
-(c) precision–uncertainty, sparsification and calibration plots of the full ``both`` model.
+(c) precision–uncertainty, sparsification and calibration plots of the full ``both`` model;
+(d) with ``--ensemble K``: for each fraction of (b), a deep ensemble of K ``both`` models (the
+    (b) model is member 0, members 1..K-1 are trained with their own seeds), tested as an
+    ensemble and as ensemble + dropout (T samples per member): rows of its own in the (b) table
+    and the findings judged again on its epistemic part.
 
 It also checks the paper's qualitative findings and records them in ``results.json``: epistemic
 uncertainty falls with more data and is larger out of distribution; aleatoric uncertainty follows
@@ -30,14 +34,17 @@ from dubito import DubitoError
 from dubito.experiments import int_list
 from dubito.platform.config import coerce_lists, to_flat
 from dubito.platform.data import DATASETS, get_dataset
+from dubito.platform.ensemble import Ensemble
 from dubito.platform.evaluation import EVALUATION_FORMAT, EvalConfig, evaluate
 from dubito.platform.files import check_output, copy_file, exclusive, read_json, write_json, write_text
 from dubito.platform.models import VARIANTS
 from dubito.platform.tracking import check_tracking, tracked_run
-from dubito.platform.training import TrainConfig, train
+from dubito.platform.training import TrainConfig, load_model, member_config, save_model, train
 
 __all__ = ["ReproduceConfig", "run_reproduce", "format_tables"]
 
+#: the epistemic sources of table (b): the both model's MC dropout, and its ensembles (--ensemble K)
+SOURCE_LABELS = {"both": "MC dropout", "ensemble": "ensemble", "ensemble+dropout": "ensemble + dropout"}
 VARIANT_LABELS = {
     "baseline": "baseline",
     "homoscedastic": "+ homoscedastic",
@@ -85,6 +92,13 @@ class ReproduceConfig:
     batch_size: int = field(default=8, metadata={"help": "batch size"})
     lr: float = field(default=1e-3, metadata={"help": "RMSProp learning rate"})
     samples: int = field(default=10, metadata={"help": "MC-dropout samples T at test time (paper: 50)"})
+    ensemble: int = field(
+        default=0,
+        metadata={
+            "help": "K >= 2: also a K-member deep ensemble of the both model per training fraction (the "
+            "fraction's model is member 0), tested as ensemble and ensemble+dropout"
+        },
+    )
     seeds: tuple[int, ...] = field(
         default=(0,), metadata={"help": "comma-separated seeds; tables and findings average over them"}
     )
@@ -102,6 +116,8 @@ class ReproduceConfig:
         datasets, variants, fractions = list(self.datasets), list(self.variants), sorted(set(self.fractions))
         if not datasets:
             raise DubitoError("--datasets is empty")
+        if self.ensemble == 1 or self.ensemble < 0:
+            raise DubitoError(f"--ensemble must be 0 (none) or K >= 2 members, got {self.ensemble}")
         bad = [v for v in variants if v not in VARIANTS]
         if bad or not variants:
             raise DubitoError(f"--variants must be from {', '.join(VARIANTS)}, got {','.join(variants)!r}")
@@ -197,12 +213,14 @@ def _check_inputs(config: ReproduceConfig, datasets: list[str]) -> None:
 def _evaluate_once(
     eval_config: EvalConfig, trained: dict[str, Any], tags: dict[str, str], progress: bool
 ) -> dict[str, Any]:
-    """Evaluate, unless this very evaluation of this very model already finished (a rerun)."""
+    """Evaluate, unless this very evaluation of this very model already finished (a rerun).
+    ``trained``: the training's results (an ensemble's: a list, one per member)."""
     folder = Path(eval_config.output)
+    runs = trained if isinstance(trained, list) else [trained]
     source = {
         "eval_config": asdict(eval_config),
-        "epochs_run": trained["epochs_run"],
-        "best_epoch": trained["best_epoch"],
+        "epochs_run": runs[0]["epochs_run"] if len(runs) == 1 else [r["epochs_run"] for r in runs],
+        "best_epoch": runs[0]["best_epoch"] if len(runs) == 1 else [r["best_epoch"] for r in runs],
         "format": EVALUATION_FORMAT,
     }  # results of an older dubito lack newer measures: evaluate again
     done = folder / "results.json"
@@ -285,6 +303,10 @@ def _run_reproduce(
                     config, dataset, Path(trained["model"]), place / "evaluation", variant == "both", seed
                 )
                 per_seed[seed][(variant, fraction)] = _evaluate_once(eval_config, trained, child, progress)
+                if variant == "both" and config.ensemble:
+                    per_seed[seed].update(
+                        _ensemble_study(config, dataset, fraction, place, seed, trained, child, progress)
+                    )
             entry = _dataset_results(dataset, variants, fractions, _mean_over_seeds(per_seed))
             if len(seeds) > 1:
                 _seed_agreement(
@@ -323,6 +345,36 @@ def _run_reproduce(
     write_text(out / "tables.md", format_tables(results))
     write_json(out / "results.json", results)
     return results
+
+
+def _ensemble_study(
+    config: ReproduceConfig,
+    dataset: str,
+    fraction: float,
+    place: Path,
+    seed: int,
+    first: dict[str, Any],
+    child: dict[str, str],
+    progress: bool,
+) -> dict[tuple[str, float], dict]:
+    """(d): members 1..K-1 of the fraction's ``both`` model (member 0: ``first``), the ensemble's
+    model file, and its evaluations as ``ensemble`` and ``ensemble+dropout``."""
+    base = _train_config(config, dataset, "both", fraction, place, seed)
+    folder = place / "ensemble"
+    runs = [first]
+    for k in range(1, config.ensemble):
+        print(f"    ensemble member {k + 1}/{config.ensemble}", flush=True)
+        member = member_config(base, k, output=str(folder / f"member-{k}"))
+        runs.append(train(member, progress=progress, tags=child))
+    models = [load_model(r["model"]) for r in runs]
+    path = save_model(folder / "model.pt", Ensemble([m for m, _ in models]), models[0][1])
+    out = {}
+    for source in ("ensemble", "ensemble+dropout"):
+        place_eval = folder / f"evaluation-{source.replace('+', '-')}"
+        eval_config = _eval_config(config, dataset, path, place_eval, True, seed)
+        eval_config.epistemic = source
+        out[(source, fraction)] = _evaluate_once(eval_config, runs, child, progress)
+    return out
 
 
 def _mean_over_seeds(per_seed: dict[int, dict[tuple[str, float], dict]]) -> dict[tuple[str, float], dict]:
@@ -370,31 +422,48 @@ def _dataset_results(
         else:
             row.update(rel=s["rel"], rms=s["rms"], log10=s["log10"], delta1=s["delta1"])
         variant_rows.append(row)
-    size_rows = []
     keys = (
         ("aleatoric_entropy", "mutual_information", "epistemic_logit_variance")
         if segmentation
         else ("aleatoric_var", "epistemic_var", "predicted_depth", "relative_epistemic_std")
     )
-    for ood in (False, True):
-        for f in fractions:
-            s = evaluations[("both", f)]["summary"]
-            if ood and "ood_auroc" not in s:
-                continue
-            row = {
-                "train": _fraction_label(dataset, f),
-                "test": evaluations[("both", f)].get("ood_dataset", "OOD") if ood else dataset,
-                "score": s.get(("ood_" if ood else "") + ("mean_iou" if segmentation else "rms")),
-            }
-            row.update({k: s.get(("ood_" if ood else "") + k) for k in keys})
-            size_rows.append(row)
+    sources = [m for m in SOURCE_LABELS if (m, 1.0) in evaluations]
+    size_rows = []
+    for source in sources:
+        for ood in (False, True):
+            for f in fractions:
+                s = evaluations[(source, f)]["summary"]
+                if ood and "ood_auroc" not in s:
+                    continue
+                row = {
+                    "epistemic": SOURCE_LABELS[source],
+                    "train": _fraction_label(dataset, f),
+                    "test": evaluations[(source, f)].get("ood_dataset", "OOD") if ood else dataset,
+                    "score": s.get(("ood_" if ood else "") + ("mean_iou" if segmentation else "rms")),
+                }
+                row.update({k: s.get(("ood_" if ood else "") + k) for k in keys})
+                size_rows.append(row)
+    findings = _findings(evaluations, "both", fractions, segmentation)
+    for source in sources[1:]:  # the same findings, judged on an ensemble's epistemic part
+        findings[source] = _findings(evaluations, source, fractions, segmentation)
+    return {
+        "task": any_eval["spec"]["task"],
+        "variants": variant_rows,
+        "dataset_size": size_rows,
+        "findings": findings,
+    }
+
+
+def _findings(evaluations: dict, source: str, fractions: list[float], segmentation: bool) -> dict[str, Any]:
+    """The paper's qualitative findings, judged on the evaluations of ``source`` (the ``both``
+    model with MC dropout, or its ensembles)."""
     # classification findings are judged on mutual information, the scale-free epistemic measure; the
     # paper's epistemic logit variance is reported beside it (it grows with the logits' magnitude, i.e.
     # with a model's confidence, so it mixes data size and confidence; README)
     measure = "mutual_information" if segmentation else "epistemic_var"
     aleatoric = "aleatoric_entropy" if segmentation else "aleatoric_var"
-    smallest, full = evaluations[("both", fractions[0])]["summary"], evaluations[("both", 1.0)]["summary"]
-    total_curve = evaluations[("both", 1.0)]["curves"].get("total", {}).get("error", [])
+    smallest, full = evaluations[(source, fractions[0])]["summary"], evaluations[(source, 1.0)]["summary"]
+    total_curve = evaluations[(source, 1.0)]["curves"].get("total", {}).get("error", [])
 
     def ratio(a: dict, b: dict, key: str) -> float:
         return a[key] / max(b[key], 1e-12)
@@ -429,12 +498,7 @@ def _dataset_results(
     if "noise_spearman" in full:
         findings["aleatoric_noise_spearman"] = full["noise_spearman"]
         findings["aleatoric_follows_true_noise"] = full["noise_spearman"] > 0.5
-    return {
-        "task": any_eval["spec"]["task"],
-        "variants": variant_rows,
-        "dataset_size": size_rows,
-        "findings": findings,
-    }
+    return findings
 
 
 def _fmt(value: Any, scale: float = 1.0) -> str:
@@ -470,29 +534,36 @@ def format_tables(results: dict[str, Any]) -> str:
         lines += ["", "### (b) training-set size and out-of-distribution test (variant both)", ""]
         if seg:
             lines += [
-                "| train | test | IoU (%) | aleatoric entropy | mutual information | epistemic logit var. (×10⁻³) |",
-                "|---|---|---|---|---|---|",
+                "| epistemic | train | test | IoU (%) | aleatoric entropy | mutual information | epistemic logit var. (×10⁻³) |",
+                "|---|---|---|---|---|---|---|",
             ]
             lines += [
-                f"| {r['train']} | {r['test']} | {_fmt(r['score'], 100)} | "
+                f"| {r.get('epistemic', 'MC dropout')} | {r['train']} | {r['test']} | {_fmt(r['score'], 100)} | "
                 f"{_fmt(r['aleatoric_entropy'])} | {_fmt(r['mutual_information'])} | {_fmt(r['epistemic_logit_variance'], 1e3)} |"
                 for r in entry["dataset_size"]
             ]
         else:
             lines += [
-                "| train | test | RMS (m) | aleatoric var. | epistemic var. | mean predicted depth (m) | epistemic std / depth |",
-                "|---|---|---|---|---|---|---|",
+                "| epistemic | train | test | RMS (m) | aleatoric var. | epistemic var. "
+                "| mean predicted depth (m) | epistemic std / depth |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             lines += [
-                f"| {r['train']} | {r['test']} | {_fmt(r['score'])} | {_fmt(r['aleatoric_var'])} | {_fmt(r['epistemic_var'])} | "
-                f"{_fmt(r.get('predicted_depth'))} | {_fmt(r.get('relative_epistemic_std'))} |"
+                f"| {r.get('epistemic', 'MC dropout')} | {r['train']} | {r['test']} | {_fmt(r['score'])} | "
+                f"{_fmt(r['aleatoric_var'])} | {_fmt(r['epistemic_var'])} | {_fmt(r.get('predicted_depth'))} | "
+                f"{_fmt(r.get('relative_epistemic_std'))} |"
                 for r in entry["dataset_size"]
             ]
         lines += ["", "### findings", ""]
-        lines += [
-            f"- {k.replace('_', ' ')}: {v if isinstance(v, (bool, dict)) else _fmt(v)}"
-            for k, v in entry["findings"].items()
-        ]
+        for k, v in entry["findings"].items():
+            if k in SOURCE_LABELS:  # the same findings, judged on an ensemble
+                lines.append(f"- judged on the {SOURCE_LABELS[k]}:")
+                lines += [
+                    f"  - {name.replace('_', ' ')}: {value if isinstance(value, (bool, dict)) else _fmt(value)}"
+                    for name, value in v.items()
+                ]
+            else:
+                lines.append(f"- {k.replace('_', ' ')}: {v if isinstance(v, (bool, dict)) else _fmt(v)}")
         lines += [
             "",
             f"Plots: {', '.join(Path(p).name for p in entry['plots'])} in {Path(entry['plots'][0]).parent}",

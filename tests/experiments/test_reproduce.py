@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from dubito import DubitoError
@@ -221,3 +222,57 @@ def test_several_seeds_are_averaged_and_counted(tmp_path, mlflow_uri):
     assert "Means over seeds 0, 1" in (tmp_path / "r" / "tables.md").read_text()
     with pytest.raises(DubitoError, match="--seeds"):
         ReproduceConfig(seeds="0,x").parsed()
+
+
+def test_ensemble_rows_reuse_the_fraction_model_as_member_zero(tmp_path, mlflow_uri, capsys):
+    from dubito.platform.training import MEMBER_SEED_STRIDE, load_model
+
+    tiny = dict(
+        datasets="synthetic-camvid",
+        variants="both",
+        fractions="0.5,1",
+        height=24,
+        width=32,
+        train_images=8,
+        val_images=4,
+        test_images=3,
+        epochs=1,
+        samples=2,
+        ensemble=2,
+    )
+    results = run_reproduce(ReproduceConfig(output=str(tmp_path / "r"), **tiny), progress=False)
+    entry = results["datasets"]["synthetic-camvid"]
+    sources = {r["epistemic"] for r in entry["dataset_size"]}
+    assert sources == {"MC dropout", "ensemble", "ensemble + dropout"}
+    assert len(entry["dataset_size"]) == 3 * 4  # per source: 2 fractions, in and out of distribution
+    folder = tmp_path / "r" / "synthetic-camvid" / "both" / "ensemble"
+    model, _ = load_model(folder / "model.pt")
+    own = torch.load(tmp_path / "r" / "synthetic-camvid" / "both" / "model.pt", weights_only=True)[
+        "state_dict"
+    ]
+    assert len(model) == 2 and all(torch.equal(own[k], model.members[0].state_dict()[k]) for k in own)
+    member = json.loads((folder / "member-1" / "results.json").read_text())
+    assert member["config"]["seed"] == MEMBER_SEED_STRIDE
+    ens = json.loads((folder / "evaluation-ensemble" / "results.json").read_text())
+    both = json.loads((folder / "evaluation-ensemble-dropout" / "results.json").read_text())
+    assert ens["epistemic"] == "ensemble K=2" and both["epistemic"] == "ensemble K=2 × dropout T=2"
+    row = next(
+        r
+        for r in entry["dataset_size"]
+        if r["epistemic"] == "ensemble"
+        and r["train"] == "synthetic-camvid"
+        and r["test"] == "synthetic-camvid"
+    )
+    assert row["mutual_information"] == pytest.approx(ens["summary"]["mutual_information"])
+    assert set(entry["findings"]["ensemble"]) >= {
+        "epistemic_falls_with_data",
+        "epistemic_ood_over_in",
+        "ood_auroc",
+    }
+    assert "judged on the ensemble:" in (tmp_path / "r" / "tables.md").read_text()
+    # a rerun trains and evaluates nothing again
+    capsys.readouterr()
+    again = run_reproduce(ReproduceConfig(output=str(tmp_path / "r"), **tiny), progress=False)
+    assert again["datasets"]["synthetic-camvid"]["dataset_size"] == entry["dataset_size"]
+    with pytest.raises(DubitoError, match="--ensemble"):
+        ReproduceConfig(ensemble=1).parsed()
