@@ -20,6 +20,7 @@ from dubito.acquisition.reductions import parse_reduction
 from dubito.acquisition.scoring import ScoringSpec
 from dubito.acquisition.selection import SELECTIONS
 from dubito.platform.config import Nested, check_finite, check_range, flat_fields, from_flat, nested, to_flat
+from dubito.platform.data import dataset_info
 from dubito.platform.service import parse_epistemic
 from dubito.platform.training import TrainConfig
 
@@ -133,6 +134,13 @@ class LoopConfig(Nested):
             "trains K members with distinct seeds) or ensemble+dropout:K (K members x T samples)"
         },
     )
+    calibrate: bool = field(
+        default=False,
+        metadata={
+            "help": "each round: fit temperature (classes) / variance (depth) scaling on the dataset's "
+            "validation data before scoring the pool"
+        },
+    )
     seed: int = field(
         default=0, metadata={"help": "seed of the initial set, training, MC samples and selection"}
     )
@@ -168,6 +176,13 @@ class LoopConfig(Nested):
                     f"--scorer-gpus must be auto or a number >= 0, got {self.scorer_gpus!r}"
                 ) from None
         parse_epistemic(self.epistemic)
+        if self.calibrate:
+            info = dataset_info(self.train.dataset, "--dataset")
+            if not info.synthetic and "val" not in info.splits:
+                raise DubitoError(
+                    f"--calibrate needs held-out labelled data: {self.train.dataset} has no validation split "
+                    "(use synthetic scenes or CamVid)"
+                )
         for flag, check, value in (
             ("--acquisition", get_acquisition, self.acquisition),
             ("--reduction", parse_reduction, self.reduction),

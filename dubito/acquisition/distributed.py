@@ -73,8 +73,12 @@ class _Scorer:
         self.model.load_state_dict(state)
         self.model.eval()
 
-    def score(self, batches: list[tuple[int, list[int]]], round: int) -> list[Scored]:
-        return score_batches(self.model, self.spec, self.pool, batches, self.scoring, round, self.device)
+    def score(
+        self, batches: list[tuple[int, list[int]]], round: int, scoring: ScoringSpec | None = None
+    ) -> list[Scored]:
+        return score_batches(
+            self.model, self.spec, self.pool, batches, scoring or self.scoring, round, self.device
+        )
 
     def where(self) -> str:
         return str(self.device)
@@ -146,16 +150,22 @@ class RayPoolScorer:
         ray.get([a.set_weights.remote(ref) for a in self.actors])
 
     def score(
-        self, model: nn.Module, batches: list[tuple[int, list[int]]], round: int, progress: bool = False
+        self,
+        model: nn.Module,
+        batches: list[tuple[int, list[int]]],
+        round: int,
+        progress: bool = False,
+        spec: ScoringSpec | None = None,
     ) -> list[Scored]:
-        """The per-batch results of :func:`~dubito.acquisition.scoring.score_batches`, in ``batches``' order."""
+        """The per-batch results of :func:`~dubito.acquisition.scoring.score_batches`, in ``batches``'
+        order; ``spec``: this round's scoring (its calibration), else the one the actors were given."""
         import ray
 
         if not self.actors:
             raise DubitoError("this RayPoolScorer is closed")
         self.set_weights(model)  # once per round: a round scores once with its own model
         parts = shards(batches, len(self.actors))
-        pending = {self.actors[k].score.remote(part, round): k for k, part in enumerate(parts)}
+        pending = {self.actors[k].score.remote(part, round, spec): k for k, part in enumerate(parts)}
         done: dict[int, list] = {}
         total = sum(len(p) for _, p in batches)
         with tqdm(

@@ -16,6 +16,7 @@ continues once ``dubito label import`` has stored the returned label files.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dubito import DubitoError
@@ -31,15 +32,19 @@ from dubito.acquisition.config import LEDGER, LoopConfig, loop_config
 from dubito.acquisition.distributed import RayPoolScorer
 from dubito.acquisition.human import HumanLabels, export_queries
 from dubito.acquisition.ledger import INITIAL, Ledger, LedgerError
-from dubito.acquisition.pool import Pool, pool_datasets
-from dubito.acquisition.scoring import choose, labeled_features, score_pool
+from dubito.acquisition.pool import Pool, pool_datasets, validation_dataset
+from dubito.acquisition.scoring import batch_seed, choose, labeled_features, score_pool
+from dubito.platform.calibration import Calibration, fit_calibration
 from dubito.platform.config import to_flat
 from dubito.platform.data import HEADLINE
 from dubito.platform.files import check_output, exclusive, read_json, write_json
 from dubito.platform.models import ModelSpec
-from dubito.platform.service import parse_epistemic, resolve_device
+from dubito.platform.service import UncertaintyService, parse_epistemic, resolve_device, source_options
 from dubito.platform.tracking import check_tracking, tracked_run
 from dubito.platform.training import fit, fit_ensemble, load_model, save_model, validate
+
+#: the batch index of a round's calibration seeds (pool batches count from 0)
+CALIBRATION_BATCH = 1 << 30
 
 __all__ = [
     "LEDGER",
@@ -98,6 +103,7 @@ class _Loop:
     device: torch.device
     progress: bool
     scoring: _Scoring
+    validation: Dataset | None = None  # held-out labelled data the rounds calibrate on (--calibrate)
 
     def training_set(self, labeled: list[int]) -> Dataset:
         """The labelled items, with a person's labels in place of the targets (human oracle)."""
@@ -108,11 +114,33 @@ class _Loop:
         )
         return self.pool.subset(data, labeled)
 
+    def calibration(self, model: torch.nn.Module, round: int) -> Calibration | None:
+        """``--calibrate``: round ``round``'s calibration of ``model``, fit on the validation data
+        with its own seeds (the same for a rerun)."""
+        if self.validation is None:
+            return None
+        c = self.config
+        source = parse_epistemic(c.epistemic)[0]
+        service = UncertaintyService(
+            model,
+            **source_options(model, source, c.samples),
+            device=self.device,
+            seed=batch_seed(c.seed, round, CALIBRATION_BATCH),
+            progress=False,
+        )
+        loader = DataLoader(self.validation, batch_size=c.train.batch_size)
+        return fit_calibration(service, loader, seed=c.seed)[0]
+
     def query(
-        self, model: torch.nn.Module, spec: ModelSpec, labeled: list[int], round: int
+        self,
+        model: torch.nn.Module,
+        spec: ModelSpec,
+        labeled: list[int],
+        round: int,
+        calibration: Calibration | None = None,
     ) -> tuple[list[int], list[float], list[dict]]:
-        """Round ``round``'s choice: score the unlabelled pool with its model, reduce per image,
-        select a batch; returns (ids, their scores, their flags)."""
+        """Round ``round``'s choice: score the unlabelled pool with its model (``calibration``
+        applied), reduce per image, select a batch; returns (ids, their scores, their flags)."""
         c = self.config
         free = self.pool.unlabelled(labeled)
         scored = score_pool(
@@ -120,7 +148,7 @@ class _Loop:
             spec,
             self.pool.data,
             free,
-            c.scoring(),
+            dataclasses.replace(c.scoring(), calibration=calibration),
             round,
             self.device,
             self.progress,
@@ -170,11 +198,14 @@ def run_loop(
     check_tracking()
     device = resolve_device(config.train.device)
     pool_train, plain, test = pool_datasets(config)
+    validation = validation_dataset(config.pool()) if config.calibrate else None
     pool = Pool(plain)
     config.check_pool(len(pool))
     with exclusive(out), Ledger(out / LEDGER, config.settings()) as ledger:
         _check_resumable(ledger, config)
-        loop = _Loop(config, out, ledger, pool, pool_train, test, device, progress, _Scoring(config))
+        loop = _Loop(
+            config, out, ledger, pool, pool_train, test, device, progress, _Scoring(config), validation
+        )
         if not ledger.labeled_ids():
             _start(loop)
         # the MLflow run of this folder: a copied or moved loop gets a run of its own, never the original's
@@ -265,12 +296,16 @@ def _round(loop: _Loop, r: int, total: int, run: Any) -> tuple[dict[str, Any], l
     }
     checkpoint = save_model(loop.out / "rounds" / f"round-{r:03d}.pt", model, spec)
     scoring = time.perf_counter()
-    queried, scores, flags = loop.query(model, spec, labeled, r) if r < total else ([], None, None)
+    calibration = loop.calibration(model, r) if r < total else None
+    queried, scores, flags = (
+        loop.query(model, spec, labeled, r, calibration) if r < total else ([], None, None)
+    )
     cost = {
         "train_seconds": trained - started,
         "score_seconds": time.perf_counter() - scoring if r < total else 0.0,
         "models": members,
         "samples": c.samples if parse_epistemic(c.epistemic)[0] != "ensemble" else 1,
+        **({"calibration": calibration.as_dict()} if calibration is not None else {}),
     }
     # synthetic pools know which images carry TV static: the share of bought labels on them
     static = {"static_fraction": _static_fraction(ledger)} if loop.pool.has_flags else {}
@@ -318,7 +353,8 @@ def _extend(loop: _Loop, total: int) -> None:
         return
     last = rounds[-1]
     model, spec = load_model(last["checkpoint"], loop.device)
-    queried, scores, flags = loop.query(model, spec, ledger.labeled_ids(), last["round"])
+    calibration = loop.calibration(model, last["round"])
+    queried, scores, flags = loop.query(model, spec, ledger.labeled_ids(), last["round"], calibration)
     ledger.add_queries(last["round"], queried, scores, flags)
     if loop.config.oracle == "human":
         loop.export(last["round"], queried)

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset, Subset
 
+from dubito import DubitoError
 from dubito.platform.data import dataset_info, get_dataset, train_transform
 
-__all__ = ["Pool", "PoolSpec", "pool_datasets"]
+__all__ = ["Pool", "PoolSpec", "pool_datasets", "validation_dataset"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,29 @@ class PoolSpec:
             get_dataset(name, "train", self.root, size=size),
             get_dataset(name, "test", self.root, size=size),
         )
+
+
+def validation_dataset(spec: PoolSpec) -> Dataset:
+    """Held-out labelled data of ``spec``'s dataset that is neither pool nor test, for calibrating
+    each round's model (``--calibrate``): fresh synthetic validation scenes (as many as test scenes,
+    with the pool's share of TV static) or the dataset's own val split."""
+    name, info = spec.dataset, dataset_info(spec.dataset)
+    size = (spec.height, spec.width)
+    if info.synthetic:
+        return get_dataset(
+            name,
+            "val",
+            n=spec.test_images,
+            size=size,
+            seed=spec.data_seed,
+            static_fraction=spec.static_fraction,
+        )
+    if "val" in info.splits:
+        return get_dataset(name, "val", spec.root, size=size)
+    raise DubitoError(
+        f"--calibrate needs held-out labelled data: {name} has no validation split (its splits: "
+        f"{', '.join(info.splits)}); use a dataset with one (synthetic scenes, CamVid)"
+    )
 
 
 def pool_datasets(config: PoolSpec | object) -> tuple[Dataset, Dataset, Dataset]:

@@ -32,6 +32,7 @@ from dubito import DubitoError
 from dubito.acquisition.functions import Acquisition, get_acquisition
 from dubito.acquisition.reductions import REDUCTIONS, parse_reduction, reduce_scores
 from dubito.acquisition.selection import SELECTIONS, select
+from dubito.platform.calibration import Calibration
 from dubito.platform.ensemble import Ensemble
 from dubito.platform.mc import MCSamples
 from dubito.platform.models import ModelSpec
@@ -65,6 +66,7 @@ class ScoringSpec:
     batch_size: int = 8
     seed: int = 0
     epistemic: str = "dropout"  # dropout, ensemble:K or ensemble+dropout:K (the loop trains the members)
+    calibration: Calibration | None = None  # the round's post-hoc calibration (--calibrate)
 
     def members(self) -> int:
         """Models per round: K for an ensemble, else 1."""
@@ -177,7 +179,11 @@ def score_batches(
     needs = spec.needs()
     source = parse_epistemic(spec.epistemic)[0]
     service = UncertaintyService(
-        model, **source_options(model, source, spec.samples), device=device, progress=False
+        model,
+        **source_options(model, source, spec.samples),
+        calibration=spec.calibration,
+        device=device,
+        progress=False,
     )
     results = []
     total = sum(len(p) for _, p in batches)
@@ -225,7 +231,7 @@ def score_pool(
     spec.check(model_spec.task)
     batches = pool_batches(positions, spec.batch_size)
     if scorer is not None:
-        parts = scorer.score(model, batches, round, progress)
+        parts = scorer.score(model, batches, round, progress, spec=spec)
     else:
         parts = score_batches(model, model_spec, data, batches, spec, round, device, progress)
     return Scored.concat(parts)

@@ -120,3 +120,43 @@ def test_modal_estimator_with_an_ensemble():
     assert clone(est).get_params()["epistemic"] == "ensemble:3"
     with pytest.raises(DubitoError, match="epistemic"):
         TorchEstimator(epistemic="ensemble:1").fit(x[:50], y[:50])
+
+
+def test_calibrated_rounds_score_with_the_temperature_fit_on_validation_scenes(tmp_path, mlflow_uri):
+    from dubito.acquisition.loop import CALIBRATION_BATCH
+    from dubito.acquisition.pool import Pool, validation_dataset
+    from dubito.platform.calibration import fit_calibration
+
+    config = LoopConfig.flat(
+        output=str(tmp_path / "cal"), calibrate=True, acquisition="entropy", **{**TINY_LOOP, "rounds": 1}
+    )
+    results = run_loop(config, progress=False)
+    fitted = results["cost"][0]["calibration"]
+    assert (
+        fitted["temperature"] > 0 and "calibration" not in results["cost"][1]
+    )  # the last round scores nothing
+    # by hand: the round's model, calibrated on the validation scenes with the loop's seeds, picks the same images
+    model, _ = load_model(tmp_path / "cal" / "rounds" / "round-000.pt")
+    fit_service = UncertaintyService(
+        model, samples=config.samples, device="cpu", seed=batch_seed(0, 0, CALIBRATION_BATCH)
+    )
+    loader = torch.utils.data.DataLoader(validation_dataset(config.pool()), batch_size=4)
+    calibration, _ = fit_calibration(fit_service, loader, seed=0)
+    assert calibration.temperature == pytest.approx(fitted["temperature"], rel=1e-9)
+    pool = Pool(config.pool().datasets()[1])
+    free = pool.unlabelled(results["initial"])
+    service = UncertaintyService(model, samples=config.samples, device="cpu", calibration=calibration)
+    acquisition, (how, options) = get_acquisition("entropy"), parse_reduction(config.reduction)
+    scores = []
+    for b, start in enumerate(range(0, len(free), 4)):
+        batch = default_collate([pool.data[p] for p in free[start : start + 4]])
+        u = service.predict_with_samples(batch["image"], seed=batch_seed(0, 0, b))[0]
+        scores.append(reduce_scores(acquisition.score(u).float(), None, how, **options))
+    picks = select(torch.cat(scores), config.query, "topk", seed=0)
+    assert pool.ids_at(free[p] for p in picks.tolist()) == results["queried"][0]
+
+
+def test_calibration_needs_a_validation_split(tmp_path):
+    with pytest.raises(DubitoError, match="no validation split"):
+        LoopConfig.flat(output=str(tmp_path / "d"), dataset="digits", model="mlp", calibrate=True).validate()
+    assert not (tmp_path / "d").exists()
