@@ -1,12 +1,14 @@
-"""Benchmark: a deep ensemble's members as one batched (vmapped) forward versus a per-member loop.
+"""Benchmark: a deep ensemble's members as one batched forward versus a per-member loop.
 
-Run: ``python -m benchmarks.ensemble [--device cuda] [--members 5] [--quick]``. Times, in one
-process and on the same members, weights and inputs, ``ensemble_samples(batched=True)`` and
-``batched=False``, and prints throughput, the batched path's speed over the loop's, and the
+Run: ``python -m benchmarks.ensemble [--device cuda] [--members 5] [--quick] [--large]``. Times, in
+one process and on the same members, weights and inputs, ``ensemble_samples(batched=True)`` (FC-DenseNets:
+one network of grouped convolutions, :class:`~dubito.platform.ensemble.GroupedFCDenseNet`; MLPs:
+``torch.func`` vmap) and ``batched=False``, and prints throughput, the batched path's speed over the loop's, and the
 largest deviation of the outputs and of the decomposition's epistemic part (mutual information
 for classifiers, the members' variance for regressors) from the loop's — they agree to float
 rounding. The target of the backends issue: on 2 CPU cores, K = 5 of the tiny FC-DenseNet on 4
-images at 96×128, batched ≥ 2× the loop.
+images at 96×128, batched ≥ 2× the loop; ``--large`` adds FC-DenseNet103 on 2 images at 360×480
+(the GPU target).
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ def bench_case(name: str, ensemble: Ensemble, x: torch.Tensor, repeats: int) -> 
     }
 
 
-def cases(members: int, quick: bool, device: torch.device) -> list[tuple[str, Ensemble, torch.Tensor]]:
+def cases(
+    members: int, quick: bool, device: torch.device, large: bool = False
+) -> list[tuple[str, Ensemble, torch.Tensor]]:
     torch.manual_seed(0)
     h, w = (32, 48) if quick else (96, 128)
     dense = Ensemble(
@@ -70,10 +74,18 @@ def cases(members: int, quick: bool, device: torch.device) -> list[tuple[str, En
     mlp = Ensemble(
         [MLP(1, 1, (64, 64), task="regression", variant="both", dropout=0.0) for _ in range(members)]
     )
-    return [
+    out = [
         (f"tiny FC-DenseNet, 4 images {h}x{w}", dense.to(device), torch.randn(4, 3, h, w, device=device)),
         ("heteroscedastic MLP, 256 points", mlp.to(device), torch.randn(256, 1, device=device)),
     ]
+    if large:
+        big = Ensemble(
+            [FCDenseNet("fc_densenet103", num_classes=11, variant="both").eval() for _ in range(members)]
+        )
+        out.append(
+            ("FC-DenseNet103, 2 images 360x480", big.to(device), torch.randn(2, 3, 360, 480, device=device))
+        )
+    return out
 
 
 def main(argv=None) -> list[dict]:
@@ -84,6 +96,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small images, one repeat (a smoke run)")
+    parser.add_argument("--large", action="store_true", help="also FC-DenseNet103 at 360x480 (a GPU case)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     repeats = 1 if args.quick else args.repeats
@@ -92,7 +105,7 @@ def main(argv=None) -> list[dict]:
         f"{'case':40s} {'loop it/s':>10s} {'batched it/s':>13s} {'speed-up':>9s} {'max dev':>9s} {'epist dev':>10s}"
     )
     rows = []
-    for name, ensemble, x in cases(args.members, args.quick, device):
+    for name, ensemble, x in cases(args.members, args.quick, device, args.large):
         row = bench_case(name, ensemble, x, repeats)
         rows.append(row)
         print(

@@ -11,11 +11,12 @@ change: the members are the samples.
 
 Two ways to run the members, with the same outputs to float rounding:
 
-- ``batched``: members of one architecture (the same parameter and buffer names and shapes)
-  run as one forward through ``torch.func.stack_module_state`` + ``vmap``. ``"auto"`` does so
-  for non-convolutional members (MLPs: 1.2-1.4x the loop on 2 CPU cores); for FC-DenseNets the
-  vmapped forward loses the engine's fast paths (preallocated dense blocks, channels-last) and
-  ran at 0.67-0.76x the loop (``python -m benchmarks.ensemble``), so they loop;
+- ``batched``: members of one architecture run as one forward. FC-DenseNets become one network of
+  grouped convolutions (:class:`GroupedFCDenseNet`: the members' channels side by side, K groups
+  per convolution, the engine's preallocated dense blocks and fused BatchNorm kept); models
+  without convolutions (MLPs) run through ``torch.func.stack_module_state`` + ``vmap`` (1.2-1.4x
+  the loop on 2 CPU cores). ``"auto"`` batches both; other convolutional models loop (under
+  ``vmap`` FC-DenseNets lost the engine's fast paths and ran at 0.67-0.76x the loop);
 - a loop over the members, each through :func:`~dubito.platform.mc.mc_samples` with one
   deterministic pass.
 
@@ -29,12 +30,14 @@ import copy
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dubito import DubitoError
 from dubito.platform.mc import (
     MCSamples,
     _check_temperature,
+    _memory_format,
     _sample_seed,
     _split_output,
     mc_samples,
@@ -134,8 +137,9 @@ def ensemble_samples(
     """The members' outputs on the batch ``x``, stacked on a leading axis of K·T rows.
 
     ``samples``: T, dropout samples per member (1: each member's deterministic pass, the plain
-    ensemble). ``batched``: run members of one architecture as one vmapped forward (``"auto"``:
-    when they share it, T = 1 and they have no convolutions: see the module docstring). ``probs`` / ``logit_noise_samples``: as in
+    ensemble). ``batched``: run members of one architecture as one forward (``"auto"``: when they
+    share it, T = 1 and they are FC-DenseNets (grouped convolutions) or have no convolutions
+    (vmap): see the module docstring). ``probs`` / ``logit_noise_samples``: as in
     :func:`~dubito.platform.mc.mc_samples`; member k draws its ε from the seed ``(seed, k)``
     either way. ``temperature``: as in :func:`~dubito.platform.mc.mc_samples` (post-hoc
     temperature scaling of the probabilities). ``mc_options`` go to the MC engine (chunk size, channels-last, ...).
@@ -157,14 +161,20 @@ def ensemble_samples(
         with torch.inference_mode():
             out = ensemble(x)
         return _stacked(out, k, probs, logit_noise_samples, seeds, temperature, x.device)
+    kind = _batched_kind(ensemble)
     if batched == "auto":  # vmap loses the engine's convolution paths: 0.67-0.76x the loop on 2 CPU cores
-        convolutional = any(isinstance(m, nn.Conv2d) for m in ensemble.members[0].modules())
-        batched = samples == 1 and len(ensemble) > 1 and not convolutional and ensemble.same_architecture()
+        batched = samples == 1 and len(ensemble) > 1 and kind is not None
     if batched:
         if samples != 1:
             raise DubitoError("batched members run without dropout: use samples=1 (or batched=False)")
         if not ensemble.same_architecture():
             raise DubitoError("batched members need one architecture (the same parameters and buffers)")
+        if kind == "grouped":
+            with torch.inference_mode():
+                out = _grouped(ensemble)(
+                    _memory_format(ensemble.members[0], x, mc_options.get("channels_last", "auto"))
+                )
+            return _stacked(out, len(ensemble), probs, logit_noise_samples, seeds, temperature, x.device)
         return _batched(ensemble, x, probs, logit_noise_samples, seeds, temperature)
     parts = [
         mc_samples(
@@ -209,6 +219,33 @@ def _batched(
     return _stacked(out, len(ensemble), probs, logit_noise_samples, seeds, temperature, x.device)
 
 
+def _batched_kind(ensemble: Ensemble) -> str | None:
+    """How members of one architecture run as one forward: ``grouped`` (FC-DenseNets: grouped
+    convolutions), ``vmap`` (models without convolutions), else ``None`` (a loop)."""
+    from dubito.platform.models import FCDenseNet
+
+    if not ensemble.same_architecture():
+        return None
+    first = ensemble.members[0]
+    if type(first) is FCDenseNet and all(
+        b.running_var is not None for b in first.modules() if isinstance(b, nn.BatchNorm2d)
+    ):
+        return "grouped"
+    if not any(isinstance(m, nn.Conv2d) for m in first.modules()):
+        return "vmap"
+    return None
+
+
+def _grouped(ensemble: Ensemble) -> GroupedFCDenseNet:
+    """The ensemble's :class:`GroupedFCDenseNet` (a second copy of the weights, kept on the
+    ensemble), rebuilt when a member's weights changed."""
+    version = _version(ensemble.members)
+    cached = ensemble.__dict__.get("_grouped")
+    if cached is None or cached[0] != version:
+        cached = ensemble.__dict__["_grouped"] = (version, GroupedFCDenseNet(ensemble.members))
+    return cached[1]
+
+
 def _stacked(
     out,
     k: int,
@@ -238,3 +275,188 @@ def _stacked(
             ]
         )
     return MCSamples(mean=mean, log_var=log_var, probs=p)
+
+
+# ----------------------------------------------------------------------------- grouped FC-DenseNets
+
+
+class GroupedFCDenseNet(nn.Module):
+    """K FC-DenseNets of one configuration as one network of grouped convolutions, for inference.
+
+    Every feature map holds the members' channels side by side, member-major (member k's ``c``
+    channels are ``[k·c, (k+1)·c)``); every convolution has K groups, so one forward pass runs all
+    K members with K times wider, K times fewer operations. Dense blocks write into one
+    preallocated buffer and BatchNorm is applied as the members' fused per-channel scale and
+    shift (as :class:`~dubito.platform.models.FCDenseNet` does in inference), reading and writing
+    per-member views of the buffer, so no feature map is copied to regroup it. Dropout is off
+    (the plain ensemble). A packed ensemble: ``forward(x)`` returns the members' outputs stacked,
+    (K, N, C, H, W) [+ log-variance]. Built from the members' current weights; rebuild after they
+    change (:func:`ensemble_samples` does, by their version counters).
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        from dubito.platform.models import FCDenseNet
+
+        members = list(members)
+        if not members or not all(type(m) is FCDenseNet for m in members):
+            raise DubitoError("GroupedFCDenseNet needs FCDenseNet members")
+        first = members[0]
+        if any(
+            m.config != first.config or m.num_classes != first.num_classes or m.variant != first.variant
+            for m in members
+        ):
+            raise DubitoError("GroupedFCDenseNet needs members of one configuration, classes and variant")
+        self.k = len(members)
+        self.packed_members = self.k
+        self.growth = first.config.growth_rate
+        self.num_classes = first.num_classes
+
+        def cat(get) -> Tensor:
+            return torch.cat([get(m).detach() for m in members])
+
+        self.first = (cat(lambda m: m.first.weight), cat(lambda m: m.first.bias))
+        self.down = [
+            self._block(members, lambda m, i=i: m.down_blocks[i]) for i in range(len(first.down_blocks))
+        ]
+        self.transitions = [
+            (
+                *self._norm([m.transitions_down[i][0] for m in members]),
+                cat(lambda m, i=i: m.transitions_down[i][2].weight),
+                cat(lambda m, i=i: m.transitions_down[i][2].bias),
+            )
+            for i in range(len(first.transitions_down))
+        ]
+        self.bottleneck = self._block(members, lambda m: m.bottleneck)
+        self.ups = [
+            (
+                cat(lambda m, i=i: m.transitions_up[i].up.weight),
+                cat(lambda m, i=i: m.transitions_up[i].up.bias),
+            )
+            for i in range(len(first.transitions_up))
+        ]
+        self.up = [self._block(members, lambda m, i=i: m.up_blocks[i]) for i in range(len(first.up_blocks))]
+        self.keep_input = [b.keep_input for b in first.up_blocks]
+        head = [m.head for m in members]
+        self.out = (cat(lambda m: m.head.out.weight), cat(lambda m: m.head.out.bias))
+        self.log_var = None
+        self.homoscedastic = None
+        if first.head.log_var is not None:
+            if isinstance(first.head.log_var, nn.Conv2d):
+                self.log_var = (
+                    torch.cat([h.log_var.weight.detach() for h in head]),
+                    torch.cat([h.log_var.bias.detach() for h in head]),
+                )
+            else:  # a learned log-variance per member (and channel)
+                self.homoscedastic = torch.stack([h.log_var.log_var.detach() for h in head])
+
+    def _norm(self, norms: list[nn.Module]) -> tuple[Tensor, Tensor]:
+        """The members' BatchNorms (running statistics) as one per-channel (scale, shift)."""
+        scales, shifts = [], []
+        for norm in norms:
+            if norm.running_var is None:
+                raise DubitoError("GroupedFCDenseNet needs BatchNorm running statistics")
+            scale = (norm.running_var + norm.eps).rsqrt()
+            if norm.weight is not None:
+                scale = scale * norm.weight.detach()
+            shift = -norm.running_mean * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias.detach()
+            scales.append(scale)
+            shifts.append(shift)
+        return torch.cat(scales), torch.cat(shifts)
+
+    def _block(self, members: list[nn.Module], get) -> list[tuple[Tensor, ...]]:
+        """Per dense layer: fused norm (scale, shift) and grouped conv (weight, bias)."""
+        blocks = [get(m) for m in members]
+        return [
+            (
+                *self._norm([b.layers[i][0] for b in blocks]),
+                torch.cat([b.layers[i][2].weight.detach() for b in blocks]),
+                torch.cat([b.layers[i][2].bias.detach() for b in blocks]),
+            )
+            for i in range(len(blocks[0].layers))
+        ]
+
+    def _normed(self, x5: Tensor, scale: Tensor, shift: Tensor, fmt: torch.memory_format) -> Tensor:
+        """relu(BN(x)) of a per-member view ``x5`` (N, K, c, H, W), as a new (N, K·c, H, W) map."""
+        n, k, c, h, w = x5.shape
+        out = torch.empty((n, k * c, h, w), dtype=x5.dtype, device=x5.device, memory_format=fmt)
+        view = out.view(n, k, c, h, w)
+        torch.addcmul(shift.view(1, k, c, 1, 1), x5, scale.view(1, k, c, 1, 1), out=view)
+        return out.relu_()
+
+    def _dense(self, layers: list[tuple[Tensor, ...]], x: Tensor, keep_input: bool, fmt) -> Tensor:
+        n, kc, h, w = x.shape
+        k, c, g = self.k, kc // self.k, self.growth
+        total = c + g * len(layers)
+        buffer = torch.empty((n, k * total, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        view = buffer.view(n, k, total, h, w)
+        view[:, :, :c] = x.view(n, k, c, h, w)
+        start = c
+        for scale, shift, weight, bias in layers:
+            normed = self._normed(view[:, :, :start], scale, shift, fmt)
+            view[:, :, start : start + g] = F.conv2d(normed, weight, bias, padding=1, groups=k).view(
+                n, k, g, h, w
+            )
+            start += g
+        if keep_input:
+            return buffer
+        return view[:, :, c:].reshape(n, k * (total - c), h, w).contiguous(memory_format=fmt)
+
+    def _join(self, a: Tensor, b: Tensor, fmt) -> Tensor:
+        """Each member's channels of ``a`` then of ``b``: (N, K·(ca + cb), H, W)."""
+        n, _, h, w = a.shape
+        k = self.k
+        ca, cb = a.shape[1] // k, b.shape[1] // k
+        out = torch.empty((n, k * (ca + cb), h, w), dtype=a.dtype, device=a.device, memory_format=fmt)
+        view = out.view(n, k, ca + cb, h, w)
+        view[:, :, :ca] = a.reshape(n, k, ca, h, w)
+        view[:, :, ca:] = b.view(n, k, cb, h, w)
+        return out
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        if x.dim() != 4:
+            raise DubitoError(f"GroupedFCDenseNet expects input (N, C, H, W), got shape {tuple(x.shape)}")
+        fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+        k = self.k
+        h = F.conv2d(x, *self.first, padding=1).contiguous(memory_format=fmt)
+        skips = []
+        for layers, (scale, shift, weight, bias) in zip(self.down, self.transitions):
+            h = self._dense(layers, h, True, fmt)
+            skips.append(h)
+            n, kc, hh, ww = h.shape
+            normed = self._normed(h.view(n, k, kc // k, hh, ww), scale, shift, fmt)
+            h = F.max_pool2d(F.conv2d(normed, weight, bias, groups=k), 2)
+        h = self._dense(self.bottleneck, h, False, fmt)
+        for (weight, bias), layers, keep in zip(self.ups, self.up, self.keep_input):
+            skip = skips.pop()
+            up = F.conv_transpose2d(h, weight, bias, stride=2, groups=k)[
+                ..., : skip.shape[2], : skip.shape[3]
+            ]
+            h = self._dense(layers, self._join(up, skip, fmt), keep, fmt)
+        n, _, hh, ww = h.shape
+        mean = F.conv2d(h, *self.out, groups=k).view(n, k, self.num_classes, hh, ww).transpose(0, 1)
+        if self.log_var is not None:
+            log_var = (
+                F.conv2d(h, *self.log_var, groups=k).view(n, k, self.num_classes, hh, ww).transpose(0, 1)
+            )
+            return mean, log_var
+        if self.homoscedastic is not None:
+            value = (
+                self.homoscedastic.view(k, 1, -1, 1, 1)
+                if self.homoscedastic.dim() == 2
+                else self.homoscedastic.view(k, 1, 1, 1, 1)
+            )
+            return mean, value.expand_as(mean)
+        return mean
+
+
+def _channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _version(members: Sequence[nn.Module]) -> tuple:
+    """Changes whenever a member's weights or statistics change (in place, replaced, or moved)."""
+    return tuple((id(t), t.data_ptr(), t._version) for m in members for t in (*m.parameters(), *m.buffers()))

@@ -59,19 +59,45 @@ def test_batched_members_give_the_loops_outputs(task):
     assert all(m.training for m in members)  # the members' modes are left as they were
 
 
-def test_batched_fc_densenet_members_give_the_loops_outputs():
+@pytest.mark.parametrize(
+    "task, variant, channels_last",
+    [
+        ("segmentation", "both", "auto"),
+        ("segmentation", "baseline", False),
+        ("depth", "aleatoric", "auto"),
+        ("depth", "homoscedastic", False),
+    ],
+)
+def test_grouped_fc_densenet_members_give_the_loops_outputs(task, variant, channels_last):
     torch.manual_seed(0)
-    members = [FCDenseNet("tiny", num_classes=5, variant="both", dropout=0.2).eval() for _ in range(3)]
-    for m in members:  # running statistics other than the initial ones
-        for b in m.buffers():
+    classes = 5 if task == "segmentation" else 1
+    members = [
+        FCDenseNet("tiny", task=task, num_classes=classes, variant=variant, dropout=0.2).eval()
+        for _ in range(3)
+    ]
+    for m in members:  # running statistics and noise parameters other than the initial ones
+        for b in (*m.buffers(), *(p for n, p in m.named_parameters() if "log_var" in n)):
             if b.dtype.is_floating_point:
-                b.add_(torch.rand_like(b) * 0.1)
-    ens, x = Ensemble(members), torch.randn(2, 3, 16, 24)
-    loop = ensemble_samples(ens, x, probs=True, logit_noise_samples=4, seed=5, batched=False)
-    batched = ensemble_samples(ens, x, probs=True, logit_noise_samples=4, seed=5, batched=True)
-    assert batched.mean.shape == (3, 2, 5, 16, 24)
-    torch.testing.assert_close(batched.mean, loop.mean, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(batched.probs, loop.probs, rtol=1e-4, atol=1e-4)
+                b.data.add_(torch.rand_like(b) * 0.1)
+    ens, x = Ensemble(members), torch.randn(2, 3, 15, 23)  # odd sizes: the up path crops
+    options = dict(probs=task == "segmentation", logit_noise_samples=4, seed=5, channels_last=channels_last)
+    loop = ensemble_samples(ens, x, batched=False, **options)
+    grouped = ensemble_samples(ens, x, batched=True, **options)
+    assert grouped.mean.shape == (3, 2, classes, 15, 23)
+    torch.testing.assert_close(grouped.mean, loop.mean, rtol=1e-4, atol=1e-4)
+    if loop.log_var is not None:
+        torch.testing.assert_close(grouped.log_var, loop.log_var, rtol=1e-4, atol=1e-4)
+    if options["probs"]:
+        torch.testing.assert_close(grouped.probs, loop.probs, rtol=1e-4, atol=1e-4)
+    # "auto" takes the grouped path for FC-DenseNets; a member's new weights are seen at once
+    torch.testing.assert_close(ensemble_samples(ens, x, **options).mean, grouped.mean)
+    with torch.no_grad():
+        members[1].first.weight.mul_(2)
+    again = ensemble_samples(ens, x, batched=True, **options)
+    torch.testing.assert_close(
+        again.mean, ensemble_samples(ens, x, batched=False, **options).mean, rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(again.mean[0], grouped.mean[0])
 
 
 def test_ensemble_plus_dropout_stacks_each_members_dropout_samples():
