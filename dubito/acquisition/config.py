@@ -224,6 +224,8 @@ class LoopConfig(Nested):
     def settings(self) -> dict[str, Any]:
         """The settings a resumed loop must share (flat names, as the ledger records them)."""
         settings = {k: v for k, v in to_flat(self).items() if k not in _RESUMABLE}
+        source, members = parse_epistemic(self.epistemic)  # one spelling: ensemble = ensemble:5
+        settings["epistemic"] = source if source == "dropout" else f"{source}:{members}"
         defaults = flat_fields(LoopConfig)
         return {k: v for k, v in settings.items() if k in _FIRST_LEDGERS or v != defaults[k].default}
 

@@ -336,15 +336,25 @@ def _run_reproduce(
                     "uncertainty.png",
                 )
             ]
-            parent.log_metrics(
-                {f"finding_{k}": float(v) for k, v in entry["findings"].items() if isinstance(v, bool)}
-            )
+            parent.log_metrics(_finding_metrics(entry["findings"]))
             entry["mlflow_parent_run_id"] = parent.run_id
             results["datasets"][dataset] = entry
     results["seconds"] = time.perf_counter() - started
     write_text(out / "tables.md", format_tables(results))
     write_json(out / "results.json", results)
     return results
+
+
+def _finding_metrics(findings: dict[str, Any]) -> dict[str, float]:
+    """The yes/no findings as MLflow metrics (an ensemble's prefixed with its source)."""
+    out = {f"finding_{k}": float(v) for k, v in findings.items() if isinstance(v, bool)}
+    for source in SOURCE_LABELS:
+        if isinstance(findings.get(source), dict):
+            tag = source.replace("+", "_")
+            out.update(
+                {f"finding_{tag}_{k}": float(v) for k, v in findings[source].items() if isinstance(v, bool)}
+            )
+    return out
 
 
 def _ensemble_study(
@@ -400,12 +410,20 @@ def _mean_over_seeds(per_seed: dict[int, dict[tuple[str, float], dict]]) -> dict
 
 
 def _seed_agreement(entry: dict[str, Any], findings: list[dict[str, Any]]) -> None:
-    """For each yes/no finding, in how many seeds it holds on its own."""
-    entry["findings"]["seeds_agreeing"] = {
-        k: f"{sum(bool(f.get(k)) for f in findings)}/{len(findings)}"
-        for k, v in entry["findings"].items()
-        if isinstance(v, bool)
-    }
+    """For each yes/no finding (an ensemble's too), in how many seeds it holds on its own."""
+
+    def agreeing(found: dict[str, Any], per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            k: f"{sum(bool(f.get(k)) for f in per_seed)}/{len(per_seed)}"
+            for k, v in found.items()
+            if isinstance(v, bool)
+        }
+        for source in SOURCE_LABELS:
+            if isinstance(found.get(source), dict):
+                out[source] = agreeing(found[source], [f.get(source, {}) for f in per_seed])
+        return out
+
+    entry["findings"]["seeds_agreeing"] = agreeing(entry["findings"], findings)
 
 
 def _dataset_results(

@@ -87,7 +87,12 @@ class Calibration:
         unknown = set(value) - {"temperature", "variance_scale", "fit"}
         if unknown:
             raise DubitoError(f"{where}: unknown calibration keys {sorted(unknown)}")
-        return cls(**{k: float(v) for k, v in value.items() if k != "fit"})
+        try:
+            return cls(**{k: float(v) for k, v in value.items() if k != "fit"})
+        except (TypeError, ValueError):
+            raise DubitoError(
+                f"{where}: temperature and variance_scale must be numbers, got {dict(value)}"
+            ) from None
 
     def save(self, path: str | Path, fit: dict[str, Any] | None = None) -> Path:
         """Write ``calibration.json`` (``fit``: what it was fit on, kept for the reader)."""
@@ -210,6 +215,11 @@ def fit_calibration(
             "nll_after": after,
         }
     mean, var, target = (torch.cat(kept[k]) for k in ("mean", "var", "target"))
+    if bool((var <= 0).any()):
+        raise DubitoError(
+            "variance scaling needs a predictive variance, and this model predicts zero variance at some pixels "
+            "(no noise head and no MC dropout: a baseline); calibrate a model of variant aleatoric, epistemic or both"
+        )
     s = fit_variance_scale(mean, var, target, service.likelihood)
     before = float(regression_nll(mean, var, target, service.likelihood).mean())
     after = float(regression_nll(mean, var * s, target, service.likelihood).mean())

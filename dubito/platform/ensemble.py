@@ -184,7 +184,7 @@ def ensemble_samples(
             probs=probs,
             logit_noise_samples=logit_noise_samples,
             seed=member_seed,
-            stochastic=samples > 1,
+            stochastic=samples > 1 and getattr(member, "mc_dropout", True),
             temperature=temperature,
             **mc_options,
         )

@@ -70,6 +70,8 @@ def train_ensemble(
                 f"{out} is an ensemble of {earlier['members']} members; --ensemble {members} would drop some "
                 f"(give --ensemble {earlier['members']} or more, or another --output)"
             )
+    for member in _member_configs(config, members, out):  # every member's settings, before any work
+        member.validate()
     parallel = config.workers > 0 or bool(os.environ.get("RAY_ADDRESS"))
     if parallel:  # the cluster is asked before anything is written
         from dubito.platform.cluster import check_gpu_capacity, connect, gpu_request
@@ -92,12 +94,7 @@ def _train_ensemble(
     record = read_json(record_path, "dubito wrote it") if record_path.exists() else {}
     here = str(out.resolve())  # a copied or moved ensemble gets a parent run of its own
     parent_id = record.get("mlflow_parent_run_id") if record.get("folder") == here else None
-    # absolute paths: Ray tasks run in folders of their own
-    root = str(Path(config.root).expanduser().resolve()) if config.root and parallel else config.root
-    configs = [
-        member_config(config, k, output=str(out.resolve() / f"member-{k}"), workers=0, root=root)
-        for k in range(members)
-    ]
+    configs = _member_configs(config, members, out)
     with tracked_run(
         config.experiment,
         run_name=f"ensemble-{out.name}",
@@ -137,6 +134,17 @@ def _train_ensemble(
         for path in (out / "results.json", figure, model_path):
             parent.log_artifact(path)
     return results
+
+
+def _member_configs(config: TrainConfig, members: int, out: Path) -> list[TrainConfig]:
+    """Member k's settings: its seed and folder, one process (``--workers`` and ``--gpu`` place the
+    members' Ray tasks, not a member's training), and absolute paths (Ray tasks run in folders of
+    their own; the same either way, so a member resumes however the ensemble is run)."""
+    root = str(Path(config.root).expanduser().resolve()) if config.root else ""
+    return [
+        member_config(config, k, output=str(out.resolve() / f"member-{k}"), workers=0, gpu=False, root=root)
+        for k in range(members)
+    ]
 
 
 def _member_summary(k: int, config: TrainConfig, run: dict[str, Any]) -> dict[str, Any]:

@@ -133,11 +133,14 @@ def evaluation_dataset(
 
 
 def calibration_dataset(name: str, root: str, spec: ModelSpec, config: EvalConfig) -> Dataset:
-    """The held-out data calibration is fit on: the validation set training uses (the dataset's
-    val split, fresh synthetic val scenes, or the seeded fraction of train held out of training)."""
+    """The held-out data calibration is fit on, never an image the model was trained on: the
+    dataset's val split, fresh synthetic validation scenes, or — for data whose validation set is
+    a seeded fraction of train — the very fraction the training run held out (its seed and
+    fraction read from the ``results.json`` beside the model file)."""
     from dubito.platform.training import TrainConfig, make_datasets
 
-    train = TrainConfig(
+    info = DATASETS[name]
+    options: dict[str, Any] = dict(
         dataset=name,
         root=root,
         height=spec.height or TrainConfig.height,
@@ -147,7 +150,25 @@ def calibration_dataset(name: str, root: str, spec: ModelSpec, config: EvalConfi
         static_fraction=config.static_fraction,
         max_depth=spec.max_depth or TrainConfig.max_depth,
     )
-    return make_datasets(train)[1]
+    if not info.synthetic and "val" not in info.splits:
+        options.update(_training_split(config.model, name))
+    return make_datasets(TrainConfig(**options))[1]
+
+
+def _training_split(model: str, name: str) -> dict[str, Any]:
+    """``data_seed`` and ``val_fraction`` of the training run that wrote ``model`` (its folder's
+    results.json), which decide the images it held out of training."""
+    from dubito.platform.files import read_json
+
+    results = Path(model).parent / "results.json"
+    trained = read_json(results, "dubito train wrote it").get("config", {}) if results.exists() else {}
+    if trained.get("dataset") != name or "data_seed" not in trained or "val_fraction" not in trained:
+        raise DubitoError(
+            f"--calibrate: {name} has no validation split, and {results} (the training run's record) does not "
+            "say which images training held out; calibrate a model in its training folder, or on a dataset "
+            "with a validation split"
+        )
+    return {"data_seed": trained["data_seed"], "val_fraction": trained["val_fraction"]}
 
 
 class Accumulator:
@@ -223,6 +244,8 @@ class Accumulator:
             self.depth.update(pred, target, mask)
             self.calibration.update(pred, var, target, mask=mask)
             nll = regression_nll(pred[mask], var[mask], target[mask], self.spec.likelihood)
+            if bool((var[mask] <= 0).any()):  # no predictive variance (a baseline): no likelihood
+                nll = torch.full((1,), math.nan)
             error = (pred - target).abs().double()
         self.sums["nll"] = self.sums.get("nll", 0.0) + float(nll.sum())
         for kind, name in self.names.items():
@@ -327,7 +350,12 @@ def evaluate(
     check_tracking()
     device = resolve_device(config.device)
     model, spec = load_model(config.model, device)
-    check_source(model, **source_options(model, config.epistemic or None, config.samples))
+    try:
+        check_source(model, **source_options(model, config.epistemic or None, config.samples))
+    except DubitoError as err:
+        raise DubitoError(
+            f"--epistemic {config.epistemic or '(default)'} for {config.model}: {err}"
+        ) from None
     name = config.dataset or spec.dataset
     data = evaluation_dataset(name, config.split, config.root, spec, config)
     _check_fits(data, spec, name, config.model)

@@ -187,6 +187,11 @@ class UncertaintyService:
         if self._rng is not None:
             self._rng.set_state(state["rng"])
 
+    def _random(self) -> bool:
+        """Whether a prediction draws anything (dropout masks, logit noise): a plain ensemble's
+        regression does not, and then takes no seed (nor a draw from torch's global RNG)."""
+        return self.epistemic != "ensemble" or self.kind == "classification"
+
     def _next_seed(self) -> int:
         return int(torch.randint(0, 1 << 62, (1,), generator=self._rng).item())
 
@@ -207,7 +212,7 @@ class UncertaintyService:
             autocast=self.autocast,
             probs=self.kind == "classification",
             logit_noise_samples=self.logit_noise_samples,
-            seed=self._next_seed() if seed is None else seed,
+            seed=(self._next_seed() if self._random() else 0) if seed is None else seed,
             temperature=self.calibration.temperature if self.calibration else 1.0,
             **self.engine_options,
         )
@@ -312,6 +317,15 @@ def check_source(model: nn.Module, epistemic: str | None, samples: int | None) -
             f"{type(model).__name__} is a packed ensemble (one forward for all members): it takes "
             "epistemic='ensemble', not 'ensemble+dropout'"
         )
+    if epistemic == "ensemble+dropout" and isinstance(model, Ensemble):
+        still = sorted(
+            {str(getattr(m, "variant", "")) for m in model.members if not getattr(m, "mc_dropout", True)}
+        )
+        if still:
+            raise DubitoError(
+                f"epistemic='ensemble+dropout' needs members with test-time dropout; these are of variant "
+                f"{', '.join(still)} (no MC dropout): use 'ensemble', or members of variant epistemic / both"
+            )
     if epistemic == "ensemble" and samples != 1:
         raise DubitoError(
             f"epistemic='ensemble' runs each member once (samples=1), got samples={samples}: "

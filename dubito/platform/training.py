@@ -346,6 +346,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     try:
         spec = ModelSpec.of(saved["spec"], str(path))
         if "members" in saved:
+            if not saved["members"]:
+                raise DubitoError(f"{path}: an ensemble's model file without members")
             model = Ensemble([spec.build() for _ in saved["members"]])
             for member, state in zip(model.members, saved["members"]):
                 member.load_state_dict(state)

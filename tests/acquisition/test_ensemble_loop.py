@@ -96,6 +96,7 @@ def test_epistemic_settings_are_checked():
     # the default leaves the ledger as it was: older ledgers resume
     assert "epistemic" not in LoopConfig().settings()
     assert LoopConfig.flat(epistemic="ensemble:5").settings()["epistemic"] == "ensemble:5"
+    assert LoopConfig.flat(epistemic="ensemble").settings()["epistemic"] == "ensemble:5"  # one spelling
 
 
 def test_modal_estimator_with_an_ensemble():

@@ -224,7 +224,7 @@ def test_several_seeds_are_averaged_and_counted(tmp_path, mlflow_uri):
         ReproduceConfig(seeds="0,x").parsed()
 
 
-def test_ensemble_rows_reuse_the_fraction_model_as_member_zero(tmp_path, mlflow_uri, capsys):
+def test_ensemble_rows_reuse_the_fraction_model_as_member_zero(tmp_path, mlflow_uri, monkeypatch):
     from dubito.platform.training import MEMBER_SEED_STRIDE, load_model
 
     tiny = dict(
@@ -271,7 +271,14 @@ def test_ensemble_rows_reuse_the_fraction_model_as_member_zero(tmp_path, mlflow_
     }
     assert "judged on the ensemble:" in (tmp_path / "r" / "tables.md").read_text()
     # a rerun trains and evaluates nothing again
-    capsys.readouterr()
+    import dubito.experiments.reproduce as reproduce
+    import dubito.platform.training as training
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rerun trained or evaluated again")
+
+    monkeypatch.setattr(training, "_epoch", refuse)
+    monkeypatch.setattr(reproduce, "evaluate", refuse)
     again = run_reproduce(ReproduceConfig(output=str(tmp_path / "r"), **tiny), progress=False)
     assert again["datasets"]["synthetic-camvid"]["dataset_size"] == entry["dataset_size"]
     with pytest.raises(DubitoError, match="--ensemble"):

@@ -207,3 +207,42 @@ def test_temperature_scaling_lowers_the_ece_of_an_overconfident_segmentation_mod
     finding.check("over-confident model: ECE before", ece["before"], ">", 0.1)
     finding.check("over-confident model: ECE after over before", ece["after"] / ece["before"], "<", 0.5)
     assert fit["nll_after"] < fit["nll_before"]
+
+
+def test_held_out_fraction_is_the_one_training_held_out(tmp_path):
+    """Make3D has no validation split: --calibrate fits on the fraction of train the training run held
+    out (its data seed and fraction from results.json), never on an image it trained on."""
+    from dubito.platform.evaluation import EvalConfig, calibration_dataset
+    from dubito.platform.files import write_json
+    from dubito.platform.models import ModelSpec
+    from dubito.platform.training import TrainConfig, make_datasets
+    from tests.fixtures import make_make3d
+
+    make_make3d(tmp_path / "m3d", counts=(10, 2))
+    spec = ModelSpec(
+        model="tiny", task="depth", variant="both", dropout=0.2, dataset="make3d", height=16, width=12
+    )
+    model = tmp_path / "run" / "model.pt"
+    model.parent.mkdir()
+    config = EvalConfig(model=str(model), root=str(tmp_path / "m3d"))
+    with pytest.raises(DubitoError, match="does not\\s+say which images training held out"):
+        calibration_dataset("make3d", str(tmp_path / "m3d"), spec, config)
+    trained = TrainConfig(
+        dataset="make3d", root=str(tmp_path / "m3d"), height=16, width=12, data_seed=7, val_fraction=0.3
+    )
+    write_json(model.parent / "results.json", {"config": trained.__dict__})
+    held = calibration_dataset("make3d", str(tmp_path / "m3d"), spec, config)
+    train_set, val_set = make_datasets(trained)
+    assert held.indices == val_set.indices and len(held) == 3
+    assert not set(held.indices) & set(train_set.indices)  # not one image it trained on
+
+
+def test_zero_predictive_variance_has_no_likelihood_and_is_not_scaled():
+    torch.manual_seed(0)
+    baseline = MLP(3, 1, (8,), task="regression", variant="baseline", dropout=0.0)
+    service = UncertaintyService(baseline, device="cpu", seed=0)
+    batches = [
+        {"image": torch.randn(6, 3), "target": torch.randn(6), "mask": torch.ones(6, dtype=torch.bool)}
+    ]
+    with pytest.raises(DubitoError, match="zero variance"):
+        fit_calibration(service, batches)

@@ -174,6 +174,9 @@ def test_service_refuses_a_source_that_does_not_fit_the_model():
         UncertaintyService(ens, epistemic="ensemble", samples=10)
     with pytest.raises(DubitoError, match="epistemic must be one of"):
         UncertaintyService(ens, epistemic="laplace")
+    plain = Ensemble([MLP(3, 1, (8,), task="regression", variant="aleatoric", dropout=0.2) for _ in range(2)])
+    with pytest.raises(DubitoError, match="no MC dropout"):  # dropout layers, but not sampled at test time
+        UncertaintyService(plain, epistemic="ensemble+dropout")
 
 
 def test_a_packed_ensemble_is_scored_as_its_stacked_members():
@@ -208,6 +211,10 @@ def test_the_agents_members_are_scored_by_the_service():
     )
     np.testing.assert_allclose(agent.aleatoric(obs), var.mean(0).sqrt().mean(1).numpy(), rtol=1e-5)
     assert "service" not in agent.state_dict()  # no seed stream: checkpoints are as before
+    before = torch.get_rng_state()
+    agent.act(obs[0])
+    agent.epistemic(obs)
+    assert torch.equal(torch.get_rng_state(), before)  # nothing random: torch's global RNG is left alone
     boot = make_agent("bootstrapped", 6, 3, AgentConfig(ensemble=4), seed=0)
     with torch.no_grad():
         q = boot.online(torch.as_tensor(obs)) + boot.config.prior_scale * boot.prior(torch.as_tensor(obs))

@@ -4,6 +4,7 @@ ensemble's model file loads (weights_only) as an Ensemble that evaluate scores."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,18 @@ def test_bad_ensembles_are_refused_before_anything_is_written(tmp_path, mlflow_u
     assert main(args) == 0
     shown = capsys.readouterr().out
     assert "member 1 (seed" in shown and "ensemble of 2 (mean prediction)" in shown
+
+
+def test_members_run_in_one_process_each_with_absolute_paths(tmp_path):
+    """--workers and --gpu place the members' Ray tasks; each member trains in its task's process (a
+    member config with --gpu but no --workers would be refused), with the same absolute root however
+    the ensemble runs, so a member resumes either way."""
+    from dubito.platform.ensemble_training import _member_configs
+
+    config = TrainConfig(output=str(tmp_path / "e"), root="data/../data", workers=2, gpu=True, **BASE)
+    members = _member_configs(config, 3, tmp_path / "e")
+    for k, m in enumerate(members):
+        assert (m.workers, m.gpu, m.seed) == (0, False, 3 + k * MEMBER_SEED_STRIDE)
+        assert m.output == str((tmp_path / "e").resolve() / f"member-{k}")
+        assert m.root == str(Path("data").resolve())
+        m.validate()
