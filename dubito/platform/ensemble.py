@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from dubito import DubitoError
 from dubito.platform.mc import (
     MCSamples,
+    _autocast_context,
     _check_temperature,
     _memory_format,
     _sample_seed,
@@ -170,7 +171,7 @@ def ensemble_samples(
         if not ensemble.same_architecture():
             raise DubitoError("batched members need one architecture (the same parameters and buffers)")
         if kind == "grouped":
-            with torch.inference_mode():
+            with torch.inference_mode(), _autocast_context(x.device, mc_options.get("autocast")):
                 out = _grouped(ensemble)(
                     _memory_format(ensemble.members[0], x, mc_options.get("channels_last", "auto"))
                 )
