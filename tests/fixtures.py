@@ -10,6 +10,19 @@ from dubito.platform.data.layouts import write_camvid_split, write_make3d_split,
 
 CAMVID_HW = (36, 48)
 
+#: a training run small enough for tests of how it runs (Ray Train, ensembles)
+TINY_TRAIN = dict(
+    model="tiny",
+    height=24,
+    width=32,
+    train_images=8,
+    val_images=4,
+    epochs=2,
+    batch_size=4,
+    device="cpu",
+    seed=3,
+)
+
 #: a labeling loop small enough for a test of what runs where (Ray actors, sweep trials)
 TINY_LOOP = dict(
     dataset="synthetic-camvid",

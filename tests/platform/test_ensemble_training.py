@@ -15,20 +15,11 @@ from dubito.platform.ensemble import Ensemble
 from dubito.platform.ensemble_training import train_ensemble
 from dubito.platform.evaluation import EvalConfig, evaluate
 from dubito.platform.training import MEMBER_SEED_STRIDE, TrainConfig, load_model, train, validate
+from tests.fixtures import TINY_TRAIN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BASE = dict(
-    model="tiny",
-    height=24,
-    width=32,
-    train_images=8,
-    val_images=4,
-    epochs=1,
-    batch_size=4,
-    device="cpu",
-    seed=3,
-)
+BASE = {**TINY_TRAIN, "epochs": 1}
 
 
 def test_members_are_runs_of_their_own_seeds_and_the_file_is_an_ensemble(tmp_path, mlflow_uri):

@@ -18,27 +18,35 @@ def true_sigma(x: torch.Tensor) -> torch.Tensor:
     return 0.05 + 0.125 * (x + 1) + 0.1 * torch.sin(2 * x) ** 2
 
 
+def _data(g: torch.Generator, n: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """n points of sin(3x) with noise of std true_sigma(x), x uniform on the training range [-1, 1]."""
+    x = torch.rand(n, 1, generator=g) * 2 - 1
+    return x, torch.sin(3 * x) + true_sigma(x) * torch.randn(n, 1, generator=g)
+
+
+def _fit(model, x, y, loss_fn, steps: int, g: torch.Generator) -> None:
+    """Adam on minibatches of 128 drawn with ``g``."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        mean, log_var = model(x[idx])
+        loss = loss_fn(mean, log_var, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 @pytest.mark.slow
 @pytest.mark.finding
 @pytest.mark.parametrize("likelihood", ["gaussian", "laplace"])
 def test_recovers_aleatoric_noise_and_epistemic_grows_off_data(likelihood, finding):
     torch.manual_seed(finding.seed(0))
     g = torch.Generator().manual_seed(finding.seed(0))
-    n = 1024
-    x = torch.rand(n, 1, generator=g) * 2 - 1  # training range [-1, 1]
-    y = torch.sin(3 * x) + true_sigma(x) * torch.randn(n, 1, generator=g)
+    x, y = _data(g)
     model = MLP(
         1, 1, hidden=(128, 128), task="regression", variant="both", dropout=0.1, likelihood=likelihood
     )
-    loss_fn = gaussian_nll if likelihood == "gaussian" else laplace_nll
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
-    for _ in range(2000):
-        idx = torch.randint(0, n, (128,), generator=g)
-        mean, log_var = model(x[idx])
-        loss = loss_fn(mean, log_var, y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _fit(model, x, y, gaussian_nll if likelihood == "gaussian" else laplace_nll, 2000, g)
 
     svc = UncertaintyService(model, samples=100, seed=0, device="cpu")
     held_out = torch.linspace(-0.95, 0.95, 200).unsqueeze(1)  # not the training points
@@ -68,23 +76,13 @@ def test_recovers_aleatoric_noise_and_epistemic_grows_off_data(likelihood, findi
 def test_ensemble_recovers_aleatoric_noise_and_its_spread_grows_off_data(finding):
     """The same behaviour with the second epistemic source: five heteroscedastic MLPs of
     different initialisations and data orders, scored as an ensemble by the service."""
-    g = torch.Generator().manual_seed(finding.seed(0))
-    n = 1024
-    x = torch.rand(n, 1, generator=g) * 2 - 1  # training range [-1, 1]
-    y = torch.sin(3 * x) + true_sigma(x) * torch.randn(n, 1, generator=g)
+    x, y = _data(torch.Generator().manual_seed(finding.seed(0)))
     members = []
     for k in range(5):
         torch.manual_seed(finding.seed(100 + k))  # each member its own initialisation ...
         order = torch.Generator().manual_seed(finding.seed(200 + k))  # ... and data order
         model = MLP(1, 1, hidden=(64, 64), task="regression", variant="aleatoric", dropout=0.0)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
-        for _ in range(1500):
-            idx = torch.randint(0, n, (128,), generator=order)
-            mean, log_var = model(x[idx])
-            loss = gaussian_nll(mean, log_var, y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _fit(model, x, y, gaussian_nll, 1500, order)
         members.append(model)
 
     svc = UncertaintyService(members, device="cpu", seed=0)

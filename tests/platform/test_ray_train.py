@@ -11,18 +11,9 @@ from mlflow.tracking import MlflowClient
 from dubito import DubitoError
 from dubito.platform.cluster import gpu_request
 from dubito.platform.training import TrainConfig, train, train_with_ray
+from tests.fixtures import TINY_TRAIN
 
-BASE = dict(
-    model="tiny",
-    height=24,
-    width=32,
-    train_images=8,
-    val_images=4,
-    epochs=2,
-    batch_size=4,
-    device="cpu",
-    seed=3,
-)
+BASE = TINY_TRAIN
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
