@@ -261,6 +261,9 @@ def test_a_sweep_takes_nested_settings_by_their_flat_names():
         kind="explore", base={"episodes": 5, "sizes": "5", "seeds": "0"}, grid=("agent=dqn,bootstrapped",)
     )
     assert [t["agents"] for t in explore.trial_configs()] == ["dqn", "bootstrapped"]
+    sources = SweepConfig(kind="label", base={"dataset": "digits"}, grid=("epistemic=dropout,ensemble:3",))
+    loops = [from_flat(LoopConfig, t) for t in sources.trial_configs()]
+    assert [(lp.epistemic, lp.scoring().members()) for lp in loops] == [("dropout", 1), ("ensemble:3", 3)]
 
 
 def test_exploration_run_files_compare_their_agent_settings_as_values():
