@@ -74,8 +74,13 @@ def cases(
     mlp = Ensemble(
         [MLP(1, 1, (64, 64), task="regression", variant="both", dropout=0.0) for _ in range(members)]
     )
+    plain = Ensemble(  # no logit-noise head: the networks alone
+        [FCDenseNet("tiny", num_classes=11, variant="epistemic", dropout=0.2).eval() for _ in range(members)]
+    )
+    images = torch.randn(4, 3, h, w, device=device)
     out = [
-        (f"tiny FC-DenseNet, 4 images {h}x{w}", dense.to(device), torch.randn(4, 3, h, w, device=device)),
+        (f"tiny FC-DenseNet both, 4 images {h}x{w}", dense.to(device), images),
+        (f"tiny FC-DenseNet epistemic, 4 images {h}x{w}", plain.to(device), images),
         ("heteroscedastic MLP, 256 points", mlp.to(device), torch.randn(256, 1, device=device)),
     ]
     if large:
