@@ -15,8 +15,10 @@ Two ways to run the members, with the same outputs to float rounding:
   grouped convolutions (:class:`GroupedFCDenseNet`: the members' channels side by side, K groups
   per convolution, the engine's preallocated dense blocks and fused BatchNorm kept); models
   without convolutions (MLPs) run through ``torch.func.stack_module_state`` + ``vmap`` (1.2-1.4x
-  the loop on 2 CPU cores). ``"auto"`` batches both; other convolutional models loop (under
-  ``vmap`` FC-DenseNets lost the engine's fast paths and ran at 0.67-0.76x the loop);
+  the loop on 2 CPU cores). ``"auto"`` batches the MLPs only: on a CPU the grouped FC-DenseNet ran
+  at 0.6-0.9x the loop (its regrouping copies and strided BatchNorm cost more than the wider
+  convolutions save; ``vmap`` was 0.67-0.76x), so ``batched=True`` asks for it (a GPU figure is
+  still to be measured: ``python -m benchmarks.ensemble --device cuda --large``);
 - a loop over the members, each through :func:`~dubito.platform.mc.mc_samples` with one
   deterministic pass.
 
@@ -139,8 +141,8 @@ def ensemble_samples(
 
     ``samples``: T, dropout samples per member (1: each member's deterministic pass, the plain
     ensemble). ``batched``: run members of one architecture as one forward (``"auto"``: when they
-    share it, T = 1 and they are FC-DenseNets (grouped convolutions) or have no convolutions
-    (vmap): see the module docstring). ``probs`` / ``logit_noise_samples``: as in
+    share it, T = 1 and they have no convolutions (vmap); ``True`` also batches FC-DenseNets as
+    grouped convolutions: see the module docstring). ``probs`` / ``logit_noise_samples``: as in
     :func:`~dubito.platform.mc.mc_samples`; member k draws its ε from the seed ``(seed, k)``
     either way. ``temperature``: as in :func:`~dubito.platform.mc.mc_samples` (post-hoc
     temperature scaling of the probabilities). ``mc_options`` go to the MC engine (chunk size, channels-last, ...).
@@ -163,8 +165,8 @@ def ensemble_samples(
             out = ensemble(x)
         return _stacked(out, k, probs, logit_noise_samples, seeds, temperature, x.device)
     kind = _batched_kind(ensemble)
-    if batched == "auto":  # vmap loses the engine's convolution paths: 0.67-0.76x the loop on 2 CPU cores
-        batched = samples == 1 and len(ensemble) > 1 and kind is not None
+    if batched == "auto":  # batched FC-DenseNets ran at 0.6-0.9x the loop on a CPU (benchmarks/README.md)
+        batched = samples == 1 and len(ensemble) > 1 and kind == "vmap"
     if batched:
         if samples != 1:
             raise DubitoError("batched members run without dropout: use samples=1 (or batched=False)")

@@ -89,8 +89,8 @@ def test_grouped_fc_densenet_members_give_the_loops_outputs(task, variant, chann
         torch.testing.assert_close(grouped.log_var, loop.log_var, rtol=1e-4, atol=1e-4)
     if options["probs"]:
         torch.testing.assert_close(grouped.probs, loop.probs, rtol=1e-4, atol=1e-4)
-    # "auto" takes the grouped path for FC-DenseNets; a member's new weights are seen at once
-    torch.testing.assert_close(ensemble_samples(ens, x, **options).mean, grouped.mean)
+    # "auto" loops over FC-DenseNets (faster on a CPU); a member's new weights are seen at once
+    assert torch.equal(ensemble_samples(ens, x, **options).mean, loop.mean)
     with torch.no_grad():
         members[1].first.weight.mul_(2)
     again = ensemble_samples(ens, x, batched=True, **options)
