@@ -21,6 +21,7 @@ from dubito.acquisition.scoring import ScoringSpec
 from dubito.acquisition.selection import SELECTIONS
 from dubito.platform.config import Nested, check_finite, check_range, flat_fields, from_flat, nested, to_flat
 from dubito.platform.data import dataset_info
+from dubito.platform.models import variant_spec
 from dubito.platform.service import parse_epistemic
 from dubito.platform.training import TrainConfig
 
@@ -175,7 +176,19 @@ class LoopConfig(Nested):
                 raise DubitoError(
                     f"--scorer-gpus must be auto or a number >= 0, got {self.scorer_gpus!r}"
                 ) from None
-        parse_epistemic(self.epistemic)
+        source, _ = parse_epistemic(self.epistemic)
+        noise, mc_dropout = variant_spec(self.train.variant)
+        if source == "ensemble+dropout" and not mc_dropout:
+            raise DubitoError(
+                f"--epistemic {self.epistemic}: members of --variant {self.train.variant} have no test-time "
+                "dropout; use ensemble:K, or --variant epistemic / both"
+            )
+        depth = dataset_info(self.train.dataset, "--dataset").task == "depth"
+        if self.calibrate and depth and source == "dropout" and noise is None and not mc_dropout:
+            raise DubitoError(
+                f"--calibrate: a depth model of --variant {self.train.variant} predicts no variance to scale; "
+                "use --variant aleatoric, epistemic or both (or an ensemble)"
+            )
         if self.calibrate:
             info = dataset_info(self.train.dataset, "--dataset")
             if not info.synthetic and "val" not in info.splits:

@@ -353,8 +353,13 @@ def _extend(loop: _Loop, total: int) -> None:
         return
     last = rounds[-1]
     model, spec = load_model(last["checkpoint"], loop.device)
+    started = time.perf_counter()
     calibration = loop.calibration(model, last["round"])
     queried, scores, flags = loop.query(model, spec, ledger.labeled_ids(), last["round"], calibration)
+    cost = dict(ledger.get_meta(f"cost/{last['round']}") or {}, score_seconds=time.perf_counter() - started)
+    if calibration is not None:
+        cost["calibration"] = calibration.as_dict()
+    ledger.set_meta(f"cost/{last['round']}", cost)  # before the queries: a kill repeats both
     ledger.add_queries(last["round"], queried, scores, flags)
     if loop.config.oracle == "human":
         loop.export(last["round"], queried)

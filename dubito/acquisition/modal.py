@@ -162,7 +162,14 @@ class TorchEstimator(ClassifierMixin, BaseEstimator):
             raise DubitoError(f"TorchEstimator: seed must be a non-negative integer, got {self.seed!r}")
         from dubito.platform.service import parse_epistemic
 
-        parse_epistemic(self.epistemic, "TorchEstimator: epistemic")
+        source, _ = parse_epistemic(self.epistemic, "TorchEstimator: epistemic")
+        from dubito.platform.models import variant_spec
+
+        if source == "ensemble+dropout" and not variant_spec(self.variant)[1]:
+            raise DubitoError(
+                f"TorchEstimator: epistemic={self.epistemic!r} needs members with test-time dropout; "
+                f"variant {self.variant!r} has none (use 'ensemble:K', or variant epistemic / both)"
+            )
 
     def _positions(self, X: Any, name: str = "X") -> np.ndarray:
         """X as (n,) positions into ``data``."""

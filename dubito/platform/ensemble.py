@@ -287,11 +287,12 @@ class GroupedFCDenseNet(nn.Module):
     """K FC-DenseNets of one configuration as one network of grouped convolutions, for inference.
 
     Every feature map holds the members' channels side by side, member-major (member k's ``c``
-    channels are ``[k·c, (k+1)·c)``); every convolution has K groups, so one forward pass runs all
-    K members with K times wider, K times fewer operations. Dense blocks write into one
-    preallocated buffer and BatchNorm is applied as the members' fused per-channel scale and
-    shift (as :class:`~dubito.platform.models.FCDenseNet` does in inference), reading and writing
-    per-member views of the buffer, so no feature map is copied to regroup it. Dropout is off
+    channels are ``[k·c, (k+1)·c)``); every convolution after the first (which reads the shared
+    image) has K groups, so one forward pass runs all K members with K times wider, K times fewer
+    operations. Dense blocks write into one preallocated buffer and BatchNorm is applied as the
+    members' fused per-channel scale and shift (as :class:`~dubito.platform.models.FCDenseNet`
+    does in inference), reading and writing per-member views of the buffer; feature maps are
+    copied only where the single model copies too (into the blocks' buffers, skip joins). Dropout is off
     (the plain ensemble). A packed ensemble: ``forward(x)`` returns the members' outputs stacked,
     (K, N, C, H, W) [+ log-variance]. Built from the members' current weights; rebuild after they
     change (:func:`ensemble_samples` does, by their version counters).
@@ -405,7 +406,9 @@ class GroupedFCDenseNet(nn.Module):
             start += g
         if keep_input:
             return buffer
-        return view[:, :, c:].reshape(n, k * (total - c), h, w).contiguous(memory_format=fmt)
+        out = torch.empty((n, k * (total - c), h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        out.view(n, k, total - c, h, w).copy_(view[:, :, c:])  # the new features only, one copy
+        return out
 
     def _join(self, a: Tensor, b: Tensor, fmt) -> Tensor:
         """Each member's channels of ``a`` then of ``b``: (N, K·(ca + cb), H, W)."""
@@ -462,4 +465,8 @@ def _channels_last(x: Tensor) -> bool:
 
 def _version(members: Sequence[nn.Module]) -> tuple:
     """Changes whenever a member's weights or statistics change (in place, replaced, or moved)."""
-    return tuple((id(t), t.data_ptr(), t._version) for m in members for t in (*m.parameters(), *m.buffers()))
+    return tuple(
+        (id(t), t.data_ptr(), -1 if t.is_inference() else t._version)  # inference tensors keep no counter
+        for m in members
+        for t in (*m.parameters(), *m.buffers())
+    )

@@ -71,6 +71,12 @@ def _check_probability(p: float, name: str = "dropout") -> None:
         raise DubitoError(f"{name} must be in [0, 1), got {p!r}")
 
 
+def variant_spec(variant: str) -> tuple[str | None, bool]:
+    """(noise head: ``heteroscedastic``, ``homoscedastic`` or None; MC dropout at test time) of a variant."""
+    _check_variant(variant)
+    return _VARIANT_SPEC[variant]
+
+
 class UncertaintyHead(nn.Module):
     """The output layer of a variant: mean/logits, plus a log-noise output where the variant has one.
 

@@ -160,4 +160,18 @@ def test_calibrated_rounds_score_with_the_temperature_fit_on_validation_scenes(t
 def test_calibration_needs_a_validation_split(tmp_path):
     with pytest.raises(DubitoError, match="no validation split"):
         LoopConfig.flat(output=str(tmp_path / "d"), dataset="digits", model="mlp", calibrate=True).validate()
+    with pytest.raises(DubitoError, match="predicts no variance"):
+        LoopConfig.flat(dataset="synthetic-make3d", variant="baseline", calibrate=True).validate()
+    with pytest.raises(DubitoError, match="no test-time"):  # refused before round 0 trains its members
+        LoopConfig.flat(variant="aleatoric", epistemic="ensemble+dropout:3").validate()
+
+
+def test_a_grown_calibrated_loop_records_the_calibration_of_its_extra_choice(tmp_path, mlflow_uri):
+    settings = {**TINY_LOOP, "rounds": 1}
+    run_loop(LoopConfig.flat(output=str(tmp_path / "g"), calibrate=True, **settings), progress=False)
+    grown = run_loop(
+        LoopConfig.flat(output=str(tmp_path / "g"), calibrate=True, **{**settings, "rounds": 2}),
+        progress=False,
+    )
+    assert grown["cost"][1]["calibration"]["temperature"] > 0 and grown["cost"][1]["score_seconds"] > 0
     assert not (tmp_path / "d").exists()

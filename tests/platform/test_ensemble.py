@@ -100,6 +100,19 @@ def test_grouped_fc_densenet_members_give_the_loops_outputs(task, variant, chann
     torch.testing.assert_close(again.mean[0], grouped.mean[0])
 
 
+def test_grouped_members_built_under_inference_mode():
+    with torch.inference_mode():  # inference tensors keep no version counter
+        members = [FCDenseNet("tiny", num_classes=3, variant="epistemic").eval() for _ in range(2)]
+        x = torch.randn(1, 3, 16, 16)
+    ens = Ensemble(members)
+    torch.testing.assert_close(
+        ensemble_samples(ens, x, batched=True).mean,
+        ensemble_samples(ens, x, batched=False).mean,
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
 def test_ensemble_plus_dropout_stacks_each_members_dropout_samples():
     ens, x = _regressors(3, seed=4), torch.randn(5, 3)
     out = ensemble_samples(ens, x, 4, seed=9)
