@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.timing import best_time
 from dubito.platform.data import CamVid, SyntheticCamVid, SyntheticMake3D
 from dubito.platform.data.base import read_image
 from dubito.platform.data.layouts import write_camvid_split
@@ -29,12 +29,7 @@ from dubito.platform.data.transforms import resize_map
 
 def items_per_second(fn, count: int, repeats: int = 1) -> float:
     """Best of ``repeats`` runs of ``fn()``, which produces ``count`` items."""
-    fn()  # warm-up (imports, first-call allocations)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+    best, _ = best_time(fn, repeats)
     return count / best
 
 

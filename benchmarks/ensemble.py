@@ -14,27 +14,13 @@ images at 96×128, batched ≥ 2× the loop; ``--large`` adds FC-DenseNet103 on 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from benchmarks.timing import best_time
 from dubito.platform.ensemble import Ensemble, ensemble_samples
 from dubito.platform.models import MLP, FCDenseNet
 from dubito.platform.uncertainty import classification_uncertainty, regression_uncertainty
-
-
-def _best(fn, repeats: int, device: torch.device) -> tuple[float, object]:
-    out = fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def bench_case(name: str, ensemble: Ensemble, x: torch.Tensor, repeats: int) -> dict:
@@ -42,7 +28,7 @@ def bench_case(name: str, ensemble: Ensemble, x: torch.Tensor, repeats: int) -> 
     classes = ensemble.task in ("classification", "segmentation")
     seconds, outputs = {}, {}
     for batched in (False, True):
-        seconds[batched], outputs[batched] = _best(
+        seconds[batched], outputs[batched] = best_time(
             lambda b=batched: ensemble_samples(ensemble, x, probs=classes, seed=0, batched=b),
             repeats,
             x.device,

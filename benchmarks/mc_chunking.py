@@ -10,26 +10,12 @@ This is what ``chunk_size="auto"`` is tuned from.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from benchmarks.timing import best_time
 from dubito.platform.mc import _chunk_cache, mc_samples
 from dubito.platform.models import MLP, FCDenseNet
-
-
-def _time(fn, repeats: int, device: torch.device) -> tuple[float, object]:
-    out = fn()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def bench_case(name: str, model: torch.nn.Module, x: torch.Tensor, samples: int, repeats: int) -> list[str]:
@@ -40,7 +26,9 @@ def bench_case(name: str, model: torch.nn.Module, x: torch.Tensor, samples: int,
     base_time = base = None
     for chunk in dict.fromkeys(chunks):
         _chunk_cache.clear()
-        seconds, out = _time(lambda: mc_samples(model, x, samples, chunk_size=chunk, seed=0), repeats, device)
+        seconds, out = best_time(
+            lambda: mc_samples(model, x, samples, chunk_size=chunk, seed=0), repeats, device
+        )
         if base is None:
             base_time, base = seconds, out.mean
         deviation = (out.mean - base).abs().max().item()

@@ -18,21 +18,9 @@ from dubito.acquisition.human import HumanLabels, import_labels
 from dubito.acquisition.ledger import Ledger
 from dubito.acquisition.loop import run_loop
 from dubito.acquisition.pool import pool_datasets
+from tests.fixtures import TINY_LOOP
 
-TINY = dict(
-    dataset="synthetic-camvid",
-    height=16,
-    width=20,
-    pool_images=12,
-    test_images=4,
-    initial=3,
-    query=2,
-    rounds=2,
-    epochs=1,
-    samples=2,
-    batch_size=4,
-    device="cpu",
-)
+TINY = {**TINY_LOOP, "height": 16, "width": 20, "pool_images": 12, "initial": 3}
 VOID = 11  # synthetic-camvid: 11 classes, void = 11
 
 
