@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_label,
     )
     label.add_argument(
-        "--address", help="with --scorers N: the Ray cluster (default: RAY_ADDRESS, else a local instance)"
+        "--address",
+        help="with --scorers N / --member-workers N: the Ray cluster (default: RAY_ADDRESS, else a local instance)",
     )
     human = label.add_subparsers(
         dest="label_command",

@@ -38,6 +38,7 @@ _RESUMABLE = (
     "scorers",
     "scorer_gpus",
     "scorer_threads",
+    "member_workers",
     "loader_workers",
 )
 # the settings the first ledgers recorded; any other (a training setting added since) is left out
@@ -156,6 +157,13 @@ class LoopConfig(Nested):
         default="auto",
         metadata={"help": "GPUs per scoring actor: auto (1 where the Ray cluster has GPUs) or a number"},
     )
+    member_workers: int = field(
+        default=0,
+        metadata={
+            "help": "--epistemic ensemble: Ray tasks training a round's members side by side (0: one after "
+            "the other in this process); the same members either way"
+        },
+    )
     scorer_threads: int = field(
         default=0,
         metadata={
@@ -219,6 +227,8 @@ class LoopConfig(Nested):
             raise DubitoError(
                 f"--scorers and --scorer-threads must be >= 0, got {self.scorers} and {self.scorer_threads}"
             )
+        if self.member_workers < 0:
+            raise DubitoError(f"--member-workers must be >= 0, got {self.member_workers}")
         check_range("temperature", self.temperature, 0.0, low_open=True)
 
     def check_pool(self, size: int) -> None:

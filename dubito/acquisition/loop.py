@@ -327,7 +327,7 @@ def _round(loop: _Loop, r: int, total: int, run: Any) -> tuple[dict[str, Any], l
 
 def _fit_round(loop: _Loop, r: int, labeled: list[int], members: int) -> tuple[torch.nn.Module, ModelSpec]:
     """Round ``r``'s model, or its ensemble of ``members`` members (member seeds as ``dubito
-    train --ensemble``)."""
+    train --ensemble``; as Ray tasks with ``--member-workers N``)."""
     c = loop.config
     desc = f"round {r}: training on {len(labeled)} labels"
     data = loop.training_set(labeled)
@@ -335,7 +335,13 @@ def _fit_round(loop: _Loop, r: int, labeled: list[int], members: int) -> tuple[t
         model, spec, _ = fit(c.train_config(r), data, device=loop.device, progress=loop.progress, desc=desc)
     else:
         model, spec, _ = fit_ensemble(
-            c.train_config(r), data, members, device=loop.device, progress=loop.progress, desc=desc
+            c.train_config(r),
+            data,
+            members,
+            device=loop.device,
+            progress=loop.progress,
+            desc=desc,
+            workers=c.member_workers,
         )
     return model, spec
 

@@ -259,10 +259,11 @@ def _check(kind: str, config: Any) -> None:
             "sweep train runs each trial in its own process (--gpus-per-trial gives it a GPU); "
             "--workers N (data-parallel training) is for `dubito train`"
         )
-    if kind == "label" and config.scorers:
+    if kind == "label" and (config.scorers or config.member_workers):
         raise DubitoError(
-            "sweep label trials score in their own process: --scorers N would start actors competing "
-            "with the trials for the same CPUs / GPUs (run more trials at once instead)"
+            "sweep label trials train and score in their own process: --scorers N / --member-workers N "
+            "would start Ray work competing with the trials for the same CPUs / GPUs (run more trials "
+            "at once instead)"
         )
     if kind == "label" and config.oracle == "human":
         raise DubitoError("sweep label needs --oracle simulated (a sweep cannot wait for a person)")

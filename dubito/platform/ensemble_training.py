@@ -27,6 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dubito import DubitoError
 from dubito.platform.ensemble import Ensemble
 from dubito.platform.files import check_output, exclusive, read_json, write_json
@@ -36,6 +38,7 @@ from dubito.platform.training import (
     MODEL,
     TrainConfig,
     _datasets,
+    fit,
     load_model,
     member_config,
     save_model,
@@ -43,7 +46,7 @@ from dubito.platform.training import (
     validate,
 )
 
-__all__ = ["train_ensemble", "ENSEMBLE_RECORD"]
+__all__ = ["train_ensemble", "fit_on_ray", "ENSEMBLE_RECORD"]
 
 #: the ensemble's own record in its folder: member count and its MLflow parent run
 ENSEMBLE_RECORD = "ensemble.json"
@@ -164,6 +167,70 @@ def _train_member(config: dict[str, Any], tags: dict[str, str], tracking_uri: st
     """One member, in a Ray task: :func:`train` into its own folder (which it locks)."""
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the driver's store, whatever the worker inherited
     return train(config, progress=False, tags=tags)
+
+
+def _fit_member(
+    config: TrainConfig, train_set: Any, device: str, threads: int
+) -> tuple[dict, dict, list[float]]:
+    """One member of an in-memory ensemble (:func:`fit_on_ray`), in a Ray task: its weights on
+    the CPU, its spec and its losses."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, spec, losses = fit(config, train_set, device=torch.device(device))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, spec, losses
+
+
+def fit_on_ray(
+    configs: list[TrainConfig],
+    train_set: Any,
+    device: torch.device,
+    workers: int,
+    *,
+    progress: bool = False,
+    desc: str = "training",
+) -> list[tuple[torch.nn.Module, dict[str, Any], list[float]]]:
+    """:func:`~dubito.platform.training.fit` of every config as Ray tasks, at most ``workers`` at
+    a time (one CPU each, or one GPU each on a CUDA ``device``); ``train_set`` goes to the object
+    store once. CPU tasks run with this process's thread count, so each member is the one
+    :func:`fit` gives here. Returns (model on ``device`` in eval mode, spec, losses) per config,
+    in order."""
+    import ray
+    from tqdm import tqdm
+
+    from dubito.platform.cluster import connect
+    from dubito.platform.models import ModelSpec
+
+    if workers < 1:
+        raise DubitoError(f"Ray member training needs workers >= 1, got {workers}")
+    connect()
+    gpu = device.type == "cuda"
+    task = ray.remote(_fit_member).options(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)
+    data = ray.put(train_set)
+    threads = 0 if gpu else torch.get_num_threads()
+    results: dict[int, tuple] = {}
+    pending: dict[Any, int] = {}
+    queue = list(enumerate(configs))
+    with tqdm(
+        total=len(configs),
+        desc=f"{desc}: {len(configs)} members on Ray",
+        unit="member",
+        leave=False,
+        disable=not progress,
+    ) as bar:
+        while queue or pending:
+            while queue and len(pending) < workers:
+                k, c = queue.pop(0)
+                pending[task.remote(c, data, "cuda" if gpu else "cpu", threads)] = k
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(ready[0])] = ray.get(ready[0])
+            bar.update(1)
+    fitted = []
+    for k in range(len(configs)):
+        state, spec, losses = results[k]
+        model = ModelSpec.of(spec).build()
+        model.load_state_dict(state)
+        fitted.append((model.to(device).eval(), spec, losses))
+    return fitted
 
 
 def _on_ray(configs: list[TrainConfig], child: dict[str, str], gpu: bool) -> list[dict[str, Any]]:

@@ -573,22 +573,26 @@ def fit_ensemble(
     device: torch.device | None = None,
     progress: bool = False,
     desc: str = "training",
+    workers: int = 0,
 ) -> tuple[Ensemble, ModelSpec, list[list[float]]]:
-    """:func:`fit` of each of ``members`` members (:func:`member_config`), one after the other,
-    as an :class:`~dubito.platform.ensemble.Ensemble`; returns it, the members' spec and each
-    member's per-epoch losses."""
+    """:func:`fit` of each of ``members`` members (:func:`member_config`) as an
+    :class:`~dubito.platform.ensemble.Ensemble`; returns it, the members' spec and each member's
+    per-epoch losses. ``workers`` 0: one after the other in this process; N: as Ray tasks, N at
+    a time (one CPU, or one GPU on a CUDA ``device``, each), with this process's PyTorch thread
+    count, so the members are the ones this process would train, weight for weight."""
     if members < 1:
         raise DubitoError(f"an ensemble needs at least one member, got {members}")
-    fitted = [
-        fit(
-            member_config(config, k),
-            train_set,
-            device=device,
-            progress=progress,
-            desc=f"{desc}, member {k + 1}/{members}",
-        )
-        for k in range(members)
-    ]
+    configs = [member_config(config, k) for k in range(members)]
+    if workers:
+        from dubito.platform.ensemble_training import fit_on_ray
+
+        device = device or resolve_device(config.device)
+        fitted = fit_on_ray(configs, train_set, device, workers, progress=progress, desc=desc)
+    else:
+        fitted = [
+            fit(c, train_set, device=device, progress=progress, desc=f"{desc}, member {k + 1}/{members}")
+            for k, c in enumerate(configs)
+        ]
     return Ensemble([m for m, _, _ in fitted]), fitted[0][1], [losses for _, _, losses in fitted]
 
 

@@ -90,6 +90,27 @@ def test_loop_with_scoring_actors_buys_the_same_labels(tmp_path, ray_session, ml
     assert resumed["curve"] == remote_all["curve"]
 
 
+def test_ensemble_members_trained_as_ray_tasks_are_the_local_members(tmp_path, ray_session, mlflow_uri):
+    settings = dict(TINY_LOOP, acquisition="bald", epistemic="ensemble:3", rounds=1)
+    local = run_loop(LoopConfig.flat(output=str(tmp_path / "local"), **settings), progress=False)
+    remote = run_loop(
+        LoopConfig.flat(output=str(tmp_path / "ray"), member_workers=2, **settings), progress=False
+    )
+    assert remote["queried"] == local["queried"] and remote["curve"] == local["curve"]
+    assert [c["models"] for c in remote["cost"]] == [3, 3]
+    for r in (0, 1):  # weight for weight: the tasks ran each member's seed with this process's threads
+        here, there = (
+            torch.load(tmp_path / run / "rounds" / f"round-{r:03d}.pt", weights_only=True)["members"]
+            for run in ("local", "ray")
+        )
+        assert len(here) == len(there) == 3
+        for a, b in zip(here, there):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert not all(torch.equal(here[0][k], here[1][k]) for k in here[0])  # members differ
+    with pytest.raises(DubitoError, match="--member-workers must be >= 0"):
+        LoopConfig.flat(member_workers=-1).validate()
+
+
 def test_scorer_refuses_gpus_the_cluster_lacks(ray_session):
     config = LoopConfig.flat(device="auto", scorer_gpus="1")
     with pytest.raises(DubitoError, match="no GPU"):

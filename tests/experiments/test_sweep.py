@@ -145,10 +145,13 @@ def test_sweep_checks_every_trial_before_starting(tmp_path):
         SweepConfig(
             kind="label", grid=("seed=0",), sample=("temperature=uniform:0:1",), base=dict(LABEL)
         ).validate()
-    with pytest.raises(DubitoError, match="--scorers"):
-        SweepConfig(kind="label", grid=("seed=0",), base=dict(LABEL, scorers=2)).validate()
+    for busy in ("scorers", "member_workers"):
+        with pytest.raises(DubitoError, match="--scorers N / --member-workers N"):
+            SweepConfig(kind="label", grid=("seed=0",), base=dict(LABEL, **{busy: 2})).validate()
     # refused whether set for every trial or as an axis
-    with pytest.raises(DubitoError, match="scorers=2: sweep label trials score in their own process"):
+    with pytest.raises(
+        DubitoError, match="scorers=2: sweep label trials train and score in their own process"
+    ):
         SweepConfig(kind="label", grid=("scorers=0,2",), base=dict(LABEL)).validate()
     with pytest.raises(DubitoError, match="oracle=human"):
         SweepConfig(kind="label", grid=("oracle=simulated,human",), base=dict(LABEL)).validate()
