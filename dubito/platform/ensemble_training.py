@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -170,14 +170,34 @@ def _train_member(config: dict[str, Any], tags: dict[str, str], tracking_uri: st
 
 
 def _fit_member(
-    config: TrainConfig, train_set: Any, device: str, threads: int
+    config: TrainConfig, train_set: Any, device: str, threads: int, found: dict[str, Any]
 ) -> tuple[dict, dict, list[float]]:
     """One member of an in-memory ensemble (:func:`fit_on_ray`), in a Ray task: its weights on
     the CPU, its spec and its losses."""
+    from dubito.platform.registry import install_plugins
+
+    install_plugins(found)  # datasets and models users registered in the driver
     if threads:
         torch.set_num_threads(threads)
     model, spec, losses = fit(config, train_set, device=torch.device(device))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, spec, losses
+
+
+def _fail(err: BaseException, refs: list[Any]) -> NoReturn:
+    """Tasks failed or were interrupted: cancel ``refs`` (they would hold their CPUs or GPUs on)
+    and raise the :class:`DubitoError` behind Ray's wrapping (a bad flag, a missing file, a
+    diverged loss: what the user must see), else ``err`` itself."""
+    import ray
+
+    from dubito.platform.cluster import dubito_cause
+
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref)
+    cause = dubito_cause(err) if isinstance(err, Exception) else None
+    if cause is not None and cause is not err:
+        raise DubitoError(str(cause)) from err
+    raise err
 
 
 def fit_on_ray(
@@ -193,19 +213,31 @@ def fit_on_ray(
     a time (one CPU each, or one GPU each on a CUDA ``device``); ``train_set`` goes to the object
     store once. CPU tasks run with this process's thread count, so each member is the one
     :func:`fit` gives here. Returns (model on ``device`` in eval mode, spec, losses) per config,
-    in order."""
+    in order. Refused before any task starts where the cluster has no CPU (GPU) free for one,
+    e.g. held by the loop's scoring actors: the tasks would wait forever."""
     import ray
     from tqdm import tqdm
 
-    from dubito.platform.cluster import connect
+    from dubito.platform.cluster import check_gpu_capacity, connect
     from dubito.platform.models import ModelSpec
+    from dubito.platform.registry import plugins
 
     if workers < 1:
-        raise DubitoError(f"Ray member training needs workers >= 1, got {workers}")
+        raise DubitoError(f"--member-workers must be >= 1 to train members on Ray, got {workers}")
     connect()
     gpu = device.type == "cuda"
+    if gpu:
+        check_gpu_capacity(1.0, 1, "--member-workers with a CUDA --device")
+    kind = "GPU" if gpu else "CPU"
+    free = ray.available_resources().get(kind, 0.0)
+    if free < 1:
+        raise DubitoError(
+            f"--member-workers {workers}: no {kind} of the Ray cluster is free for a member's training "
+            f"task (the --scorers actors hold {kind}s as long as the loop runs): lower --scorers, or "
+            "train the members here with --member-workers 0"
+        )
     task = ray.remote(_fit_member).options(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)
-    data = ray.put(train_set)
+    data, found = ray.put(train_set), plugins()
     threads = 0 if gpu else torch.get_num_threads()
     results: dict[int, tuple] = {}
     pending: dict[Any, int] = {}
@@ -217,19 +249,26 @@ def fit_on_ray(
         leave=False,
         disable=not progress,
     ) as bar:
-        while queue or pending:
-            while queue and len(pending) < workers:
-                k, c = queue.pop(0)
-                pending[task.remote(c, data, "cuda" if gpu else "cpu", threads)] = k
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            results[pending.pop(ready[0])] = ray.get(ready[0])
-            bar.update(1)
+        try:
+            while queue or pending:
+                while queue and len(pending) < workers:
+                    k, c = queue.pop(0)
+                    pending[task.remote(c, data, "cuda" if gpu else "cpu", threads, found)] = k
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                results[pending[ready[0]]] = ray.get(ready[0])
+                del pending[ready[0]]
+                bar.update(1)
+        except BaseException as err:  # a failed member, or Ctrl-C: nothing is left running
+            _fail(err, list(pending))
     fitted = []
-    for k in range(len(configs)):
-        state, spec, losses = results[k]
-        model = ModelSpec.of(spec).build()
-        model.load_state_dict(state)
-        fitted.append((model.to(device).eval(), spec, losses))
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # building a model draws initial weights: not from the caller's RNG
+        for k in range(len(configs)):
+            state, spec, losses = results[k]
+            model = ModelSpec.of(spec).build()
+            model.load_state_dict(state)
+            fitted.append((model.to(device).eval(), spec, losses))
     return fitted
 
 
@@ -237,18 +276,10 @@ def _on_ray(configs: list[TrainConfig], child: dict[str, str], gpu: bool) -> lis
     """Every member as a Ray task (one CPU, or one GPU each); their results in member order."""
     import ray
 
-    from dubito.platform.cluster import dubito_cause
-
     task = ray.remote(_train_member).options(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)
     uri = default_tracking_uri()
     refs = [task.remote(asdict(c), {**child, "dubito.member": str(k)}, uri) for k, c in enumerate(configs)]
     try:
         return ray.get(refs)
-    except Exception as err:  # a member's DubitoError (a bad flag, a missing file) is what the user must see
-        for ref in refs:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref)
-        cause = dubito_cause(err)
-        if cause is not None and cause is not err:
-            raise DubitoError(str(cause)) from err
-        raise
+    except BaseException as err:  # a member's DubitoError is what the user must see
+        _fail(err, refs)

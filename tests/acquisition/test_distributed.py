@@ -111,6 +111,25 @@ def test_ensemble_members_trained_as_ray_tasks_are_the_local_members(tmp_path, r
         LoopConfig.flat(member_workers=-1).validate()
 
 
+def test_a_members_error_reaches_the_user_and_a_full_cluster_is_refused(ray_session, monkeypatch):
+    import dataclasses
+
+    import ray
+
+    from dubito.platform.ensemble_training import fit_on_ray
+    from dubito.platform.training import member_config
+
+    config = LoopConfig.flat(**TINY_LOOP)
+    data = Subset(config.pool().datasets()[0], range(8))
+    diverging = dataclasses.replace(config.train_config(0), lr=1e38, epochs=2)
+    configs = [member_config(diverging, k) for k in range(3)]
+    with pytest.raises(DubitoError, match=r"^training, epoch 1: the loss became nan \(try a lower --lr\)$"):
+        fit_on_ray(configs, data, CPU, 2)  # the task's DubitoError itself, not Ray's traceback around it
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
+    with pytest.raises(DubitoError, match="no CPU of the Ray cluster is free.*--scorers"):
+        fit_on_ray(configs, data, CPU, 2)
+
+
 def test_scorer_refuses_gpus_the_cluster_lacks(ray_session):
     config = LoopConfig.flat(device="auto", scorer_gpus="1")
     with pytest.raises(DubitoError, match="no GPU"):
