@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from benchmarks.timing import best_time
 from dubito.platform.mc import _chunk_cache, _sample_seed, dropout_modules, mc_dropout_mode, mc_samples
 from dubito.platform.models import DROPOUT_PLACEMENTS, FCDenseNet, _DenseBlock
 from dubito.platform.uncertainty import classification_uncertainty
@@ -581,12 +582,7 @@ def _placement_rate(path: str, args) -> float:
     model, _ = load_model(path, "cpu")
     service = UncertaintyService(model, samples=args.samples, device="cpu", seed=0, progress=False)
     x = torch.randn(4, 3, args.height, args.width, generator=torch.Generator().manual_seed(1))
-    service.predict(x)  # warm-up (and the measured chunk size)
-    best = float("inf")
-    for _ in range(max(1, args.repeats)):
-        start = time.perf_counter()
-        service.predict(x)
-        best = min(best, time.perf_counter() - start)
+    best, _ = best_time(lambda: service.predict(x), max(1, args.repeats))  # warm-up: the measured chunk size
     return x.shape[0] / best
 
 

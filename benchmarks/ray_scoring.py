@@ -14,10 +14,11 @@ actors share a machine's cores (their sums differ from local ones at float round
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.utils.data import Subset
+
+from benchmarks.timing import best_time
 
 
 def bench(
@@ -49,14 +50,14 @@ def bench(
     positions = list(range(pool_images))
 
     def timed(scorer=None) -> tuple[float, torch.Tensor]:
-        best, scores = float("inf"), None
-        for _ in range(repeats):
-            start = time.perf_counter()
-            scores = score_pool(
-                model, spec, pool, positions, config.scoring(), 1, cpu, progress=False, scorer=scorer
-            ).scores
-            best = min(best, time.perf_counter() - start)
-        return best, scores
+        return best_time(
+            lambda: (
+                score_pool(
+                    model, spec, pool, positions, config.scoring(), 1, cpu, progress=False, scorer=scorer
+                ).scores
+            ),
+            repeats,
+        )
 
     local_s, local = timed()
     threads = torch.get_num_threads()
