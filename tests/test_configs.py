@@ -277,6 +277,24 @@ def test_exploration_run_files_compare_their_agent_settings_as_values():
     assert not _same_settings({**older, "episodes": 6}, current)
     changed = {**current, "agent_config": {**current["agent_config"], "kappa": 1.0}}
     assert not _same_settings(older, changed) and not _same_settings(None, current)
+    # β is recorded as each agent runs it; records written when every agent held β = 3 resume where
+    # that is still the agent's β, or where the agent has no prior
+    from pathlib import Path
+
+    from dubito.experiments.exploration import ExploreConfig, run_specs
+
+    _, specs = run_specs(
+        ExploreConfig.flat(agents="dqn,bootstrapped,epistemic", sizes="5", seeds="0"), Path("x")
+    )
+    assert [s["agent_config"]["prior_scale"] for s in specs] == [None, 3.0, 10.0]
+    three = {"prior_scale": 3.0}
+    resumes = {
+        s["agent"]: _same_settings(
+            {**s["settings"], "agent_config": {**s["agent_config"], **three}}, s["settings"], s["agent"]
+        )
+        for s in specs
+    }
+    assert resumes == {"dqn": True, "bootstrapped": True, "epistemic": False}
 
 
 def test_the_depth_cap_goes_to_the_datasets_that_take_it():

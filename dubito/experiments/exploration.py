@@ -1,10 +1,11 @@
 """Exploration studies (``dubito explore``): agents × sizes × seeds in a dubito environment.
 
-* ``deep-sea`` (and ``deep-sea-stochastic``): bsuite's measures — the episode at which the running
-  fraction of "bad" episodes (the agent left the optimal diagonal) drops below 0.9 (0.8 after
-  episode 100 for the stochastic variant), and the score: the fraction of runs solved within
-  2^N + 100 episodes, the time dithering needs. Plot: episodes-to-solve against N on log axes
-  with the 2^N line; runs stop once solved (``--stop-when-solved``) unless told otherwise.
+* ``deep-sea`` (``deep-sea-bsuite`` at bsuite's scale, and ``deep-sea-stochastic``): bsuite's
+  measures — the episode at which the running fraction of "bad" episodes (the agent left the
+  optimal diagonal) drops below 0.9 (0.8 after episode 100 for the stochastic variant), and the
+  score: the fraction of runs solved within 2^N + 100 episodes, the time dithering needs. Plot:
+  episodes-to-solve against N on log axes with the 2^N line; runs stop once solved
+  (``--stop-when-solved``) unless told otherwise.
 * ``noisy-tv``: the fraction of steps each agent spends on the TV, and how often it reaches the
   goal — total-variance and curiosity (RND) bonuses are drawn to the noise, the epistemic bonus
   is not.
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from dubito import DubitoError
-from dubito.agents.agents import AGENTS, AgentConfig
+from dubito.agents.agents import AGENTS, AgentConfig, prior_scale
 from dubito.experiments import int_list, record_study
 from dubito.platform.config import Nested, coerce_lists, nested, parse_list, to_flat
 from dubito.platform.files import check_output, exclusive, file_errors, read_json, write_json
@@ -58,6 +59,16 @@ STUDIES: dict[str, dict[str, Any]] = {
         "agents": ("dqn", "bootstrapped", "thompson", "epistemic"),
         "sizes": (5, 8, 11, 14, 17, 20),
         "episodes": 1000,
+        "gamma": 0.99,
+        "stop_when_solved": True,
+    },
+    # bsuite's scale: its 10,000-episode budget and sizes up to 50 (bsuite runs N = 10, 12, ..., 50
+    # with one seed each; these are every fifth of them, with seeds)
+    "deep-sea-bsuite": {
+        "env": "dubito/DeepSea-v0",
+        "agents": ("bootstrapped", "epistemic"),
+        "sizes": (10, 20, 30, 40, 50),
+        "episodes": 10_000,
         "gamma": 0.99,
         "stop_when_solved": True,
     },
@@ -375,7 +386,7 @@ def run_specs(config: ExploreConfig, out: Path) -> tuple[dict[str, Any], list[di
         for size in settings["sizes"]:
             for seed in settings["seeds"]:
                 run_settings = {
-                    "agent_config": settings["agent"],
+                    "agent_config": _agent_settings(agent, settings["agent"]),
                     "episodes": settings["episodes"],
                     "env": settings["env"],
                     "stop_when_solved": settings["stop_when_solved"],
@@ -397,18 +408,29 @@ def run_specs(config: ExploreConfig, out: Path) -> tuple[dict[str, Any], list[di
     return settings, specs
 
 
-def _same_settings(stored: Any, current: dict[str, Any]) -> bool:
+def _agent_settings(agent: str, flat: dict[str, Any]) -> dict[str, Any]:
+    """``agent``'s settings as its run records them: the β it runs with resolved
+    (:func:`~dubito.agents.agents.prior_scale`), so a later change of the default cannot pass for
+    the value a run used."""
+    return {**flat, "prior_scale": prior_scale(agent, flat.get("prior_scale"))}
+
+
+def _same_settings(stored: Any, current: dict[str, Any], agent: str | None = None) -> bool:
     """A run file's settings against this study's: agent settings the file lacks (added since it
-    was written) count at their defaults, and layer sizes compare as numbers, however typed."""
+    was written) count at their defaults, layer sizes compare as numbers, however typed, and β
+    only for an ``agent`` with a randomized prior (records written before β was resolved per agent
+    hold 3 for every agent)."""
 
     def comparable(settings: dict[str, Any]) -> dict[str, Any]:
         settings = json.loads(json.dumps(settings))
-        agent = {**to_flat(AgentConfig(), text=True), **settings.get("agent_config", {})}
+        flat = {**to_flat(AgentConfig(), text=True), **settings.get("agent_config", {})}
+        if agent is not None:
+            flat = _agent_settings(agent, flat)
         try:
-            agent["hidden"] = list(parse_list("hidden", agent["hidden"], int))
+            flat["hidden"] = list(parse_list("hidden", flat["hidden"], int))
         except DubitoError:
             pass  # compared as written
-        return {**settings, "agent_config": agent}
+        return {**settings, "agent_config": flat}
 
     return isinstance(stored, dict) and comparable(stored) == comparable(current)
 
@@ -422,7 +444,7 @@ def run_params(
         "size": size,
         "seed": seed,
         "study": config.study,
-        **{f"agent.{k}": v for k, v in settings["agent"].items()},
+        **{f"agent.{k}": v for k, v in _agent_settings(agent, settings["agent"]).items()},
     }
 
 
@@ -475,7 +497,7 @@ def _run_exploration(
         path = Path(spec["path"])
         if path.exists():
             record = read_json(path, "dubito wrote it: delete it and the study runs that run again")
-            if not _same_settings(record.get("settings"), spec["settings"]):
+            if not _same_settings(record.get("settings"), spec["settings"], spec["agent"]):
                 raise DubitoError(
                     f"{path} was run with other settings ({record.get('settings')}); use another --output or delete it"
                 )
@@ -710,6 +732,7 @@ def _plots(results: dict[str, Any], records: dict[tuple[str, int, int], dict], o
                 "fraction of steps on the TV",
                 xlabel="episode",
                 title=f"on the TV ({window}-episode mean; ± std over seeds)",
+                bounds=(0.0, 1.0),
             )
         )
         import dubito.agents.envs as envs

@@ -327,17 +327,23 @@ def learning_curves_figure(
     extra_label: str = "",
     xlabel: str = "labelled images",
     title: str = "learning curves (mean ± std over seeds)",
+    bounds: tuple[float, float] | None = None,
 ) -> Path:
     """Learning curves, one line per method with a band of ± one std over seeds.
 
     ``curves[name] = {"labels": [...], "mean": [...], "std": [...]}`` ("labels": the x values, e.g.
     labelled images or episodes); ``extra`` (same layout,
-    optional) is drawn in a second panel, e.g. the fraction of labels spent on noisy images.
+    optional) is drawn in a second panel, e.g. the fraction of labels spent on noisy images (its
+    bands cut to [0, 1]). ``bounds``: the values the first panel's quantity can take (a fraction:
+    ``(0, 1)``), where its bands are cut.
     """
     panels = 2 if extra else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
     colors = plt.get_cmap("tab10")
-    for ax, data, label in zip(axes[0], (curves, extra or {}), (ylabel, "fraction of bought labels")):
+    panels_bounds = (bounds or (-np.inf, np.inf), (0.0, 1.0))
+    for ax, data, label, (lo, hi) in zip(
+        axes[0], (curves, extra or {}), (ylabel, "fraction of bought labels"), panels_bounds
+    ):
         for k, (name, c) in enumerate(data.items()):
             x, m, s = (
                 np.asarray(c["labels"]),
@@ -345,7 +351,8 @@ def learning_curves_figure(
                 np.asarray(c["std"], dtype=float),
             )
             ax.plot(x, m, marker="o" if len(x) <= 40 else None, ms=3, label=name, color=colors(k % 10))
-            ax.fill_between(x, m - s, m + s, alpha=0.18, color=colors(k % 10), linewidth=0)
+            band = np.clip(m - s, lo, hi), np.clip(m + s, lo, hi)
+            ax.fill_between(x, *band, alpha=0.18, color=colors(k % 10), linewidth=0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

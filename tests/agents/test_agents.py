@@ -10,7 +10,7 @@ import torch
 import dubito.agents  # noqa: F401
 from dubito import DubitoError
 from dubito.agents import AGENTS, AgentConfig, ReplayBuffer, make_agent, run_episodes
-from dubito.agents.agents import _double_q
+from dubito.agents.agents import PRIOR_SCALE, _double_q
 from dubito.platform.models import EnsembleMLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -245,3 +245,21 @@ def test_a_checkpoint_of_another_agent_is_refused():
     with pytest.raises(DubitoError, match="does not match"):
         rnd.load_state_dict(dqn.state_dict())
     env.close()
+
+
+def test_prior_scale_defaults_per_agent_and_the_flag_overrides_it():
+    obs = torch.eye(6)
+    defaults = {
+        name: make_agent(name, 6, 3, AgentConfig(ensemble=4), seed=0).prior_scale for name in PRIOR_SCALE
+    }
+    assert defaults == {"bootstrapped": 3.0, "epistemic": 10.0, "total": 10.0}
+    # β multiplies the fixed prior in the members the service scores: β = 0 leaves the trained nets alone
+    for beta in (0.0, 2.5):
+        agent = make_agent("epistemic", 6, 3, AgentConfig(ensemble=4, prior_scale=beta), seed=0)
+        with torch.no_grad():
+            mean = agent.online(obs)[..., :3] + beta * agent.prior(obs)
+        np.testing.assert_allclose(
+            agent.epistemic(obs.numpy()), mean.var(0, unbiased=False).sqrt().mean(1).numpy(), rtol=1e-5
+        )
+    with pytest.raises(DubitoError, match="--prior-scale"):
+        AgentConfig(prior_scale=-1.0)

@@ -217,7 +217,7 @@ def test_the_agents_members_are_scored_by_the_service():
     assert agent.service.epistemic == "ensemble" and agent.service.draws == 4
     with torch.no_grad():  # the members with their priors, by hand
         out = agent.online(torch.as_tensor(obs))
-        mean = out[..., :3] + agent.config.prior_scale * agent.prior(torch.as_tensor(obs))
+        mean = out[..., :3] + agent.prior_scale * agent.prior(torch.as_tensor(obs))
         var = torch.exp(out[..., 3:])
     np.testing.assert_allclose(
         agent.epistemic(obs), mean.var(0, unbiased=False).sqrt().mean(1).numpy(), rtol=1e-5
@@ -230,7 +230,7 @@ def test_the_agents_members_are_scored_by_the_service():
     assert torch.equal(torch.get_rng_state(), before)  # nothing random: torch's global RNG is left alone
     boot = make_agent("bootstrapped", 6, 3, AgentConfig(ensemble=4), seed=0)
     with torch.no_grad():
-        q = boot.online(torch.as_tensor(obs)) + boot.config.prior_scale * boot.prior(torch.as_tensor(obs))
+        q = boot.online(torch.as_tensor(obs)) + boot.prior_scale * boot.prior(torch.as_tensor(obs))
     np.testing.assert_allclose(
         boot.epistemic(obs), q.var(0, unbiased=False).sqrt().mean(1).numpy(), rtol=1e-5
     )
