@@ -342,8 +342,21 @@ def _fit_round(loop: _Loop, r: int, labeled: list[int], members: int) -> tuple[t
             progress=loop.progress,
             desc=desc,
             workers=c.member_workers,
+            reserved=_scorers_hold(c) if c.member_workers else None,
         )
     return model, spec
+
+
+def _scorers_hold(c: LoopConfig) -> dict[str, float]:
+    """The CPUs and GPUs the loop's scoring actors (``--scorers``) hold while it runs (as
+    :class:`RayPoolScorer` asks for them: one CPU each, and its ``--scorer-gpus`` share)."""
+    if not c.scorers:
+        return {}
+    from dubito.platform.cluster import connect, gpu_request
+
+    connect()
+    gpus = 0.0 if c.train.device == "cpu" else gpu_request(c.scorer_gpus, "--scorer-gpus")
+    return {"CPU": float(c.scorers), "GPU": c.scorers * gpus}
 
 
 def _cost_metrics(cost: dict[str, Any]) -> dict[str, float]:

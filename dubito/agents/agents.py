@@ -267,6 +267,12 @@ class Agent:
                 state[name] = value
         return state
 
+    @property
+    def prior_scale(self) -> float | None:
+        """β, the scale of this agent's randomized prior (None without one): from the config, never
+        from a checkpoint, so the networks and the service always agree on it."""
+        return prior_scale(self.name, self.config.prior_scale)
+
     def _checkpointed(self) -> list[tuple[str, Any]]:
         """(name, value) of every attribute a checkpoint holds (the config is rebuilt, not saved)."""
         out = []
@@ -441,7 +447,6 @@ class UncertaintyBonusAgent(Agent):
         super().__init__(obs_dim, n_actions, config, seed)
         self.name = kind
         self.kind = kind
-        self.prior_scale = prior_scale(kind, config.prior_scale)
         self.source = config.source
         hidden = config.hidden_sizes()
         if self.source == "ensemble":
@@ -535,7 +540,6 @@ class BootstrappedPriorAgent(Agent):
 
     def __init__(self, obs_dim: int, n_actions: int, config: AgentConfig, seed: int = 0) -> None:
         super().__init__(obs_dim, n_actions, config, seed, masks=config.ensemble)
-        self.prior_scale = prior_scale(self.name, config.prior_scale)
         hidden = config.hidden_sizes()
         self.online = EnsembleMLP(obs_dim, n_actions, config.ensemble, hidden)
         self.prior = EnsembleMLP(obs_dim, n_actions, config.ensemble, hidden).requires_grad_(False)

@@ -208,34 +208,35 @@ def fit_on_ray(
     *,
     progress: bool = False,
     desc: str = "training",
+    reserved: dict[str, float] | None = None,
 ) -> list[tuple[torch.nn.Module, dict[str, Any], list[float]]]:
     """:func:`~dubito.platform.training.fit` of every config as Ray tasks, at most ``workers`` at
-    a time (one CPU each, or one GPU each on a CUDA ``device``); ``train_set`` goes to the object
+    a time (one CPU each, and one GPU each on a CUDA ``device``); ``train_set`` goes to the object
     store once. CPU tasks run with this process's thread count, so each member is the one
     :func:`fit` gives here. Returns (model on ``device`` in eval mode, spec, losses) per config,
-    in order. Refused before any task starts where the cluster has no CPU (GPU) free for one,
-    e.g. held by the loop's scoring actors: the tasks would wait forever."""
+    in order. ``reserved``: CPUs / GPUs held for as long as the caller runs (the loop's scoring
+    actors); where the cluster's totals leave none for a task, it is refused before any starts
+    (the tasks would wait forever)."""
     import ray
     from tqdm import tqdm
 
-    from dubito.platform.cluster import check_gpu_capacity, connect
+    from dubito.platform.cluster import connect
     from dubito.platform.models import ModelSpec
     from dubito.platform.registry import plugins
 
     if workers < 1:
         raise DubitoError(f"--member-workers must be >= 1 to train members on Ray, got {workers}")
-    connect()
+    total = connect()
     gpu = device.type == "cuda"
-    if gpu:
-        check_gpu_capacity(1.0, 1, "--member-workers with a CUDA --device")
-    kind = "GPU" if gpu else "CPU"
-    free = ray.available_resources().get(kind, 0.0)
-    if free < 1:
-        raise DubitoError(
-            f"--member-workers {workers}: no {kind} of the Ray cluster is free for a member's training "
-            f"task (the --scorers actors hold {kind}s as long as the loop runs): lower --scorers, or "
-            "train the members here with --member-workers 0"
-        )
+    held = reserved or {}
+    for kind in ("CPU", "GPU") if gpu else ("CPU",):
+        left = total.get(kind, 0.0) - held.get(kind, 0.0)
+        if left < 1:
+            raise DubitoError(
+                f"--member-workers {workers}: a member's training task needs a {kind}, but the Ray cluster "
+                f"has {total.get(kind, 0.0):g} in all and {held.get(kind, 0.0):g} are held by the --scorers "
+                "actors: lower --scorers, or train the members here with --member-workers 0"
+            )
     task = ray.remote(_fit_member).options(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)
     data, found = ray.put(train_set), plugins()
     threads = 0 if gpu else torch.get_num_threads()

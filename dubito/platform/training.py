@@ -574,12 +574,14 @@ def fit_ensemble(
     progress: bool = False,
     desc: str = "training",
     workers: int = 0,
+    reserved: dict[str, float] | None = None,
 ) -> tuple[Ensemble, ModelSpec, list[list[float]]]:
     """:func:`fit` of each of ``members`` members (:func:`member_config`) as an
     :class:`~dubito.platform.ensemble.Ensemble`; returns it, the members' spec and each member's
     per-epoch losses. ``workers`` 0: one after the other in this process; N: as Ray tasks, N at
     a time (one CPU, or one GPU on a CUDA ``device``, each), with this process's PyTorch thread
-    count, so the members are the ones this process would train, weight for weight."""
+    count, so the members are the ones this process would train, weight for weight (``reserved``:
+    the CPUs / GPUs the caller's own Ray actors hold, :func:`~dubito.platform.ensemble_training.fit_on_ray`)."""
     if members < 1:
         raise DubitoError(f"an ensemble needs at least one member, got {members}")
     configs = [member_config(config, k) for k in range(members)]
@@ -587,7 +589,9 @@ def fit_ensemble(
         from dubito.platform.ensemble_training import fit_on_ray
 
         device = device or resolve_device(config.device)
-        fitted = fit_on_ray(configs, train_set, device, workers, progress=progress, desc=desc)
+        fitted = fit_on_ray(
+            configs, train_set, device, workers, progress=progress, desc=desc, reserved=reserved
+        )
     else:
         fitted = [
             fit(c, train_set, device=device, progress=progress, desc=f"{desc}, member {k + 1}/{members}")

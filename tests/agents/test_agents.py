@@ -263,3 +263,11 @@ def test_prior_scale_defaults_per_agent_and_the_flag_overrides_it():
         )
     with pytest.raises(DubitoError, match="--prior-scale"):
         AgentConfig(prior_scale=-1.0)
+    # β comes from the config, never from a checkpoint: older checkpoints load, and the agent's
+    # networks and its service keep one β
+    for name in PRIOR_SCALE:
+        saved = make_agent(name, 6, 3, AgentConfig(ensemble=4, prior_scale=10.0), seed=0).state_dict()
+        assert "prior_scale" not in saved
+        agent = make_agent(name, 6, 3, AgentConfig(ensemble=4, prior_scale=1.0), seed=1)
+        agent.load_state_dict(saved)
+        assert agent.prior_scale == 1.0 == agent.service.model.scale
