@@ -37,11 +37,12 @@ from dubito.acquisition.scoring import batch_seed, choose, labeled_features, sco
 from dubito.platform.calibration import Calibration, fit_calibration
 from dubito.platform.config import to_flat
 from dubito.platform.data import HEADLINE
+from dubito.platform.ensemble_training import fit_ensemble
 from dubito.platform.files import check_output, exclusive, read_json, write_json
 from dubito.platform.models import ModelSpec
 from dubito.platform.service import UncertaintyService, parse_epistemic, resolve_device, source_options
 from dubito.platform.tracking import check_tracking, tracked_run
-from dubito.platform.training import fit, fit_ensemble, load_model, save_model, validate
+from dubito.platform.training import fit, load_model, save_model, validate
 
 #: the batch index of a round's calibration seeds (pool batches count from 0)
 CALIBRATION_BATCH = 1 << 30

@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from torch.utils.data import Dataset
 
 from dubito import DubitoError
 from dubito.platform.ensemble import Ensemble
 from dubito.platform.files import check_output, exclusive, read_json, write_json
+from dubito.platform.models import ModelSpec
 from dubito.platform.service import resolve_device
 from dubito.platform.tracking import check_tracking, default_tracking_uri, tracked_run
 from dubito.platform.training import (
@@ -46,7 +48,7 @@ from dubito.platform.training import (
     validate,
 )
 
-__all__ = ["train_ensemble", "fit_on_ray", "ENSEMBLE_RECORD"]
+__all__ = ["train_ensemble", "fit_ensemble", "fit_on_ray", "ENSEMBLE_RECORD"]
 
 #: the ensemble's own record in its folder: member count and its MLflow parent run
 ENSEMBLE_RECORD = "ensemble.json"
@@ -221,7 +223,6 @@ def fit_on_ray(
     from tqdm import tqdm
 
     from dubito.platform.cluster import connect
-    from dubito.platform.models import ModelSpec
     from dubito.platform.registry import plugins
 
     if workers < 1:
@@ -271,6 +272,39 @@ def fit_on_ray(
             model.load_state_dict(state)
             fitted.append((model.to(device).eval(), spec, losses))
     return fitted
+
+
+def fit_ensemble(
+    config: TrainConfig,
+    train_set: Dataset,
+    members: int,
+    *,
+    device: torch.device | None = None,
+    progress: bool = False,
+    desc: str = "training",
+    workers: int = 0,
+    reserved: dict[str, float] | None = None,
+) -> tuple[Ensemble, ModelSpec, list[list[float]]]:
+    """:func:`fit` of each of ``members`` members (:func:`member_config`) as an
+    :class:`~dubito.platform.ensemble.Ensemble`; returns it, the members' spec and each member's
+    per-epoch losses. ``workers`` 0: one after the other in this process; N: as Ray tasks, N at
+    a time (one CPU, or one GPU on a CUDA ``device``, each), with this process's PyTorch thread
+    count, so the members are the ones this process would train, weight for weight (``reserved``:
+    the CPUs / GPUs the caller's own Ray actors hold, :func:`fit_on_ray`)."""
+    if members < 1:
+        raise DubitoError(f"an ensemble needs at least one member, got {members}")
+    configs = [member_config(config, k) for k in range(members)]
+    if workers:
+        device = device or resolve_device(config.device)
+        fitted = fit_on_ray(
+            configs, train_set, device, workers, progress=progress, desc=desc, reserved=reserved
+        )
+    else:
+        fitted = [
+            fit(c, train_set, device=device, progress=progress, desc=f"{desc}, member {k + 1}/{members}")
+            for k, c in enumerate(configs)
+        ]
+    return Ensemble([m for m, _, _ in fitted]), fitted[0][1], [losses for _, _, losses in fitted]
 
 
 def _on_ray(configs: list[TrainConfig], child: dict[str, str], gpu: bool) -> list[dict[str, Any]]:

@@ -63,7 +63,6 @@ __all__ = [
     "TrainConfig",
     "train",
     "fit",
-    "fit_ensemble",
     "member_config",
     "train_epoch",
     "validate",
@@ -563,41 +562,6 @@ def member_config(config: TrainConfig, k: int, **changes: Any) -> TrainConfig:
     """Member ``k`` of an ensemble of ``config``: its own seed (initialisation, batch order,
     dropout masks), the same data; member 0 is ``config`` itself."""
     return dataclasses.replace(config, seed=config.seed + MEMBER_SEED_STRIDE * k, **changes)
-
-
-def fit_ensemble(
-    config: TrainConfig,
-    train_set: Dataset,
-    members: int,
-    *,
-    device: torch.device | None = None,
-    progress: bool = False,
-    desc: str = "training",
-    workers: int = 0,
-    reserved: dict[str, float] | None = None,
-) -> tuple[Ensemble, ModelSpec, list[list[float]]]:
-    """:func:`fit` of each of ``members`` members (:func:`member_config`) as an
-    :class:`~dubito.platform.ensemble.Ensemble`; returns it, the members' spec and each member's
-    per-epoch losses. ``workers`` 0: one after the other in this process; N: as Ray tasks, N at
-    a time (one CPU, or one GPU on a CUDA ``device``, each), with this process's PyTorch thread
-    count, so the members are the ones this process would train, weight for weight (``reserved``:
-    the CPUs / GPUs the caller's own Ray actors hold, :func:`~dubito.platform.ensemble_training.fit_on_ray`)."""
-    if members < 1:
-        raise DubitoError(f"an ensemble needs at least one member, got {members}")
-    configs = [member_config(config, k) for k in range(members)]
-    if workers:
-        from dubito.platform.ensemble_training import fit_on_ray
-
-        device = device or resolve_device(config.device)
-        fitted = fit_on_ray(
-            configs, train_set, device, workers, progress=progress, desc=desc, reserved=reserved
-        )
-    else:
-        fitted = [
-            fit(c, train_set, device=device, progress=progress, desc=f"{desc}, member {k + 1}/{members}")
-            for k, c in enumerate(configs)
-        ]
-    return Ensemble([m for m, _, _ in fitted]), fitted[0][1], [losses for _, _, losses in fitted]
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
